@@ -1,0 +1,203 @@
+//! Answering GET/HEAD for one immutable file: conditional requests, ranges
+//! (single, suffix, multi as `multipart/byteranges`), 416, `ETag` and
+//! `Repr-Digest`. Shared by the mirror's download server and the read API.
+
+use crate::body::{Body, Segment, empty, full, segments};
+use crate::range::{self, RangeResponse};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Response, StatusCode};
+use meridian_core::Hash;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What the response says about the file.
+#[derive(Debug, Clone)]
+pub struct FileMeta<'a> {
+    pub len: u64,
+    pub hash: Hash,
+    /// Seconds since the Unix epoch.
+    pub mtime: i64,
+    pub content_type: &'a str,
+    /// `Cache-Control` value.
+    pub cache_control: &'a str,
+}
+
+/// `"<blake3 hex>"`: a strong validator derived from the content hash.
+pub fn etag(h: &Hash) -> String {
+    format!("\"{h}\"")
+}
+
+fn http_date(secs: i64) -> String {
+    httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
+}
+
+fn etag_matches(list: &str, tag: &str, weak_ok: bool) -> bool {
+    list.split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t == tag || (weak_ok && t.strip_prefix("W/") == Some(tag)))
+}
+
+/// Builds the response for `method` with `headers` on a file. `open` is
+/// called only when a body is actually sent.
+pub fn respond(
+    method: &Method,
+    headers: &HeaderMap,
+    meta: &FileMeta<'_>,
+    open: impl FnOnce() -> std::io::Result<std::fs::File>,
+) -> Response<Body> {
+    let tag = etag(&meta.hash);
+    let last_modified = http_date(meta.mtime);
+    let mut b = Response::builder()
+        .header(header::ETAG, &tag)
+        .header(header::LAST_MODIFIED, &last_modified)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CACHE_CONTROL, meta.cache_control)
+        // blake3 is not in the IANA digest registry; the value is the raw
+        // hash in structured-field byte-sequence form, named explicitly.
+        .header("x-meridian-blake3", meta.hash.to_hex());
+
+    // Conditional requests (RFC 9110 §13.2.2 order).
+    let inm = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok());
+    if let Some(inm) = inm {
+        if etag_matches(inm, &tag, true) {
+            return not_modified(b);
+        }
+    } else if let Some(ims) = headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+    {
+        let mtime = UNIX_EPOCH + Duration::from_secs(meta.mtime.max(0) as u64);
+        if mtime <= ims {
+            return not_modified(b);
+        }
+    }
+
+    let mut range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    if let Some(ir) = headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
+        let fresh = if ir.starts_with('"') {
+            ir == tag
+        } else {
+            httpdate::parse_http_date(ir)
+                .map(|d: SystemTime| {
+                    d >= UNIX_EPOCH + Duration::from_secs(meta.mtime.max(0) as u64)
+                })
+                .unwrap_or(false)
+        };
+        if !fresh {
+            range_header = None;
+        }
+    }
+    let plan = match range_header {
+        Some(h) if *method == Method::GET || *method == Method::HEAD => range::parse(h, meta.len),
+        _ => RangeResponse::Full,
+    };
+    let head_only = *method == Method::HEAD;
+    let body_of = |segs: Vec<Segment>| -> Result<Body, std::io::Error> {
+        if head_only {
+            Ok(empty())
+        } else {
+            open().map(|f| segments(f, segs))
+        }
+    };
+    let resp = match plan {
+        RangeResponse::Full => {
+            b = b
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, meta.content_type)
+                .header(header::CONTENT_LENGTH, meta.len);
+            body_of(vec![Segment::File {
+                offset: 0,
+                len: meta.len,
+            }])
+            .map(|body| b.body(body))
+        }
+        RangeResponse::Unsatisfiable => {
+            return b
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{}", meta.len))
+                .header(header::CONTENT_LENGTH, 0)
+                .body(empty())
+                .unwrap_or_else(|_| internal_error());
+        }
+        RangeResponse::Partial(ranges) if ranges.len() == 1 => {
+            let (a, z) = ranges[0];
+            b = b
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_TYPE, meta.content_type)
+                .header(header::CONTENT_RANGE, format!("bytes {a}-{z}/{}", meta.len))
+                .header(header::CONTENT_LENGTH, z - a + 1);
+            body_of(vec![Segment::File {
+                offset: a,
+                len: z - a + 1,
+            }])
+            .map(|body| b.body(body))
+        }
+        RangeResponse::Partial(ranges) => {
+            let boundary = format!("meridian-{}", &meta.hash.to_hex()[..24]);
+            let mut segs = Vec::with_capacity(ranges.len() * 2 + 1);
+            let mut total = 0u64;
+            for (i, (a, z)) in ranges.iter().enumerate() {
+                let head = format!(
+                    "{}--{boundary}\r\nContent-Type: {}\r\nContent-Range: bytes {a}-{z}/{}\r\n\r\n",
+                    if i == 0 { "" } else { "\r\n" },
+                    meta.content_type,
+                    meta.len
+                );
+                total += head.len() as u64 + (z - a + 1);
+                segs.push(Segment::Bytes(Bytes::from(head)));
+                segs.push(Segment::File {
+                    offset: *a,
+                    len: z - a + 1,
+                });
+            }
+            let tail = format!("\r\n--{boundary}--\r\n");
+            total += tail.len() as u64;
+            segs.push(Segment::Bytes(Bytes::from(tail)));
+            b = b
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(
+                    header::CONTENT_TYPE,
+                    format!("multipart/byteranges; boundary={boundary}"),
+                )
+                .header(header::CONTENT_LENGTH, total);
+            body_of(segs).map(|body| b.body(body))
+        }
+    };
+    match resp {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => internal_error(),
+        Err(e) => {
+            tracing::error!(hash = %meta.hash, error = %e, "cannot open object for serving");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "object unavailable\n")
+        }
+    }
+}
+
+fn not_modified(b: http::response::Builder) -> Response<Body> {
+    b.status(StatusCode::NOT_MODIFIED)
+        .body(empty())
+        .unwrap_or_else(|_| internal_error())
+}
+
+fn internal_error() -> Response<Body> {
+    let mut r = Response::new(full("internal error\n"));
+    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    r
+}
+
+/// A short plain-text response.
+pub fn text(status: StatusCode, msg: impl Into<Bytes>) -> Response<Body> {
+    let msg = msg.into();
+    let mut r = Response::new(full(msg.clone()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(msg.len()));
+    r
+}

@@ -1,0 +1,30 @@
+//! What the origin and the mirrors share.
+//!
+//! * [`store`]: the content-addressed object store on disk (blobs and
+//!   directory nodes, addressed by blake3), written atomically.
+//! * [`server`]: the HTTP/1.1 accept loop, with optional rustls, a connection
+//!   cap, header timeouts (no slowloris) and graceful drain.
+//! * [`range`]: `Range` / `If-Range` parsing for byte-range requests.
+//! * [`readapi`]: the `/.meridian/v1/...` read API every node exposes, so a
+//!   mirror can feed other mirrors exactly as the origin does.
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod files;
+pub mod range;
+pub mod readapi;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+pub use body::{Body, empty, full};
+pub use server::{ServerHandle, ServerOptions, Service, serve};
+pub use store::{ObjectStore, StoreError};
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,208 @@
+//! The HTTP/1.1 accept loop shared by origin and mirror.
+//!
+//! * At most `max_connections` connections at once; past that a new
+//!   connection is closed at once (as nginx does past `worker_connections`),
+//!   so 10,000 idle sockets cost a bounded, known amount of memory.
+//! * `header_timeout` bounds the time to receive a request head, on a new
+//!   connection and between keep-alive requests: a slowloris client is cut
+//!   off, and idle keep-alive connections are reaped.
+//! * TLS handshakes have their own deadline.
+//! * Shutdown stops accepting, lets in-flight responses finish up to
+//!   `drain_timeout`, then closes what is left.
+
+use crate::body::Body;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+/// A request handler.
+pub trait Service: Send + Sync + 'static {
+    fn call(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Response<Body>> + Send;
+}
+
+/// Limits and TLS for one listener.
+#[derive(Clone)]
+pub struct ServerOptions {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub drain_timeout: Duration,
+    /// Maximum size of a request head (request line plus headers).
+    pub max_head_bytes: usize,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_connections: 16_384,
+            header_timeout: Duration::from_secs(20),
+            tls_handshake_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            max_head_bytes: 16 * 1024,
+            tls: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout", &self.header_timeout)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    pub local_addr: SocketAddr,
+    /// Connections open right now.
+    pub active: Arc<AtomicUsize>,
+    shutdown: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// Stops accepting, drains in-flight requests (up to the drain timeout)
+    /// and returns when every connection is closed.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.done.await;
+    }
+    /// Connections open right now.
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+struct ConnGuard(Arc<AtomicUsize>);
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves `service` on `listener` until the handle is shut down.
+pub fn serve<S: Service>(
+    listener: TcpListener,
+    opts: ServerOptions,
+    service: Arc<S>,
+) -> ServerHandle {
+    let local_addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let active = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = watch::channel(false);
+    let done = tokio::spawn(accept_loop(listener, opts, service, active.clone(), rx));
+    ServerHandle {
+        local_addr,
+        active,
+        shutdown: tx,
+        done,
+    }
+}
+
+async fn accept_loop<S: Service>(
+    listener: TcpListener,
+    opts: ServerOptions,
+    service: Arc<S>,
+    active: Arc<AtomicUsize>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(opts.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let tls = opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_timeout)
+        .keep_alive(true)
+        .max_buf_size(opts.max_head_bytes.max(8192));
+    let builder = Arc::new(builder);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "connection limit reached, closing");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        active.fetch_add(1, Ordering::Relaxed);
+        let guard = ConnGuard(active.clone());
+        let svc = service.clone();
+        let builder = builder.clone();
+        let hs_timeout = opts.tls_handshake_timeout;
+        let handler = hyper::service::service_fn(move |req| {
+            let svc = svc.clone();
+            async move { Ok::<_, std::convert::Infallible>(svc.call(req, peer).await) }
+        });
+        match &tls {
+            None => {
+                let conn = builder.serve_connection(TokioIo::new(stream), handler);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let _guard = guard;
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with error");
+                    }
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let _guard = guard;
+                    let tls_stream =
+                        match tokio::time::timeout(hs_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let conn = builder.serve_connection(TokioIo::new(tls_stream), handler);
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(opts.drain_timeout, graceful.shutdown()).await;
+}
+
+/// Executor type hyper needs for some builders; re-exported for callers.
+pub type Executor = TokioExecutor;
