@@ -107,7 +107,9 @@ impl ObjectStore {
         File::open(&p).map_err(|e| StoreError::io(p, e))
     }
 
-    /// Writes an in-memory object whose hash the caller computed.
+    /// Writes an in-memory object whose hash the caller computed. Not
+    /// fsynced: call [`ObjectStore::sync_all`] before publishing or switching
+    /// to a generation that references it.
     pub fn put_bytes(&self, h: &Hash, bytes: &[u8]) -> Result<(), StoreError> {
         if self.contains(h) {
             return Ok(());
@@ -118,7 +120,7 @@ impl ObjectStore {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| StoreError::io(&tmp, e))?;
-        let res = f.write_all(bytes).and_then(|()| f.sync_data());
+        let res = f.write_all(bytes);
         if let Err(e) = res {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError::io(&tmp, e));
@@ -156,6 +158,13 @@ impl ObjectStore {
             }
         }
         Ok(())
+    }
+
+    /// Makes every object written so far durable (`syncfs`): one call per
+    /// generation instead of one fsync per object.
+    pub fn sync_all(&self) -> Result<(), StoreError> {
+        let d = File::open(&self.root).map_err(|e| StoreError::io(&self.root, e))?;
+        rustix::fs::syncfs(&d).map_err(|e| StoreError::io(&self.root, io::Error::from(e)))
     }
 
     /// Removes an object.

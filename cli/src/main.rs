@@ -1,0 +1,90 @@
+//! `meridian`: one binary, one subcommand per role.
+#![forbid(unsafe_code)]
+
+mod config;
+mod demo;
+mod keygen;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Meridian: a geo-distributed download mirror network with signed content.
+#[derive(Debug, Parser)]
+#[command(name = "meridian", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate an ed25519 signing key for an origin.
+    ///
+    /// Writes the secret key to FILE with mode 0600 and prints the public
+    /// key, which mirrors need as `--trust`.
+    Keygen {
+        /// Where to write the secret key.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Overwrite an existing key file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run an origin: watch a directory and publish signed generations.
+    Origin(config::OriginArgs),
+    /// Run a whole demo network on this machine until Ctrl-C.
+    Demo(demo::DemoArgs),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Keygen { out, force } => keygen::run(&out, force),
+        Command::Origin(args) => {
+            init_logging();
+            let cfg = args.into_config()?;
+            runtime()?.block_on(run_origin(cfg))
+        }
+        Command::Demo(args) => {
+            init_logging();
+            runtime()?.block_on(demo::run(args))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+async fn run_origin(cfg: meridian_origin::OriginConfig) -> anyhow::Result<()> {
+    let handle = meridian_origin::Origin::start(cfg).await?;
+    tracing::info!(public_key = %handle.public_key, "origin ready");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,122 @@
+//! Origin configuration (TOML, `deny_unknown_fields`; CLI flags override).
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the origin needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginConfig {
+    /// The directory whose content is published.
+    pub content: PathBuf,
+    /// Where generations, objects and the hash cache are kept.
+    pub state: PathBuf,
+    /// The ed25519 secret key file (0600; written by `meridian keygen`).
+    pub key_file: PathBuf,
+    /// HTTP listen address (port 0 picks a free port).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Optional HTTPS listener, with `tls_cert` and `tls_key`.
+    #[serde(default)]
+    pub listen_tls: Option<SocketAddr>,
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Quiet period: changes are batched until nothing changed for this
+    /// long, and a file is published only once it has been quiet this long.
+    #[serde(default = "default_quiet", with = "humantime_serde")]
+    pub quiet: Duration,
+    /// How long a signed generation stays valid.
+    #[serde(default = "default_expiry", with = "humantime_serde")]
+    pub expiry: Duration,
+    /// Re-sign (publish the same tree as a new generation) when the newest
+    /// generation has less than this long left.
+    #[serde(default = "default_resign", with = "humantime_serde")]
+    pub resign_before: Duration,
+    /// Full rescan interval, a fallback should the watcher miss events.
+    #[serde(default = "default_rescan", with = "humantime_serde")]
+    pub rescan: Duration,
+    /// Keep at least this many newest generations.
+    #[serde(default = "default_retain")]
+    pub retain_generations: usize,
+    /// Also keep generations younger than this.
+    #[serde(default = "default_retain_age", with = "humantime_serde")]
+    pub retain_age: Duration,
+    /// An object no longer referenced by a retained generation is deleted
+    /// only after it has been unreferenced this long, so a mirror mid-sync
+    /// on a just-dropped generation can finish.
+    #[serde(default = "default_gc_grace", with = "humantime_serde")]
+    pub gc_grace: Duration,
+    /// Hashing threads (0: one per core).
+    #[serde(default)]
+    pub hash_threads: usize,
+    /// Most connections at once.
+    #[serde(default = "default_max_conn")]
+    pub max_connections: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_quiet() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_expiry() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_resign() -> Duration {
+    Duration::from_secs(3 * 24 * 3600)
+}
+fn default_rescan() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_retain() -> usize {
+    10
+}
+fn default_retain_age() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_gc_grace() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_conn() -> usize {
+    16_384
+}
+
+impl OriginConfig {
+    /// A config with defaults for everything but the three paths.
+    pub fn new(content: PathBuf, state: PathBuf, key_file: PathBuf) -> Self {
+        OriginConfig {
+            content,
+            state,
+            key_file,
+            listen: default_listen(),
+            listen_tls: None,
+            tls_cert: None,
+            tls_key: None,
+            quiet: default_quiet(),
+            expiry: default_expiry(),
+            resign_before: default_resign(),
+            rescan: default_rescan(),
+            retain_generations: default_retain(),
+            retain_age: default_retain_age(),
+            gc_grace: default_gc_grace(),
+            hash_threads: 0,
+            max_connections: default_max_conn(),
+        }
+    }
+
+    /// Hashing threads to use.
+    pub fn threads(&self) -> usize {
+        if self.hash_threads > 0 {
+            self.hash_threads
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! Turning a scan into a signed, durable generation; retention and GC.
+//!
+//! State directory layout (`--state DIR`):
+//!
+//! ```text
+//! objects/…                 blobs and directory nodes (see meridian_serve::store)
+//! roots/00000000000000000042.root   signed root of generation 42
+//! hashcache                 the stat cache
+//! ```
+//!
+//! Durability order of a publish: objects are written (renamed into place),
+//! then `syncfs`, then the root file is written atomically. A generation
+//! exists exactly when its root file does, so a crash at any point leaves
+//! the previous generation as the newest complete one, and the next publish
+//! carries on from it.
+
+use crate::cache::HashCache;
+use crate::config::OriginConfig;
+use crate::metrics::OriginMetrics;
+use crate::scan::{ScanInput, scan};
+use arc_swap::ArcSwapOption;
+use meridian_core::{
+    DirNode, Entry, EntryKind, Hash, RelPath, Root, SecretKey, SignedRoot, TreeBuilder,
+    TrustedKeys, VerifiedRoot, Verifier,
+};
+use meridian_serve::store::write_atomic;
+use meridian_serve::{ObjectStore, StoreError, unix_now};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+
+/// Why a publish failed. The previous generation stays the newest.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    #[error(transparent)]
+    Scan(#[from] crate::scan::ScanError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot build the manifest tree: {0}")]
+    Tree(#[from] meridian_core::DecodeError),
+    #[error("state directory {path}: {source}")]
+    State { path: PathBuf, source: std::io::Error },
+    #[error("stored generation {path} does not verify with this origin's key: {source}")]
+    BadStoredRoot {
+        path: PathBuf,
+        source: meridian_core::VerifyError,
+    },
+    #[error("stored directory node {0} is missing or damaged; the state directory is corrupt")]
+    BadNode(Hash),
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishOutcome {
+    Published {
+        generation: u64,
+        files_hashed: u64,
+        bytes_hashed: u64,
+    },
+    Unchanged,
+}
+
+/// State the HTTP service reads while the publisher writes.
+#[derive(Debug)]
+pub struct Shared {
+    pub store: ObjectStore,
+    pub roots_dir: PathBuf,
+    pub latest: ArcSwapOption<VerifiedRoot>,
+    pub notify: watch::Sender<u64>,
+    pub metrics: OriginMetrics,
+}
+
+impl Shared {
+    /// Path of a generation's root file.
+    pub fn root_path(&self, generation: u64) -> PathBuf {
+        self.roots_dir.join(format!("{generation:020}.root"))
+    }
+}
+
+/// The publishing side of the origin (runs on a blocking thread).
+pub struct Publisher {
+    cfg: OriginConfig,
+    key: SecretKey,
+    shared: Arc<Shared>,
+    cache: HashCache,
+    previous_leaves: HashMap<String, Entry>,
+    unreferenced_since: HashMap<Hash, Instant>,
+    /// Paths skipped by the previous scan, so each problem is logged once.
+    reported: HashSet<(String, &'static str)>,
+    /// Set after the last scan if some files were still settling.
+    pub needs_retry: bool,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").field("key", &self.key).finish()
+    }
+}
+
+fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
+    move |source| PublishError::State {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Every (path, leaf entry) of a stored tree; also records node hashes.
+pub fn walk_tree(
+    store: &ObjectStore,
+    tree: Hash,
+    mut on_node: impl FnMut(Hash) -> bool,
+    mut on_leaf: impl FnMut(&str, &Entry),
+) -> Result<(), PublishError> {
+    let mut stack = vec![(tree, String::new())];
+    while let Some((h, prefix)) = stack.pop() {
+        if !on_node(h) {
+            continue; // already visited
+        }
+        let bytes = store.read(&h).map_err(|_| PublishError::BadNode(h))?;
+        if meridian_core::hash_bytes(&bytes) != h {
+            return Err(PublishError::BadNode(h));
+        }
+        let node = DirNode::decode(&bytes).map_err(|_| PublishError::BadNode(h))?;
+        for e in node.entries {
+            let path = if prefix.is_empty() {
+                e.name.clone()
+            } else {
+                format!("{prefix}/{}", e.name)
+            };
+            if e.kind == EntryKind::Dir {
+                stack.push((e.hash, path));
+            } else {
+                on_leaf(&path, &e);
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Publisher {
+    /// Opens the state directory and recovers the newest complete generation.
+    pub fn open(cfg: OriginConfig, key: SecretKey) -> Result<Self, PublishError> {
+        std::fs::create_dir_all(&cfg.state).map_err(state_err(&cfg.state))?;
+        let store = ObjectStore::open(cfg.state.clone())?;
+        let roots_dir = cfg.state.join("roots");
+        std::fs::create_dir_all(&roots_dir).map_err(state_err(&roots_dir))?;
+        let verifier = Verifier::new(TrustedKeys::new([key.public()]));
+        let mut gens = list_generations(&roots_dir)?;
+        gens.sort_unstable();
+        let mut latest: Option<VerifiedRoot> = None;
+        let mut latest_mtime = SystemTime::UNIX_EPOCH;
+        if let Some(&g) = gens.last() {
+            let path = roots_dir.join(format!("{g:020}.root"));
+            let bytes = std::fs::read(&path).map_err(state_err(&path))?;
+            let v = verifier
+                .open(&bytes)
+                .map_err(|source| PublishError::BadStoredRoot { path: path.clone(), source })?;
+            latest_mtime = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or(latest_mtime);
+            latest = Some(v);
+        }
+        let (notify, _) = watch::channel(latest.as_ref().map(|l| l.root.generation).unwrap_or(0));
+        let metrics = OriginMetrics::new();
+        metrics.latest_generation.set(latest.as_ref().map(|l| l.root.generation as i64).unwrap_or(0));
+        let shared = Arc::new(Shared {
+            store,
+            roots_dir,
+            latest: ArcSwapOption::from(latest.clone().map(Arc::new)),
+            notify,
+            metrics,
+        });
+        let mut previous_leaves = HashMap::new();
+        if let Some(l) = &latest {
+            walk_tree(&shared.store, l.root.tree, |_| true, |p, e| {
+                previous_leaves.insert(p.to_owned(), e.clone());
+            })?;
+        }
+        let cache = HashCache::load(&cfg.state.join("hashcache"));
+        let mut p = Publisher {
+            cfg,
+            key,
+            shared,
+            cache,
+            previous_leaves,
+            unreferenced_since: HashMap::new(),
+            reported: HashSet::new(),
+            needs_retry: false,
+        };
+        p.remove_crash_leftovers(latest_mtime)?;
+        Ok(p)
+    }
+
+    /// The state shared with the HTTP service.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Objects written by a publish that never committed its root (newer than
+    /// the newest root, referenced by no root) may be torn by the crash;
+    /// they are removed so no later publish can reuse them.
+    fn remove_crash_leftovers(&mut self, latest_root_mtime: SystemTime) -> Result<(), PublishError> {
+        let reachable = self.reachable(&list_generations(&self.shared.roots_dir)?)?;
+        let mut removed = 0;
+        for h in self.shared.store.list()? {
+            if reachable.contains(&h) {
+                continue;
+            }
+            let newer = std::fs::metadata(self.shared.store.path(&h))
+                .and_then(|m| m.modified())
+                .map(|t| t >= latest_root_mtime)
+                .unwrap_or(true);
+            if newer {
+                self.shared.store.remove(&h)?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed objects left by an interrupted publish");
+        }
+        Ok(())
+    }
+
+    fn reachable(&self, gens: &[u64]) -> Result<HashSet<Hash>, PublishError> {
+        let verifier = Verifier::new(TrustedKeys::new([self.key.public()]));
+        let mut seen: HashSet<Hash> = HashSet::new();
+        for &g in gens {
+            let path = self.shared.root_path(g);
+            let Ok(bytes) = std::fs::read(&path) else { continue };
+            let Ok(v) = verifier.open(&bytes) else { continue };
+            let mut leaves = Vec::new();
+            walk_tree(&self.shared.store, v.root.tree, |h| seen.insert(h), |_, e| {
+                if e.kind == EntryKind::File {
+                    leaves.push(e.hash);
+                }
+            })?;
+            seen.extend(leaves);
+        }
+        Ok(seen)
+    }
+
+    /// Scans and, if anything changed (or the newest generation is close to
+    /// expiry), publishes a new generation.
+    pub fn publish(&mut self) -> Result<PublishOutcome, PublishError> {
+        let t0 = Instant::now();
+        let res = self.publish_inner();
+        let m = &self.shared.metrics;
+        m.publish_seconds.observe(t0.elapsed().as_secs_f64());
+        if res.is_err() {
+            m.publish_errors.inc();
+        }
+        res
+    }
+
+    fn publish_inner(&mut self) -> Result<PublishOutcome, PublishError> {
+        let out = scan(&ScanInput {
+            content: &self.cfg.content,
+            store: &self.shared.store,
+            cache: &self.cache,
+            previous: &self.previous_leaves,
+            quiet: self.cfg.quiet,
+            threads: self.cfg.threads(),
+        })?;
+        let m = &self.shared.metrics;
+        m.files_hashed.inc_by(out.files_hashed);
+        m.bytes_hashed.inc_by(out.bytes_hashed);
+        m.hash_seconds.inc_by(out.hash_seconds);
+        m.watched_directories.set(out.dir_count as i64);
+        let mut reported = HashSet::new();
+        for (path, r) in &out.skipped {
+            m.skipped_files.with_label_values(&[r.label()]).inc();
+            let key = (path.clone(), r.label());
+            if !r.retry() && !self.reported.contains(&key) {
+                tracing::warn!(path = %path.escape_debug(), "{}", r.explain());
+            }
+            reported.insert(key);
+        }
+        self.reported = reported;
+        self.needs_retry = out.needs_retry();
+
+        let mut tb = TreeBuilder::new();
+        for d in &out.dirs {
+            if let Ok(p) = RelPath::parse(d) {
+                let _ = tb.insert_dir(&p, 0);
+            }
+        }
+        for (p, e) in &out.leaves {
+            let res = RelPath::parse(p).and_then(|rp| tb.insert(&rp, e.clone()));
+            if let Err(err) = res {
+                tracing::warn!(path = %p, error = %err, "entry not published");
+            }
+        }
+        let built = tb.finish()?;
+        for (h, bytes) in &built.nodes {
+            self.shared.store.put_bytes(h, bytes)?;
+        }
+
+        let latest = self.shared.latest.load_full();
+        let now = unix_now();
+        if let Some(l) = &latest {
+            let expiring = l.root.expires - now < self.cfg.resign_before.as_secs() as i64;
+            if l.root.tree == built.tree && !expiring {
+                self.cache = out.cache;
+                self.cache.save(&self.cfg.state.join("hashcache"))?;
+                return Ok(PublishOutcome::Unchanged);
+            }
+        }
+        let root = Root {
+            generation: latest.as_ref().map(|l| l.root.generation + 1).unwrap_or(1),
+            created: now,
+            expires: now + self.cfg.expiry.as_secs().max(1) as i64,
+            previous: latest.as_ref().map(|l| l.hash).unwrap_or(Hash::ZERO),
+            tree: built.tree,
+            tree_size: built.tree_size,
+            files: built.files,
+            bytes: built.bytes,
+        };
+        let envelope = SignedRoot::sign(&root, &self.key).encode();
+        self.shared.store.sync_all()?;
+        if std::env::var_os("MERIDIAN_FAILPOINT").is_some_and(|v| v == "origin-before-root-commit") {
+            tracing::error!("failpoint origin-before-root-commit: aborting");
+            std::process::abort();
+        }
+        write_atomic(&self.shared.root_path(root.generation), &envelope)?;
+        let generation = root.generation;
+        let verified = VerifiedRoot {
+            hash: root.hash(),
+            root,
+            envelope,
+        };
+        self.shared.latest.store(Some(Arc::new(verified)));
+        self.shared.notify.send_replace(generation);
+        m.generations_published.inc();
+        m.latest_generation.set(generation as i64);
+        self.cache = out.cache;
+        self.cache.save(&self.cfg.state.join("hashcache"))?;
+        self.previous_leaves = out.leaves;
+        tracing::info!(
+            generation,
+            files = built.files,
+            bytes = built.bytes,
+            hashed_files = out.files_hashed,
+            hashed_bytes = out.bytes_hashed,
+            "published generation"
+        );
+        Ok(PublishOutcome::Published {
+            generation,
+            files_hashed: out.files_hashed,
+            bytes_hashed: out.bytes_hashed,
+        })
+    }
+
+    /// Applies retention: drops root files outside it, then removes objects
+    /// that no retained generation references and that have been
+    /// unreferenced for the grace period. Returns the objects removed.
+    pub fn gc(&mut self) -> Result<usize, PublishError> {
+        let mut gens = list_generations(&self.shared.roots_dir)?;
+        gens.sort_unstable_by(|a, b| b.cmp(a));
+        let now = SystemTime::now();
+        let mut keep = Vec::new();
+        for (i, g) in gens.iter().enumerate() {
+            let path = self.shared.root_path(*g);
+            let young = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age < self.cfg.retain_age);
+            if i < self.cfg.retain_generations.max(1) || young {
+                keep.push(*g);
+            } else {
+                std::fs::remove_file(&path).map_err(state_err(&path))?;
+            }
+        }
+        let reachable = self.reachable(&keep)?;
+        let grace = self.cfg.gc_grace;
+        let t = Instant::now();
+        let mut removed = 0;
+        let mut still: HashMap<Hash, Instant> = HashMap::new();
+        for h in self.shared.store.list()? {
+            if reachable.contains(&h) {
+                continue;
+            }
+            let since = self.unreferenced_since.get(&h).copied().unwrap_or(t);
+            if t.duration_since(since) >= grace {
+                self.shared.store.remove(&h)?;
+                removed += 1;
+            } else {
+                still.insert(h, since);
+            }
+        }
+        self.unreferenced_since = still;
+        self.shared.metrics.gc_objects_removed.inc_by(removed as u64);
+        Ok(removed)
+    }
+
+    /// Seconds until the newest generation should be re-signed.
+    pub fn resign_in(&self) -> Duration {
+        match self.shared.latest.load_full() {
+            Some(l) => {
+                let due = l.root.expires - self.cfg.resign_before.as_secs() as i64;
+                Duration::from_secs((due - unix_now()).max(1) as u64)
+            }
+            None => Duration::from_secs(1),
+        }
+    }
+}
+
+/// Generation numbers with a root file, unordered. Removes leftover temp files.
+pub fn list_generations(dir: &Path) -> Result<Vec<u64>, PublishError> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(state_err(dir))? {
+        let e = e.map_err(state_err(dir))?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(n) = name.strip_suffix(".root").and_then(|n| n.parse::<u64>().ok()) {
+            out.push(n);
+        } else if name.contains(".tmp-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(out)
+}

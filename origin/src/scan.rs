@@ -1,0 +1,449 @@
+//! Walks the content directory and snapshots changed files into the store.
+//!
+//! Each regular file is hashed at most once per change: the stat cache
+//! recognises unchanged files. A changed file is snapshotted into the object
+//! store (a reflink where the file system supports it, else a copy), and the
+//! hash is computed over the bytes of the snapshot itself, so the stored
+//! object always matches its name even if the source is edited meanwhile. A
+//! source that changed during the copy is detected by comparing its stat key
+//! before and after, and is retried on a later scan.
+
+use crate::cache::{HashCache, StatKey};
+use meridian_core::{Entry, EntryKind, Hash, RelPath, validate_name};
+use meridian_serve::ObjectStore;
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A whole scan failed (the content directory itself is unusable).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScanError {
+    #[error("cannot read content directory {path}: {source}")]
+    ContentDir { path: PathBuf, source: std::io::Error },
+    #[error("snapshot store failed: {0}")]
+    Store(#[from] meridian_serve::StoreError),
+}
+
+/// Why one file was not (re)published in this scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    NotUtf8,
+    BadName,
+    SymlinkEscapes,
+    Unreadable,
+    Special,
+    Settling,
+    ChangedWhileHashing,
+    Reserved,
+}
+
+impl SkipReason {
+    /// What an operator reads in the log.
+    pub fn explain(self) -> &'static str {
+        match self {
+            SkipReason::NotUtf8 => "file name is not valid UTF-8; not published (rename it)",
+            SkipReason::BadName => "name not allowed (control character or backslash); not published",
+            SkipReason::SymlinkEscapes => "symlink points outside the content directory; not published",
+            SkipReason::Unreadable => "cannot be read; its previous version (if any) stays published",
+            SkipReason::Special => "not a regular file, directory or symlink; not published",
+            SkipReason::Settling => "still being written; will be published once quiet",
+            SkipReason::ChangedWhileHashing => "changed while being hashed; will be retried",
+            SkipReason::Reserved => "top-level `.meridian` is reserved for the read API; not published",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            SkipReason::NotUtf8 => "not_utf8",
+            SkipReason::BadName => "bad_name",
+            SkipReason::SymlinkEscapes => "symlink_escapes",
+            SkipReason::Unreadable => "unreadable",
+            SkipReason::Special => "special_file",
+            SkipReason::Settling => "settling",
+            SkipReason::ChangedWhileHashing => "changed_while_hashing",
+            SkipReason::Reserved => "reserved_name",
+        }
+    }
+    /// Whether a later scan may succeed without anyone fixing anything.
+    pub fn retry(self) -> bool {
+        matches!(self, SkipReason::Settling | SkipReason::ChangedWhileHashing)
+    }
+}
+
+/// Inputs of a scan.
+pub struct ScanInput<'a> {
+    pub content: &'a Path,
+    pub store: &'a ObjectStore,
+    pub cache: &'a HashCache,
+    /// Leaf entries (files and symlinks) of the previous generation by path,
+    /// carried forward for files that cannot be read right now.
+    pub previous: &'a HashMap<String, Entry>,
+    pub quiet: Duration,
+    pub threads: usize,
+}
+
+/// What a scan found.
+#[derive(Debug, Default)]
+pub struct ScanOutput {
+    /// Every file and symlink to publish, by path.
+    pub leaves: HashMap<String, Entry>,
+    /// Every directory (including empty ones).
+    pub dirs: Vec<String>,
+    pub cache: HashCache,
+    pub skipped: Vec<(String, SkipReason)>,
+    pub files_hashed: u64,
+    pub bytes_hashed: u64,
+    /// Thread-seconds spent snapshotting.
+    pub hash_seconds: f64,
+    /// Objects newly written to the store.
+    pub new_objects: Vec<Hash>,
+    /// Directories walked (for the watched-directories gauge).
+    pub dir_count: usize,
+}
+
+impl ScanOutput {
+    /// Whether something should be retried after the quiet period.
+    pub fn needs_retry(&self) -> bool {
+        self.skipped.iter().any(|(_, r)| r.retry())
+    }
+}
+
+struct Work {
+    rel: String,
+    abs: PathBuf,
+    key: StatKey,
+    executable: bool,
+    mtime: i64,
+}
+
+fn secs(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+/// Resolves a symlink target lexically against its directory; `None` if it
+/// leaves the tree.
+pub fn resolve_symlink(dir: &str, target: &str) -> Option<String> {
+    if target.starts_with('/') {
+        return None;
+    }
+    let mut parts: Vec<&str> = dir.split('/').filter(|s| !s.is_empty()).collect();
+    for comp in target.split('/') {
+        match comp {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(parts.join("/"))
+}
+
+/// Scans the content directory.
+pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
+    let mut out = ScanOutput::default();
+    let now = SystemTime::now();
+    let mut work: Vec<Work> = Vec::new();
+    let mut stack: Vec<(PathBuf, String)> = vec![(input.content.to_path_buf(), String::new())];
+    let mut first = true;
+    while let Some((abs, rel)) = stack.pop() {
+        let rd = match fs::read_dir(&abs) {
+            Ok(rd) => rd,
+            Err(source) if first => {
+                return Err(ScanError::ContentDir { path: abs, source });
+            }
+            Err(e) => {
+                tracing::warn!(dir = %abs.display(), error = %e, "cannot read directory; keeping its previous content");
+                carry_prefix(input.previous, &rel, &mut out.leaves);
+                out.skipped.push((rel.clone(), SkipReason::Unreadable));
+                continue;
+            }
+        };
+        first = false;
+        out.dir_count += 1;
+        if !rel.is_empty() {
+            out.dirs.push(rel.clone());
+        }
+        for dent in rd {
+            let Ok(dent) = dent else { continue };
+            let os_name = dent.file_name();
+            let child_abs = dent.path();
+            let Some(name) = os_name.to_str() else {
+                tracing::debug!(path = %child_abs.display(), "file name is not valid UTF-8");
+                out.skipped.push((child_abs.display().to_string(), SkipReason::NotUtf8));
+                continue;
+            };
+            let child_rel = if rel.is_empty() { name.to_owned() } else { format!("{rel}/{name}") };
+            if rel.is_empty() && name == ".meridian" {
+                
+                out.skipped.push((child_rel, SkipReason::Reserved));
+                continue;
+            }
+            if let Err(e) = validate_name(name) {
+                tracing::debug!(path = %child_rel.escape_debug(), error = %e, "name not allowed");
+                out.skipped.push((child_rel, SkipReason::BadName));
+                continue;
+            }
+            let md = match fs::symlink_metadata(&child_abs) {
+                Ok(md) => md,
+                Err(_) => continue, // vanished between readdir and stat
+            };
+            let ft = md.file_type();
+            let mtime = md.modified().map(secs).unwrap_or(0);
+            if ft.is_dir() {
+                stack.push((child_abs, child_rel));
+            } else if ft.is_symlink() {
+                let target = fs::read_link(&child_abs).ok();
+                let target = target.as_deref().and_then(Path::to_str).map(str::to_owned);
+                match target {
+                    Some(t) if resolve_symlink(&rel, &t).is_some() && !t.contains('\\') && t.len() <= 4096 => {
+                        out.leaves.insert(child_rel, Entry::symlink(name, &t, mtime));
+                    }
+                    _ => {
+                        out.skipped.push((child_rel, SkipReason::SymlinkEscapes));
+                    }
+                }
+            } else if ft.is_file() {
+                let key = StatKey::of(&md);
+                let executable = md.permissions().mode() & 0o111 != 0;
+                if let Some((k, h)) = input.cache.map.get(&child_rel) {
+                    if *k == key && input.store.contains(h) {
+                        out.cache.map.insert(child_rel.clone(), (key, *h));
+                        out.leaves.insert(child_rel, Entry::file(name, key.size, *h, executable, mtime));
+                        continue;
+                    }
+                }
+                let changed_at = md.modified().ok().max(Some(ctime_of(&md)));
+                let settled = changed_at
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_some_and(|age| age >= input.quiet);
+                if !settled {
+                    carry(input.previous, &child_rel, &mut out.leaves);
+                    out.skipped.push((child_rel, SkipReason::Settling));
+                    continue;
+                }
+                work.push(Work { rel: child_rel, abs: child_abs, key, executable, mtime });
+            } else {
+                out.skipped.push((child_rel, SkipReason::Special));
+            }
+        }
+    }
+
+    // Snapshot and hash the changed files in parallel.
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, Result<(Hash, bool), SkipReason>, f64)>> =
+        Mutex::new(Vec::with_capacity(work.len()));
+    let disk_error: Mutex<Option<meridian_serve::StoreError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..input.threads.max(1).min(work.len().max(1)) {
+            s.spawn(|| {
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(w) = work.get(i) else { break };
+                    let t0 = Instant::now();
+                    let r = ingest(input.store, &w.abs, w.key, &mut buf);
+                    let r = match r {
+                        Ok(x) => Ok(x),
+                        Err(IngestError::Skip(reason)) => Err(reason),
+                        Err(IngestError::Store(e)) => {
+                            if let Ok(mut d) = disk_error.lock() {
+                                d.get_or_insert(e);
+                            }
+                            Err(SkipReason::Unreadable)
+                        }
+                    };
+                    if let Ok(mut v) = results.lock() {
+                        v.push((i, r, t0.elapsed().as_secs_f64()));
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = disk_error.into_inner().ok().flatten() {
+        return Err(ScanError::Store(e));
+    }
+    for (i, r, dt) in results.into_inner().unwrap_or_default() {
+        let w = &work[i];
+        out.hash_seconds += dt;
+        match r {
+            Ok((h, was_new)) => {
+                out.files_hashed += 1;
+                out.bytes_hashed += w.key.size;
+                if was_new {
+                    out.new_objects.push(h);
+                }
+                let name = w.rel.rsplit('/').next().unwrap_or(&w.rel);
+                out.cache.map.insert(w.rel.clone(), (w.key, h));
+                out.leaves.insert(w.rel.clone(), Entry::file(name, w.key.size, h, w.executable, w.mtime));
+            }
+            Err(reason) => {
+                carry(input.previous, &w.rel, &mut out.leaves);
+                out.skipped.push((w.rel.clone(), reason));
+            }
+        }
+    }
+    // A carried-forward leaf must not sit below a path that is now a file.
+    out.leaves.retain(|p, _| RelPath::parse(p).is_ok());
+    Ok(out)
+}
+
+fn ctime_of(md: &fs::Metadata) -> SystemTime {
+    use std::os::unix::fs::MetadataExt;
+    let ns = md.ctime().max(0) as u64 * 1_000_000_000 + md.ctime_nsec().max(0) as u64;
+    UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+fn carry(prev: &HashMap<String, Entry>, rel: &str, leaves: &mut HashMap<String, Entry>) {
+    if let Some(e) = prev.get(rel) {
+        leaves.insert(rel.to_owned(), e.clone());
+    }
+}
+
+fn carry_prefix(prev: &HashMap<String, Entry>, dir: &str, leaves: &mut HashMap<String, Entry>) {
+    let prefix = format!("{dir}/");
+    for (p, e) in prev {
+        if p.starts_with(&prefix) && e.kind != EntryKind::Dir {
+            leaves.insert(p.clone(), e.clone());
+        }
+    }
+}
+
+enum IngestError {
+    Skip(SkipReason),
+    Store(meridian_serve::StoreError),
+}
+
+/// Snapshots one file into the store and returns its hash and whether the
+/// object was new. The hash is of the snapshot's bytes.
+fn ingest(store: &ObjectStore, abs: &Path, before: StatKey, buf: &mut [u8]) -> Result<(Hash, bool), IngestError> {
+    let mut src = File::open(abs).map_err(|_| IngestError::Skip(SkipReason::Unreadable))?;
+    let md = src.metadata().map_err(|_| IngestError::Skip(SkipReason::Unreadable))?;
+    if StatKey::of(&md) != before {
+        return Err(IngestError::Skip(SkipReason::ChangedWhileHashing));
+    }
+    let tmp = store.tmp_path("ingest");
+    let mut dst = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| IngestError::Store(meridian_serve::StoreError::io(&tmp, e)))?;
+    let cleanup = |e: IngestError| {
+        let _ = fs::remove_file(&tmp);
+        e
+    };
+    let mut hasher = blake3::Hasher::new();
+    let mut written = 0u64;
+    if rustix::fs::ioctl_ficlone(&dst, &src).is_ok() {
+        // Copy-on-write clone: hash the clone, which nobody else can change.
+        let mut r = &dst;
+        loop {
+            let n = match r.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(&tmp, e)))),
+            };
+            hasher.update(&buf[..n]);
+            written += n as u64;
+        }
+    } else {
+        loop {
+            let n = match src.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return Err(cleanup(IngestError::Skip(SkipReason::Unreadable))),
+            };
+            hasher.update(&buf[..n]);
+            if let Err(e) = dst.write_all(&buf[..n]) {
+                return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(&tmp, e))));
+            }
+            written += n as u64;
+            if written > before.size {
+                return Err(cleanup(IngestError::Skip(SkipReason::ChangedWhileHashing)));
+            }
+        }
+    }
+    drop(dst);
+    let after = fs::symlink_metadata(abs).map(|m| StatKey::of(&m)).ok();
+    if after != Some(before) || written != before.size {
+        return Err(cleanup(IngestError::Skip(SkipReason::ChangedWhileHashing)));
+    }
+    let h: Hash = hasher.finalize().into();
+    if store.contains(&h) {
+        let _ = fs::remove_file(&tmp);
+        return Ok((h, false));
+    }
+    store.commit(&tmp, &h).map_err(|e| cleanup(IngestError::Store(e)))?;
+    Ok((h, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_dir(content: &Path, store: &ObjectStore, prev: &HashMap<String, Entry>, quiet: Duration) -> ScanOutput {
+        let cache = HashCache::default();
+        scan(&ScanInput { content, store, cache: &cache, previous: prev, quiet, threads: 2 }).expect("scan")
+    }
+
+    #[test]
+    fn recent_files_wait_for_quiet_and_keep_their_previous_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let content = dir.path().join("c");
+        fs::create_dir_all(&content).expect("mkdir");
+        let store = ObjectStore::open(dir.path().join("s")).expect("store");
+        let f = content.join("f");
+        fs::write(&f, b"new bytes").expect("write");
+        let old = Entry::file("f", 3, Hash([1; 32]), false, 0);
+        let prev: HashMap<String, Entry> = [("f".to_owned(), old.clone())].into();
+
+        // Just written: not yet published; the previous version is kept.
+        let out = scan_dir(&content, &store, &prev, Duration::from_secs(3600));
+        assert_eq!(out.leaves.get("f"), Some(&old));
+        assert!(out.needs_retry());
+        // Without a previous version it is simply not published yet.
+        let out = scan_dir(&content, &store, &HashMap::new(), Duration::from_secs(3600));
+        assert!(out.leaves.is_empty());
+
+        // Quiet long enough: published with the hash of its bytes.
+        let out = scan_dir(&content, &store, &prev, Duration::ZERO);
+        let e = out.leaves.get("f").expect("published");
+        assert_eq!(e.hash, meridian_core::hash_bytes(b"new bytes"));
+        assert_eq!(store.read(&e.hash).expect("snapshot"), b"new bytes");
+        assert!(!out.needs_retry());
+    }
+
+    #[test]
+    fn snapshot_is_immune_to_later_edits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let content = dir.path().join("c");
+        fs::create_dir_all(&content).expect("mkdir");
+        let store = ObjectStore::open(dir.path().join("s")).expect("store");
+        fs::write(content.join("f"), b"version one").expect("write");
+        let out = scan_dir(&content, &store, &HashMap::new(), Duration::ZERO);
+        let h = out.leaves["f"].hash;
+        fs::write(content.join("f"), b"version two!").expect("rewrite");
+        assert_eq!(store.read(&h).expect("object"), b"version one");
+    }
+
+    #[test]
+    fn symlink_resolution_is_lexical_and_contained() {
+        assert_eq!(resolve_symlink("a/b", "../c"), Some("a/c".into()));
+        assert_eq!(resolve_symlink("a", "./x/y"), Some("a/x/y".into()));
+        assert_eq!(resolve_symlink("", "../etc/passwd"), None);
+        assert_eq!(resolve_symlink("a", "../../x"), None);
+        assert_eq!(resolve_symlink("a", "/etc/passwd"), None);
+    }
+}

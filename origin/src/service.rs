@@ -1,0 +1,276 @@
+//! Running the origin: key loading, the publish loop and the HTTP service.
+
+use crate::config::OriginConfig;
+use crate::publisher::{PublishError, Publisher, Shared};
+use crate::watcher::{ChangeSignal, watch};
+use http::{Method, Response, StatusCode};
+use hyper::body::Incoming;
+use meridian_core::{SecretKey, VerifiedRoot};
+use meridian_serve::files::text;
+use meridian_serve::readapi::{self, Published};
+use meridian_serve::{Body, ObjectStore, ServerHandle, ServerOptions, Service, full, serve};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch as tokio_watch;
+
+/// Why the origin could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OriginError {
+    #[error("cannot read key file {path}: {source}")]
+    KeyRead { path: String, source: std::io::Error },
+    #[error("key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
+    KeyPermissions { path: String, mode: u32 },
+    #[error("key file {path}: {source}")]
+    KeyFormat {
+        path: String,
+        source: meridian_core::KeyError,
+    },
+    #[error("content directory {0} does not exist or is not a directory")]
+    NoContent(String),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(#[from] meridian_serve::tls::TlsError),
+    #[error("HTTPS listener needs both tls_cert and tls_key")]
+    TlsIncomplete,
+    #[error("cannot watch {path}: {source}")]
+    Watch { path: String, source: notify::Error },
+}
+
+/// Reads the signing key, refusing a file readable by group or others.
+pub fn load_key(path: &Path) -> Result<SecretKey, OriginError> {
+    let p = path.display().to_string();
+    let md = std::fs::metadata(path).map_err(|source| OriginError::KeyRead { path: p.clone(), source })?;
+    let mode = md.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(OriginError::KeyPermissions { path: p, mode });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| OriginError::KeyRead { path: p.clone(), source })?;
+    SecretKey::from_file_text(&text).map_err(|source| OriginError::KeyFormat { path: p, source })
+}
+
+/// The HTTP face of the origin.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    shared: Arc<Shared>,
+}
+
+impl Published for Origin {
+    fn latest(&self) -> Option<Arc<VerifiedRoot>> {
+        self.shared.latest.load_full()
+    }
+    fn root_envelope(&self, generation: u64) -> Option<Vec<u8>> {
+        std::fs::read(self.shared.root_path(generation)).ok()
+    }
+    fn store(&self) -> &ObjectStore {
+        &self.shared.store
+    }
+    fn subscribe(&self) -> tokio_watch::Receiver<u64> {
+        self.shared.notify.subscribe()
+    }
+    fn count_object_bytes(&self, bytes: u64) {
+        self.shared.metrics.bytes_served.inc_by(bytes);
+    }
+}
+
+impl Service for Origin {
+    async fn call(&self, req: http::Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        let path = req.uri().path();
+        if let Some(rest) = path.strip_prefix(readapi::PREFIX) {
+            let waiting = rest == "wait";
+            if waiting {
+                self.shared.metrics.waiters.inc();
+            }
+            let resp = readapi::handle(self, req.method(), rest, req.uri().query(), req.headers()).await;
+            if waiting {
+                self.shared.metrics.waiters.dec();
+            }
+            return resp;
+        }
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
+        }
+        match path {
+            "/.meridian/metrics" => Response::builder()
+                .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
+                .body(full(self.shared.metrics.render()))
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "")),
+            "/.meridian/health" => {
+                let generation = self.latest().map(|l| l.root.generation).unwrap_or(0);
+                let status = if generation > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let mut r = text(status, format!("{{\"role\":\"origin\",\"generation\":{generation}}}\n"));
+                r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                r
+            }
+            _ => text(StatusCode::NOT_FOUND, "this is a Meridian origin; downloads are served by mirrors\n"),
+        }
+    }
+}
+
+/// A running origin.
+#[derive(Debug)]
+pub struct OriginHandle {
+    pub http_addr: SocketAddr,
+    pub https_addr: Option<SocketAddr>,
+    pub public_key: meridian_core::PublicKey,
+    servers: Vec<ServerHandle>,
+    shutdown: tokio_watch::Sender<bool>,
+    publish_loop: tokio::task::JoinHandle<()>,
+    shared: Arc<Shared>,
+}
+
+impl OriginHandle {
+    /// The newest generation.
+    pub fn latest(&self) -> Option<Arc<VerifiedRoot>> {
+        self.shared.latest.load_full()
+    }
+    /// Stops publishing and serving.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.publish_loop.await;
+        for s in self.servers {
+            s.shutdown().await;
+        }
+    }
+}
+
+impl Origin {
+    /// Loads the key and state, publishes once, and starts serving and watching.
+    pub async fn start(cfg: OriginConfig) -> Result<OriginHandle, OriginError> {
+        if !cfg.content.is_dir() {
+            return Err(OriginError::NoContent(cfg.content.display().to_string()));
+        }
+        let key = load_key(&cfg.key_file)?;
+        let public_key = key.public();
+        let c2 = cfg.clone();
+        let mut publisher = tokio::task::spawn_blocking(move || Publisher::open(c2, key))
+            .await
+            .map_err(|e| PublishError::State { path: cfg.state.clone(), source: std::io::Error::other(e) })??;
+        let shared = publisher.shared();
+
+        let signal = Arc::new(ChangeSignal::default());
+        let watcher = watch(&cfg.content, signal.clone()).map_err(|source| OriginError::Watch {
+            path: cfg.content.display().to_string(),
+            source,
+        })?;
+        // Publish once before serving, so the first answer is current.
+        publisher = run_blocking(publisher, |p| {
+            if let Err(e) = p.publish() {
+                tracing::error!(error = %e, "initial publish failed; serving the last complete generation");
+            }
+        })
+        .await;
+
+        let origin = Arc::new(Origin { shared: shared.clone() });
+        let opts = ServerOptions {
+            max_connections: cfg.max_connections,
+            ..ServerOptions::default()
+        };
+        let mut servers = Vec::new();
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| OriginError::Bind { addr: cfg.listen, source })?;
+        let http = serve(listener, opts.clone(), origin.clone());
+        let http_addr = http.local_addr;
+        tracing::info!(addr = %http_addr, "origin listening on {http_addr}");
+        servers.push(http);
+        let mut https_addr = None;
+        if let Some(addr) = cfg.listen_tls {
+            let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
+                return Err(OriginError::TlsIncomplete);
+            };
+            let tls = meridian_serve::tls::server_config(cert, key)?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| OriginError::Bind { addr, source })?;
+            let s = serve(l, ServerOptions { tls: Some(tls), ..opts }, origin);
+            tracing::info!(addr = %s.local_addr, "origin listening on https://{}", s.local_addr);
+            https_addr = Some(s.local_addr);
+            servers.push(s);
+        }
+
+        let (tx, rx) = tokio_watch::channel(false);
+        let publish_loop = tokio::spawn(publish_loop(publisher, cfg, signal, rx, watcher));
+        Ok(OriginHandle {
+            http_addr,
+            https_addr,
+            public_key,
+            servers,
+            shutdown: tx,
+            publish_loop,
+            shared,
+        })
+    }
+}
+
+async fn run_blocking(mut p: Publisher, f: impl FnOnce(&mut Publisher) + Send + 'static) -> Publisher {
+    match tokio::task::spawn_blocking(move || {
+        f(&mut p);
+        p
+    })
+    .await
+    {
+        Ok(p) => p,
+        // A panic in the publisher is a bug: make it loud.
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+async fn publish_loop(
+    mut publisher: Publisher,
+    cfg: OriginConfig,
+    signal: Arc<ChangeSignal>,
+    mut shutdown: tokio_watch::Receiver<bool>,
+    _watcher: notify::RecommendedWatcher,
+) {
+    // Settling files are retried after one quiet period; failed publishes
+    // (disk full, unreadable content directory) back off up to 30 s.
+    let mut backoff = cfg.quiet;
+    let mut failed = false;
+    loop {
+        let mut wait = cfg.rescan.min(publisher.resign_in());
+        if failed {
+            wait = wait.min(backoff);
+        } else if publisher.needs_retry {
+            wait = wait.min(cfg.quiet);
+        }
+        tokio::select! {
+            _ = signal.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        // Debounce: wait until nothing changed for a whole quiet period.
+        loop {
+            let seen = signal.count();
+            tokio::select! {
+                _ = tokio::time::sleep(cfg.quiet) => {}
+                _ = shutdown.changed() => return,
+            }
+            if signal.count() == seen {
+                break;
+            }
+        }
+        let ok = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok2 = ok.clone();
+        publisher = run_blocking(publisher, move |p| match p.publish() {
+            Ok(_) => {
+                ok2.store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = p.gc() {
+                    tracing::warn!(error = %e, "garbage collection failed");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "publish failed; the last complete generation stays current");
+            }
+        })
+        .await;
+        failed = !ok.load(std::sync::atomic::Ordering::Relaxed);
+        backoff = if failed { (backoff * 2).min(Duration::from_secs(30)) } else { cfg.quiet };
+    }
+}

@@ -1,0 +1,4 @@
+//! End-to-end tests: the real `meridian` binary on loopback.
+#![allow(clippy::unwrap_used)]
+
+mod origin;

@@ -1,0 +1,312 @@
+//! The origin as a real process: publishing, chain, crash recovery, bad input.
+
+use meridian_core::Hash;
+use meridian_e2e::{ReadClient, eventually, hash_file, keygen, Proc};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn start_origin(dir: &Path, extra_env: &[(&str, &str)]) -> Proc {
+    let content = dir.join("content");
+    let state = dir.join("state");
+    let key = dir.join("key");
+    Proc::spawn(
+        &[
+            "origin",
+            "--content", content.to_str().unwrap(),
+            "--state", state.to_str().unwrap(),
+            "--key", key.to_str().unwrap(),
+            "--listen", "127.0.0.1:0",
+            "--quiet", "200ms",
+        ],
+        extra_env,
+    )
+}
+
+/// Path → hash of every regular file on disk under `root`.
+fn disk_files(root: &Path) -> BTreeMap<String, Hash> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let ft = std::fs::symlink_metadata(e.path()).unwrap().file_type();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                let rel = e.path().strip_prefix(root).unwrap().to_str().unwrap().to_owned();
+                out.insert(rel, hash_file(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// Waits until the origin's newest generation lists exactly the files on
+/// disk, with matching hashes; checks signature, chain link and object bytes.
+async fn converge(client: &ReadClient, content: &Path, after: u64) -> u64 {
+    let want = disk_files(content);
+    eventually("origin to publish the directory as it is on disk", DEADLINE, || async {
+        let root = client.root().await?;
+        if root.root.generation <= after {
+            return None;
+        }
+        let got: BTreeMap<String, Hash> =
+            client.files(root.root.tree).await.into_iter().map(|(p, (h, _))| (p, h)).collect();
+        if got != want {
+            return None;
+        }
+        // Every published file's bytes are served and match their hash.
+        for h in got.values() {
+            client.object(h).await;
+        }
+        // The chain: generation n names the hash of generation n-1.
+        if root.root.generation > 1 {
+            let prev = client
+                .http
+                .get(format!("{}/generations/{}", client.base, root.root.generation - 1))
+                .send()
+                .await
+                .ok()?
+                .bytes()
+                .await
+                .ok()?;
+            let prev = client.verifier.open(&prev).unwrap();
+            meridian_core::check_link(&prev, &root).unwrap();
+        }
+        Some(root.root.generation)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn publishes_adds_changes_and_deletes_with_a_verified_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(content.join("pool/main")).unwrap();
+    std::fs::write(content.join("README"), b"hello").unwrap();
+    std::fs::write(content.join("pool/main/a.deb"), vec![7u8; 300_000]).unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let mut origin = start_origin(dir.path(), &[]);
+    let addr = origin.listening("origin");
+    let client = ReadClient::new(addr, key);
+
+    let g1 = converge(&client, &content, 0).await;
+    std::fs::write(content.join("pool/main/b.deb"), vec![9u8; 1_000_000]).unwrap();
+    let g2 = converge(&client, &content, g1).await;
+    std::fs::write(content.join("README"), b"hello, changed").unwrap();
+    let g3 = converge(&client, &content, g2).await;
+    std::fs::remove_file(content.join("pool/main/a.deb")).unwrap();
+    let g4 = converge(&client, &content, g3).await;
+    assert!(g1 < g2 && g2 < g3 && g3 < g4);
+
+    // Metrics reflect the work.
+    let metrics = client
+        .http
+        .get(format!("http://{addr}/.meridian/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(&format!("meridian_origin_latest_generation {g4}")), "{metrics}");
+}
+
+#[tokio::test]
+async fn range_requests_on_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(content.join("f"), &data).unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let mut origin = start_origin(dir.path(), &[]);
+    let client = ReadClient::new(origin.listening("origin"), key);
+    converge(&client, &content, 0).await;
+    let h = hash_file(&content.join("f"));
+    let r = client
+        .http
+        .get(format!("{}/objects/{h}", client.base))
+        .header("Range", "bytes=1000-1999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-range"], "bytes 1000-1999/100000");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[1000..2000]);
+    let r = client
+        .http
+        .get(format!("{}/objects/{h}", client.base))
+        .header("Range", "bytes=200000-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    let r = client.http.get(format!("{}/objects/{}", client.base, "00".repeat(32))).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = client.http.get(format!("{}/objects/..%2f..%2fetc%2fpasswd", client.base)).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn long_poll_returns_as_soon_as_a_generation_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let mut origin = start_origin(dir.path(), &[]);
+    let client = ReadClient::new(origin.listening("origin"), key);
+    let g = converge(&client, &content, 0).await;
+    let url = format!("{}/wait?after={g}&timeout=60", client.base);
+    let poll = tokio::spawn({
+        let http = client.http.clone();
+        async move { http.get(url).send().await.unwrap() }
+    });
+    // Nothing new yet: the poll is still waiting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!poll.is_finished(), "long poll returned before a new generation existed");
+    std::fs::write(content.join("new"), b"x").unwrap();
+    let resp = tokio::time::timeout(DEADLINE, poll).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let v = client.verifier.verify_latest(&resp.bytes().await.unwrap(), meridian_e2e::now(), None).unwrap();
+    assert!(v.root.generation > g);
+    // With nothing new, the poll times out with 204.
+    let r = client
+        .http
+        .get(format!("{}/wait?after={}&timeout=1", client.base, v.root.generation))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+}
+
+#[test]
+fn refuses_a_key_readable_by_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("content")).unwrap();
+    keygen(&dir.path().join("key"));
+    std::fs::set_permissions(dir.path().join("key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut origin = start_origin(dir.path(), &[]);
+    let status = origin.wait_exit(DEADLINE).expect("origin exits");
+    assert!(!status.success());
+    origin.drain();
+    origin.wait_line("readable by group or others", Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn crash_before_commit_keeps_the_last_generation_and_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("a"), b"first").unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let g1;
+    {
+        let mut origin = start_origin(dir.path(), &[]);
+        let client = ReadClient::new(origin.listening("origin"), key);
+        g1 = converge(&client, &content, 0).await;
+    }
+    // The next publish dies after writing objects, before the root.
+    std::fs::write(content.join("b"), vec![5u8; 2_000_000]).unwrap();
+    let mut crashing = start_origin(dir.path(), &[("MERIDIAN_FAILPOINT", "origin-before-root-commit")]);
+    let status = crashing.wait_exit(DEADLINE).expect("failpoint aborts the origin");
+    assert!(!status.success());
+    let roots: Vec<_> = std::fs::read_dir(dir.path().join("state/roots")).unwrap().collect();
+    assert_eq!(roots.len() as u64, g1, "no root was committed by the crashed publish");
+
+    // Restart: the last complete generation is the base; the next one follows it.
+    let mut origin = start_origin(dir.path(), &[]);
+    let client = ReadClient::new(origin.listening("origin"), key);
+    let g2 = converge(&client, &content, g1).await;
+    assert_eq!(g2, g1 + 1, "the next generation carries on from the last complete one");
+}
+
+#[tokio::test]
+async fn bad_names_and_escaping_symlinks_are_skipped_not_fatal() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(content.join("d")).unwrap();
+    std::fs::write(content.join("good"), b"ok").unwrap();
+    std::fs::write(content.join(std::ffi::OsStr::from_bytes(b"bad\xff")), b"x").unwrap();
+    std::fs::write(content.join("new\nline"), b"x").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", content.join("escape")).unwrap();
+    std::os::unix::fs::symlink("../../outside", content.join("d/escape2")).unwrap();
+    std::os::unix::fs::symlink("../good", content.join("d/inside")).unwrap();
+    std::fs::create_dir_all(content.join(".meridian")).unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let mut origin = start_origin(dir.path(), &[]);
+    let addr = origin.listening("origin");
+    let client = ReadClient::new(addr, key);
+    let root = eventually("a generation with the good file", DEADLINE, || async {
+        let r = client.root().await?;
+        client.files(r.root.tree).await.contains_key("good").then_some(r)
+    })
+    .await;
+    let files = client.files(root.root.tree).await;
+    assert_eq!(files.keys().collect::<Vec<_>>(), vec!["good"]);
+    // The inside symlink is published; the escaping ones are not.
+    let top = meridian_core::DirNode::decode(&client.object(&root.root.tree).await).unwrap();
+    assert!(top.get("escape").is_none());
+    let d = top.get("d").unwrap();
+    let d = meridian_core::DirNode::decode(&client.object(&d.hash).await).unwrap();
+    assert_eq!(d.get("inside").and_then(|e| e.target.clone()).as_deref(), Some("../good"));
+    assert!(d.get("escape2").is_none());
+    let metrics = client.http.get(format!("http://{addr}/.meridian/metrics")).send().await.unwrap().text().await.unwrap();
+    for reason in ["not_utf8", "bad_name", "symlink_escapes", "reserved_name"] {
+        assert!(metrics.contains(&format!("reason=\"{reason}\"")), "no {reason} in {metrics}");
+    }
+    origin.drain();
+    origin.wait_line("symlink points outside the content directory", Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_file_being_written_is_never_published_half_written() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    let key = keygen(&dir.path().join("key"));
+    // A longer quiet period than the writer's pauses.
+    let mut origin = Proc::spawn(
+        &[
+            "origin",
+            "--content", content.to_str().unwrap(),
+            "--state", dir.path().join("state").to_str().unwrap(),
+            "--key", dir.path().join("key").to_str().unwrap(),
+            "--listen", "127.0.0.1:0",
+            "--quiet", "1s",
+        ],
+        &[],
+    );
+    let client = ReadClient::new(origin.listening("origin"), key);
+    converge(&client, &content, 0).await;
+    let path = content.join("growing.iso");
+    let writer = std::thread::spawn(move || {
+        let mut f = std::fs::File::create(&path).unwrap();
+        for i in 0..40u8 {
+            f.write_all(&vec![i; 64 * 1024]).unwrap();
+            f.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let mut seen = Vec::new();
+    while !writer.is_finished() {
+        if let Some(r) = client.root().await {
+            if let Some((h, size)) = client.files(r.root.tree).await.get("growing.iso") {
+                seen.push((*h, *size));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writer.join().unwrap();
+    let final_hash = hash_file(&content.join("growing.iso"));
+    converge(&client, &content, 0).await;
+    for (h, size) in seen {
+        assert_eq!(h, final_hash, "a partial file ({size} bytes) was published");
+    }
+}

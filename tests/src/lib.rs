@@ -1,0 +1,225 @@
+//! Helpers for Meridian's end-to-end tests.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used)]
+
+use meridian_core::{DirNode, EntryKind, Hash, TrustedKeys, VerifiedRoot, Verifier};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Waits until `cond` returns `Some`, polling, or panics after `deadline`
+/// with `what` in the message.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The `meridian` binary built by `cargo build` next to this test binary.
+pub fn meridian_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MERIDIAN_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("meridian");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --bins` first (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `meridian` process, killed on drop. Its stderr is collected;
+/// `listening on ADDR` lines tell the bound addresses.
+pub struct Proc {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub log: Vec<String>,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(meridian_bin());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("NO_COLOR", "1")
+            .env("MERIDIAN_LOG", "info");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines: rx, log: Vec::new() }
+    }
+
+    /// Reads log lines until one contains `needle`, returning it.
+    pub fn wait_line(&mut self, needle: &str, deadline: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.log.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_sub(start.elapsed());
+            match self.lines.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(l) => self.log.push(strip_ansi(&l)),
+                Err(_) => panic!(
+                    "no log line containing {needle:?} within {deadline:?}; log so far:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The address from the first `listening on ADDR` line containing `what`.
+    pub fn listening(&mut self, what: &str) -> std::net::SocketAddr {
+        let line = self.wait_line(&format!("{what} listening on "), Duration::from_secs(30));
+        let after = line.split(" listening on ").nth(1).unwrap();
+        let addr = after.split_whitespace().next().unwrap().trim_start_matches("https://");
+        addr.parse().unwrap()
+    }
+
+    /// Drains pending log lines.
+    pub fn drain(&mut self) {
+        while let Ok(l) = self.lines.try_recv() {
+            self.log.push(strip_ansi(&l));
+        }
+    }
+
+    /// Waits for the process to exit, up to `deadline`.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Generates a key file with `meridian keygen` and returns its public key.
+pub fn keygen(path: &Path) -> meridian_core::PublicKey {
+    let out = Command::new(meridian_bin())
+        .args(["keygen", "--out", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines().find(|l| l.starts_with("ed25519:")).unwrap().parse().unwrap()
+}
+
+/// A client of the read API that verifies what it reads.
+pub struct ReadClient {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub verifier: Verifier,
+}
+
+impl ReadClient {
+    pub fn new(addr: std::net::SocketAddr, key: meridian_core::PublicKey) -> Self {
+        ReadClient {
+            base: format!("http://{addr}/.meridian/v1"),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            verifier: Verifier::new(TrustedKeys::new([key])),
+        }
+    }
+
+    /// The newest root, verified (signature and expiry).
+    pub async fn root(&self) -> Option<VerifiedRoot> {
+        let r = self.http.get(format!("{}/root", self.base)).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        let bytes = r.bytes().await.ok()?;
+        Some(self.verifier.verify_latest(&bytes, now(), None).expect("root verifies"))
+    }
+
+    pub async fn object(&self, h: &Hash) -> Vec<u8> {
+        let r = self.http.get(format!("{}/objects/{h}", self.base)).send().await.unwrap();
+        assert!(r.status().is_success(), "object {h}: {}", r.status());
+        let b = r.bytes().await.unwrap().to_vec();
+        assert_eq!(meridian_core::hash_bytes(&b), *h, "object bytes match their hash");
+        b
+    }
+
+    /// Every file of a tree as path → (hash, size), nodes and hashes checked.
+    pub async fn files(&self, tree: Hash) -> BTreeMap<String, (Hash, u64)> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![(tree, String::new())];
+        while let Some((h, prefix)) = stack.pop() {
+            let node = DirNode::decode(&self.object(&h).await).expect("node decodes");
+            for e in node.entries {
+                let p = if prefix.is_empty() { e.name.clone() } else { format!("{prefix}/{}", e.name) };
+                match e.kind {
+                    EntryKind::Dir => stack.push((e.hash, p)),
+                    EntryKind::File => {
+                        out.insert(p, (e.hash, e.size));
+                    }
+                    EntryKind::Symlink => {}
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now() -> i64 {
+    meridian_serve::unix_now()
+}
+
+/// blake3 of a file on disk.
+pub fn hash_file(p: &Path) -> Hash {
+    meridian_core::hash_bytes(&std::fs::read(p).unwrap())
+}
