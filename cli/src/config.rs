@@ -11,7 +11,8 @@ fn load_table(path: Option<&PathBuf>) -> anyhow::Result<toml::Table> {
     match path {
         None => Ok(toml::Table::new()),
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config {}", p.display()))?;
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config {}", p.display()))?;
             text.parse::<toml::Table>()
                 .with_context(|| format!("config {} is not valid TOML", p.display()))
         }
@@ -62,13 +63,29 @@ pub struct OriginArgs {
 impl OriginArgs {
     pub fn into_config(self) -> anyhow::Result<meridian_origin::OriginConfig> {
         let mut t = load_table(self.config.as_ref())?;
-        set(&mut t, "content", self.content.map(|p| p.display().to_string()));
+        set(
+            &mut t,
+            "content",
+            self.content.map(|p| p.display().to_string()),
+        );
         set(&mut t, "state", self.state.map(|p| p.display().to_string()));
-        set(&mut t, "key_file", self.key_file.map(|p| p.display().to_string()));
+        set(
+            &mut t,
+            "key_file",
+            self.key_file.map(|p| p.display().to_string()),
+        );
         set(&mut t, "listen", self.listen);
         set(&mut t, "listen_tls", self.listen_tls);
-        set(&mut t, "tls_cert", self.tls_cert.map(|p| p.display().to_string()));
-        set(&mut t, "tls_key", self.tls_key.map(|p| p.display().to_string()));
+        set(
+            &mut t,
+            "tls_cert",
+            self.tls_cert.map(|p| p.display().to_string()),
+        );
+        set(
+            &mut t,
+            "tls_key",
+            self.tls_key.map(|p| p.display().to_string()),
+        );
         set(&mut t, "quiet", self.quiet);
         set(&mut t, "expiry", self.expiry);
         t.try_into()

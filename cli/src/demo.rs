@@ -23,7 +23,10 @@ fn write_demo_content(content: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(content.join("releases/1.0"))?;
     let readme = content.join("README.txt");
     if !readme.exists() {
-        std::fs::write(&readme, "Meridian demo content. Drop files here and watch them propagate.\n")?;
+        std::fs::write(
+            &readme,
+            "Meridian demo content. Drop files here and watch them propagate.\n",
+        )?;
     }
     let small = content.join("releases/1.0/SHA256SUMS");
     if !small.exists() {
@@ -83,23 +86,36 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         crate::keygen::generate(&key_file, false)?;
     }
     let origin_addr = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), args.origin_port);
-    let mut cfg = meridian_origin::OriginConfig::new(content.clone(), base.join("origin-state"), key_file);
+    let mut cfg =
+        meridian_origin::OriginConfig::new(content.clone(), base.join("origin-state"), key_file);
     cfg.listen = origin_addr;
-    let origin = meridian_origin::Origin::start(cfg)
-        .await
-        .with_context(|| format!("cannot start the origin on {origin_addr} (use --origin-port to pick another port)"))?;
+    let origin = meridian_origin::Origin::start(cfg).await.with_context(|| {
+        format!("cannot start the origin on {origin_addr} (use --origin-port to pick another port)")
+    })?;
 
     println!();
     println!("Meridian demo network is up.");
     println!("  state:       {}", base.display());
     println!("  content:     {}   (drop files here)", content.display());
-    println!("  origin:      http://{}/.meridian/health", origin.http_addr);
+    println!(
+        "  origin:      http://{}/.meridian/health",
+        origin.http_addr
+    );
     println!("  public key:  {}", origin.public_key);
     println!();
     println!("Try:");
-    println!("  curl -s http://{}/.meridian/v1/root | head -c 64 | xxd", origin.http_addr);
-    println!("  curl -s http://{}/.meridian/metrics | grep generation", origin.http_addr);
-    println!("  cp /etc/os-release {}/  # a new generation follows within seconds", content.display());
+    println!(
+        "  curl -s http://{}/.meridian/v1/root | head -c 64 | xxd",
+        origin.http_addr
+    );
+    println!(
+        "  curl -s http://{}/.meridian/metrics | grep generation",
+        origin.http_addr
+    );
+    println!(
+        "  cp /etc/os-release {}/  # a new generation follows within seconds",
+        content.display()
+    );
     println!();
     println!("Press Ctrl-C to stop.");
     crate::shutdown_signal().await;

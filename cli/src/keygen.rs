@@ -18,7 +18,10 @@ pub fn run(out: &Path, force: bool) -> anyhow::Result<()> {
 /// Generates a key file and returns the key.
 pub fn generate(out: &Path, force: bool) -> anyhow::Result<SecretKey> {
     if out.exists() && !force {
-        bail!("{} already exists; pass --force to overwrite it", out.display());
+        bail!(
+            "{} already exists; pass --force to overwrite it",
+            out.display()
+        );
     }
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;

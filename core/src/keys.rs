@@ -23,23 +23,27 @@ pub enum KeyError {
     SecretFormat,
 }
 
-/// A public key that may verify roots.
+/// A public key that may verify roots: 32 bytes known to be a valid point
+/// (kept compressed so errors and envelopes that carry it stay small).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PublicKey(VerifyingKey);
+pub struct PublicKey([u8; 32]);
 
 impl PublicKey {
     pub fn from_bytes(b: &[u8; 32]) -> Result<Self, KeyError> {
         VerifyingKey::from_bytes(b)
-            .map(PublicKey)
+            .map(|_| PublicKey(*b))
             .map_err(|_| KeyError::NotAPoint)
     }
     pub fn as_bytes(&self) -> &[u8; 32] {
-        self.0.as_bytes()
+        &self.0
     }
     /// Strict verification (rejects malleable and small-order signatures).
     pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
+        let Ok(key) = VerifyingKey::from_bytes(&self.0) else {
+            return false;
+        };
         let sig = ed25519_dalek::Signature::from_bytes(signature);
-        self.0.verify_strict(message, &sig).is_ok()
+        key.verify_strict(message, &sig).is_ok()
     }
 }
 
@@ -79,7 +83,7 @@ impl SecretKey {
         SecretKey(SigningKey::from_bytes(&seed))
     }
     pub fn public(&self) -> PublicKey {
-        PublicKey(self.0.verifying_key())
+        PublicKey(self.0.verifying_key().to_bytes())
     }
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.0.sign(message).to_bytes()

@@ -112,7 +112,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("cache");
         let mut c = HashCache::default();
-        let k = StatKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, ctime_ns: 5 };
+        let k = StatKey {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns: 4,
+            ctime_ns: 5,
+        };
         c.map.insert("a/b".into(), (k, Hash([7; 32])));
         c.save(&p).expect("save");
         let back = HashCache::load(&p);

@@ -42,7 +42,10 @@ pub enum PublishError {
     #[error("cannot build the manifest tree: {0}")]
     Tree(#[from] meridian_core::DecodeError),
     #[error("state directory {path}: {source}")]
-    State { path: PathBuf, source: std::io::Error },
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("stored generation {path} does not verify with this origin's key: {source}")]
     BadStoredRoot {
         path: PathBuf,
@@ -157,13 +160,23 @@ impl Publisher {
             let bytes = std::fs::read(&path).map_err(state_err(&path))?;
             let v = verifier
                 .open(&bytes)
-                .map_err(|source| PublishError::BadStoredRoot { path: path.clone(), source })?;
-            latest_mtime = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or(latest_mtime);
+                .map_err(|source| PublishError::BadStoredRoot {
+                    path: path.clone(),
+                    source,
+                })?;
+            latest_mtime = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .unwrap_or(latest_mtime);
             latest = Some(v);
         }
         let (notify, _) = watch::channel(latest.as_ref().map(|l| l.root.generation).unwrap_or(0));
         let metrics = OriginMetrics::new();
-        metrics.latest_generation.set(latest.as_ref().map(|l| l.root.generation as i64).unwrap_or(0));
+        metrics.latest_generation.set(
+            latest
+                .as_ref()
+                .map(|l| l.root.generation as i64)
+                .unwrap_or(0),
+        );
         let shared = Arc::new(Shared {
             store,
             roots_dir,
@@ -173,9 +186,14 @@ impl Publisher {
         });
         let mut previous_leaves = HashMap::new();
         if let Some(l) = &latest {
-            walk_tree(&shared.store, l.root.tree, |_| true, |p, e| {
-                previous_leaves.insert(p.to_owned(), e.clone());
-            })?;
+            walk_tree(
+                &shared.store,
+                l.root.tree,
+                |_| true,
+                |p, e| {
+                    previous_leaves.insert(p.to_owned(), e.clone());
+                },
+            )?;
         }
         let cache = HashCache::load(&cfg.state.join("hashcache"));
         let mut p = Publisher {
@@ -200,7 +218,10 @@ impl Publisher {
     /// Objects written by a publish that never committed its root (newer than
     /// the newest root, referenced by no root) may be torn by the crash;
     /// they are removed so no later publish can reuse them.
-    fn remove_crash_leftovers(&mut self, latest_root_mtime: SystemTime) -> Result<(), PublishError> {
+    fn remove_crash_leftovers(
+        &mut self,
+        latest_root_mtime: SystemTime,
+    ) -> Result<(), PublishError> {
         let reachable = self.reachable(&list_generations(&self.shared.roots_dir)?)?;
         let mut removed = 0;
         for h in self.shared.store.list()? {
@@ -227,14 +248,23 @@ impl Publisher {
         let mut seen: HashSet<Hash> = HashSet::new();
         for &g in gens {
             let path = self.shared.root_path(g);
-            let Ok(bytes) = std::fs::read(&path) else { continue };
-            let Ok(v) = verifier.open(&bytes) else { continue };
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let Ok(v) = verifier.open(&bytes) else {
+                continue;
+            };
             let mut leaves = Vec::new();
-            walk_tree(&self.shared.store, v.root.tree, |h| seen.insert(h), |_, e| {
-                if e.kind == EntryKind::File {
-                    leaves.push(e.hash);
-                }
-            })?;
+            walk_tree(
+                &self.shared.store,
+                v.root.tree,
+                |h| seen.insert(h),
+                |_, e| {
+                    if e.kind == EntryKind::File {
+                        leaves.push(e.hash);
+                    }
+                },
+            )?;
             seen.extend(leaves);
         }
         Ok(seen)
@@ -318,7 +348,8 @@ impl Publisher {
         };
         let envelope = SignedRoot::sign(&root, &self.key).encode();
         self.shared.store.sync_all()?;
-        if std::env::var_os("MERIDIAN_FAILPOINT").is_some_and(|v| v == "origin-before-root-commit") {
+        if std::env::var_os("MERIDIAN_FAILPOINT").is_some_and(|v| v == "origin-before-root-commit")
+        {
             tracing::error!("failpoint origin-before-root-commit: aborting");
             std::process::abort();
         }
@@ -390,7 +421,10 @@ impl Publisher {
             }
         }
         self.unreferenced_since = still;
-        self.shared.metrics.gc_objects_removed.inc_by(removed as u64);
+        self.shared
+            .metrics
+            .gc_objects_removed
+            .inc_by(removed as u64);
         Ok(removed)
     }
 
@@ -413,7 +447,10 @@ pub fn list_generations(dir: &Path) -> Result<Vec<u64>, PublishError> {
         let e = e.map_err(state_err(dir))?;
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some(n) = name.strip_suffix(".root").and_then(|n| n.parse::<u64>().ok()) {
+        if let Some(n) = name
+            .strip_suffix(".root")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
             out.push(n);
         } else if name.contains(".tmp-") {
             let _ = std::fs::remove_file(e.path());

@@ -25,7 +25,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 #[non_exhaustive]
 pub enum ScanError {
     #[error("cannot read content directory {path}: {source}")]
-    ContentDir { path: PathBuf, source: std::io::Error },
+    ContentDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("snapshot store failed: {0}")]
     Store(#[from] meridian_serve::StoreError),
 }
@@ -48,13 +51,21 @@ impl SkipReason {
     pub fn explain(self) -> &'static str {
         match self {
             SkipReason::NotUtf8 => "file name is not valid UTF-8; not published (rename it)",
-            SkipReason::BadName => "name not allowed (control character or backslash); not published",
-            SkipReason::SymlinkEscapes => "symlink points outside the content directory; not published",
-            SkipReason::Unreadable => "cannot be read; its previous version (if any) stays published",
+            SkipReason::BadName => {
+                "name not allowed (control character or backslash); not published"
+            }
+            SkipReason::SymlinkEscapes => {
+                "symlink points outside the content directory; not published"
+            }
+            SkipReason::Unreadable => {
+                "cannot be read; its previous version (if any) stays published"
+            }
             SkipReason::Special => "not a regular file, directory or symlink; not published",
             SkipReason::Settling => "still being written; will be published once quiet",
             SkipReason::ChangedWhileHashing => "changed while being hashed; will be retried",
-            SkipReason::Reserved => "top-level `.meridian` is reserved for the read API; not published",
+            SkipReason::Reserved => {
+                "top-level `.meridian` is reserved for the read API; not published"
+            }
         }
     }
 
@@ -179,12 +190,16 @@ pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
             let child_abs = dent.path();
             let Some(name) = os_name.to_str() else {
                 tracing::debug!(path = %child_abs.display(), "file name is not valid UTF-8");
-                out.skipped.push((child_abs.display().to_string(), SkipReason::NotUtf8));
+                out.skipped
+                    .push((child_abs.display().to_string(), SkipReason::NotUtf8));
                 continue;
             };
-            let child_rel = if rel.is_empty() { name.to_owned() } else { format!("{rel}/{name}") };
+            let child_rel = if rel.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{rel}/{name}")
+            };
             if rel.is_empty() && name == ".meridian" {
-                
                 out.skipped.push((child_rel, SkipReason::Reserved));
                 continue;
             }
@@ -205,8 +220,13 @@ pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
                 let target = fs::read_link(&child_abs).ok();
                 let target = target.as_deref().and_then(Path::to_str).map(str::to_owned);
                 match target {
-                    Some(t) if resolve_symlink(&rel, &t).is_some() && !t.contains('\\') && t.len() <= 4096 => {
-                        out.leaves.insert(child_rel, Entry::symlink(name, &t, mtime));
+                    Some(t)
+                        if resolve_symlink(&rel, &t).is_some()
+                            && !t.contains('\\')
+                            && t.len() <= 4096 =>
+                    {
+                        out.leaves
+                            .insert(child_rel, Entry::symlink(name, &t, mtime));
                     }
                     _ => {
                         out.skipped.push((child_rel, SkipReason::SymlinkEscapes));
@@ -215,12 +235,16 @@ pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
             } else if ft.is_file() {
                 let key = StatKey::of(&md);
                 let executable = md.permissions().mode() & 0o111 != 0;
-                if let Some((k, h)) = input.cache.map.get(&child_rel) {
-                    if *k == key && input.store.contains(h) {
-                        out.cache.map.insert(child_rel.clone(), (key, *h));
-                        out.leaves.insert(child_rel, Entry::file(name, key.size, *h, executable, mtime));
-                        continue;
-                    }
+                if let Some((k, h)) = input.cache.map.get(&child_rel)
+                    && *k == key
+                    && input.store.contains(h)
+                {
+                    out.cache.map.insert(child_rel.clone(), (key, *h));
+                    out.leaves.insert(
+                        child_rel,
+                        Entry::file(name, key.size, *h, executable, mtime),
+                    );
+                    continue;
                 }
                 let changed_at = md.modified().ok().max(Some(ctime_of(&md)));
                 let settled = changed_at
@@ -231,7 +255,13 @@ pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
                     out.skipped.push((child_rel, SkipReason::Settling));
                     continue;
                 }
-                work.push(Work { rel: child_rel, abs: child_abs, key, executable, mtime });
+                work.push(Work {
+                    rel: child_rel,
+                    abs: child_abs,
+                    key,
+                    executable,
+                    mtime,
+                });
             } else {
                 out.skipped.push((child_rel, SkipReason::Special));
             }
@@ -240,8 +270,8 @@ pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
 
     // Snapshot and hash the changed files in parallel.
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(usize, Result<(Hash, bool), SkipReason>, f64)>> =
-        Mutex::new(Vec::with_capacity(work.len()));
+    type Outcome = (usize, Result<(Hash, bool), SkipReason>, f64);
+    let results: Mutex<Vec<Outcome>> = Mutex::new(Vec::with_capacity(work.len()));
     let disk_error: Mutex<Option<meridian_serve::StoreError>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..input.threads.max(1).min(work.len().max(1)) {
@@ -284,7 +314,10 @@ pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
                 }
                 let name = w.rel.rsplit('/').next().unwrap_or(&w.rel);
                 out.cache.map.insert(w.rel.clone(), (w.key, h));
-                out.leaves.insert(w.rel.clone(), Entry::file(name, w.key.size, h, w.executable, w.mtime));
+                out.leaves.insert(
+                    w.rel.clone(),
+                    Entry::file(name, w.key.size, h, w.executable, w.mtime),
+                );
             }
             Err(reason) => {
                 carry(input.previous, &w.rel, &mut out.leaves);
@@ -325,9 +358,16 @@ enum IngestError {
 
 /// Snapshots one file into the store and returns its hash and whether the
 /// object was new. The hash is of the snapshot's bytes.
-fn ingest(store: &ObjectStore, abs: &Path, before: StatKey, buf: &mut [u8]) -> Result<(Hash, bool), IngestError> {
+fn ingest(
+    store: &ObjectStore,
+    abs: &Path,
+    before: StatKey,
+    buf: &mut [u8],
+) -> Result<(Hash, bool), IngestError> {
     let mut src = File::open(abs).map_err(|_| IngestError::Skip(SkipReason::Unreadable))?;
-    let md = src.metadata().map_err(|_| IngestError::Skip(SkipReason::Unreadable))?;
+    let md = src
+        .metadata()
+        .map_err(|_| IngestError::Skip(SkipReason::Unreadable))?;
     if StatKey::of(&md) != before {
         return Err(IngestError::Skip(SkipReason::ChangedWhileHashing));
     }
@@ -352,7 +392,11 @@ fn ingest(store: &ObjectStore, abs: &Path, before: StatKey, buf: &mut [u8]) -> R
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(&tmp, e)))),
+                Err(e) => {
+                    return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(
+                        &tmp, e,
+                    ))));
+                }
             };
             hasher.update(&buf[..n]);
             written += n as u64;
@@ -367,7 +411,9 @@ fn ingest(store: &ObjectStore, abs: &Path, before: StatKey, buf: &mut [u8]) -> R
             };
             hasher.update(&buf[..n]);
             if let Err(e) = dst.write_all(&buf[..n]) {
-                return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(&tmp, e))));
+                return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(
+                    &tmp, e,
+                ))));
             }
             written += n as u64;
             if written > before.size {
@@ -385,7 +431,9 @@ fn ingest(store: &ObjectStore, abs: &Path, before: StatKey, buf: &mut [u8]) -> R
         let _ = fs::remove_file(&tmp);
         return Ok((h, false));
     }
-    store.commit(&tmp, &h).map_err(|e| cleanup(IngestError::Store(e)))?;
+    store
+        .commit(&tmp, &h)
+        .map_err(|e| cleanup(IngestError::Store(e)))?;
     Ok((h, true))
 }
 
@@ -393,9 +441,22 @@ fn ingest(store: &ObjectStore, abs: &Path, before: StatKey, buf: &mut [u8]) -> R
 mod tests {
     use super::*;
 
-    fn scan_dir(content: &Path, store: &ObjectStore, prev: &HashMap<String, Entry>, quiet: Duration) -> ScanOutput {
+    fn scan_dir(
+        content: &Path,
+        store: &ObjectStore,
+        prev: &HashMap<String, Entry>,
+        quiet: Duration,
+    ) -> ScanOutput {
         let cache = HashCache::default();
-        scan(&ScanInput { content, store, cache: &cache, previous: prev, quiet, threads: 2 }).expect("scan")
+        scan(&ScanInput {
+            content,
+            store,
+            cache: &cache,
+            previous: prev,
+            quiet,
+            threads: 2,
+        })
+        .expect("scan")
     }
 
     #[test]

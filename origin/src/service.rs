@@ -21,8 +21,13 @@ use tokio::sync::watch as tokio_watch;
 #[non_exhaustive]
 pub enum OriginError {
     #[error("cannot read key file {path}: {source}")]
-    KeyRead { path: String, source: std::io::Error },
-    #[error("key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
+    KeyRead {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
     KeyPermissions { path: String, mode: u32 },
     #[error("key file {path}: {source}")]
     KeyFormat {
@@ -34,7 +39,10 @@ pub enum OriginError {
     #[error(transparent)]
     Publish(#[from] PublishError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("TLS: {0}")]
     Tls(#[from] meridian_serve::tls::TlsError),
     #[error("HTTPS listener needs both tls_cert and tls_key")]
@@ -46,12 +54,18 @@ pub enum OriginError {
 /// Reads the signing key, refusing a file readable by group or others.
 pub fn load_key(path: &Path) -> Result<SecretKey, OriginError> {
     let p = path.display().to_string();
-    let md = std::fs::metadata(path).map_err(|source| OriginError::KeyRead { path: p.clone(), source })?;
+    let md = std::fs::metadata(path).map_err(|source| OriginError::KeyRead {
+        path: p.clone(),
+        source,
+    })?;
     let mode = md.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(OriginError::KeyPermissions { path: p, mode });
     }
-    let text = std::fs::read_to_string(path).map_err(|source| OriginError::KeyRead { path: p.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| OriginError::KeyRead {
+        path: p.clone(),
+        source,
+    })?;
     SecretKey::from_file_text(&text).map_err(|source| OriginError::KeyFormat { path: p, source })
 }
 
@@ -87,7 +101,8 @@ impl Service for Origin {
             if waiting {
                 self.shared.metrics.waiters.inc();
             }
-            let resp = readapi::handle(self, req.method(), rest, req.uri().query(), req.headers()).await;
+            let resp =
+                readapi::handle(self, req.method(), rest, req.uri().query(), req.headers()).await;
             if waiting {
                 self.shared.metrics.waiters.dec();
             }
@@ -103,12 +118,25 @@ impl Service for Origin {
                 .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "")),
             "/.meridian/health" => {
                 let generation = self.latest().map(|l| l.root.generation).unwrap_or(0);
-                let status = if generation > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-                let mut r = text(status, format!("{{\"role\":\"origin\",\"generation\":{generation}}}\n"));
-                r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                let status = if generation > 0 {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                let mut r = text(
+                    status,
+                    format!("{{\"role\":\"origin\",\"generation\":{generation}}}\n"),
+                );
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
                 r
             }
-            _ => text(StatusCode::NOT_FOUND, "this is a Meridian origin; downloads are served by mirrors\n"),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "this is a Meridian origin; downloads are served by mirrors\n",
+            ),
         }
     }
 }
@@ -151,7 +179,10 @@ impl Origin {
         let c2 = cfg.clone();
         let mut publisher = tokio::task::spawn_blocking(move || Publisher::open(c2, key))
             .await
-            .map_err(|e| PublishError::State { path: cfg.state.clone(), source: std::io::Error::other(e) })??;
+            .map_err(|e| PublishError::State {
+                path: cfg.state.clone(),
+                source: std::io::Error::other(e),
+            })??;
         let shared = publisher.shared();
 
         let signal = Arc::new(ChangeSignal::default());
@@ -167,7 +198,9 @@ impl Origin {
         })
         .await;
 
-        let origin = Arc::new(Origin { shared: shared.clone() });
+        let origin = Arc::new(Origin {
+            shared: shared.clone(),
+        });
         let opts = ServerOptions {
             max_connections: cfg.max_connections,
             ..ServerOptions::default()
@@ -175,7 +208,10 @@ impl Origin {
         let mut servers = Vec::new();
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
-            .map_err(|source| OriginError::Bind { addr: cfg.listen, source })?;
+            .map_err(|source| OriginError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
         let http = serve(listener, opts.clone(), origin.clone());
         let http_addr = http.local_addr;
         tracing::info!(addr = %http_addr, "origin listening on {http_addr}");
@@ -189,7 +225,14 @@ impl Origin {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| OriginError::Bind { addr, source })?;
-            let s = serve(l, ServerOptions { tls: Some(tls), ..opts }, origin);
+            let s = serve(
+                l,
+                ServerOptions {
+                    tls: Some(tls),
+                    ..opts
+                },
+                origin,
+            );
             tracing::info!(addr = %s.local_addr, "origin listening on https://{}", s.local_addr);
             https_addr = Some(s.local_addr);
             servers.push(s);
@@ -209,7 +252,10 @@ impl Origin {
     }
 }
 
-async fn run_blocking(mut p: Publisher, f: impl FnOnce(&mut Publisher) + Send + 'static) -> Publisher {
+async fn run_blocking(
+    mut p: Publisher,
+    f: impl FnOnce(&mut Publisher) + Send + 'static,
+) -> Publisher {
     match tokio::task::spawn_blocking(move || {
         f(&mut p);
         p
@@ -271,6 +317,10 @@ async fn publish_loop(
         })
         .await;
         failed = !ok.load(std::sync::atomic::Ordering::Relaxed);
-        backoff = if failed { (backoff * 2).min(Duration::from_secs(30)) } else { cfg.quiet };
+        backoff = if failed {
+            (backoff * 2).min(Duration::from_secs(30))
+        } else {
+            cfg.quiet
+        };
     }
 }

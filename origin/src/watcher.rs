@@ -28,14 +28,12 @@ impl ChangeSignal {
 
 /// Starts watching; the watcher stops when the returned value is dropped.
 pub fn watch(dir: &Path, signal: Arc<ChangeSignal>) -> notify::Result<notify::RecommendedWatcher> {
-    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        match res {
-            Ok(ev) if ev.kind.is_access() => {}
-            Ok(_) => signal.poke(),
-            Err(e) => {
-                tracing::warn!(error = %e, "file watcher error; rescanning");
-                signal.poke();
-            }
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+        Ok(ev) if ev.kind.is_access() => {}
+        Ok(_) => signal.poke(),
+        Err(e) => {
+            tracing::warn!(error = %e, "file watcher error; rescanning");
+            signal.poke();
         }
     })?;
     w.watch(dir, RecursiveMode::Recursive)?;

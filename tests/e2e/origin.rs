@@ -1,7 +1,7 @@
 //! The origin as a real process: publishing, chain, crash recovery, bad input.
 
 use meridian_core::Hash;
-use meridian_e2e::{ReadClient, eventually, hash_file, keygen, Proc};
+use meridian_e2e::{Proc, ReadClient, eventually, hash_file, keygen};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -15,11 +15,16 @@ fn start_origin(dir: &Path, extra_env: &[(&str, &str)]) -> Proc {
     Proc::spawn(
         &[
             "origin",
-            "--content", content.to_str().unwrap(),
-            "--state", state.to_str().unwrap(),
-            "--key", key.to_str().unwrap(),
-            "--listen", "127.0.0.1:0",
-            "--quiet", "200ms",
+            "--content",
+            content.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--quiet",
+            "200ms",
         ],
         extra_env,
     )
@@ -36,7 +41,13 @@ fn disk_files(root: &Path) -> BTreeMap<String, Hash> {
             if ft.is_dir() {
                 stack.push(e.path());
             } else if ft.is_file() {
-                let rel = e.path().strip_prefix(root).unwrap().to_str().unwrap().to_owned();
+                let rel = e
+                    .path()
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
                 out.insert(rel, hash_file(&e.path()));
             }
         }
@@ -48,36 +59,48 @@ fn disk_files(root: &Path) -> BTreeMap<String, Hash> {
 /// disk, with matching hashes; checks signature, chain link and object bytes.
 async fn converge(client: &ReadClient, content: &Path, after: u64) -> u64 {
     let want = disk_files(content);
-    eventually("origin to publish the directory as it is on disk", DEADLINE, || async {
-        let root = client.root().await?;
-        if root.root.generation <= after {
-            return None;
-        }
-        let got: BTreeMap<String, Hash> =
-            client.files(root.root.tree).await.into_iter().map(|(p, (h, _))| (p, h)).collect();
-        if got != want {
-            return None;
-        }
-        // Every published file's bytes are served and match their hash.
-        for h in got.values() {
-            client.object(h).await;
-        }
-        // The chain: generation n names the hash of generation n-1.
-        if root.root.generation > 1 {
-            let prev = client
-                .http
-                .get(format!("{}/generations/{}", client.base, root.root.generation - 1))
-                .send()
+    eventually(
+        "origin to publish the directory as it is on disk",
+        DEADLINE,
+        || async {
+            let root = client.root().await?;
+            if root.root.generation <= after {
+                return None;
+            }
+            let got: BTreeMap<String, Hash> = client
+                .files(root.root.tree)
                 .await
-                .ok()?
-                .bytes()
-                .await
-                .ok()?;
-            let prev = client.verifier.open(&prev).unwrap();
-            meridian_core::check_link(&prev, &root).unwrap();
-        }
-        Some(root.root.generation)
-    })
+                .into_iter()
+                .map(|(p, (h, _))| (p, h))
+                .collect();
+            if got != want {
+                return None;
+            }
+            // Every published file's bytes are served and match their hash.
+            for h in got.values() {
+                client.object(h).await;
+            }
+            // The chain: generation n names the hash of generation n-1.
+            if root.root.generation > 1 {
+                let prev = client
+                    .http
+                    .get(format!(
+                        "{}/generations/{}",
+                        client.base,
+                        root.root.generation - 1
+                    ))
+                    .send()
+                    .await
+                    .ok()?
+                    .bytes()
+                    .await
+                    .ok()?;
+                let prev = client.verifier.open(&prev).unwrap();
+                meridian_core::check_link(&prev, &root).unwrap();
+            }
+            Some(root.root.generation)
+        },
+    )
     .await
 }
 
@@ -112,7 +135,10 @@ async fn publishes_adds_changes_and_deletes_with_a_verified_chain() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains(&format!("meridian_origin_latest_generation {g4}")), "{metrics}");
+    assert!(
+        metrics.contains(&format!("meridian_origin_latest_generation {g4}")),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -145,9 +171,19 @@ async fn range_requests_on_objects() {
         .await
         .unwrap();
     assert_eq!(r.status(), 416);
-    let r = client.http.get(format!("{}/objects/{}", client.base, "00".repeat(32))).send().await.unwrap();
+    let r = client
+        .http
+        .get(format!("{}/objects/{}", client.base, "00".repeat(32)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
-    let r = client.http.get(format!("{}/objects/..%2f..%2fetc%2fpasswd", client.base)).send().await.unwrap();
+    let r = client
+        .http
+        .get(format!("{}/objects/..%2f..%2fetc%2fpasswd", client.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
 }
 
@@ -167,16 +203,25 @@ async fn long_poll_returns_as_soon_as_a_generation_is_published() {
     });
     // Nothing new yet: the poll is still waiting.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!poll.is_finished(), "long poll returned before a new generation existed");
+    assert!(
+        !poll.is_finished(),
+        "long poll returned before a new generation existed"
+    );
     std::fs::write(content.join("new"), b"x").unwrap();
     let resp = tokio::time::timeout(DEADLINE, poll).await.unwrap().unwrap();
     assert_eq!(resp.status(), 200);
-    let v = client.verifier.verify_latest(&resp.bytes().await.unwrap(), meridian_e2e::now(), None).unwrap();
+    let v = client
+        .verifier
+        .verify_latest(&resp.bytes().await.unwrap(), meridian_e2e::now(), None)
+        .unwrap();
     assert!(v.root.generation > g);
     // With nothing new, the poll times out with 204.
     let r = client
         .http
-        .get(format!("{}/wait?after={}&timeout=1", client.base, v.root.generation))
+        .get(format!(
+            "{}/wait?after={}&timeout=1",
+            client.base, v.root.generation
+        ))
         .send()
         .await
         .unwrap();
@@ -189,7 +234,11 @@ fn refuses_a_key_readable_by_others() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("content")).unwrap();
     keygen(&dir.path().join("key"));
-    std::fs::set_permissions(dir.path().join("key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     let mut origin = start_origin(dir.path(), &[]);
     let status = origin.wait_exit(DEADLINE).expect("origin exits");
     assert!(!status.success());
@@ -212,17 +261,32 @@ async fn crash_before_commit_keeps_the_last_generation_and_carries_on() {
     }
     // The next publish dies after writing objects, before the root.
     std::fs::write(content.join("b"), vec![5u8; 2_000_000]).unwrap();
-    let mut crashing = start_origin(dir.path(), &[("MERIDIAN_FAILPOINT", "origin-before-root-commit")]);
-    let status = crashing.wait_exit(DEADLINE).expect("failpoint aborts the origin");
+    let mut crashing = start_origin(
+        dir.path(),
+        &[("MERIDIAN_FAILPOINT", "origin-before-root-commit")],
+    );
+    let status = crashing
+        .wait_exit(DEADLINE)
+        .expect("failpoint aborts the origin");
     assert!(!status.success());
-    let roots: Vec<_> = std::fs::read_dir(dir.path().join("state/roots")).unwrap().collect();
-    assert_eq!(roots.len() as u64, g1, "no root was committed by the crashed publish");
+    let roots: Vec<_> = std::fs::read_dir(dir.path().join("state/roots"))
+        .unwrap()
+        .collect();
+    assert_eq!(
+        roots.len() as u64,
+        g1,
+        "no root was committed by the crashed publish"
+    );
 
     // Restart: the last complete generation is the base; the next one follows it.
     let mut origin = start_origin(dir.path(), &[]);
     let client = ReadClient::new(origin.listening("origin"), key);
     let g2 = converge(&client, &content, g1).await;
-    assert_eq!(g2, g1 + 1, "the next generation carries on from the last complete one");
+    assert_eq!(
+        g2,
+        g1 + 1,
+        "the next generation carries on from the last complete one"
+    );
 }
 
 #[tokio::test]
@@ -244,7 +308,11 @@ async fn bad_names_and_escaping_symlinks_are_skipped_not_fatal() {
     let client = ReadClient::new(addr, key);
     let root = eventually("a generation with the good file", DEADLINE, || async {
         let r = client.root().await?;
-        client.files(r.root.tree).await.contains_key("good").then_some(r)
+        client
+            .files(r.root.tree)
+            .await
+            .contains_key("good")
+            .then_some(r)
     })
     .await;
     let files = client.files(root.root.tree).await;
@@ -254,14 +322,31 @@ async fn bad_names_and_escaping_symlinks_are_skipped_not_fatal() {
     assert!(top.get("escape").is_none());
     let d = top.get("d").unwrap();
     let d = meridian_core::DirNode::decode(&client.object(&d.hash).await).unwrap();
-    assert_eq!(d.get("inside").and_then(|e| e.target.clone()).as_deref(), Some("../good"));
+    assert_eq!(
+        d.get("inside").and_then(|e| e.target.clone()).as_deref(),
+        Some("../good")
+    );
     assert!(d.get("escape2").is_none());
-    let metrics = client.http.get(format!("http://{addr}/.meridian/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = client
+        .http
+        .get(format!("http://{addr}/.meridian/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for reason in ["not_utf8", "bad_name", "symlink_escapes", "reserved_name"] {
-        assert!(metrics.contains(&format!("reason=\"{reason}\"")), "no {reason} in {metrics}");
+        assert!(
+            metrics.contains(&format!("reason=\"{reason}\"")),
+            "no {reason} in {metrics}"
+        );
     }
     origin.drain();
-    origin.wait_line("symlink points outside the content directory", Duration::from_secs(5));
+    origin.wait_line(
+        "symlink points outside the content directory",
+        Duration::from_secs(5),
+    );
 }
 
 #[tokio::test]
@@ -275,11 +360,16 @@ async fn a_file_being_written_is_never_published_half_written() {
     let mut origin = Proc::spawn(
         &[
             "origin",
-            "--content", content.to_str().unwrap(),
-            "--state", dir.path().join("state").to_str().unwrap(),
-            "--key", dir.path().join("key").to_str().unwrap(),
-            "--listen", "127.0.0.1:0",
-            "--quiet", "1s",
+            "--content",
+            content.to_str().unwrap(),
+            "--state",
+            dir.path().join("state").to_str().unwrap(),
+            "--key",
+            dir.path().join("key").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--quiet",
+            "1s",
         ],
         &[],
     );
@@ -296,10 +386,10 @@ async fn a_file_being_written_is_never_published_half_written() {
     });
     let mut seen = Vec::new();
     while !writer.is_finished() {
-        if let Some(r) = client.root().await {
-            if let Some((h, size)) = client.files(r.root.tree).await.get("growing.iso") {
-                seen.push((*h, *size));
-            }
+        if let Some(r) = client.root().await
+            && let Some((h, size)) = client.files(r.root.tree).await.get("growing.iso")
+        {
+            seen.push((*h, *size));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -75,7 +75,11 @@ impl Proc {
                 }
             }
         });
-        Proc { child, lines: rx, log: Vec::new() }
+        Proc {
+            child,
+            lines: rx,
+            log: Vec::new(),
+        }
     }
 
     /// Reads log lines until one contains `needle`, returning it.
@@ -100,7 +104,11 @@ impl Proc {
     pub fn listening(&mut self, what: &str) -> std::net::SocketAddr {
         let line = self.wait_line(&format!("{what} listening on "), Duration::from_secs(30));
         let after = line.split(" listening on ").nth(1).unwrap();
-        let addr = after.split_whitespace().next().unwrap().trim_start_matches("https://");
+        let addr = after
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .trim_start_matches("https://");
         addr.parse().unwrap()
     }
 
@@ -154,9 +162,17 @@ pub fn keygen(path: &Path) -> meridian_core::PublicKey {
         .args(["keygen", "--out", path.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "keygen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    text.lines().find(|l| l.starts_with("ed25519:")).unwrap().parse().unwrap()
+    text.lines()
+        .find(|l| l.starts_with("ed25519:"))
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// A client of the read API that verifies what it reads.
@@ -170,26 +186,47 @@ impl ReadClient {
     pub fn new(addr: std::net::SocketAddr, key: meridian_core::PublicKey) -> Self {
         ReadClient {
             base: format!("http://{addr}/.meridian/v1"),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
             verifier: Verifier::new(TrustedKeys::new([key])),
         }
     }
 
     /// The newest root, verified (signature and expiry).
     pub async fn root(&self) -> Option<VerifiedRoot> {
-        let r = self.http.get(format!("{}/root", self.base)).send().await.ok()?;
+        let r = self
+            .http
+            .get(format!("{}/root", self.base))
+            .send()
+            .await
+            .ok()?;
         if !r.status().is_success() {
             return None;
         }
         let bytes = r.bytes().await.ok()?;
-        Some(self.verifier.verify_latest(&bytes, now(), None).expect("root verifies"))
+        Some(
+            self.verifier
+                .verify_latest(&bytes, now(), None)
+                .expect("root verifies"),
+        )
     }
 
     pub async fn object(&self, h: &Hash) -> Vec<u8> {
-        let r = self.http.get(format!("{}/objects/{h}", self.base)).send().await.unwrap();
+        let r = self
+            .http
+            .get(format!("{}/objects/{h}", self.base))
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success(), "object {h}: {}", r.status());
         let b = r.bytes().await.unwrap().to_vec();
-        assert_eq!(meridian_core::hash_bytes(&b), *h, "object bytes match their hash");
+        assert_eq!(
+            meridian_core::hash_bytes(&b),
+            *h,
+            "object bytes match their hash"
+        );
         b
     }
 
@@ -200,7 +237,11 @@ impl ReadClient {
         while let Some((h, prefix)) = stack.pop() {
             let node = DirNode::decode(&self.object(&h).await).expect("node decodes");
             for e in node.entries {
-                let p = if prefix.is_empty() { e.name.clone() } else { format!("{prefix}/{}", e.name) };
+                let p = if prefix.is_empty() {
+                    e.name.clone()
+                } else {
+                    format!("{prefix}/{}", e.name)
+                };
                 match e.kind {
                     EntryKind::Dir => stack.push((e.hash, p)),
                     EntryKind::File => {
