@@ -31,7 +31,7 @@ enum Command {
         force: bool,
     },
     /// Run an origin: watch a directory and publish signed generations.
-    Origin(config::OriginArgs),
+    Origin(Box<config::OriginArgs>),
     /// Run a whole demo network on this machine until Ctrl-C.
     Demo(demo::DemoArgs),
 }
