@@ -171,7 +171,8 @@ mod tests {
 
     #[test]
     fn rejects_every_bad_shape() {
-        let cases: &[(&str, fn(&PathError) -> bool)] = &[
+        type Check = fn(&PathError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("/etc/passwd", |e| matches!(e, PathError::Absolute(_))),
             ("../../etc/passwd", |e| {
                 matches!(e, PathError::DotComponent(_))
