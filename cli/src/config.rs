@@ -92,3 +92,103 @@ impl OriginArgs {
             .context("invalid origin configuration (need at least content, state and key_file)")
     }
 }
+
+/// Flags of `meridian mirror`.
+#[derive(Debug, Args)]
+pub struct MirrorArgs {
+    /// TOML config file (see deploy/mirror.toml); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Name of this mirror, shown in status.
+    #[arg(long)]
+    id: Option<String>,
+    /// Region label, shown in status.
+    #[arg(long)]
+    region: Option<String>,
+    /// Upstream base URL (origin or another mirror); repeat for failover, in order.
+    #[arg(long = "upstream", value_name = "URL")]
+    upstreams: Vec<String>,
+    /// Trusted public key `ed25519:<hex>`; repeat to trust several (key rotation).
+    #[arg(long = "trust", value_name = "PUBKEY")]
+    trust: Vec<String>,
+    /// State directory: objects, verified roots, partial downloads.
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// HTTP listen address [default: 127.0.0.1:8081].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// HTTPS listen address (needs --tls-cert and --tls-key).
+    #[arg(long, value_name = "ADDR")]
+    listen_tls: Option<SocketAddr>,
+    /// PEM certificate chain for HTTPS.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Egress capacity in bytes per second, reported to GeoDNS.
+    #[arg(long, value_name = "BYTES")]
+    capacity: Option<u64>,
+    /// Bearer token that enables the admin API (drain/undrain).
+    #[arg(long, value_name = "TOKEN", env = "MERIDIAN_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    /// Re-verify all stored blobs this often, e.g. `1h`; `0s` disables.
+    #[arg(long, value_name = "DURATION")]
+    scrub_interval: Option<String>,
+    /// Fallback poll interval / long-poll length, e.g. `30s`.
+    #[arg(long, value_name = "DURATION")]
+    poll_interval: Option<String>,
+    /// How long blobs that left the served generation are kept, e.g. `10m`.
+    #[arg(long, value_name = "DURATION")]
+    gc_grace: Option<String>,
+}
+
+impl MirrorArgs {
+    pub fn into_config(self) -> anyhow::Result<meridian_mirror::MirrorConfig> {
+        let mut t = load_table(self.config.as_ref())?;
+        set(&mut t, "id", self.id);
+        set(&mut t, "region", self.region);
+        if !self.upstreams.is_empty() {
+            t.insert(
+                "upstreams".into(),
+                toml::Value::Array(
+                    self.upstreams
+                        .into_iter()
+                        .map(toml::Value::String)
+                        .collect(),
+                ),
+            );
+        }
+        if !self.trust.is_empty() {
+            t.insert(
+                "trust".into(),
+                toml::Value::Array(self.trust.into_iter().map(toml::Value::String).collect()),
+            );
+        }
+        set(&mut t, "state", self.state.map(|p| p.display().to_string()));
+        set(&mut t, "listen", self.listen);
+        set(&mut t, "listen_tls", self.listen_tls);
+        set(
+            &mut t,
+            "tls_cert",
+            self.tls_cert.map(|p| p.display().to_string()),
+        );
+        set(
+            &mut t,
+            "tls_key",
+            self.tls_key.map(|p| p.display().to_string()),
+        );
+        if let Some(c) = self.capacity {
+            t.insert(
+                "capacity_bytes_per_sec".into(),
+                toml::Value::Integer(c.min(i64::MAX as u64) as i64),
+            );
+        }
+        set(&mut t, "admin_token", self.admin_token);
+        set(&mut t, "scrub_interval", self.scrub_interval);
+        set(&mut t, "poll_interval", self.poll_interval);
+        set(&mut t, "gc_grace", self.gc_grace);
+        t.try_into()
+            .context("invalid mirror configuration (need at least id, upstreams, trust and state)")
+    }
+}

@@ -32,6 +32,8 @@ enum Command {
     },
     /// Run an origin: watch a directory and publish signed generations.
     Origin(Box<config::OriginArgs>),
+    /// Run a mirror: pull and verify generations, serve downloads.
+    Mirror(Box<config::MirrorArgs>),
     /// Run a whole demo network on this machine until Ctrl-C.
     Demo(demo::DemoArgs),
 }
@@ -54,6 +56,11 @@ fn main() -> anyhow::Result<()> {
             let cfg = args.into_config()?;
             runtime()?.block_on(run_origin(cfg))
         }
+        Command::Mirror(args) => {
+            init_logging();
+            let cfg = args.into_config()?;
+            runtime()?.block_on(run_mirror(cfg))
+        }
         Command::Demo(args) => {
             init_logging();
             runtime()?.block_on(demo::run(args))
@@ -72,6 +79,14 @@ async fn run_origin(cfg: meridian_origin::OriginConfig) -> anyhow::Result<()> {
     tracing::info!(public_key = %handle.public_key, "origin ready");
     shutdown_signal().await;
     tracing::info!("shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn run_mirror(cfg: meridian_mirror::MirrorConfig) -> anyhow::Result<()> {
+    let handle = meridian_mirror::start(cfg).await?;
+    shutdown_signal().await;
+    tracing::info!("draining: finishing in-flight downloads, then exiting");
     handle.shutdown().await;
     Ok(())
 }

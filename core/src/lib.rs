@@ -24,6 +24,6 @@ pub use keys::{KeyError, PublicKey, SecretKey};
 pub use manifest::{
     DirNode, Entry, EntryKind, MAX_DIR_ENTRIES, MAX_NODE_BYTES, MAX_ROOT_BYTES, Root, SignedRoot,
 };
-pub use path::{PathError, RelPath, validate_name};
+pub use path::{PathError, RelPath, resolve_symlink, validate_name};
 pub use tree::{BuiltTree, TreeBuilder};
 pub use verify::{TrustedKeys, VerifiedRoot, Verifier, VerifyError, check_fresh, check_link};

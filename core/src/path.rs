@@ -72,6 +72,28 @@ pub fn validate_name(name: &str) -> Result<(), PathError> {
     Ok(())
 }
 
+/// Resolves a symlink `target` lexically against the directory `dir` that
+/// holds the link (both relative to the tree root), `..` included. `None`
+/// if the target is absolute or climbs above the root. Both the origin
+/// (which refuses to publish escaping links) and the mirror (which follows
+/// links inside the manifest) use this one rule.
+pub fn resolve_symlink(dir: &str, target: &str) -> Option<String> {
+    if target.starts_with('/') {
+        return None;
+    }
+    let mut parts: Vec<&str> = dir.split('/').filter(|s| !s.is_empty()).collect();
+    for comp in target.split('/') {
+        match comp {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(parts.join("/"))
+}
+
 /// The NFC form of a name, used to detect normalisation collisions.
 pub fn nfc_key(name: &str) -> String {
     name.nfc().collect()
@@ -197,6 +219,15 @@ mod tests {
             RelPath::parse(&vec!["d"; MAX_DEPTH + 1].join("/")),
             Err(PathError::TooLong(_))
         ));
+    }
+
+    #[test]
+    fn symlink_resolution_is_lexical_and_contained() {
+        assert_eq!(resolve_symlink("a/b", "../c"), Some("a/c".into()));
+        assert_eq!(resolve_symlink("a", "./x/y"), Some("a/x/y".into()));
+        assert_eq!(resolve_symlink("", "../etc/passwd"), None);
+        assert_eq!(resolve_symlink("a", "../../x"), None);
+        assert_eq!(resolve_symlink("a", "/etc/passwd"), None);
     }
 
     #[test]

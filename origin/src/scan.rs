@@ -9,7 +9,7 @@
 //! before and after, and is retried on a later scan.
 
 use crate::cache::{HashCache, StatKey};
-use meridian_core::{Entry, EntryKind, Hash, RelPath, validate_name};
+use meridian_core::{Entry, EntryKind, Hash, RelPath, resolve_symlink, validate_name};
 use meridian_serve::ObjectStore;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -138,25 +138,6 @@ fn secs(t: SystemTime) -> i64 {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs() as i64),
     }
-}
-
-/// Resolves a symlink target lexically against its directory; `None` if it
-/// leaves the tree.
-pub fn resolve_symlink(dir: &str, target: &str) -> Option<String> {
-    if target.starts_with('/') {
-        return None;
-    }
-    let mut parts: Vec<&str> = dir.split('/').filter(|s| !s.is_empty()).collect();
-    for comp in target.split('/') {
-        match comp {
-            "" | "." => {}
-            ".." => {
-                parts.pop()?;
-            }
-            c => parts.push(c),
-        }
-    }
-    Some(parts.join("/"))
 }
 
 /// Scans the content directory.
@@ -497,14 +478,5 @@ mod tests {
         let h = out.leaves["f"].hash;
         fs::write(content.join("f"), b"version two!").expect("rewrite");
         assert_eq!(store.read(&h).expect("object"), b"version one");
-    }
-
-    #[test]
-    fn symlink_resolution_is_lexical_and_contained() {
-        assert_eq!(resolve_symlink("a/b", "../c"), Some("a/c".into()));
-        assert_eq!(resolve_symlink("a", "./x/y"), Some("a/x/y".into()));
-        assert_eq!(resolve_symlink("", "../etc/passwd"), None);
-        assert_eq!(resolve_symlink("a", "../../x"), None);
-        assert_eq!(resolve_symlink("a", "/etc/passwd"), None);
     }
 }

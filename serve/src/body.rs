@@ -4,6 +4,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Frame;
 use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Every response body in Meridian.
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -33,14 +35,16 @@ pub enum Segment {
 
 /// Streams `len` bytes of `file` from `offset`.
 pub fn file_range(file: std::fs::File, offset: u64, len: u64) -> Body {
-    segments(file, vec![Segment::File { offset, len }])
+    segments(file, vec![Segment::File { offset, len }], None)
 }
 
 /// Streams segments, reading the file on the blocking pool one chunk at a
 /// time (memory per download: at most two chunks in flight). A file that
 /// turns out shorter than promised ends the body with an error rather than a
 /// silent short response, so the client sees a broken transfer, not bad data.
-pub fn segments(file: std::fs::File, segs: Vec<Segment>) -> Body {
+/// `sent`, if given, is increased by every body byte handed to the
+/// connection (for egress-rate accounting).
+pub fn segments(file: std::fs::File, segs: Vec<Segment>, sent: Option<Arc<AtomicU64>>) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
     tokio::task::spawn_blocking(move || {
         let mut file = file;
@@ -82,6 +86,9 @@ pub fn segments(file: std::fs::File, segs: Vec<Segment>) -> Body {
                     return;
                 }
                 left -= got as u64;
+                if let Some(c) = &sent {
+                    c.fetch_add(got as u64, Ordering::Relaxed);
+                }
                 if tx.blocking_send(Ok(Frame::data(Bytes::from(buf)))).is_err() {
                     return; // client went away
                 }

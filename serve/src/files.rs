@@ -8,6 +8,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 use meridian_core::Hash;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What the response says about the file.
@@ -44,6 +46,7 @@ pub fn respond(
     headers: &HeaderMap,
     meta: &FileMeta<'_>,
     open: impl FnOnce() -> std::io::Result<std::fs::File>,
+    sent: Option<Arc<AtomicU64>>,
 ) -> Response<Body> {
     let tag = etag(&meta.hash);
     let last_modified = http_date(meta.mtime);
@@ -99,7 +102,7 @@ pub fn respond(
         if head_only {
             Ok(empty())
         } else {
-            open().map(|f| segments(f, segs))
+            open().map(|f| segments(f, segs, sent.clone()))
         }
     };
     let resp = match plan {

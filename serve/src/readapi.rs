@@ -112,7 +112,7 @@ async fn route<P: Published>(
             content_type: "application/octet-stream",
             cache_control: "public, max-age=31536000, immutable",
         };
-        let resp = files::respond(method, headers, &fm, || std::fs::File::open(&path));
+        let resp = files::respond(method, headers, &fm, || std::fs::File::open(&path), None);
         if resp.status().is_success() && *method == Method::GET {
             let n = resp
                 .headers()

@@ -1,0 +1,140 @@
+//! Mirror configuration (TOML, `deny_unknown_fields`; CLI flags override).
+
+use meridian_core::PublicKey;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything a mirror needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// Name of this mirror, reported in status (e.g. `eu-west-1`).
+    pub id: String,
+    /// Region label, reported in status (e.g. `eu-west`).
+    #[serde(default)]
+    pub region: String,
+    /// Upstreams (origin or other mirrors), tried in this order.
+    pub upstreams: Vec<String>,
+    /// Public keys trusted to sign generations (`ed25519:<hex>`); list both
+    /// old and new during a key rotation.
+    #[serde(deserialize_with = "de_keys")]
+    pub trust: Vec<PublicKey>,
+    /// State directory: objects, verified roots, partial downloads.
+    pub state: PathBuf,
+    /// HTTP listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Optional HTTPS listener, with `tls_cert` and `tls_key`.
+    #[serde(default)]
+    pub listen_tls: Option<SocketAddr>,
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Egress capacity in bytes per second, reported to GeoDNS.
+    #[serde(default = "default_capacity")]
+    pub capacity_bytes_per_sec: u64,
+    /// Fallback poll interval when the long-poll feed is unavailable.
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Blob downloads in parallel during a sync.
+    #[serde(default = "default_parallel")]
+    pub parallel_fetches: usize,
+    /// How long blobs that left the served generation are kept.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub gc_grace: Duration,
+    /// Refuse to serve once the served generation has expired (default:
+    /// keep serving it and report stale).
+    #[serde(default)]
+    pub refuse_expired: bool,
+    /// Bearer token for the admin API (drain/undrain). No token: admin API off.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// Re-verify every served blob this often (0: never). A blob that no
+    /// longer matches its hash is quarantined and fetched again.
+    #[serde(default = "default_scrub", with = "humantime_serde")]
+    pub scrub_interval: Duration,
+    /// Keep this much disk free; a sync that would eat into it is refused.
+    #[serde(default = "default_reserve")]
+    pub reserve_free_bytes: u64,
+    /// Most connections at once.
+    #[serde(default = "default_max_conn")]
+    pub max_connections: usize,
+    /// On SIGTERM or drain-and-exit, wait at most this long for downloads.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Time allowed to receive a request head.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+}
+
+fn de_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PublicKey>, D::Error> {
+    let v: Vec<String> = Vec::deserialize(d)?;
+    v.iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|e| serde::de::Error::custom(format!("trust key {s:?}: {e}")))
+        })
+        .collect()
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
+}
+fn default_capacity() -> u64 {
+    1_250_000_000 // 10 Gbit/s
+}
+fn default_poll() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_parallel() -> usize {
+    8
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_scrub() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_reserve() -> u64 {
+    64 << 20
+}
+fn default_max_conn() -> usize {
+    16_384
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+
+impl MirrorConfig {
+    /// Defaults for everything but identity, upstreams, trust and state.
+    pub fn new(id: &str, upstreams: Vec<String>, trust: Vec<PublicKey>, state: PathBuf) -> Self {
+        MirrorConfig {
+            id: id.to_owned(),
+            region: String::new(),
+            upstreams,
+            trust,
+            state,
+            listen: default_listen(),
+            listen_tls: None,
+            tls_cert: None,
+            tls_key: None,
+            capacity_bytes_per_sec: default_capacity(),
+            poll_interval: default_poll(),
+            parallel_fetches: default_parallel(),
+            gc_grace: default_grace(),
+            refuse_expired: false,
+            admin_token: None,
+            scrub_interval: default_scrub(),
+            reserve_free_bytes: default_reserve(),
+            max_connections: default_max_conn(),
+            drain_timeout: default_drain(),
+            header_timeout: default_header_timeout(),
+        }
+    }
+}

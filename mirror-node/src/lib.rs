@@ -1,0 +1,174 @@
+//! The Meridian mirror node.
+//!
+//! A mirror pulls each generation from its upstreams (the origin or other
+//! mirrors), verifies every byte against the signed manifest, switches to
+//! the new generation in one atomic step and serves downloads.
+//! See [`sync`] for the pull side, [`server`] for the serving side and
+//! [`scrub`] for how damage on the mirror's own disk is caught.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod generation;
+pub mod metrics;
+pub mod scrub;
+pub mod server;
+pub mod state;
+pub mod sync;
+
+pub use config::MirrorConfig;
+pub use state::MirrorState;
+
+use meridian_serve::{ServerHandle, ServerOptions, serve};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Why the mirror could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MirrorError {
+    #[error("mirror needs at least one upstream")]
+    NoUpstream,
+    #[error("mirror needs at least one trusted key (--trust ed25519:...)")]
+    NoTrust,
+    #[error(transparent)]
+    Store(#[from] meridian_serve::StoreError),
+    #[error(transparent)]
+    Sync(#[from] sync::SyncError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] meridian_serve::tls::TlsError),
+    #[error("HTTPS listener needs both tls_cert and tls_key")]
+    TlsIncomplete,
+}
+
+/// A running mirror.
+#[derive(Debug)]
+pub struct MirrorHandle {
+    pub state: Arc<MirrorState>,
+    pub http_addr: SocketAddr,
+    pub https_addr: Option<SocketAddr>,
+    servers: Vec<ServerHandle>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl MirrorHandle {
+    /// Reports draining, stops accepting, lets in-flight downloads finish
+    /// (up to the drain timeout), then stops syncing.
+    pub async fn shutdown(self) {
+        self.state.set_draining(true);
+        for s in self.servers {
+            s.shutdown().await;
+        }
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts a mirror: restores the last served generation, starts syncing,
+/// scrubbing and serving.
+pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
+    if cfg.upstreams.is_empty() {
+        return Err(MirrorError::NoUpstream);
+    }
+    if cfg.trust.is_empty() {
+        return Err(MirrorError::NoTrust);
+    }
+    let state = Arc::new(MirrorState::open(cfg.clone())?);
+    let syncer = Arc::new(sync::Syncer::new(state.clone()));
+    let s2 = syncer.clone();
+    match tokio::task::spawn_blocking(move || s2.restore()).await {
+        Ok(Ok(Some(n))) => tracing::info!(generation = n, "restored served generation"),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not restore the last generation; starting empty")
+        }
+        Err(e) => tracing::warn!(error = %e, "restore task failed"),
+    }
+
+    let service = Arc::new(server::MirrorService {
+        state: state.clone(),
+    });
+    let opts = ServerOptions {
+        max_connections: cfg.max_connections,
+        header_timeout: cfg.header_timeout,
+        drain_timeout: cfg.drain_timeout,
+        ..ServerOptions::default()
+    };
+    let mut servers = Vec::new();
+    let l = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| MirrorError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let http = serve(l, opts.clone(), service.clone());
+    let http_addr = http.local_addr;
+    tracing::info!(id = %cfg.id, "mirror listening on {http_addr}");
+    let mut actives = vec![http.active.clone()];
+    servers.push(http);
+    let mut https_addr = None;
+    if let Some(addr) = cfg.listen_tls {
+        let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
+            return Err(MirrorError::TlsIncomplete);
+        };
+        let tls = meridian_serve::tls::server_config(cert, key)?;
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| MirrorError::Bind { addr, source })?;
+        let s = serve(
+            l,
+            ServerOptions {
+                tls: Some(tls),
+                ..opts
+            },
+            service,
+        );
+        tracing::info!(id = %cfg.id, "mirror listening on https://{}", s.local_addr);
+        https_addr = Some(s.local_addr);
+        actives.push(s.active.clone());
+        servers.push(s);
+    }
+
+    let (tx, rx) = watch::channel(false);
+    let mut tasks = vec![
+        tokio::spawn(syncer.run(rx.clone())),
+        tokio::spawn(scrub::run(state.clone(), rx.clone())),
+    ];
+    // Egress rate and connection count, once a second.
+    let st = state.clone();
+    let mut stop = rx;
+    tasks.push(tokio::spawn(async move {
+        let mut last = st.egress_total.load(Ordering::Relaxed);
+        let mut rate = 0f64;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
+            let now = st.egress_total.load(Ordering::Relaxed);
+            rate = 0.5 * rate + 0.5 * (now - last) as f64;
+            last = now;
+            st.egress_rate.store(rate as u64, Ordering::Relaxed);
+            let conns: usize = actives.iter().map(|a| a.load(Ordering::Relaxed)).sum();
+            st.active.store(conns, Ordering::Relaxed);
+        }
+    }));
+    Ok(MirrorHandle {
+        state,
+        http_addr,
+        https_addr,
+        servers,
+        shutdown: tx,
+        tasks,
+    })
+}

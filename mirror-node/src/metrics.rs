@@ -1,0 +1,154 @@
+//! Mirror metrics (Prometheus text format at `/.meridian/metrics`).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric a mirror exports.
+#[derive(Debug, Clone)]
+pub struct MirrorMetrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub response_bytes: IntCounterVec,
+    pub sync_seconds: Histogram,
+    pub syncs: IntCounterVec,
+    pub bytes_fetched: IntCounter,
+    pub objects_fetched: IntCounter,
+    pub verify_failures: IntCounterVec,
+    pub served_generation: IntGauge,
+    pub upstream_generation: IntGauge,
+    pub generation_lag: IntGauge,
+    pub disk_free_bytes: IntGauge,
+    pub store_bytes: IntGauge,
+    pub active_connections: IntGauge,
+    pub scrub_failures: IntCounter,
+    pub draining: IntGauge,
+}
+
+impl MirrorMetrics {
+    pub fn new() -> Self {
+        let m = MirrorMetrics {
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "meridian_mirror_requests_total",
+                    "Download requests by status class",
+                ),
+                &["class"],
+            )
+            .expect("metric"),
+            response_bytes: IntCounterVec::new(
+                Opts::new(
+                    "meridian_mirror_response_bytes_total",
+                    "Body bytes sent by status class",
+                ),
+                &["class"],
+            )
+            .expect("metric"),
+            sync_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "meridian_mirror_sync_seconds",
+                    "Duration of a sync to a new generation",
+                )
+                .buckets(vec![
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+                ]),
+            )
+            .expect("metric"),
+            syncs: IntCounterVec::new(
+                Opts::new("meridian_mirror_syncs_total", "Sync attempts by result"),
+                &["result"],
+            )
+            .expect("metric"),
+            bytes_fetched: IntCounter::new(
+                "meridian_mirror_bytes_fetched_total",
+                "Bytes downloaded from upstreams",
+            )
+            .expect("metric"),
+            objects_fetched: IntCounter::new(
+                "meridian_mirror_objects_fetched_total",
+                "Blobs and nodes downloaded and verified",
+            )
+            .expect("metric"),
+            verify_failures: IntCounterVec::new(
+                Opts::new(
+                    "meridian_mirror_verify_failures_total",
+                    "Objects or roots from an upstream that failed verification",
+                ),
+                &["upstream"],
+            )
+            .expect("metric"),
+            served_generation: IntGauge::new(
+                "meridian_mirror_served_generation",
+                "Generation being served",
+            )
+            .expect("metric"),
+            upstream_generation: IntGauge::new(
+                "meridian_mirror_upstream_generation",
+                "Newest generation seen upstream",
+            )
+            .expect("metric"),
+            generation_lag: IntGauge::new(
+                "meridian_mirror_generation_lag",
+                "Upstream generation minus served generation",
+            )
+            .expect("metric"),
+            disk_free_bytes: IntGauge::new(
+                "meridian_mirror_disk_free_bytes",
+                "Free bytes on the store's file system",
+            )
+            .expect("metric"),
+            store_bytes: IntGauge::new(
+                "meridian_mirror_store_bytes",
+                "Bytes of blobs referenced by the served generation",
+            )
+            .expect("metric"),
+            active_connections: IntGauge::new(
+                "meridian_mirror_active_connections",
+                "Open client connections",
+            )
+            .expect("metric"),
+            scrub_failures: IntCounter::new(
+                "meridian_mirror_scrub_failures_total",
+                "Stored blobs found damaged by the scrubber and quarantined",
+            )
+            .expect("metric"),
+            draining: IntGauge::new("meridian_mirror_draining", "1 while draining")
+                .expect("metric"),
+            registry: Registry::new(),
+        };
+        let r = &m.registry;
+        for c in [&m.requests, &m.response_bytes, &m.syncs, &m.verify_failures] {
+            r.register(Box::new(c.clone())).expect("register");
+        }
+        for c in [&m.bytes_fetched, &m.objects_fetched, &m.scrub_failures] {
+            r.register(Box::new(c.clone())).expect("register");
+        }
+        for g in [
+            &m.served_generation,
+            &m.upstream_generation,
+            &m.generation_lag,
+            &m.disk_free_bytes,
+            &m.store_bytes,
+            &m.active_connections,
+            &m.draining,
+        ] {
+            r.register(Box::new(g.clone())).expect("register");
+        }
+        r.register(Box::new(m.sync_seconds.clone()))
+            .expect("register");
+        m
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for MirrorMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,502 @@
+//! The mirror's HTTP face: downloads, listings, read API, status, admin.
+//!
+//! | path | answer |
+//! | --- | --- |
+//! | `GET/HEAD /<path>` | a published file (Range, conditional, ETag = blake3) or, with a trailing `/`, a directory listing (HTML, or JSON with `Accept: application/json`) |
+//! | `/.meridian/v1/...` | the read API (see `meridian_serve::readapi`), so mirrors feed mirrors |
+//! | `GET /.meridian/status` | JSON status for GeoDNS and operators |
+//! | `GET /.meridian/metrics` | Prometheus text |
+//! | `GET /.meridian/health` | 200 while a generation is served |
+//! | `POST /.meridian/admin/drain`, `/undrain` | needs `Authorization: Bearer <admin_token>` |
+
+use crate::generation::Resolved;
+use crate::state::MirrorState;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use meridian_core::{DirNode, EntryKind, VerifiedRoot};
+use meridian_serve::files::{self, FileMeta, text};
+use meridian_serve::readapi::{self, Published};
+use meridian_serve::{Body, ObjectStore, Service, full};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// The mirror's request handler.
+#[derive(Debug, Clone)]
+pub struct MirrorService {
+    pub state: Arc<MirrorState>,
+}
+
+impl Published for MirrorService {
+    fn latest(&self) -> Option<Arc<VerifiedRoot>> {
+        self.state
+            .served
+            .load_full()
+            .map(|g| Arc::new(g.root.clone()))
+    }
+    fn root_envelope(&self, generation: u64) -> Option<Vec<u8>> {
+        std::fs::read(self.state.root_path(generation)).ok()
+    }
+    fn store(&self) -> &ObjectStore {
+        &self.state.store
+    }
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.state.notify.subscribe()
+    }
+}
+
+/// The status document GeoDNS probes.
+#[derive(Debug, Serialize)]
+pub struct Status<'a> {
+    pub id: &'a str,
+    pub region: &'a str,
+    pub generation: u64,
+    pub root_hash: Option<String>,
+    pub expires: Option<i64>,
+    pub stale: bool,
+    pub upstream_generation: u64,
+    pub last_sync: Option<i64>,
+    pub sync_state: String,
+    pub last_error: Option<String>,
+    pub active_connections: usize,
+    pub egress_bytes_per_sec: u64,
+    pub capacity_bytes_per_sec: u64,
+    pub draining: bool,
+}
+
+/// Percent-decodes and normalises a request path. `.` and empty segments
+/// are dropped, `..` pops a segment (never above the root), and every
+/// remaining name must be a valid published name: NUL, control characters,
+/// backslashes and invalid UTF-8 are refused. Returns the path without
+/// leading slash and whether it named a directory (trailing slash).
+pub fn normalise(raw: &str) -> Option<(String, bool)> {
+    let bytes: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
+    let decoded = String::from_utf8(bytes).ok()?;
+    let trailing = decoded.ends_with('/');
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            s => {
+                meridian_core::validate_name(s).ok()?;
+                parts.push(s);
+            }
+        }
+    }
+    Some((parts.join("/"), trailing))
+}
+
+/// Content-Type by file extension.
+pub fn content_type(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "html" | "htm" => "text/html; charset=utf-8",
+        "txt" | "md" | "asc" | "sha256" | "sha512" | "sum" => "text/plain; charset=utf-8",
+        "css" => "text/css",
+        "js" => "text/javascript",
+        "json" => "application/json",
+        "xml" => "application/xml",
+        "gz" | "tgz" => "application/gzip",
+        "xz" => "application/x-xz",
+        "bz2" => "application/x-bzip2",
+        "zst" => "application/zstd",
+        "tar" => "application/x-tar",
+        "zip" => "application/zip",
+        "iso" => "application/x-iso9660-image",
+        "deb" | "udeb" => "application/vnd.debian.binary-package",
+        "rpm" => "application/x-rpm",
+        "sig" | "gpg" => "application/pgp-signature",
+        "pdf" => "application/pdf",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "svg" => "image/svg+xml",
+        _ => "application/octet-stream",
+    }
+}
+
+fn class(status: StatusCode) -> &'static str {
+    match status.as_u16() / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
+
+impl Service for MirrorService {
+    async fn call(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        let resp = self.route(&req).await;
+        let m = &self.state.metrics;
+        let c = class(resp.status());
+        m.requests.with_label_values(&[c]).inc();
+        if req.method() != Method::HEAD
+            && let Some(n) = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        {
+            m.response_bytes.with_label_values(&[c]).inc_by(n);
+        }
+        resp
+    }
+}
+
+impl MirrorService {
+    async fn route(&self, req: &Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path();
+        if let Some(rest) = path.strip_prefix(readapi::PREFIX) {
+            return readapi::handle(self, req.method(), rest, req.uri().query(), req.headers())
+                .await;
+        }
+        if let Some(rest) = path.strip_prefix("/.meridian/") {
+            return self.control(req, rest);
+        }
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return r;
+        }
+        if self.state.cfg.refuse_expired && self.state.is_stale() {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this mirror's content has expired and it is configured not to serve it\n",
+            );
+        }
+        let Some(g) = self.state.served.load_full() else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this mirror has not synced a generation yet\n",
+            );
+        };
+        let Some((norm, wants_dir)) = normalise(path) else {
+            return text(StatusCode::BAD_REQUEST, "invalid path\n");
+        };
+        match g.resolve(&norm) {
+            None => not_found(),
+            Some(Resolved::File(_)) if wants_dir => not_found(),
+            Some(Resolved::File(e)) => {
+                let obj = self.state.store.path(&e.hash);
+                let name = norm.rsplit('/').next().unwrap_or(&norm);
+                let meta = FileMeta {
+                    len: e.size,
+                    hash: e.hash,
+                    mtime: e.mtime,
+                    content_type: content_type(name),
+                    cache_control: "public, max-age=60",
+                };
+                // The object must be present with the manifest's size (a
+                // quarantined or truncated blob is never served).
+                match std::fs::metadata(&obj) {
+                    Ok(md) if md.len() == e.size => {}
+                    _ => {
+                        self.state.repair.notify_one();
+                        return text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "file temporarily unavailable on this mirror; try another\n",
+                        );
+                    }
+                }
+                let mut r = files::respond(
+                    req.method(),
+                    req.headers(),
+                    &meta,
+                    || std::fs::File::open(&obj),
+                    Some(self.state.egress_total.clone()),
+                );
+                r.headers_mut()
+                    .insert("x-meridian-generation", g.number().into());
+                r
+            }
+            Some(Resolved::Dir(canonical, node)) => {
+                if !wants_dir || canonical != norm {
+                    let loc = if canonical.is_empty() {
+                        "/".to_owned()
+                    } else {
+                        format!("/{}/", encode_path(&canonical))
+                    };
+                    return Response::builder()
+                        .status(StatusCode::MOVED_PERMANENTLY)
+                        .header(header::LOCATION, loc)
+                        .header(header::CONTENT_LENGTH, 0)
+                        .body(meridian_serve::empty())
+                        .unwrap_or_else(|_| not_found());
+                }
+                listing(req, &canonical, node, g.number())
+            }
+        }
+    }
+
+    fn control(&self, req: &Request<Incoming>, rest: &str) -> Response<Body> {
+        let st = &self.state;
+        match (req.method(), rest) {
+            (&Method::GET, "status") => {
+                let s = st.status();
+                let g = st.served.load_full();
+                let status = Status {
+                    id: &st.cfg.id,
+                    region: &st.cfg.region,
+                    generation: g.as_ref().map(|g| g.number()).unwrap_or(0),
+                    root_hash: g.as_ref().map(|g| g.root.hash.to_hex()),
+                    expires: g.as_ref().map(|g| g.root.root.expires),
+                    stale: st.is_stale(),
+                    upstream_generation: s.upstream_generation,
+                    last_sync: s.last_success,
+                    sync_state: s.state,
+                    last_error: s.last_error,
+                    active_connections: st.active.load(Ordering::Relaxed),
+                    egress_bytes_per_sec: st.egress_rate.load(Ordering::Relaxed),
+                    capacity_bytes_per_sec: st.cfg.capacity_bytes_per_sec,
+                    draining: st.is_draining(),
+                };
+                json(StatusCode::OK, &status)
+            }
+            (&Method::GET, "metrics") => {
+                st.metrics
+                    .active_connections
+                    .set(st.active.load(Ordering::Relaxed) as i64);
+                if let Ok(free) = st.store.free_bytes() {
+                    st.metrics.disk_free_bytes.set(free as i64);
+                }
+                Response::builder()
+                    .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+                    .body(full(st.metrics.render()))
+                    .unwrap_or_else(|_| not_found())
+            }
+            (&Method::GET, "health") => {
+                if st.served.load().is_some() {
+                    text(StatusCode::OK, "ok\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "no generation yet\n")
+                }
+            }
+            (&Method::POST, "admin/drain") | (&Method::POST, "admin/undrain") => {
+                let Some(token) = st.cfg.admin_token.as_deref() else {
+                    return text(
+                        StatusCode::NOT_FOUND,
+                        "admin API disabled (no admin_token configured)\n",
+                    );
+                };
+                let given = req
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+                    return text(StatusCode::UNAUTHORIZED, "bad or missing bearer token\n");
+                }
+                let on = rest == "admin/drain";
+                st.set_draining(on);
+                tracing::info!(draining = on, "admin request");
+                text(StatusCode::OK, if on { "draining\n" } else { "serving\n" })
+            }
+            _ => not_found(),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn not_found() -> Response<Body> {
+    text(StatusCode::NOT_FOUND, "404 not found\n")
+}
+
+fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    let body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len())
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(full(body))
+        .unwrap_or_else(|_| not_found())
+}
+
+fn encode_path(p: &str) -> String {
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+        .add(b' ')
+        .add(b'"')
+        .add(b'#')
+        .add(b'%')
+        .add(b'<')
+        .add(b'>')
+        .add(b'?')
+        .add(b'`')
+        .add(b'{')
+        .add(b'}');
+    percent_encoding::utf8_percent_encode(p, SET).to_string()
+}
+
+fn html_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '&' => o.push_str("&amp;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+#[derive(Serialize)]
+struct JsonEntry<'a> {
+    name: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    size: u64,
+    blake3: String,
+    mtime: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<&'a str>,
+}
+
+fn listing(req: &Request<Incoming>, path: &str, node: &DirNode, generation: u64) -> Response<Body> {
+    let etag = format!("\"dir-{}\"", meridian_core::hash_bytes(&node.encode()));
+    if req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
+        return Response::builder()
+            .status(StatusCode::NOT_MODIFIED)
+            .header(header::ETAG, etag)
+            .body(meridian_serve::empty())
+            .unwrap_or_else(|_| not_found());
+    }
+    let wants_json = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/json"));
+    let kind = |k: EntryKind| match k {
+        EntryKind::File => "file",
+        EntryKind::Dir => "directory",
+        EntryKind::Symlink => "symlink",
+    };
+    let (body, ctype) = if wants_json {
+        let entries: Vec<JsonEntry<'_>> = node
+            .entries
+            .iter()
+            .map(|e| JsonEntry {
+                name: &e.name,
+                kind: kind(e.kind),
+                size: if e.kind == EntryKind::File { e.size } else { 0 },
+                blake3: e.hash.to_hex(),
+                mtime: e.mtime,
+                target: e.target.as_deref(),
+            })
+            .collect();
+        let doc = serde_json::json!({ "path": format!("/{path}"), "generation": generation, "entries": entries });
+        (
+            serde_json::to_vec_pretty(&doc).unwrap_or_default(),
+            "application/json",
+        )
+    } else {
+        let title = html_escape(&format!("/{path}"));
+        let mut h = String::with_capacity(256 + node.entries.len() * 200);
+        let _ = write!(
+            h,
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Index of {title}</title>\
+            <style>body{{font-family:sans-serif}}td{{padding:0 1em}}td.n{{text-align:right}}code{{font-size:85%}}</style></head>\
+            <body><h1>Index of {title}</h1><p>generation {generation}</p><table><tr><th>name</th><th>size</th><th>modified</th><th>blake3</th></tr>\n"
+        );
+        if !path.is_empty() {
+            h.push_str("<tr><td><a href=\"../\">../</a></td><td></td><td></td><td></td></tr>\n");
+        }
+        for e in &node.entries {
+            let slash = if e.kind == EntryKind::Dir { "/" } else { "" };
+            let href = format!("{}{slash}", encode_path(&e.name));
+            let size = if e.kind == EntryKind::File {
+                e.size.to_string()
+            } else {
+                "-".into()
+            };
+            let when = if e.mtime > 0 {
+                httpdate::fmt_http_date(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.mtime as u64),
+                )
+            } else {
+                String::new()
+            };
+            let hash = if e.kind == EntryKind::File {
+                e.hash.to_hex()
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                h,
+                "<tr><td><a href=\"{}\">{}{slash}</a></td><td class=\"n\">{size}</td><td>{when}</td><td><code>{hash}</code></td></tr>",
+                html_escape(&href),
+                html_escape(&e.name)
+            );
+        }
+        h.push_str("</table></body></html>\n");
+        (h.into_bytes(), "text/html; charset=utf-8")
+    };
+    let len = body.len();
+    let b = if req.method() == Method::HEAD {
+        meridian_serve::empty()
+    } else {
+        full(body)
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, ctype)
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ETAG, etag)
+        .header(header::VARY, "Accept")
+        .header(header::CACHE_CONTROL, "public, max-age=10")
+        .body(b)
+        .unwrap_or_else(|_| not_found())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalise_never_escapes() {
+        assert_eq!(normalise("/a/b.txt"), Some(("a/b.txt".into(), false)));
+        assert_eq!(normalise("/a//b/./c/"), Some(("a/b/c".into(), true)));
+        assert_eq!(normalise("/a/../b"), Some(("b".into(), false)));
+        assert_eq!(normalise("/"), Some((String::new(), true)));
+        for bad in [
+            "/../etc/passwd",
+            "/%2e%2e/etc/passwd",
+            "/a/%2E%2E/%2e%2e/x",
+            "/a%00b",
+            "/a%0ab",
+            "/a%5cb",
+            "/%ff",
+            "/..",
+        ] {
+            assert_eq!(normalise(bad), None, "{bad}");
+        }
+        // An encoded slash is a separator after decoding, still contained.
+        assert_eq!(normalise("/a%2fb"), Some(("a/b".into(), false)));
+    }
+
+    #[test]
+    fn types_by_extension() {
+        assert_eq!(content_type("x.ISO"), "application/x-iso9660-image");
+        assert_eq!(content_type("noext"), "application/octet-stream");
+    }
+}

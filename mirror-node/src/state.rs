@@ -1,0 +1,118 @@
+//! State shared by the syncer, the download server and the status endpoint.
+
+use crate::config::MirrorConfig;
+use crate::generation::Generation;
+use crate::metrics::MirrorMetrics;
+use arc_swap::ArcSwapOption;
+use meridian_core::{TrustedKeys, Verifier};
+use meridian_serve::ObjectStore;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{Notify, watch};
+
+/// What the syncer is doing, for the status endpoint.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SyncStatus {
+    /// `starting`, `idle`, `syncing` or `error`.
+    pub state: String,
+    /// The last sync error, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Unix time of the last successful sync (or check that found nothing new).
+    pub last_success: Option<i64>,
+    /// Newest generation seen at any upstream.
+    pub upstream_generation: u64,
+}
+
+/// Everything the mirror's tasks share.
+#[derive(Debug)]
+pub struct MirrorState {
+    pub cfg: MirrorConfig,
+    pub store: ObjectStore,
+    pub verifier: Verifier,
+    pub roots_dir: PathBuf,
+    pub partial_dir: PathBuf,
+    /// The generation being served; replaced in one atomic step.
+    pub served: ArcSwapOption<Generation>,
+    /// Announces the served generation number (read API long-poll).
+    pub notify: watch::Sender<u64>,
+    pub metrics: MirrorMetrics,
+    pub status: Mutex<SyncStatus>,
+    pub draining: AtomicBool,
+    /// Body bytes sent, all time (egress rate is derived from it).
+    pub egress_total: Arc<AtomicU64>,
+    /// Egress bytes per second, averaged over the last few seconds.
+    pub egress_rate: AtomicU64,
+    /// Open connections across listeners.
+    pub active: Arc<AtomicUsize>,
+    /// Wakes the syncer to repair the served generation (scrubber).
+    pub repair: Notify,
+}
+
+impl MirrorState {
+    /// Opens the state directory (objects, roots, partial downloads).
+    pub fn open(cfg: MirrorConfig) -> Result<Self, meridian_serve::StoreError> {
+        let store = ObjectStore::open(cfg.state.clone())?;
+        let roots_dir = cfg.state.join("roots");
+        let partial_dir = cfg.state.join("partial");
+        for d in [&roots_dir, &partial_dir] {
+            std::fs::create_dir_all(d).map_err(|e| meridian_serve::StoreError::io(d, e))?;
+        }
+        let (notify, _) = watch::channel(0);
+        Ok(MirrorState {
+            verifier: Verifier::new(TrustedKeys::new(cfg.trust.iter().copied())),
+            cfg,
+            store,
+            roots_dir,
+            partial_dir,
+            served: ArcSwapOption::empty(),
+            notify,
+            metrics: MirrorMetrics::new(),
+            status: Mutex::new(SyncStatus {
+                state: "starting".into(),
+                ..Default::default()
+            }),
+            draining: AtomicBool::new(false),
+            egress_total: Arc::new(AtomicU64::new(0)),
+            egress_rate: AtomicU64::new(0),
+            active: Arc::new(AtomicUsize::new(0)),
+            repair: Notify::new(),
+        })
+    }
+
+    pub fn root_path(&self, generation: u64) -> PathBuf {
+        self.roots_dir.join(format!("{generation:020}.root"))
+    }
+
+    pub fn served_generation(&self) -> u64 {
+        self.served.load().as_ref().map(|g| g.number()).unwrap_or(0)
+    }
+
+    pub fn set_status(&self, f: impl FnOnce(&mut SyncStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    pub fn status(&self) -> SyncStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::Relaxed);
+        self.metrics.draining.set(i64::from(on));
+    }
+
+    /// Whether the served generation has expired.
+    pub fn is_stale(&self) -> bool {
+        match self.served.load().as_ref() {
+            Some(g) => meridian_serve::unix_now() >= g.root.root.expires,
+            None => true,
+        }
+    }
+}

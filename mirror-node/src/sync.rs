@@ -1,0 +1,792 @@
+//! Pulling generations: feed, verification, plan, fetch, atomic switch.
+//!
+//! 1. **Feed.** Long-poll `wait?after=N` on the upstreams in order (the push
+//!    half: a new generation starts syncing within a second of its publish);
+//!    if every upstream fails, retry after a short backoff, and at most every
+//!    `poll_interval` regardless.
+//! 2. **Verify** the offered root: signature by a trusted key, expiry,
+//!    rollback/replay (generation must exceed the served one) and the hash
+//!    chain (walked through intermediate generations the upstream retains).
+//! 3. **Plan.** Walk the new tree from the top, descending only into nodes
+//!    the served generation does not have (unchanged subtrees are skipped by
+//!    hash), and list the blobs the store lacks: O(changed).
+//! 4. **Fetch** nodes and blobs with bounded parallelism, streaming each blob
+//!    to `partial/<hash>` while hashing it; a blob is committed to the store
+//!    only once its size and blake3 hash match. A short transfer keeps its
+//!    prefix and resumes with a Range request; a bad one is discarded,
+//!    counted, and fetched from the next upstream. An upstream that fails
+//!    verification three times is benched for a minute.
+//! 5. **Switch.** `syncfs`, write the root, write `current`, then swap the
+//!    served generation in one atomic pointer store. In-flight downloads hold
+//!    open file handles and finish on the old bytes.
+
+use crate::generation::{Generation, read_node};
+use crate::state::MirrorState;
+use futures_util::StreamExt;
+use meridian_core::{DirNode, EntryKind, Hash, VerifiedRoot, VerifyError, hash_bytes};
+use meridian_serve::store::write_atomic;
+use meridian_serve::unix_now;
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Seek, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Why a sync did not complete. The served generation is unaffected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    #[error("no upstream answered: {0}")]
+    Unreachable(String),
+    #[error("root from {upstream} refused: {source}")]
+    Verify {
+        upstream: String,
+        source: VerifyError,
+    },
+    #[error("object {hash} could not be fetched from any upstream: {last}")]
+    Object { hash: Hash, last: String },
+    #[error(
+        "not enough disk: the sync needs {needed} bytes plus {reserve} reserved, {free} are free"
+    )]
+    NoSpace {
+        needed: u64,
+        reserve: u64,
+        free: u64,
+    },
+    #[error("store: {0}")]
+    Store(#[from] meridian_serve::StoreError),
+    #[error("loading the new generation: {0}")]
+    Load(#[from] crate::generation::LoadError),
+}
+
+impl SyncError {
+    /// Short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SyncError::Unreachable(_) => "unreachable",
+            SyncError::Verify { .. } => "verify",
+            SyncError::Object { .. } => "object",
+            SyncError::NoSpace { .. } => "no_space",
+            SyncError::Store(e) if e.is_disk_full() => "no_space",
+            SyncError::Store(_) => "io",
+            SyncError::Load(_) => "load",
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct UpstreamHealth {
+    strikes: u32,
+    benched_until: Option<Instant>,
+}
+
+/// Talks to the upstreams.
+#[derive(Debug)]
+pub struct Upstreams {
+    urls: Vec<String>,
+    health: Mutex<Vec<UpstreamHealth>>,
+    http: reqwest::Client,
+    /// Client without an overall timeout, for long-polls.
+    poll: reqwest::Client,
+}
+
+const STRIKES_TO_BENCH: u32 = 3;
+const BENCH_FOR: Duration = Duration::from_secs(60);
+
+impl Upstreams {
+    pub fn new(urls: Vec<String>) -> Self {
+        let urls = urls
+            .into_iter()
+            .map(|u| u.trim_end_matches('/').to_owned())
+            .collect::<Vec<_>>();
+        let build = |read: Duration| {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .read_timeout(read)
+                .pool_max_idle_per_host(16)
+                .user_agent(concat!("meridian-mirror/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .unwrap_or_default()
+        };
+        Upstreams {
+            health: Mutex::new(vec![UpstreamHealth::default(); urls.len()]),
+            urls,
+            http: build(Duration::from_secs(30)),
+            poll: build(Duration::from_secs(90)),
+        }
+    }
+
+    /// Upstream indexes in the order to try: healthy ones in configured
+    /// order, then benched ones (better a benched upstream than none).
+    pub fn order(&self) -> Vec<usize> {
+        let now = Instant::now();
+        let health = self.health.lock().map(|h| h.clone()).unwrap_or_default();
+        let benched = |i: usize| {
+            health
+                .get(i)
+                .and_then(|h| h.benched_until)
+                .is_some_and(|t| t > now)
+        };
+        let mut v: Vec<usize> = (0..self.urls.len()).filter(|&i| !benched(i)).collect();
+        v.extend((0..self.urls.len()).filter(|&i| benched(i)));
+        v
+    }
+
+    pub fn url(&self, i: usize) -> &str {
+        &self.urls[i]
+    }
+
+    /// Records bad data from an upstream.
+    pub fn strike(&self, i: usize) {
+        if let Ok(mut h) = self.health.lock()
+            && let Some(u) = h.get_mut(i)
+        {
+            u.strikes += 1;
+            if u.strikes >= STRIKES_TO_BENCH {
+                u.strikes = 0;
+                u.benched_until = Some(Instant::now() + BENCH_FOR);
+                tracing::warn!(upstream = %self.urls[i], "upstream keeps sending bad data; benched for {BENCH_FOR:?}");
+            }
+        }
+    }
+
+    fn api(&self, i: usize, rest: &str) -> String {
+        format!("{}{}{rest}", self.urls[i], meridian_serve::readapi::PREFIX)
+    }
+
+    /// Long-polls one upstream for a root newer than `after`.
+    async fn wait(
+        &self,
+        i: usize,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let url = self.api(
+            i,
+            &format!("wait?after={after}&timeout={}", timeout.as_secs()),
+        );
+        let r = self
+            .poll
+            .get(&url)
+            .timeout(timeout + Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        match r.status().as_u16() {
+            200 => Ok(Some(read_capped(r, meridian_core::MAX_ROOT_BYTES).await?)),
+            204 => Ok(None),
+            s => Err(format!("{url}: HTTP {s}")),
+        }
+    }
+
+    /// Fetches a retained generation's root; `Ok(None)` if not retained.
+    async fn generation(&self, i: usize, n: u64) -> Result<Option<Vec<u8>>, String> {
+        let url = self.api(i, &format!("generations/{n}"));
+        let r = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        match r.status().as_u16() {
+            200 => Ok(Some(read_capped(r, meridian_core::MAX_ROOT_BYTES).await?)),
+            404 => Ok(None),
+            s => Err(format!("{url}: HTTP {s}")),
+        }
+    }
+}
+
+/// Reads a whole small body, refusing more than `cap` bytes.
+async fn read_capped(mut r: reqwest::Response, cap: u64) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(chunk) = r.chunk().await.map_err(|e| e.to_string())? {
+        if out.len() as u64 + chunk.len() as u64 > cap {
+            return Err(format!("response larger than {cap} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Why one object fetch from one upstream failed.
+#[derive(Debug)]
+enum FetchFail {
+    /// Transport trouble; a partial prefix may be kept for resuming.
+    Transport(String),
+    /// The upstream sent bytes that do not verify; counts as a strike.
+    Bad(String),
+    /// Local disk trouble: stop the sync.
+    Local(meridian_serve::StoreError),
+}
+
+/// The sync engine for one mirror.
+#[derive(Debug)]
+pub struct Syncer {
+    pub state: Arc<MirrorState>,
+    pub upstreams: Upstreams,
+}
+
+impl Syncer {
+    pub fn new(state: Arc<MirrorState>) -> Self {
+        let upstreams = Upstreams::new(state.cfg.upstreams.clone());
+        Syncer { state, upstreams }
+    }
+
+    /// Loads the generation served before a restart, if any.
+    pub fn restore(&self) -> Result<Option<u64>, SyncError> {
+        let cur = self.state.cfg.state.join("current");
+        let Ok(text) = std::fs::read_to_string(&cur) else {
+            return Ok(None);
+        };
+        let Ok(n) = text.trim().parse::<u64>() else {
+            tracing::warn!(path = %cur.display(), "damaged `current` file; starting empty");
+            return Ok(None);
+        };
+        let Ok(env) = std::fs::read(self.state.root_path(n)) else {
+            return Ok(None);
+        };
+        let vr = match self.state.verifier.open(&env) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "stored root no longer verifies (trust changed?); starting empty");
+                return Ok(None);
+            }
+        };
+        let g = Generation::assemble(&self.state.store, vr, None)?;
+        self.install(g);
+        Ok(Some(n))
+    }
+
+    fn install(&self, g: Generation) {
+        let n = g.number();
+        let bytes: u64 = {
+            let mut seen = HashSet::new();
+            g.blobs()
+                .filter(|(h, _)| seen.insert(*h))
+                .map(|(_, s)| s)
+                .sum()
+        };
+        self.state.served.store(Some(Arc::new(g)));
+        self.state.notify.send_replace(n);
+        let m = &self.state.metrics;
+        m.served_generation.set(n as i64);
+        m.store_bytes.set(bytes as i64);
+        let up = self.state.status().upstream_generation.max(n);
+        m.generation_lag.set(up.saturating_sub(n) as i64);
+    }
+
+    /// Runs until `shutdown` fires.
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(250);
+        let mut gc_due = Instant::now() + self.state.cfg.gc_grace;
+        loop {
+            let step = tokio::select! {
+                r = self.step() => r,
+                _ = self.state.repair.notified() => self.repair().await,
+                _ = shutdown.changed() => return,
+            };
+            match step {
+                Ok(()) => {
+                    backoff = Duration::from_millis(250);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "sync failed; still serving generation {}", self.state.served_generation());
+                    self.state
+                        .metrics
+                        .syncs
+                        .with_label_values(&[e.label()])
+                        .inc();
+                    self.state.set_status(|s| {
+                        s.state = "error".into();
+                        s.last_error = Some(e.to_string());
+                    });
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff =
+                        (backoff * 2).min(self.state.cfg.poll_interval.max(Duration::from_secs(1)));
+                }
+            }
+            if Instant::now() >= gc_due {
+                gc_due = Instant::now() + self.state.cfg.gc_grace.max(Duration::from_secs(1)) / 2;
+                let s = self.clone();
+                let _ = tokio::task::spawn_blocking(move || s.gc()).await;
+            }
+        }
+    }
+
+    /// One round: wait for a newer root, verify, sync to it.
+    pub async fn step(&self) -> Result<(), SyncError> {
+        let after = self.state.served_generation();
+        let mut errors = Vec::new();
+        for i in self.upstreams.order() {
+            let timeout = self
+                .state
+                .cfg
+                .poll_interval
+                .clamp(Duration::from_secs(1), Duration::from_secs(55));
+            match self.upstreams.wait(i, after, timeout).await {
+                Ok(None) => {
+                    self.state.set_status(|s| {
+                        if s.state != "error" || after > 0 {
+                            s.state = "idle".into();
+                        }
+                        s.last_success = Some(unix_now());
+                        s.upstream_generation = s.upstream_generation.max(after);
+                    });
+                    return Ok(());
+                }
+                Ok(Some(env)) => match self.accept_root(i, &env).await {
+                    Ok(vr) => return self.sync_to(vr, i).await,
+                    Err(e) => {
+                        tracing::warn!(upstream = %self.upstreams.url(i), error = %e, "refusing root");
+                        self.state
+                            .metrics
+                            .verify_failures
+                            .with_label_values(&[self.upstreams.url(i)])
+                            .inc();
+                        self.upstreams.strike(i);
+                        errors.push(e.to_string());
+                    }
+                },
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(SyncError::Unreachable(errors.join("; ")))
+    }
+
+    /// Verifies an offered root against what is served, walking the chain.
+    async fn accept_root(&self, i: usize, env: &[u8]) -> Result<VerifiedRoot, SyncError> {
+        let upstream = self.upstreams.url(i).to_owned();
+        let verr = |source| SyncError::Verify {
+            upstream: upstream.clone(),
+            source,
+        };
+        let served = self.state.served.load_full();
+        let held = served.as_ref().map(|g| &g.root);
+        let vr = self
+            .state
+            .verifier
+            .verify_latest(env, unix_now(), held)
+            .map_err(verr)?;
+        self.state
+            .set_status(|s| s.upstream_generation = s.upstream_generation.max(vr.root.generation));
+        self.state
+            .metrics
+            .upstream_generation
+            .set(vr.root.generation as i64);
+        if let Some(held) = held
+            && vr.root.generation > held.root.generation + 1
+        {
+            // Walk the chain through the generations in between, as far as
+            // the upstream retains them.
+            let mut prev = held.clone();
+            for n in held.root.generation + 1..vr.root.generation {
+                let Ok(Some(bytes)) = self.upstreams.generation(i, n).await else {
+                    tracing::info!(
+                        generation = n,
+                        "intermediate generation not retained upstream; chain checked up to {}",
+                        prev.root.generation
+                    );
+                    return Ok(vr);
+                };
+                let mid = self.state.verifier.open(&bytes).map_err(verr)?;
+                meridian_core::check_link(&prev, &mid).map_err(verr)?;
+                prev = mid;
+            }
+            meridian_core::check_link(&prev, &vr).map_err(verr)?;
+        }
+        Ok(vr)
+    }
+
+    /// Re-checks the served generation: fetches anything missing from the
+    /// store (a quarantined blob, say).
+    async fn repair(&self) -> Result<(), SyncError> {
+        let Some(g) = self.state.served.load_full() else {
+            return Ok(());
+        };
+        let missing: Vec<(Hash, u64)> = {
+            let mut seen = HashSet::new();
+            g.blobs()
+                .filter(|(h, _)| seen.insert(*h) && !self.state.store.contains(h))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(blobs = missing.len(), "repairing the served generation");
+        self.fetch_blobs(missing).await
+    }
+
+    /// Fetches everything `vr` needs and switches to it.
+    pub async fn sync_to(&self, vr: VerifiedRoot, preferred: usize) -> Result<(), SyncError> {
+        let t0 = Instant::now();
+        let generation = vr.root.generation;
+        self.state.set_status(|s| s.state = "syncing".into());
+        tracing::info!(generation, upstream = %self.upstreams.url(preferred), "syncing");
+        let served = self.state.served.load_full();
+        let known = served.as_ref().map(|g| &g.nodes);
+
+        // Plan: nodes first (breadth-first, skipping known subtrees).
+        let mut new_nodes: HashMap<Hash, Arc<DirNode>> = HashMap::new();
+        let mut blobs: Vec<(Hash, u64)> = Vec::new();
+        let mut seen_blobs: HashSet<Hash> = HashSet::new();
+        let mut frontier = vec![(vr.root.tree, vr.root.tree_size)];
+        while !frontier.is_empty() {
+            let mut next = Vec::new();
+            let fetched =
+                futures_util::stream::iter(frontier.into_iter().map(|(h, size)| async move {
+                    if known.is_some_and(|k| k.contains_key(&h)) {
+                        return Ok(None);
+                    }
+                    if self.state.store.contains(&h)
+                        && let Ok(n) = read_node(&self.state.store, &h)
+                    {
+                        return Ok(Some((h, n)));
+                    }
+                    let bytes = self.fetch_small(h, size).await?;
+                    let n = DirNode::decode(&bytes).map_err(|e| SyncError::Object {
+                        hash: h,
+                        last: e.to_string(),
+                    })?;
+                    self.state.store.put_bytes(&h, &bytes)?;
+                    Ok::<_, SyncError>(Some((h, n)))
+                }))
+                .buffer_unordered(self.state.cfg.parallel_fetches.max(1))
+                .collect::<Vec<_>>()
+                .await;
+            for r in fetched {
+                let Some((h, node)) = r? else { continue };
+                for e in &node.entries {
+                    match e.kind {
+                        EntryKind::Dir if !new_nodes.contains_key(&e.hash) => {
+                            next.push((e.hash, e.size))
+                        }
+                        EntryKind::File
+                            if seen_blobs.insert(e.hash) && !self.state.store.contains(&e.hash) =>
+                        {
+                            blobs.push((e.hash, e.size));
+                        }
+                        _ => {}
+                    }
+                }
+                new_nodes.insert(h, Arc::new(node));
+            }
+            frontier = next;
+        }
+
+        // Space check before fetching a byte of blob data.
+        let partial: u64 = blobs
+            .iter()
+            .filter_map(|(h, _)| std::fs::metadata(self.state.partial_dir.join(h.to_hex())).ok())
+            .map(|m| m.len())
+            .sum();
+        let needed: u64 = blobs
+            .iter()
+            .map(|(_, s)| *s)
+            .sum::<u64>()
+            .saturating_sub(partial);
+        let free = self.state.store.free_bytes()?;
+        self.state.metrics.disk_free_bytes.set(free as i64);
+        let reserve = self.state.cfg.reserve_free_bytes;
+        if needed.saturating_add(reserve) > free {
+            return Err(SyncError::NoSpace {
+                needed,
+                reserve,
+                free,
+            });
+        }
+
+        let total_blobs = blobs.len();
+        self.fetch_blobs(blobs).await?;
+
+        // Switch.
+        self.state.store.sync_all()?;
+        write_atomic(&self.state.root_path(generation), &vr.envelope)?;
+        let mut all_nodes: HashMap<Hash, Arc<DirNode>> = known.cloned().unwrap_or_default();
+        all_nodes.extend(new_nodes);
+        let g = Generation::assemble(&self.state.store, vr, Some(&all_nodes))?;
+        write_atomic(
+            &self.state.cfg.state.join("current"),
+            generation.to_string().as_bytes(),
+        )?;
+        self.install(g);
+        let dt = t0.elapsed();
+        self.state.metrics.sync_seconds.observe(dt.as_secs_f64());
+        self.state.metrics.syncs.with_label_values(&["ok"]).inc();
+        self.state.set_status(|s| {
+            s.state = "idle".into();
+            s.last_error = None;
+            s.last_success = Some(unix_now());
+        });
+        tracing::info!(
+            generation,
+            blobs = total_blobs,
+            seconds = dt.as_secs_f64(),
+            "now serving generation {generation}"
+        );
+        Ok(())
+    }
+
+    async fn fetch_blobs(&self, blobs: Vec<(Hash, u64)>) -> Result<(), SyncError> {
+        let results =
+            futures_util::stream::iter(blobs.into_iter().map(|(h, size)| self.fetch_blob(h, size)))
+                .buffer_unordered(self.state.cfg.parallel_fetches.max(1))
+                .collect::<Vec<_>>()
+                .await;
+        for r in results {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Fetches a small object (a directory node) into memory, verified.
+    async fn fetch_small(&self, h: Hash, size: u64) -> Result<Vec<u8>, SyncError> {
+        if size > meridian_core::MAX_NODE_BYTES {
+            return Err(SyncError::Object {
+                hash: h,
+                last: format!("declared node size {size} over the limit"),
+            });
+        }
+        let mut last = String::from("no upstream");
+        for i in self.upstreams.order() {
+            let url = self.upstreams.api(i, &format!("objects/{h}"));
+            let res = async {
+                let r = self
+                    .upstreams
+                    .http
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|e| FetchFail::Transport(e.to_string()))?;
+                if !r.status().is_success() {
+                    return Err(FetchFail::Transport(format!("HTTP {}", r.status())));
+                }
+                let b = read_capped(r, size).await.map_err(FetchFail::Bad)?;
+                if b.len() as u64 != size || hash_bytes(&b) != h {
+                    return Err(FetchFail::Bad(format!(
+                        "node {h} does not match its hash or size"
+                    )));
+                }
+                Ok(b)
+            }
+            .await;
+            match res {
+                Ok(b) => {
+                    self.state.metrics.bytes_fetched.inc_by(b.len() as u64);
+                    self.state.metrics.objects_fetched.inc();
+                    return Ok(b);
+                }
+                Err(e) => last = self.note_failure(i, &url, e)?,
+            }
+        }
+        Err(SyncError::Object { hash: h, last })
+    }
+
+    fn note_failure(&self, i: usize, url: &str, e: FetchFail) -> Result<String, SyncError> {
+        match e {
+            FetchFail::Transport(m) => {
+                tracing::debug!(%url, error = %m, "fetch failed; trying the next upstream");
+                Ok(format!("{url}: {m}"))
+            }
+            FetchFail::Bad(m) => {
+                tracing::warn!(%url, error = %m, "upstream sent bad data; discarded");
+                self.state
+                    .metrics
+                    .verify_failures
+                    .with_label_values(&[self.upstreams.url(i)])
+                    .inc();
+                self.upstreams.strike(i);
+                Ok(format!("{url}: {m}"))
+            }
+            FetchFail::Local(e) => Err(SyncError::Store(e)),
+        }
+    }
+
+    /// Fetches one blob into the store, verified, resuming a partial.
+    async fn fetch_blob(&self, h: Hash, size: u64) -> Result<(), SyncError> {
+        if self.state.store.contains(&h) {
+            return Ok(());
+        }
+        let mut last = String::from("no upstream");
+        for i in self.upstreams.order() {
+            let url = self.upstreams.api(i, &format!("objects/{h}"));
+            match self.fetch_blob_from(&url, h, size).await {
+                Ok(()) => {
+                    self.state.metrics.objects_fetched.inc();
+                    return Ok(());
+                }
+                Err(e) => last = self.note_failure(i, &url, e)?,
+            }
+        }
+        Err(SyncError::Object { hash: h, last })
+    }
+
+    async fn fetch_blob_from(&self, url: &str, h: Hash, size: u64) -> Result<(), FetchFail> {
+        let partial = self.state.partial_dir.join(h.to_hex());
+        let local =
+            |e: std::io::Error| FetchFail::Local(meridian_serve::StoreError::io(&partial, e));
+        // Re-hash a verified-so-far prefix (a prefix is only trusted once the
+        // whole blob hashes right; a bad prefix is discarded with the rest).
+        let (mut file, mut hasher, mut have) = {
+            let p = partial.clone();
+            tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                let mut f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&p)?;
+                let len = f.metadata()?.len();
+                let mut hasher = blake3::Hasher::new();
+                if len > size {
+                    f.set_len(0)?;
+                    return Ok((f, hasher, 0));
+                }
+                let mut buf = vec![0u8; 1 << 20];
+                let mut done = 0u64;
+                while done < len {
+                    let n = f.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    done += n as u64;
+                }
+                f.seek(std::io::SeekFrom::Start(done))?;
+                Ok((f, hasher, done))
+            })
+            .await
+            .map_err(|e| local(std::io::Error::other(e)))?
+            .map_err(local)?
+        };
+        if have < size {
+            let mut req = self.upstreams.http.get(url);
+            if have > 0 {
+                req = req.header("Range", format!("bytes={have}-"));
+            }
+            // Bound the whole transfer too: an upstream trickling a byte at a
+            // time must not pin the sync forever.
+            let deadline = Duration::from_secs(60 + size / (256 * 1024));
+            let resp = req
+                .timeout(deadline)
+                .send()
+                .await
+                .map_err(|e| FetchFail::Transport(e.to_string()))?;
+            match resp.status().as_u16() {
+                206 if have > 0 => {
+                    let ok = resp
+                        .headers()
+                        .get("content-range")
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.starts_with(&format!("bytes {have}-")));
+                    if !ok {
+                        return Err(FetchFail::Bad(
+                            "Content-Range does not match the requested resume point".into(),
+                        ));
+                    }
+                }
+                200 => {
+                    if have > 0 {
+                        file.set_len(0).map_err(local)?;
+                        file.seek(std::io::SeekFrom::Start(0)).map_err(local)?;
+                        hasher = blake3::Hasher::new();
+                        have = 0;
+                    }
+                }
+                s => return Err(FetchFail::Transport(format!("HTTP {s}"))),
+            }
+            let mut stream = resp.bytes_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| {
+                    FetchFail::Transport(format!("after {have} of {size} bytes: {e}"))
+                })?;
+                if have + chunk.len() as u64 > size {
+                    drop(file);
+                    let _ = std::fs::remove_file(&partial);
+                    return Err(FetchFail::Bad(format!(
+                        "upstream sent more than the declared {size} bytes"
+                    )));
+                }
+                hasher.update(&chunk);
+                // Small synchronous writes to the page cache; a blocking-pool
+                // hop per chunk would cost more than it saves.
+                file.write_all(&chunk).map_err(local)?;
+                have += chunk.len() as u64;
+                self.state.metrics.bytes_fetched.inc_by(chunk.len() as u64);
+            }
+            if have < size {
+                return Err(FetchFail::Transport(format!(
+                    "truncated: {have} of {size} bytes; will resume"
+                )));
+            }
+        }
+        drop(file);
+        let got: Hash = hasher.finalize().into();
+        if got != h {
+            let _ = std::fs::remove_file(&partial);
+            return Err(FetchFail::Bad(format!("blob {h} hashed to {got}")));
+        }
+        self.state
+            .store
+            .commit(&partial, &h)
+            .map_err(FetchFail::Local)?;
+        Ok(())
+    }
+
+    /// Removes objects neither the served generation nor the previous one
+    /// references, once they are older than the grace period. Unlinking is
+    /// safe under running downloads: an open file stays readable.
+    pub fn gc(&self) {
+        let Some(g) = self.state.served.load_full() else {
+            return;
+        };
+        let mut keep: HashSet<Hash> = HashSet::new();
+        let mut add = |g: &Generation| {
+            keep.extend(g.nodes.keys().copied());
+            keep.extend(g.blobs().map(|(h, _)| h));
+        };
+        add(&g);
+        if let Some(prev) = std::fs::read(self.state.root_path(g.number().saturating_sub(1)))
+            .ok()
+            .and_then(|env| self.state.verifier.open(&env).ok())
+            .and_then(|vr| Generation::assemble(&self.state.store, vr, Some(&g.nodes)).ok())
+        {
+            add(&prev);
+        }
+        let grace = self.state.cfg.gc_grace;
+        let Ok(all) = self.state.store.list() else {
+            return;
+        };
+        let mut removed = 0;
+        for h in all {
+            if keep.contains(&h) {
+                continue;
+            }
+            let old = std::fs::metadata(self.state.store.path(&h))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= grace);
+            if old && self.state.store.remove(&h).is_ok() {
+                removed += 1;
+            }
+        }
+        // Old roots: keep the served one and its predecessor.
+        if let Ok(rd) = std::fs::read_dir(&self.state.roots_dir) {
+            for e in rd.flatten() {
+                let n = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.strip_suffix(".root"))
+                    .and_then(|s| s.parse::<u64>().ok());
+                if n.is_some_and(|n| n + 1 < g.number()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "garbage-collected objects no longer served");
+        }
+    }
+}
