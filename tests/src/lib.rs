@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used)]
 
+pub mod evil;
+
 use meridian_core::{DirNode, EntryKind, Hash, TrustedKeys, VerifiedRoot, Verifier};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -263,4 +265,60 @@ pub fn now() -> i64 {
 /// blake3 of a file on disk.
 pub fn hash_file(p: &Path) -> Hash {
     meridian_core::hash_bytes(&std::fs::read(p).unwrap())
+}
+
+/// Starts `meridian origin` on a port chosen by the OS, content in
+/// `dir/content`, key in `dir/key`, state in `dir/origin-state`.
+pub fn origin(dir: &Path, quiet: &str) -> (Proc, std::net::SocketAddr) {
+    let mut p = Proc::spawn(
+        &[
+            "origin",
+            "--content", dir.join("content").to_str().unwrap(),
+            "--state", dir.join("origin-state").to_str().unwrap(),
+            "--key", dir.join("key").to_str().unwrap(),
+            "--listen", "127.0.0.1:0",
+            "--quiet", quiet,
+        ],
+        &[],
+    );
+    let a = p.listening("origin");
+    (p, a)
+}
+
+/// Starts `meridian mirror` with its state in `state`.
+pub fn mirror(id: &str, upstreams: &[String], key: &meridian_core::PublicKey, state: &Path, extra: &[&str]) -> (Proc, std::net::SocketAddr) {
+    let key = key.to_string();
+    let mut args: Vec<&str> = vec!["mirror", "--id", id, "--trust", &key, "--state", state.to_str().unwrap(), "--listen", "127.0.0.1:0", "--poll-interval", "5s"];
+    for u in upstreams {
+        args.push("--upstream");
+        args.push(u);
+    }
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn(&args, &[]);
+    let a = p.listening("mirror");
+    (p, a)
+}
+
+/// The status document of a mirror.
+pub async fn status(http: &reqwest::Client, addr: std::net::SocketAddr) -> Option<serde_json::Value> {
+    serde_json::from_slice(&http.get(format!("http://{addr}/.meridian/status")).send().await.ok()?.bytes().await.ok()?).ok()
+}
+
+/// Waits until the mirror serves generation `g` or newer.
+pub async fn wait_generation(http: &reqwest::Client, addr: std::net::SocketAddr, g: u64) -> u64 {
+    eventually(&format!("mirror {addr} to serve generation {g}"), Duration::from_secs(60), || async {
+        let s = status(http, addr).await?;
+        let n = s["generation"].as_u64()?;
+        (n >= g).then_some(n)
+    })
+    .await
+}
+
+/// A metric's value from a Prometheus text page (sum over label sets).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

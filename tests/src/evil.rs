@@ -1,0 +1,138 @@
+//! An upstream that lies: it forwards the read API of a real node but
+//! corrupts what it forwards, in one of several ways.
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use meridian_serve::{Body, ServerHandle, ServerOptions, Service, full, serve};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How the proxy lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    Honest = 0,
+    /// Flips one byte in the middle of every blob.
+    FlipByte = 1,
+    /// Sends half of every blob, then drops the connection.
+    Truncate = 2,
+    /// Sends every blob followed by extra bytes.
+    Extra = 3,
+    /// Answers root requests with `fake_root`.
+    FakeRoot = 4,
+    /// Sends blobs slowly (64 KiB every 50 ms).
+    Slow = 5,
+}
+
+/// The lying upstream.
+pub struct Evil {
+    pub upstream: String,
+    pub mode: AtomicU8,
+    pub fake_root: Mutex<Vec<u8>>,
+    pub objects_served: AtomicU64,
+    http: reqwest::Client,
+}
+
+impl Evil {
+    pub async fn start(upstream: SocketAddr, mode: Mode) -> (Arc<Evil>, ServerHandle) {
+        let evil = Arc::new(Evil {
+            upstream: format!("http://{upstream}"),
+            mode: AtomicU8::new(mode as u8),
+            fake_root: Mutex::new(Vec::new()),
+            objects_served: AtomicU64::new(0),
+            http: reqwest::Client::new(),
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let h = serve(l, ServerOptions::default(), evil.clone());
+        (evil, h)
+    }
+
+    pub fn set_mode(&self, m: Mode) {
+        self.mode.store(m as u8, Ordering::SeqCst);
+    }
+
+    fn mode(&self) -> u8 {
+        self.mode.load(Ordering::SeqCst)
+    }
+}
+
+fn stream(chunks: Vec<Result<Bytes, std::io::Error>>, delay: Option<Duration>) -> Body {
+    let s = futures_util::stream::unfold(chunks.into_iter(), move |mut it| async move {
+        let next = it.next()?;
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        Some((next.map(Frame::data), it))
+    });
+    http_body_util::StreamBody::new(s).boxed()
+}
+
+impl Service for Evil {
+    async fn call(&self, req: http::Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+        let is_root = path.contains("/v1/root") || path.contains("/v1/wait");
+        let is_object = path.contains("/v1/objects/");
+        let mode = self.mode();
+        if is_root && mode == Mode::FakeRoot as u8 {
+            let fake = self.fake_root.lock().unwrap().clone();
+            return Response::new(full(fake));
+        }
+        let mut fwd = self.http.get(format!("{}{path}", self.upstream));
+        if let Some(r) = req.headers().get("range") {
+            fwd = fwd.header("range", r.clone());
+        }
+        let Ok(resp) = fwd.send().await else {
+            let mut r = Response::new(full("upstream down"));
+            *r.status_mut() = StatusCode::BAD_GATEWAY;
+            return r;
+        };
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.unwrap_or_default();
+        let mut out = Response::builder().status(status.as_u16());
+        for k in ["content-range", "content-type", "x-meridian-generation"] {
+            if let Some(v) = headers.get(k) {
+                out = out.header(k, v.as_bytes());
+            }
+        }
+        // Directory nodes pass untouched: only blobs (which do not decode
+        // as nodes) are damaged, so each test exercises blob verification.
+        let is_blob = is_object && meridian_core::DirNode::decode(&body).is_err();
+        if !is_blob || !status.is_success() || mode == Mode::Honest as u8 {
+            return out.body(full(body)).unwrap();
+        }
+        self.objects_served.fetch_add(1, Ordering::Relaxed);
+        match mode {
+            m if m == Mode::FlipByte as u8 => {
+                let mut b = body.to_vec();
+                if !b.is_empty() {
+                    let mid = b.len() / 2;
+                    b[mid] ^= 0x40;
+                }
+                out.body(full(b)).unwrap()
+            }
+            m if m == Mode::Truncate as u8 => {
+                let half = body.slice(..body.len() / 2);
+                out.header("content-length", body.len())
+                    .body(stream(vec![Ok(half), Err(std::io::Error::other("cut"))], None))
+                    .unwrap()
+            }
+            m if m == Mode::Extra as u8 => {
+                let mut b = body.to_vec();
+                b.extend_from_slice(&[0xAB; 4096]);
+                out.body(full(b)).unwrap()
+            }
+            m if m == Mode::Slow as u8 => {
+                let chunks: Vec<_> = body.chunks(64 * 1024).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+                out.header("content-length", body.len())
+                    .body(stream(chunks, Some(Duration::from_millis(50))))
+                    .unwrap()
+            }
+            _ => out.body(full(body)).unwrap(),
+        }
+    }
+}
