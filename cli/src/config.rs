@@ -141,6 +141,12 @@ pub struct MirrorArgs {
     /// How long blobs that left the served generation are kept, e.g. `10m`.
     #[arg(long, value_name = "DURATION")]
     gc_grace: Option<String>,
+    /// Bytes of disk to keep free; a sync that would eat into them is refused.
+    #[arg(long, value_name = "BYTES")]
+    reserve_free: Option<u64>,
+    /// Time allowed to send a request head (slowloris guard), e.g. `20s`.
+    #[arg(long, value_name = "DURATION")]
+    header_timeout: Option<String>,
 }
 
 impl MirrorArgs {
@@ -188,6 +194,13 @@ impl MirrorArgs {
         set(&mut t, "scrub_interval", self.scrub_interval);
         set(&mut t, "poll_interval", self.poll_interval);
         set(&mut t, "gc_grace", self.gc_grace);
+        set(&mut t, "header_timeout", self.header_timeout);
+        if let Some(r) = self.reserve_free {
+            t.insert(
+                "reserve_free_bytes".into(),
+                toml::Value::Integer(r.min(i64::MAX as u64) as i64),
+            );
+        }
         t.try_into()
             .context("invalid mirror configuration (need at least id, upstreams, trust and state)")
     }

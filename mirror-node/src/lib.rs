@@ -105,12 +105,10 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
         ..ServerOptions::default()
     };
     let mut servers = Vec::new();
-    let l = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| MirrorError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
+    let l = meridian_serve::bind(cfg.listen).map_err(|source| MirrorError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
     let http = serve(l, opts.clone(), service.clone());
     let http_addr = http.local_addr;
     tracing::info!(id = %cfg.id, "mirror listening on {http_addr}");
@@ -122,9 +120,7 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
             return Err(MirrorError::TlsIncomplete);
         };
         let tls = meridian_serve::tls::server_config(cert, key)?;
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| MirrorError::Bind { addr, source })?;
+        let l = meridian_serve::bind(addr).map_err(|source| MirrorError::Bind { addr, source })?;
         let s = serve(
             l,
             ServerOptions {

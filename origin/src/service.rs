@@ -206,12 +206,10 @@ impl Origin {
             ..ServerOptions::default()
         };
         let mut servers = Vec::new();
-        let listener = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|source| OriginError::Bind {
-                addr: cfg.listen,
-                source,
-            })?;
+        let listener = meridian_serve::bind(cfg.listen).map_err(|source| OriginError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
         let http = serve(listener, opts.clone(), origin.clone());
         let http_addr = http.local_addr;
         tracing::info!(addr = %http_addr, "origin listening on {http_addr}");
@@ -222,9 +220,8 @@ impl Origin {
                 return Err(OriginError::TlsIncomplete);
             };
             let tls = meridian_serve::tls::server_config(cert, key)?;
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| OriginError::Bind { addr, source })?;
+            let l =
+                meridian_serve::bind(addr).map_err(|source| OriginError::Bind { addr, source })?;
             let s = serve(
                 l,
                 ServerOptions {

@@ -18,7 +18,7 @@ pub mod store;
 pub mod tls;
 
 pub use body::{Body, empty, full};
-pub use server::{ServerHandle, ServerOptions, Service, serve};
+pub use server::{ServerHandle, ServerOptions, Service, bind, serve};
 pub use store::{ObjectStore, StoreError};
 
 /// Seconds since the Unix epoch, now.

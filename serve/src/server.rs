@@ -96,6 +96,22 @@ impl Drop for ConnGuard {
     }
 }
 
+/// Listen backlog: large, so a burst of connections is queued rather than
+/// dropped (the kernel caps it at `net.core.somaxconn`).
+pub const BACKLOG: u32 = 8192;
+
+/// Binds a listening socket with `SO_REUSEADDR` and a deep backlog.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(BACKLOG)
+}
+
 /// Serves `service` on `listener` until the handle is shut down.
 pub fn serve<S: Service>(
     listener: TcpListener,

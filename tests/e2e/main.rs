@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `meridian` binary on loopback.
 #![allow(clippy::unwrap_used)]
 
-mod origin;
 mod mirror;
+mod origin;
+mod serving;

@@ -1,7 +1,9 @@
 //! Mirrors as real processes: tiered sync, verification, resume, serving.
 
 use meridian_e2e::evil::{Evil, Mode};
-use meridian_e2e::{ReadClient, eventually, keygen, metric, mirror, origin, status, wait_generation};
+use meridian_e2e::{
+    ReadClient, eventually, keygen, metric, mirror, origin, status, wait_generation,
+};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
@@ -9,7 +11,10 @@ use std::time::Duration;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 async fn origin_generation(client: &ReadClient) -> u64 {
@@ -39,7 +44,14 @@ fn files_on_disk(root: &Path) -> Vec<String> {
             if ft.is_dir() {
                 stack.push(e.path());
             } else if ft.is_file() {
-                out.push(e.path().strip_prefix(root).unwrap().to_str().unwrap().to_owned());
+                out.push(
+                    e.path()
+                        .strip_prefix(root)
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_owned(),
+                );
             }
         }
     }
@@ -48,7 +60,11 @@ fn files_on_disk(root: &Path) -> Vec<String> {
 }
 
 async fn get(http: &reqwest::Client, addr: std::net::SocketAddr, path: &str) -> (u16, Vec<u8>) {
-    let r = http.get(format!("http://{addr}/{path}")).send().await.unwrap();
+    let r = http
+        .get(format!("http://{addr}/{path}"))
+        .send()
+        .await
+        .unwrap();
     (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
 }
 
@@ -57,7 +73,10 @@ async fn serves_exactly(http: &reqwest::Client, addr: std::net::SocketAddr, cont
     for f in files_on_disk(content) {
         let (code, body) = get(http, addr, &f).await;
         assert_eq!(code, 200, "{f} from {addr}");
-        assert!(body == std::fs::read(content.join(&f)).unwrap(), "{f} from {addr} differs");
+        assert!(
+            body == std::fs::read(content.join(&f)).unwrap(),
+            "{f} from {addr} differs"
+        );
     }
 }
 
@@ -72,8 +91,20 @@ async fn two_tiers_converge_through_publish_change_and_delete() {
     let key = keygen(&dir.path().join("key"));
     let (_o, oaddr) = origin(dir.path(), "200ms");
     let client = ReadClient::new(oaddr, key);
-    let (_a, a) = mirror("a", &[format!("http://{oaddr}")], &key, &dir.path().join("a"), &[]);
-    let (_b, b) = mirror("b", &[format!("http://{a}")], &key, &dir.path().join("b"), &[]);
+    let (_a, a) = mirror(
+        "a",
+        &[format!("http://{oaddr}")],
+        &key,
+        &dir.path().join("a"),
+        &[],
+    );
+    let (_b, b) = mirror(
+        "b",
+        &[format!("http://{a}")],
+        &key,
+        &dir.path().join("b"),
+        &[],
+    );
     let http = http();
 
     let mut g = published(&client, &content, 0).await;
@@ -92,15 +123,27 @@ async fn two_tiers_converge_through_publish_change_and_delete() {
         }
         g = published(&client, &content, g).await;
     }
-    assert_eq!(get(&http, b, "pool/big.bin").await.0, 404, "a deleted file is gone");
+    assert_eq!(
+        get(&http, b, "pool/big.bin").await.0,
+        404,
+        "a deleted file is gone"
+    );
 
     // Ranges through the second tier.
-    let r = http.get(format!("http://{b}/pool/new.deb")).header("Range", "bytes=10-19").send().await.unwrap();
+    let r = http
+        .get(format!("http://{b}/pool/new.deb"))
+        .header("Range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &[1u8; 10]);
     // Status reflects the sync.
     let s = status(&http, b).await.unwrap();
-    assert_eq!(s["generation"].as_u64(), Some(origin_generation(&client).await));
+    assert_eq!(
+        s["generation"].as_u64(),
+        Some(origin_generation(&client).await)
+    );
     assert_eq!(s["sync_state"], "idle");
 }
 
@@ -115,28 +158,50 @@ async fn bad_blobs_from_an_upstream_are_rejected_and_fetched_elsewhere() {
     let (evil, evil_srv) = Evil::start(oaddr, Mode::FlipByte).await;
     let (mut m, maddr) = mirror(
         "m",
-        &[format!("http://{}", evil_srv.local_addr), format!("http://{oaddr}")],
+        &[
+            format!("http://{}", evil_srv.local_addr),
+            format!("http://{oaddr}"),
+        ],
         &key,
         &dir.path().join("m"),
         &[],
     );
     let http = http();
     let mut g = published(&client, &content, 0).await;
-    for (i, mode) in [Mode::FlipByte, Mode::Truncate, Mode::Extra].into_iter().enumerate() {
+    for (i, mode) in [Mode::FlipByte, Mode::Truncate, Mode::Extra]
+        .into_iter()
+        .enumerate()
+    {
         evil.set_mode(mode);
-        let before = evil.objects_served.load(std::sync::atomic::Ordering::Relaxed);
-        let data: Vec<u8> = (0..200_000u32).map(|x| (x as u8).wrapping_mul(i as u8 + 3)).collect();
+        let before = evil
+            .objects_served
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let data: Vec<u8> = (0..200_000u32)
+            .map(|x| (x as u8).wrapping_mul(i as u8 + 3))
+            .collect();
         std::fs::write(content.join(format!("file{i}.bin")), &data).unwrap();
         g = published(&client, &content, g).await;
         wait_generation(&http, maddr, g).await;
         assert!(
-            evil.objects_served.load(std::sync::atomic::Ordering::Relaxed) > before,
+            evil.objects_served
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > before,
             "{mode:?}: the evil upstream was asked first"
         );
         serves_exactly(&http, maddr, &content).await;
     }
-    let metrics = http.get(format!("http://{maddr}/.meridian/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metric(&metrics, "meridian_mirror_verify_failures_total") >= 2.0, "{metrics}");
+    let metrics = http
+        .get(format!("http://{maddr}/.meridian/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric(&metrics, "meridian_mirror_verify_failures_total") >= 2.0,
+        "{metrics}"
+    );
     m.drain();
     m.wait_line("upstream sent bad data", Duration::from_secs(5));
 }
@@ -149,21 +214,67 @@ async fn forged_replayed_and_expired_roots_are_refused() {
     std::fs::create_dir_all(&content).unwrap();
     std::fs::write(content.join("f"), b"real").unwrap();
     let key = keygen(&dir.path().join("key"));
-    let secret = SecretKey::from_file_text(&std::fs::read_to_string(dir.path().join("key")).unwrap()).unwrap();
+    let secret =
+        SecretKey::from_file_text(&std::fs::read_to_string(dir.path().join("key")).unwrap())
+            .unwrap();
     let (_o, oaddr) = origin(dir.path(), "200ms");
     let client = ReadClient::new(oaddr, key);
     let g = published(&client, &content, 0).await;
     let real = client.root().await.unwrap();
 
     let (evil, evil_srv) = Evil::start(oaddr, Mode::FakeRoot).await;
-    let (_m, maddr) = mirror("m", &[format!("http://{}", evil_srv.local_addr)], &key, &dir.path().join("m"), &[]);
+    let (_m, maddr) = mirror(
+        "m",
+        &[format!("http://{}", evil_srv.local_addr)],
+        &key,
+        &dir.path().join("m"),
+        &[],
+    );
     let http = http();
     let now = meridian_e2e::now();
-    let fake_tree = |r: &Root| Root { tree: Hash([9; 32]), ..r.clone() };
+    let fake_tree = |r: &Root| Root {
+        tree: Hash([9; 32]),
+        ..r.clone()
+    };
     let attacks: Vec<(&str, Vec<u8>)> = vec![
-        ("unknown key", SignedRoot::sign(&Root { generation: g + 1, previous: real.hash, ..fake_tree(&real.root) }, &SecretKey::from_seed([42; 32])).encode()),
-        ("expired", SignedRoot::sign(&Root { generation: g + 1, previous: real.hash, created: now - 100, expires: now - 10, ..fake_tree(&real.root) }, &secret).encode()),
-        ("broken chain", SignedRoot::sign(&Root { generation: g + 1, previous: Hash([1; 32]), ..fake_tree(&real.root) }, &secret).encode()),
+        (
+            "unknown key",
+            SignedRoot::sign(
+                &Root {
+                    generation: g + 1,
+                    previous: real.hash,
+                    ..fake_tree(&real.root)
+                },
+                &SecretKey::from_seed([42; 32]),
+            )
+            .encode(),
+        ),
+        (
+            "expired",
+            SignedRoot::sign(
+                &Root {
+                    generation: g + 1,
+                    previous: real.hash,
+                    created: now - 100,
+                    expires: now - 10,
+                    ..fake_tree(&real.root)
+                },
+                &secret,
+            )
+            .encode(),
+        ),
+        (
+            "broken chain",
+            SignedRoot::sign(
+                &Root {
+                    generation: g + 1,
+                    previous: Hash([1; 32]),
+                    ..fake_tree(&real.root)
+                },
+                &secret,
+            )
+            .encode(),
+        ),
         ("garbage", b"MSIG\x01 this is not a root".to_vec()),
     ];
     // First let the mirror sync the real generation through the honest path.
@@ -173,22 +284,44 @@ async fn forged_replayed_and_expired_roots_are_refused() {
     for (what, bytes) in attacks {
         *evil.fake_root.lock().unwrap() = bytes;
         evil.set_mode(Mode::FakeRoot);
-        let n = eventually(&format!("the mirror to refuse the {what} root"), DEADLINE, || async {
-            let m = http.get(format!("http://{maddr}/.meridian/metrics")).send().await.ok()?.text().await.ok()?;
-            let f = metric(&m, "meridian_mirror_verify_failures_total");
-            (f > failures).then_some(f)
-        })
+        let n = eventually(
+            &format!("the mirror to refuse the {what} root"),
+            DEADLINE,
+            || async {
+                let m = http
+                    .get(format!("http://{maddr}/.meridian/metrics"))
+                    .send()
+                    .await
+                    .ok()?
+                    .text()
+                    .await
+                    .ok()?;
+                let f = metric(&m, "meridian_mirror_verify_failures_total");
+                (f > failures).then_some(f)
+            },
+        )
         .await;
         failures = n;
         let s = status(&http, maddr).await.unwrap();
-        assert_eq!(s["generation"].as_u64(), Some(g), "{what}: the mirror still serves the real generation");
+        assert_eq!(
+            s["generation"].as_u64(),
+            Some(g),
+            "{what}: the mirror still serves the real generation"
+        );
         assert_eq!(get(&http, maddr, "f").await.1, b"real");
     }
     // Replay: offering the generation the mirror already holds.
     *evil.fake_root.lock().unwrap() = real.envelope.clone();
     let before = failures;
     eventually("the mirror to refuse a replayed root", DEADLINE, || async {
-        let m = http.get(format!("http://{maddr}/.meridian/metrics")).send().await.ok()?.text().await.ok()?;
+        let m = http
+            .get(format!("http://{maddr}/.meridian/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
         (metric(&m, "meridian_mirror_verify_failures_total") > before).then_some(())
     })
     .await;
@@ -209,17 +342,32 @@ async fn a_kill_mid_sync_resumes_from_the_partial_download() {
     let state = dir.path().join("m");
     let partial = state.join("partial");
     {
-        let (mut m, _) = mirror("m", &[format!("http://{}", slow.local_addr)], &key, &state, &[]);
+        let (mut m, _) = mirror(
+            "m",
+            &[format!("http://{}", slow.local_addr)],
+            &key,
+            &state,
+            &[],
+        );
         // Wait until a good part of the blob is on disk, then kill -9.
         eventually("a partial download to grow", DEADLINE, || async {
-            let len: u64 = std::fs::read_dir(&partial).ok()?.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
+            let len: u64 = std::fs::read_dir(&partial)
+                .ok()?
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum();
             (len > 1_000_000).then_some(())
         })
         .await;
         m.child.kill().unwrap();
         m.child.wait().unwrap();
     }
-    let kept: u64 = std::fs::read_dir(&partial).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum();
+    let kept: u64 = std::fs::read_dir(&partial)
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
     assert!(kept > 1_000_000, "the partial download survives the kill");
     // Nothing half-synced is visible: no current generation yet.
     assert!(!state.join("current").exists());
@@ -228,7 +376,14 @@ async fn a_kill_mid_sync_resumes_from_the_partial_download() {
     let http = http();
     wait_generation(&http, maddr, g).await;
     assert!(get(&http, maddr, "large.img").await.1 == data);
-    let metrics = http.get(format!("http://{maddr}/.meridian/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(format!("http://{maddr}/.meridian/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let fetched = metric(&metrics, "meridian_mirror_bytes_fetched_total");
     assert!(
         fetched <= (data.len() as u64 - kept) as f64 + 100_000.0,
@@ -248,13 +403,20 @@ async fn a_download_across_a_generation_switch_gets_one_consistent_file() {
     let (_o, oaddr) = origin(dir.path(), "200ms");
     let client = ReadClient::new(oaddr, key);
     let g1 = published(&client, &content, 0).await;
-    let (_m, maddr) = mirror("m", &[format!("http://{oaddr}")], &key, &dir.path().join("m"), &["--gc-grace", "0s"]);
+    let (_m, maddr) = mirror(
+        "m",
+        &[format!("http://{oaddr}")],
+        &key,
+        &dir.path().join("m"),
+        &["--gc-grace", "0s"],
+    );
     let http = http();
     wait_generation(&http, maddr, g1).await;
 
     // Start a download and read only its beginning.
     let mut s = std::net::TcpStream::connect(maddr).unwrap();
-    s.write_all(b"GET /image.iso HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /image.iso HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut head = vec![0u8; 64 * 1024];
     let n = s.read(&mut head).unwrap();
     assert!(n > 0);
@@ -263,7 +425,26 @@ async fn a_download_across_a_generation_switch_gets_one_consistent_file() {
     std::fs::write(content.join("image.iso"), vec![2u8; 20_000_000]).unwrap();
     let g2 = published(&client, &content, g1).await;
     wait_generation(&http, maddr, g2).await;
-    assert_eq!(get(&http, maddr, "image.iso").await.1[0], 2, "new requests see the new file");
+    assert_eq!(
+        get(&http, maddr, "image.iso").await.1[0],
+        2,
+        "new requests see the new file"
+    );
+    // One more generation, so the old blob is in neither the served nor the
+    // previous generation, and wait until GC has really unlinked it.
+    std::fs::write(content.join("other"), b"x").unwrap();
+    let g3 = published(&client, &content, g2).await;
+    wait_generation(&http, maddr, g3).await;
+    let old_hash = meridian_core::hash_bytes(&v1).to_hex();
+    let old_obj = dir
+        .path()
+        .join("m/objects")
+        .join(&old_hash[..2])
+        .join(&old_hash);
+    eventually("the old blob to be garbage-collected", DEADLINE, || async {
+        (!old_obj.exists()).then_some(())
+    })
+    .await;
 
     // The old download finishes on the old bytes.
     let mut rest = Vec::new();
@@ -273,5 +454,8 @@ async fn a_download_across_a_generation_switch_gets_one_consistent_file() {
     let body_at = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     let body = &all[body_at..];
     assert_eq!(body.len(), v1.len());
-    assert!(body.iter().all(|&b| b == 1), "the in-flight download mixed two generations");
+    assert!(
+        body.iter().all(|&b| b == 1),
+        "the in-flight download mixed two generations"
+    );
 }

@@ -73,7 +73,11 @@ fn stream(chunks: Vec<Result<Bytes, std::io::Error>>, delay: Option<Duration>) -
 
 impl Service for Evil {
     async fn call(&self, req: http::Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
-        let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default();
         let is_root = path.contains("/v1/root") || path.contains("/v1/wait");
         let is_object = path.contains("/v1/objects/");
         let mode = self.mode();
@@ -118,7 +122,10 @@ impl Service for Evil {
             m if m == Mode::Truncate as u8 => {
                 let half = body.slice(..body.len() / 2);
                 out.header("content-length", body.len())
-                    .body(stream(vec![Ok(half), Err(std::io::Error::other("cut"))], None))
+                    .body(stream(
+                        vec![Ok(half), Err(std::io::Error::other("cut"))],
+                        None,
+                    ))
                     .unwrap()
             }
             m if m == Mode::Extra as u8 => {
@@ -127,7 +134,10 @@ impl Service for Evil {
                 out.body(full(b)).unwrap()
             }
             m if m == Mode::Slow as u8 => {
-                let chunks: Vec<_> = body.chunks(64 * 1024).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+                let chunks: Vec<_> = body
+                    .chunks(64 * 1024)
+                    .map(|c| Ok(Bytes::copy_from_slice(c)))
+                    .collect();
                 out.header("content-length", body.len())
                     .body(stream(chunks, Some(Duration::from_millis(50))))
                     .unwrap()

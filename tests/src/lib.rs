@@ -273,11 +273,16 @@ pub fn origin(dir: &Path, quiet: &str) -> (Proc, std::net::SocketAddr) {
     let mut p = Proc::spawn(
         &[
             "origin",
-            "--content", dir.join("content").to_str().unwrap(),
-            "--state", dir.join("origin-state").to_str().unwrap(),
-            "--key", dir.join("key").to_str().unwrap(),
-            "--listen", "127.0.0.1:0",
-            "--quiet", quiet,
+            "--content",
+            dir.join("content").to_str().unwrap(),
+            "--state",
+            dir.join("origin-state").to_str().unwrap(),
+            "--key",
+            dir.join("key").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--quiet",
+            quiet,
         ],
         &[],
     );
@@ -286,9 +291,28 @@ pub fn origin(dir: &Path, quiet: &str) -> (Proc, std::net::SocketAddr) {
 }
 
 /// Starts `meridian mirror` with its state in `state`.
-pub fn mirror(id: &str, upstreams: &[String], key: &meridian_core::PublicKey, state: &Path, extra: &[&str]) -> (Proc, std::net::SocketAddr) {
+pub fn mirror(
+    id: &str,
+    upstreams: &[String],
+    key: &meridian_core::PublicKey,
+    state: &Path,
+    extra: &[&str],
+) -> (Proc, std::net::SocketAddr) {
     let key = key.to_string();
-    let mut args: Vec<&str> = vec!["mirror", "--id", id, "--trust", &key, "--state", state.to_str().unwrap(), "--listen", "127.0.0.1:0", "--poll-interval", "5s"];
+    let mut args: Vec<&str> = vec![
+        "mirror",
+        "--id",
+        id,
+        "--trust",
+        &key,
+        "--state",
+        state.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    if !extra.contains(&"--poll-interval") {
+        args.extend(["--poll-interval", "5s"]);
+    }
     for u in upstreams {
         args.push("--upstream");
         args.push(u);
@@ -300,17 +324,34 @@ pub fn mirror(id: &str, upstreams: &[String], key: &meridian_core::PublicKey, st
 }
 
 /// The status document of a mirror.
-pub async fn status(http: &reqwest::Client, addr: std::net::SocketAddr) -> Option<serde_json::Value> {
-    serde_json::from_slice(&http.get(format!("http://{addr}/.meridian/status")).send().await.ok()?.bytes().await.ok()?).ok()
+pub async fn status(
+    http: &reqwest::Client,
+    addr: std::net::SocketAddr,
+) -> Option<serde_json::Value> {
+    serde_json::from_slice(
+        &http
+            .get(format!("http://{addr}/.meridian/status"))
+            .send()
+            .await
+            .ok()?
+            .bytes()
+            .await
+            .ok()?,
+    )
+    .ok()
 }
 
 /// Waits until the mirror serves generation `g` or newer.
 pub async fn wait_generation(http: &reqwest::Client, addr: std::net::SocketAddr, g: u64) -> u64 {
-    eventually(&format!("mirror {addr} to serve generation {g}"), Duration::from_secs(60), || async {
-        let s = status(http, addr).await?;
-        let n = s["generation"].as_u64()?;
-        (n >= g).then_some(n)
-    })
+    eventually(
+        &format!("mirror {addr} to serve generation {g}"),
+        Duration::from_secs(60),
+        || async {
+            let s = status(http, addr).await?;
+            let n = s["generation"].as_u64()?;
+            (n >= g).then_some(n)
+        },
+    )
     .await
 }
 

@@ -1,0 +1,659 @@
+//! The mirror's download server under hostile or unusual clients.
+
+use meridian_e2e::evil::{Evil, Mode};
+use meridian_e2e::{Proc, ReadClient, eventually, keygen, mirror, origin, status, wait_generation};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+struct Net {
+    dir: tempfile::TempDir,
+    _origin: Proc,
+    origin: SocketAddr,
+    key: meridian_core::PublicKey,
+    client: ReadClient,
+}
+
+async fn net(files: &[(&str, &[u8])]) -> Net {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    for (p, d) in files {
+        let path = content.join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, d).unwrap();
+    }
+    let key = keygen(&dir.path().join("key"));
+    let (o, oaddr) = origin(dir.path(), "200ms");
+    let client = ReadClient::new(oaddr, key);
+    let n = files.len();
+    eventually("the origin to publish", DEADLINE, || async {
+        let r = client.root().await?;
+        (r.root.files as usize == n).then_some(())
+    })
+    .await;
+    Net {
+        dir,
+        _origin: o,
+        origin: oaddr,
+        key,
+        client,
+    }
+}
+
+impl Net {
+    async fn generation(&self) -> u64 {
+        self.client.root().await.unwrap().root.generation
+    }
+    fn path(&self, p: &str) -> std::path::PathBuf {
+        self.dir.path().join(p)
+    }
+}
+
+fn raw(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn traversal_attempts_never_escape_the_tree() {
+    let net = net(&[("pub/a.txt", b"public")]).await;
+    let (_m, maddr) = mirror(
+        "m",
+        &[format!("http://{}", net.origin)],
+        &net.key,
+        &net.path("m"),
+        &[],
+    );
+    let http = reqwest::Client::new();
+    wait_generation(&http, maddr, net.generation().await).await;
+    // The mirror's own state (keys, roots) sits next to the served tree: try
+    // to reach it and /etc/passwd every way a path can be spelled.
+    for path in [
+        "/../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/pub/..%2f..%2f..%2fetc%2fpasswd",
+        "/%2E%2E%2F%2E%2E%2Fetc%2Fpasswd",
+        "//etc/passwd",
+        "/pub/%00/../../etc/passwd",
+        "/pub/a.txt%00.html",
+        "/..%5c..%5cetc%5cpasswd",
+        "/current",
+        "/objects/",
+        "/roots/",
+    ] {
+        let resp = raw(
+            maddr,
+            &format!("GET {path} HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"),
+        );
+        let code: u16 = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(code == 400 || code == 404, "{path}: {code}\n{resp}");
+        assert!(!resp.contains("root:x:0:0"), "{path} leaked /etc/passwd");
+    }
+    // Dot segments that stay inside resolve normally.
+    let resp = raw(
+        maddr,
+        "GET /pub/../pub/./a.txt HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.ends_with("public"),
+        "{resp}"
+    );
+}
+
+#[tokio::test]
+async fn ranges_conditionals_and_listings() {
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i % 256) as u8).collect();
+    let net = net(&[
+        ("d/file.bin", &data),
+        ("d/readme.txt", b"hi"),
+        ("d/sub/x", b"x"),
+    ])
+    .await;
+    let (_m, m) = mirror(
+        "m",
+        &[format!("http://{}", net.origin)],
+        &net.key,
+        &net.path("m"),
+        &[],
+    );
+    let http = reqwest::Client::new();
+    wait_generation(&http, m, net.generation().await).await;
+    let url = format!("http://{m}/d/file.bin");
+    let get = |range: Option<String>| {
+        let mut r = http.get(&url);
+        if let Some(v) = range {
+            r = r.header("Range", v);
+        }
+        r.send()
+    };
+    // Full, with validators and digest.
+    let r = get(None).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let etag = r.headers()["etag"].to_str().unwrap().to_owned();
+    let h = meridian_core::hash_bytes(&data).to_hex();
+    assert_eq!(etag, format!("\"{h}\""));
+    assert_eq!(r.headers()["x-meridian-blake3"], h.as_str());
+    assert_eq!(r.headers()["accept-ranges"], "bytes");
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    let lm = r.headers()["last-modified"].to_str().unwrap().to_owned();
+    // Suffix range, open range, overlapping ranges coalesced.
+    let r = get(Some("bytes=-100".into())).await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[9900..]);
+    let r = get(Some("bytes=9990-".into())).await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[9990..]);
+    let r = get(Some("bytes=0-99,50-149".into())).await.unwrap();
+    assert_eq!(r.headers()["content-range"], "bytes 0-149/10000");
+    // Multi-range.
+    let r = get(Some("bytes=0-1,100-101".into())).await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("multipart/byteranges; boundary=")
+    );
+    let body = r.bytes().await.unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("Content-Range: bytes 0-1/10000")
+            && text.contains("Content-Range: bytes 100-101/10000")
+    );
+    // Malformed: ignored (full 200). Unsatisfiable: 416. Thousands: full 200.
+    assert_eq!(get(Some("bytes=zz-1".into())).await.unwrap().status(), 200);
+    let r = get(Some("bytes=20000-".into())).await.unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["content-range"], "bytes */10000");
+    let many: Vec<String> = (0..1000).map(|i| format!("{}-{}", i * 3, i * 3)).collect();
+    let r = get(Some(format!("bytes={}", many.join(","))))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "too many ranges: the whole file instead");
+    assert_eq!(r.bytes().await.unwrap().len(), data.len());
+    // A request head over the cap is refused outright.
+    let huge: Vec<String> = (0..5000).map(|i| format!("{i}-{i}")).collect();
+    let r = get(Some(format!("bytes={}", huge.join(","))))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    // Conditionals.
+    let r = http
+        .get(&url)
+        .header("If-None-Match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    let r = http
+        .get(&url)
+        .header("If-Modified-Since", &lm)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    let r = http
+        .get(&url)
+        .header("Range", "bytes=0-9")
+        .header("If-Range", "\"stale\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "If-Range mismatch sends the whole file");
+    let r = http
+        .get(&url)
+        .header("Range", "bytes=0-9")
+        .header("If-Range", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    // HEAD.
+    let r = http.head(&url).send().await.unwrap();
+    assert_eq!(r.headers()["content-length"], "10000");
+    // Listings: redirect, HTML, JSON, 404.
+    let nofollow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = nofollow.get(format!("http://{m}/d")).send().await.unwrap();
+    assert_eq!(r.status(), 301);
+    assert_eq!(r.headers()["location"], "/d/");
+    let html = http
+        .get(format!("http://{m}/d/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains("file.bin") && html.contains("sub/") && html.contains(&h),
+        "{html}"
+    );
+    assert!(
+        html.find("file.bin").unwrap() < html.find("readme.txt").unwrap(),
+        "sorted"
+    );
+    let json: serde_json::Value = serde_json::from_slice(
+        &http
+            .get(format!("http://{m}/d/"))
+            .header("Accept", "application/json")
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json["entries"][0]["name"], "file.bin");
+    assert_eq!(json["entries"][0]["size"], 10000);
+    assert_eq!(
+        http.get(format!("http://{m}/nope"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn ten_thousand_idle_connections_and_a_slowloris_do_not_starve_it() {
+    let net = net(&[("f", b"hello")]).await;
+    let (m, maddr) = mirror(
+        "m",
+        &[format!("http://{}", net.origin)],
+        &net.key,
+        &net.path("m"),
+        &["--header-timeout", "2s"],
+    );
+    let http = reqwest::Client::new();
+    wait_generation(&http, maddr, net.generation().await).await;
+    let pid = m.child.id();
+    let rss = || -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = rss();
+    let mut idle = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        idle.push(tokio::net::TcpStream::connect(maddr).await.unwrap());
+    }
+    // A slowloris: a request head trickled a byte at a time never completes.
+    let mut slow = tokio::net::TcpStream::connect(maddr).await.unwrap();
+    // Real clients are still served.
+    let r = http.get(format!("http://{maddr}/f")).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"hello");
+    eventually("the mirror to count its connections", DEADLINE, || async {
+        let s = status(&http, maddr).await?;
+        (s["active_connections"].as_u64()? >= 10_000).then_some(())
+    })
+    .await;
+    let after = rss();
+    eprintln!("RSS with 10,000 idle connections: {before} kB -> {after} kB");
+    assert!(
+        after - before < 200 * 1024,
+        "10,000 idle connections cost {} kB",
+        after - before
+    );
+    drop(idle);
+    // The slowloris is cut off by the header timeout (2 s here): it sends a
+    // byte every 500 ms, for at most 100 s, until it is closed.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    let mut closed = false;
+    for b in b"GET /f HTTP/1.1\r\nX-Slow: "
+        .iter()
+        .chain(std::iter::repeat(&b'a'))
+        .take(200)
+    {
+        if slow.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(500), slow.read(&mut buf)).await
+        {
+            if n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408") {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        closed,
+        "a slowloris was still connected after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_disk_filling_up_mid_sync_stops_the_sync_and_keeps_serving() {
+    let net = net(&[("small", b"v1")]).await;
+    let state = net.path("m");
+    std::fs::create_dir_all(&state).unwrap();
+    let st = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=40m",
+            "tmpfs",
+            state.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "mounting a small tmpfs for the mirror's state needs root"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _u = Unmount(state.clone());
+    let (_evil, slow) = Evil::start(net.origin, Mode::Slow).await;
+    let (mut m, maddr) = mirror(
+        "m",
+        &[format!("http://{}", slow.local_addr)],
+        &net.key,
+        &state,
+        &["--poll-interval", "1s", "--reserve-free", "1000000"],
+    );
+    let http = reqwest::Client::new();
+    let g1 = wait_generation(&http, maddr, net.generation().await).await;
+
+    // A 20 MB file starts syncing slowly; then something else eats the disk.
+    std::fs::write(net.path("content/big.iso"), vec![3u8; 20_000_000]).unwrap();
+    let partial = state.join("partial");
+    eventually("the big blob to start downloading", DEADLINE, || async {
+        let n: u64 = std::fs::read_dir(&partial)
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        (n > 0).then_some(())
+    })
+    .await;
+    let hog = state.join("hog");
+    let mut f = std::fs::File::create(&hog).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    while f.write_all(&chunk).is_ok() {}
+    drop(f);
+    let s = eventually("the sync to fail with a disk error", DEADLINE, || async {
+        let s = status(&http, maddr).await?;
+        (s["sync_state"] == "error").then_some(s)
+    })
+    .await;
+    let err = s["last_error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        err.contains("No space") || err.contains("not enough disk"),
+        "{err}"
+    );
+    assert_eq!(
+        s["generation"].as_u64(),
+        Some(g1),
+        "still serving the last good generation"
+    );
+    assert_eq!(
+        http.get(format!("http://{maddr}/small"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .as_ref(),
+        b"v1"
+    );
+    assert_eq!(
+        http.get(format!("http://{maddr}/big.iso"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // Free the space: the sync completes.
+    std::fs::remove_file(&hog).unwrap();
+    let g2 = net.generation().await;
+    wait_generation(&http, maddr, g2).await;
+    let body = http
+        .get(format!("http://{maddr}/big.iso"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(body.len() == 20_000_000 && body.iter().all(|&b| b == 3));
+    m.drain();
+}
+
+#[tokio::test]
+async fn a_sync_that_cannot_fit_is_refused_up_front() {
+    let net = net(&[("small", b"v1")]).await;
+    let state = net.path("m");
+    std::fs::create_dir_all(&state).unwrap();
+    let st = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=8m",
+            "tmpfs",
+            state.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a small tmpfs needs root");
+    let _u = scopeguard(state.clone());
+    let (_m, maddr) = mirror(
+        "m",
+        &[format!("http://{}", net.origin)],
+        &net.key,
+        &state,
+        &["--poll-interval", "1s", "--reserve-free", "1000000"],
+    );
+    let http = reqwest::Client::new();
+    let g1 = wait_generation(&http, maddr, net.generation().await).await;
+    std::fs::write(net.path("content/huge.iso"), vec![1u8; 30_000_000]).unwrap();
+    let s = eventually("the sync to be refused for space", DEADLINE, || async {
+        let s = status(&http, maddr).await?;
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not enough disk"))
+            .then_some(s)
+    })
+    .await;
+    assert_eq!(s["generation"].as_u64(), Some(g1));
+    let partial: u64 = std::fs::read_dir(state.join("partial"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert_eq!(
+        partial, 0,
+        "nothing was downloaded for a sync that cannot fit"
+    );
+}
+
+fn scopeguard(p: std::path::PathBuf) -> impl Drop {
+    struct U(std::path::PathBuf);
+    impl Drop for U {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    U(p)
+}
+
+#[tokio::test]
+async fn drain_needs_the_token_and_shows_in_status() {
+    let net = net(&[("f", b"x")]).await;
+    let (_m, maddr) = mirror(
+        "m",
+        &[format!("http://{}", net.origin)],
+        &net.key,
+        &net.path("m"),
+        &["--admin-token", "s3cret"],
+    );
+    let http = reqwest::Client::new();
+    wait_generation(&http, maddr, net.generation().await).await;
+    let url = format!("http://{maddr}/.meridian/admin/drain");
+    assert_eq!(http.post(&url).send().await.unwrap().status(), 401);
+    assert_eq!(
+        http.post(&url)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(status(&http, maddr).await.unwrap()["draining"], false);
+    assert_eq!(
+        http.post(&url)
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(status(&http, maddr).await.unwrap()["draining"], true);
+    // Still serving while draining.
+    assert_eq!(
+        http.get(format!("http://{maddr}/f"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    http.post(format!("http://{maddr}/.meridian/admin/undrain"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(&http, maddr).await.unwrap()["draining"], false);
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_downloads_then_exits() {
+    let net = net(&[("big", &vec![7u8; 30_000_000])]).await;
+    let (mut m, maddr) = mirror(
+        "m",
+        &[format!("http://{}", net.origin)],
+        &net.key,
+        &net.path("m"),
+        &[],
+    );
+    let http = reqwest::Client::new();
+    wait_generation(&http, maddr, net.generation().await).await;
+    let mut s = TcpStream::connect(maddr).unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut first = vec![0u8; 4096];
+    let n = s.read(&mut first).unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &m.child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    let total = n + rest.len();
+    let head_len = first[..n]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap()
+        + 4;
+    assert_eq!(
+        total - head_len,
+        30_000_000,
+        "the in-flight download completed"
+    );
+    let status = m.wait_exit(DEADLINE).expect("exits after draining");
+    assert!(status.success());
+    assert!(TcpStream::connect(maddr).is_err(), "no longer accepting");
+}
+
+#[tokio::test]
+async fn https_with_rustls() {
+    let net = net(&[("f", b"secure bytes")]).await;
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert_path = net.path("cert.pem");
+    let key_path = net.path("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let (mut m, maddr) = mirror(
+        "m",
+        &[format!("http://{}", net.origin)],
+        &net.key,
+        &net.path("m"),
+        &[
+            "--listen-tls",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+    );
+    let https: SocketAddr = {
+        let line = m.wait_line("listening on https://", Duration::from_secs(10));
+        line.rsplit("https://")
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let http = reqwest::Client::new();
+    wait_generation(&http, maddr, net.generation().await).await;
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--cacert",
+            cert_path.to_str().unwrap(),
+            "--resolve",
+            &format!("localhost:{}:127.0.0.1", https.port()),
+        ])
+        .arg(format!("https://localhost:{}/f", https.port()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"secure bytes");
+}
