@@ -58,6 +58,9 @@ pub struct OriginArgs {
     /// Validity of each signed generation, e.g. `7d` [default: 7d].
     #[arg(long, value_name = "DURATION")]
     expiry: Option<String>,
+    /// Scan and publish once (if anything changed), print a summary and exit.
+    #[arg(long)]
+    pub once: bool,
 }
 
 impl OriginArgs {

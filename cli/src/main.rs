@@ -53,7 +53,11 @@ fn main() -> anyhow::Result<()> {
         Command::Keygen { out, force } => keygen::run(&out, force),
         Command::Origin(args) => {
             init_logging();
+            let once = args.once;
             let cfg = args.into_config()?;
+            if once {
+                return publish_once(cfg);
+            }
             runtime()?.block_on(run_origin(cfg))
         }
         Command::Mirror(args) => {
@@ -72,6 +76,28 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+fn publish_once(cfg: meridian_origin::OriginConfig) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
+    let key = meridian_origin::service::load_key(&cfg.key_file)?;
+    let mut p = meridian_origin::Publisher::open(cfg, key)?;
+    let opened = t0.elapsed();
+    let t1 = std::time::Instant::now();
+    let outcome = p.publish()?;
+    let publish = t1.elapsed();
+    p.gc()?;
+    match outcome {
+        meridian_origin::PublishOutcome::Published { generation, files_hashed, bytes_hashed } => println!(
+            "published generation {generation}: hashed {files_hashed} files, {bytes_hashed} bytes; publish {:.3} s (state load {:.3} s)",
+            publish.as_secs_f64(),
+            opened.as_secs_f64()
+        ),
+        meridian_origin::PublishOutcome::Unchanged => {
+            println!("unchanged; scan {:.3} s (state load {:.3} s)", publish.as_secs_f64(), opened.as_secs_f64())
+        }
+    }
+    Ok(())
 }
 
 async fn run_origin(cfg: meridian_origin::OriginConfig) -> anyhow::Result<()> {

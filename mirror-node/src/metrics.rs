@@ -14,6 +14,7 @@ pub struct MirrorMetrics {
     pub sync_seconds: Histogram,
     pub syncs: IntCounterVec,
     pub bytes_fetched: IntCounter,
+    pub manifest_bytes_fetched: IntCounter,
     pub objects_fetched: IntCounter,
     pub verify_failures: IntCounterVec,
     pub served_generation: IntGauge,
@@ -65,6 +66,7 @@ impl MirrorMetrics {
                 "Bytes downloaded from upstreams",
             )
             .expect("metric"),
+            manifest_bytes_fetched: IntCounter::new("meridian_mirror_manifest_bytes_fetched_total", "Bytes of signed roots and directory nodes downloaded").expect("metric"),
             objects_fetched: IntCounter::new(
                 "meridian_mirror_objects_fetched_total",
                 "Blobs and nodes downloaded and verified",
@@ -121,7 +123,7 @@ impl MirrorMetrics {
         for c in [&m.requests, &m.response_bytes, &m.syncs, &m.verify_failures] {
             r.register(Box::new(c.clone())).expect("register");
         }
-        for c in [&m.bytes_fetched, &m.objects_fetched, &m.scrub_failures] {
+        for c in [&m.bytes_fetched, &m.manifest_bytes_fetched, &m.objects_fetched, &m.scrub_failures] {
             r.register(Box::new(c.clone())).expect("register");
         }
         for g in [

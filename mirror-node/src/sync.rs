@@ -336,7 +336,10 @@ impl Syncer {
                     });
                     return Ok(());
                 }
-                Ok(Some(env)) => match self.accept_root(i, &env).await {
+                Ok(Some(env)) => match {
+                    self.state.metrics.manifest_bytes_fetched.inc_by(env.len() as u64);
+                    self.accept_root(i, &env).await
+                } {
                     Ok(vr) => return self.sync_to(vr, i).await,
                     Err(e) => {
                         tracing::warn!(upstream = %self.upstreams.url(i), error = %e, "refusing root");
@@ -574,6 +577,7 @@ impl Syncer {
             match res {
                 Ok(b) => {
                     self.state.metrics.bytes_fetched.inc_by(b.len() as u64);
+                    self.state.metrics.manifest_bytes_fetched.inc_by(b.len() as u64);
                     self.state.metrics.objects_fetched.inc();
                     return Ok(b);
                 }

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Origin benchmarks (issue 2): hashing throughput against b3sum, first and
+# incremental publish of 100,000 files (~2 GiB), manifest bytes a mirror
+# fetches for the incremental generation. Loopback only; bounded.
+#   usage: bench/origin.sh [FILES]   (default 100000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-100000}
+W=$(mktemp -d /var/tmp/meridian-bench.XXXX)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
+cargo build --release --bins -q
+B=target/release/meridian
+echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+python3 bench/gen_tree.py "$W/content" "$N"
+BYTES=$(du -sb --apparent-size "$W/content" | cut -f1)
+
+echo "== b3sum over the same files (page cache warm)"
+(cd "$W/content" && find . -type f -print0 | xargs -0 cat > /dev/null)
+t0=$(date +%s.%N); (cd "$W/content" && find . -type f -print0 | xargs -0 b3sum --num-threads 1 > /dev/null); t1=$(date +%s.%N)
+B3_1=$(python3 -c "print(f'{$BYTES/($t1-$t0)/1e6:.0f}')")
+t0=$(date +%s.%N); (cd "$W/content" && find . -type f -print0 | xargs -0 b3sum > /dev/null); t1=$(date +%s.%N)
+B3_N=$(python3 -c "print(f'{$BYTES/($t1-$t0)/1e6:.0f}')")
+echo "b3sum --num-threads 1: $B3_1 MB/s; b3sum (all cores): $B3_N MB/s"
+
+$B keygen --out "$W/key" > /dev/null
+echo "== first publish: $N files, $BYTES bytes"
+/usr/bin/time -f "%e s wall, %M KiB peak RSS" $B origin --once --content "$W/content" --state "$W/state" --key "$W/key" 2>&1 | grep -v INFO
+echo "== second publish: 100 files changed"
+for i in $(seq 0 100 9900); do printf 'changed %s' "$i" >> "$W/content/dir$(printf %03d $((i / 1000)))/file$(printf %06d "$i").bin"; done
+/usr/bin/time -f "%e s wall, %M KiB peak RSS" $B origin --once --content "$W/content" --state "$W/state" --key "$W/key" 2>&1 | grep -v INFO
+
+echo "== manifest bytes a mirror fetches for that generation"
+# Mirror syncs generation 2, then the origin publishes generation 3 (100 more changes).
+$B origin --content "$W/content" --state "$W/state" --key "$W/key" --listen 127.0.0.1:0 --quiet 200ms > "$W/origin.log" 2>&1 &
+for _ in $(seq 100); do grep -q "listening on" "$W/origin.log" && break; sleep 0.1; done
+OADDR=$(grep -o 'listening on [0-9.:]*' "$W/origin.log" | head -1 | cut -d' ' -f3)
+PK=$(grep -o 'ed25519:[0-9a-f]*' "$W/origin.log" | head -1)
+$B mirror --id bench --upstream "http://$OADDR" --trust "$PK" --state "$W/mirror" --listen 127.0.0.1:0 > "$W/mirror.log" 2>&1 &
+for _ in $(seq 100); do grep -q "listening on" "$W/mirror.log" && break; sleep 0.1; done
+MADDR=$(grep -o 'listening on [0-9.:]*' "$W/mirror.log" | head -1 | cut -d' ' -f3)
+metric() { curl -s "http://$1/.meridian/metrics" | awk -v m="$2" '$1==m {print $2}'; }
+gen() { curl -s "http://$1/.meridian/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["generation"])'; }
+G=$(curl -s "http://$OADDR/.meridian/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["generation"])')
+for _ in $(seq 600); do [ "$(gen "$MADDR")" -ge "$G" ] && break; sleep 0.5; done
+FULL=$(metric "$MADDR" meridian_mirror_manifest_bytes_fetched_total)
+for i in $(seq 50 100 9950); do printf 'again %s' "$i" >> "$W/content/dir$(printf %03d $((i / 1000)))/file$(printf %06d "$i").bin"; done
+for _ in $(seq 600); do [ "$(gen "$MADDR")" -gt "$G" ] && break; sleep 0.2; done
+AFTER=$(metric "$MADDR" meridian_mirror_manifest_bytes_fetched_total)
+INC=$(python3 -c "print(int($AFTER - $FULL))")
+echo "manifest bytes for the full tree: $FULL; for a 100-file change: $INC ($(python3 -c "print(f'{100*$INC/$FULL:.2f}')")% of full)"
+grep -o 'published generation.*' "$W/origin.log" | tail -1
