@@ -66,6 +66,10 @@ pub struct OriginArgs {
 impl OriginArgs {
     pub fn into_config(self) -> anyhow::Result<meridian_origin::OriginConfig> {
         let mut t = load_table(self.config.as_ref())?;
+        if self.once && self.quiet.is_none() && !t.contains_key("quiet") {
+            // A one-shot publish does not wait for files to settle.
+            t.insert("quiet".into(), toml::Value::String("0s".into()));
+        }
         set(
             &mut t,
             "content",

@@ -12,8 +12,8 @@ use crate::cache::{HashCache, StatKey};
 use meridian_core::{Entry, EntryKind, Hash, RelPath, resolve_symlink, validate_name};
 use meridian_serve::ObjectStore;
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::{self, File};
+use std::io::{Read, Seek};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -352,55 +352,39 @@ fn ingest(
     if StatKey::of(&md) != before {
         return Err(IngestError::Skip(SkipReason::ChangedWhileHashing));
     }
-    let tmp = store.tmp_path("ingest");
-    let mut dst = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| IngestError::Store(meridian_serve::StoreError::io(&tmp, e)))?;
+    let (tmp, dst) = store.create_tmp("ingest").map_err(IngestError::Store)?;
     let cleanup = |e: IngestError| {
         let _ = fs::remove_file(&tmp);
         e
     };
+    // Snapshot first (a reflink where the file system can; else an in-kernel
+    // copy_file_range via io::copy), then hash the snapshot itself: the hash
+    // is of the bytes that will be served, whatever the source does next.
+    if rustix::fs::ioctl_ficlone(&dst, &src).is_err() {
+        let mut limited = (&mut src).take(before.size + 1);
+        let mut w = &dst;
+        match std::io::copy(&mut limited, &mut w) {
+            Ok(n) if n == before.size => {}
+            Ok(_) => return Err(cleanup(IngestError::Skip(SkipReason::ChangedWhileHashing))),
+            Err(e) if e.raw_os_error() == Some(28) => {
+                return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(&tmp, e))));
+            }
+            Err(_) => return Err(cleanup(IngestError::Skip(SkipReason::Unreadable))),
+        }
+    }
     let mut hasher = blake3::Hasher::new();
     let mut written = 0u64;
-    if rustix::fs::ioctl_ficlone(&dst, &src).is_ok() {
-        // Copy-on-write clone: hash the clone, which nobody else can change.
-        let mut r = &dst;
-        loop {
-            let n = match r.read(buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(
-                        &tmp, e,
-                    ))));
-                }
-            };
-            hasher.update(&buf[..n]);
-            written += n as u64;
-        }
-    } else {
-        loop {
-            let n = match src.read(buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => return Err(cleanup(IngestError::Skip(SkipReason::Unreadable))),
-            };
-            hasher.update(&buf[..n]);
-            if let Err(e) = dst.write_all(&buf[..n]) {
-                return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(
-                    &tmp, e,
-                ))));
-            }
-            written += n as u64;
-            if written > before.size {
-                return Err(cleanup(IngestError::Skip(SkipReason::ChangedWhileHashing)));
-            }
-        }
+    let mut r = &dst;
+    r.seek(std::io::SeekFrom::Start(0)).map_err(|e| cleanup(IngestError::Store(meridian_serve::StoreError::io(&tmp, e))))?;
+    loop {
+        let n = match r.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(&tmp, e)))),
+        };
+        hasher.update(&buf[..n]);
+        written += n as u64;
     }
     drop(dst);
     let after = fs::symlink_metadata(abs).map(|m| StatKey::of(&m)).ok();

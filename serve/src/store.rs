@@ -95,6 +95,21 @@ impl ObjectStore {
             .join(format!("{}-{n}-{label}", std::process::id()))
     }
 
+    /// Creates a staging file, read-only from birth (the returned handle is
+    /// still writable).
+    pub fn create_tmp(&self, label: &str) -> Result<(PathBuf, File), StoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.tmp_path(label);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(&p)
+            .map_err(|e| StoreError::io(&p, e))?;
+        Ok((p, f))
+    }
+
     /// Reads a whole object (for small ones: nodes).
     pub fn read(&self, h: &Hash) -> Result<Vec<u8>, StoreError> {
         let p = self.path(h);
@@ -114,12 +129,7 @@ impl ObjectStore {
         if self.contains(h) {
             return Ok(());
         }
-        let tmp = self.tmp_path("put");
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| StoreError::io(&tmp, e))?;
+        let (tmp, mut f) = self.create_tmp("put")?;
         let res = f.write_all(bytes);
         if let Err(e) = res {
             let _ = fs::remove_file(&tmp);
@@ -129,22 +139,26 @@ impl ObjectStore {
         self.commit(&tmp, h)
     }
 
-    /// Moves a fully written and verified staging file into place, read-only.
-    /// The caller has fsynced it.
+    /// Moves a fully written and verified staging file into place. Staging
+    /// files are created read-only ([`ObjectStore::create_tmp`]), so objects
+    /// are read-only without a chmod per object.
     pub fn commit(&self, tmp: &Path, h: &Hash) -> Result<(), StoreError> {
         let dest = self.path(h);
-        let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
-        fs::create_dir_all(&parent).map_err(|e| StoreError::io(&parent, e))?;
-        let mut perm = fs::metadata(tmp)
-            .map_err(|e| StoreError::io(tmp, e))?
-            .permissions();
-        perm.set_readonly(true);
-        fs::set_permissions(tmp, perm).map_err(|e| StoreError::io(tmp, e))?;
-        fs::rename(tmp, &dest).map_err(|e| {
-            let _ = fs::remove_file(tmp);
-            StoreError::io(&dest, e)
-        })?;
-        Ok(())
+        let parent = dest.parent().unwrap_or(&self.root);
+        match fs::rename(tmp, &dest) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !parent.exists() => {
+                fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
+                fs::rename(tmp, &dest).map_err(|e| {
+                    let _ = fs::remove_file(tmp);
+                    StoreError::io(&dest, e)
+                })
+            }
+            Err(e) => {
+                let _ = fs::remove_file(tmp);
+                Err(StoreError::io(&dest, e))
+            }
+        }
     }
 
     /// Fsyncs the object directories so committed renames survive a crash.
