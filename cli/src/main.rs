@@ -88,13 +88,21 @@ fn publish_once(cfg: meridian_origin::OriginConfig) -> anyhow::Result<()> {
     let publish = t1.elapsed();
     p.gc()?;
     match outcome {
-        meridian_origin::PublishOutcome::Published { generation, files_hashed, bytes_hashed } => println!(
+        meridian_origin::PublishOutcome::Published {
+            generation,
+            files_hashed,
+            bytes_hashed,
+        } => println!(
             "published generation {generation}: hashed {files_hashed} files, {bytes_hashed} bytes; publish {:.3} s (state load {:.3} s)",
             publish.as_secs_f64(),
             opened.as_secs_f64()
         ),
         meridian_origin::PublishOutcome::Unchanged => {
-            println!("unchanged; scan {:.3} s (state load {:.3} s)", publish.as_secs_f64(), opened.as_secs_f64())
+            println!(
+                "unchanged; scan {:.3} s (state load {:.3} s)",
+                publish.as_secs_f64(),
+                opened.as_secs_f64()
+            )
         }
     }
     Ok(())

@@ -66,7 +66,11 @@ impl MirrorMetrics {
                 "Bytes downloaded from upstreams",
             )
             .expect("metric"),
-            manifest_bytes_fetched: IntCounter::new("meridian_mirror_manifest_bytes_fetched_total", "Bytes of signed roots and directory nodes downloaded").expect("metric"),
+            manifest_bytes_fetched: IntCounter::new(
+                "meridian_mirror_manifest_bytes_fetched_total",
+                "Bytes of signed roots and directory nodes downloaded",
+            )
+            .expect("metric"),
             objects_fetched: IntCounter::new(
                 "meridian_mirror_objects_fetched_total",
                 "Blobs and nodes downloaded and verified",
@@ -123,7 +127,12 @@ impl MirrorMetrics {
         for c in [&m.requests, &m.response_bytes, &m.syncs, &m.verify_failures] {
             r.register(Box::new(c.clone())).expect("register");
         }
-        for c in [&m.bytes_fetched, &m.manifest_bytes_fetched, &m.objects_fetched, &m.scrub_failures] {
+        for c in [
+            &m.bytes_fetched,
+            &m.manifest_bytes_fetched,
+            &m.objects_fetched,
+            &m.scrub_failures,
+        ] {
             r.register(Box::new(c.clone())).expect("register");
         }
         for g in [

@@ -337,7 +337,10 @@ impl Syncer {
                     return Ok(());
                 }
                 Ok(Some(env)) => match {
-                    self.state.metrics.manifest_bytes_fetched.inc_by(env.len() as u64);
+                    self.state
+                        .metrics
+                        .manifest_bytes_fetched
+                        .inc_by(env.len() as u64);
                     self.accept_root(i, &env).await
                 } {
                     Ok(vr) => return self.sync_to(vr, i).await,
@@ -577,7 +580,10 @@ impl Syncer {
             match res {
                 Ok(b) => {
                     self.state.metrics.bytes_fetched.inc_by(b.len() as u64);
-                    self.state.metrics.manifest_bytes_fetched.inc_by(b.len() as u64);
+                    self.state
+                        .metrics
+                        .manifest_bytes_fetched
+                        .inc_by(b.len() as u64);
                     self.state.metrics.objects_fetched.inc();
                     return Ok(b);
                 }

@@ -367,7 +367,9 @@ fn ingest(
             Ok(n) if n == before.size => {}
             Ok(_) => return Err(cleanup(IngestError::Skip(SkipReason::ChangedWhileHashing))),
             Err(e) if e.raw_os_error() == Some(28) => {
-                return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(&tmp, e))));
+                return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(
+                    &tmp, e,
+                ))));
             }
             Err(_) => return Err(cleanup(IngestError::Skip(SkipReason::Unreadable))),
         }
@@ -375,13 +377,18 @@ fn ingest(
     let mut hasher = blake3::Hasher::new();
     let mut written = 0u64;
     let mut r = &dst;
-    r.seek(std::io::SeekFrom::Start(0)).map_err(|e| cleanup(IngestError::Store(meridian_serve::StoreError::io(&tmp, e))))?;
+    r.seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| cleanup(IngestError::Store(meridian_serve::StoreError::io(&tmp, e))))?;
     loop {
         let n = match r.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(&tmp, e)))),
+            Err(e) => {
+                return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(
+                    &tmp, e,
+                ))));
+            }
         };
         hasher.update(&buf[..n]);
         written += n as u64;

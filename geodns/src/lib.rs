@@ -1,0 +1,5 @@
+//! Meridian GeoDNS.
+#![forbid(unsafe_code)]
+
+pub mod geoip;
+pub mod mmdb;
