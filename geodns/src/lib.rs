@@ -3,3 +3,7 @@
 
 pub mod geoip;
 pub mod mmdb;
+pub mod config;
+pub mod select;
+pub mod wire;
+pub mod zone;

@@ -1,0 +1,347 @@
+//! GeoDNS configuration (TOML, `deny_unknown_fields`). Reloaded on SIGHUP and
+//! when the file changes; a config that fails validation is refused and the
+//! running one stays.
+
+use serde::Deserialize;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeoDnsConfig {
+    /// UDP and TCP listen addresses (each is bound for both).
+    pub listen: Vec<SocketAddr>,
+    /// GeoIP database (MaxMind GeoIP2/GeoLite2 City or DB-IP City lite).
+    #[serde(default)]
+    pub geoip: Option<PathBuf>,
+    /// Authoritative zones.
+    pub zones: Vec<Zone>,
+    /// The mirrors.
+    pub mirrors: Vec<Mirror>,
+    /// Explicit network → location overrides, checked before GeoIP.
+    #[serde(default)]
+    pub overrides: Vec<Override>,
+    #[serde(default)]
+    pub selection: Selection,
+    #[serde(default)]
+    pub health: Health,
+    /// The origin's health URL (`http://origin/.meridian/health`): its
+    /// generation is the newest published one. Without it, the newest
+    /// generation any mirror reports is used.
+    #[serde(default)]
+    pub origin_health_url: Option<String>,
+    /// Admin HTTP endpoint (metrics, mirror state, force down/drain).
+    #[serde(default)]
+    pub admin: Option<Admin>,
+}
+
+/// One authoritative zone.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Zone {
+    /// The apex, e.g. `meridian.test`.
+    pub name: String,
+    /// Names (relative to the apex) answered with mirrors, e.g. `["dl"]`.
+    #[serde(default = "default_dynamic")]
+    pub dynamic: Vec<String>,
+    /// Name servers at the apex (fully qualified).
+    pub ns: Vec<String>,
+    /// SOA fields.
+    #[serde(default)]
+    pub soa: Soa,
+    /// Static records for the rest of the zone.
+    #[serde(default)]
+    pub records: Vec<StaticRecord>,
+}
+
+fn default_dynamic() -> Vec<String> {
+    vec!["dl".into()]
+}
+
+/// SOA fields (mname is the first NS).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Soa {
+    #[serde(default = "default_rname")]
+    pub rname: String,
+    #[serde(default = "default_serial")]
+    pub serial: u32,
+    #[serde(default = "default_refresh")]
+    pub refresh: i32,
+    #[serde(default = "default_retry")]
+    pub retry: i32,
+    #[serde(default = "default_expire")]
+    pub expire: i32,
+    /// Negative-caching TTL (and the SOA's own TTL).
+    #[serde(default = "default_minimum")]
+    pub minimum: u32,
+}
+fn default_rname() -> String {
+    "hostmaster".into()
+}
+fn default_serial() -> u32 {
+    1
+}
+fn default_refresh() -> i32 {
+    3600
+}
+fn default_retry() -> i32 {
+    600
+}
+fn default_expire() -> i32 {
+    604_800
+}
+fn default_minimum() -> u32 {
+    60
+}
+impl Default for Soa {
+    fn default() -> Self {
+        Soa { rname: default_rname(), serial: 1, refresh: 3600, retry: 600, expire: 604_800, minimum: 60 }
+    }
+}
+
+/// A static record: `name` relative to the apex (`@` for the apex).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticRecord {
+    pub name: String,
+    /// A, AAAA, CNAME, TXT, MX or NS.
+    #[serde(rename = "type")]
+    pub rtype: String,
+    #[serde(default = "default_static_ttl")]
+    pub ttl: u32,
+    /// The value: an address, a name, text, or `PREFERENCE NAME` for MX.
+    pub value: String,
+}
+fn default_static_ttl() -> u32 {
+    3600
+}
+
+/// One mirror.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    pub id: String,
+    #[serde(default)]
+    pub region: String,
+    pub latitude: f64,
+    pub longitude: f64,
+    #[serde(default)]
+    pub ipv4: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub ipv6: Vec<Ipv6Addr>,
+    /// The mirror's status endpoint (`http://host:port/.meridian/status`).
+    pub status_url: String,
+    /// Relative share among mirrors at a similar distance.
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// Egress capacity in bytes/s; overrides what the mirror reports.
+    #[serde(default)]
+    pub capacity_bytes_per_sec: Option<u64>,
+    /// Serve only clients from these countries (ISO codes), if set.
+    #[serde(default)]
+    pub countries: Vec<String>,
+    /// Serve only clients from these continents, if set.
+    #[serde(default)]
+    pub continents: Vec<String>,
+}
+fn default_weight() -> f64 {
+    1.0
+}
+
+/// Network → location override (e.g. an ISP whose GeoIP data is wrong).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Override {
+    /// CIDR, e.g. `203.0.113.0/24`.
+    pub network: String,
+    /// Send these clients to this mirror's location...
+    #[serde(default)]
+    pub region: Option<String>,
+    /// ... or to these coordinates.
+    #[serde(default)]
+    pub latitude: Option<f64>,
+    #[serde(default)]
+    pub longitude: Option<f64>,
+}
+
+/// Answer shaping.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selection {
+    /// Addresses per answer, nearest first.
+    #[serde(default = "default_answers")]
+    pub answers: usize,
+    /// Mirrors within `band` × the nearest distance (plus `band_km`) share
+    /// the traffic, by weight and spare capacity.
+    #[serde(default = "default_band")]
+    pub band: f64,
+    #[serde(default = "default_band_km")]
+    pub band_km: f64,
+    /// A mirror at or above this fraction of its capacity gets no new clients.
+    #[serde(default = "default_full")]
+    pub full_at: f64,
+    /// TTL of dynamic answers.
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    /// TTL while a chosen mirror's state changed within the last `ttl`.
+    #[serde(default = "default_ttl_changing", with = "humantime_serde")]
+    pub ttl_changing: Duration,
+    /// Answer with these when no mirror is usable (else the least-bad mirrors).
+    #[serde(default)]
+    pub fallback: Vec<IpAddr>,
+    /// Where clients with no known location are assumed to be; without it
+    /// they get mirrors by weight.
+    #[serde(default)]
+    pub default_location: Option<(f64, f64)>,
+}
+fn default_answers() -> usize {
+    2
+}
+fn default_band() -> f64 {
+    1.5
+}
+fn default_band_km() -> f64 {
+    100.0
+}
+fn default_full() -> f64 {
+    0.9
+}
+fn default_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_ttl_changing() -> Duration {
+    Duration::from_secs(5)
+}
+impl Default for Selection {
+    fn default() -> Self {
+        Selection {
+            answers: 2,
+            band: 1.5,
+            band_km: 100.0,
+            full_at: 0.9,
+            ttl: default_ttl(),
+            ttl_changing: default_ttl_changing(),
+            fallback: Vec::new(),
+            default_location: None,
+        }
+    }
+}
+
+/// Health probing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive good probes before a down mirror is used again.
+    #[serde(default = "default_up")]
+    pub up_after: u32,
+    /// Consecutive failed probes before a mirror is taken out.
+    #[serde(default = "default_down")]
+    pub down_after: u32,
+    /// A mirror may lag the newest generation by this many generations.
+    #[serde(default)]
+    pub max_generation_lag: u64,
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_timeout() -> Duration {
+    Duration::from_millis(800)
+}
+fn default_up() -> u32 {
+    2
+}
+fn default_down() -> u32 {
+    2
+}
+impl Default for Health {
+    fn default() -> Self {
+        Health { interval: default_interval(), timeout: default_timeout(), up_after: 2, down_after: 2, max_generation_lag: 0 }
+    }
+}
+
+/// Admin endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    pub token: String,
+}
+
+/// Why a config was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: String, source: toml::de::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl GeoDnsConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let cfg: GeoDnsConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.listen.is_empty() {
+            return bad("listen: at least one address".into());
+        }
+        if self.zones.is_empty() {
+            return bad("zones: at least one zone".into());
+        }
+        for z in &self.zones {
+            if hickory_proto::rr::Name::from_ascii(&z.name).is_err() {
+                return bad(format!("zone {:?}: not a valid domain name", z.name));
+            }
+            if z.ns.is_empty() {
+                return bad(format!("zone {}: needs at least one ns", z.name));
+            }
+            for r in &z.records {
+                crate::zone::parse_static(r).map_err(|e| ConfigError::Invalid(format!("zone {} record {}: {e}", z.name, r.name)))?;
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        for m in &self.mirrors {
+            if !ids.insert(&m.id) {
+                return bad(format!("mirror id {:?} appears twice", m.id));
+            }
+            if !(-90.0..=90.0).contains(&m.latitude) || !(-180.0..=180.0).contains(&m.longitude) {
+                return bad(format!("mirror {}: coordinates out of range", m.id));
+            }
+            if m.ipv4.is_empty() && m.ipv6.is_empty() {
+                return bad(format!("mirror {}: needs an ipv4 or ipv6 address", m.id));
+            }
+            if !(m.weight > 0.0) {
+                return bad(format!("mirror {}: weight must be positive", m.id));
+            }
+        }
+        for o in &self.overrides {
+            if crate::select::parse_cidr(&o.network).is_none() {
+                return bad(format!("override {:?}: not a CIDR network", o.network));
+            }
+            let has_region = o.region.as_ref().is_some_and(|r| self.mirrors.iter().any(|m| &m.region == r));
+            if !has_region && (o.latitude.is_none() || o.longitude.is_none()) {
+                return bad(format!("override {}: needs a known region or latitude and longitude", o.network));
+            }
+        }
+        if self.selection.answers == 0 || !(self.selection.band >= 1.0) {
+            return bad("selection: answers ≥ 1 and band ≥ 1.0".into());
+        }
+        Ok(())
+    }
+}
