@@ -34,13 +34,19 @@ enum Command {
     Origin(Box<config::OriginArgs>),
     /// Run a mirror: pull and verify generations, serve downloads.
     Mirror(Box<config::MirrorArgs>),
+    /// Run the GeoDNS server (authoritative DNS that steers clients to mirrors).
+    Geodns {
+        /// TOML config (see deploy/geodns.toml). Reloaded on SIGHUP and on change.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Run a whole demo network on this machine until Ctrl-C.
     Demo(demo::DemoArgs),
 }
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hickory_server=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -64,6 +70,15 @@ fn main() -> anyhow::Result<()> {
             init_logging();
             let cfg = args.into_config()?;
             runtime()?.block_on(run_mirror(cfg))
+        }
+        Command::Geodns { config } => {
+            init_logging();
+            runtime()?.block_on(async {
+                let h = meridian_geodns::start(config).await?;
+                shutdown_signal().await;
+                h.shutdown().await;
+                Ok(())
+            })
         }
         Command::Demo(args) => {
             init_logging();

@@ -98,7 +98,14 @@ fn default_minimum() -> u32 {
 }
 impl Default for Soa {
     fn default() -> Self {
-        Soa { rname: default_rname(), serial: 1, refresh: 3600, retry: 600, expire: 604_800, minimum: 60 }
+        Soa {
+            rname: default_rname(),
+            serial: 1,
+            refresh: 3600,
+            retry: 600,
+            expire: 604_800,
+            minimum: 60,
+        }
     }
 }
 
@@ -262,7 +269,13 @@ fn default_down() -> u32 {
 }
 impl Default for Health {
     fn default() -> Self {
-        Health { interval: default_interval(), timeout: default_timeout(), up_after: 2, down_after: 2, max_generation_lag: 0 }
+        Health {
+            interval: default_interval(),
+            timeout: default_timeout(),
+            up_after: 2,
+            down_after: 2,
+            max_generation_lag: 0,
+        }
     }
 }
 
@@ -279,9 +292,15 @@ pub struct Admin {
 #[non_exhaustive]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Parse { path: String, source: toml::de::Error },
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -289,8 +308,14 @@ pub enum ConfigError {
 impl GeoDnsConfig {
     /// Reads and validates a config file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        let cfg: GeoDnsConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let cfg: GeoDnsConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -312,7 +337,9 @@ impl GeoDnsConfig {
                 return bad(format!("zone {}: needs at least one ns", z.name));
             }
             for r in &z.records {
-                crate::zone::parse_static(r).map_err(|e| ConfigError::Invalid(format!("zone {} record {}: {e}", z.name, r.name)))?;
+                crate::zone::parse_static(r).map_err(|e| {
+                    ConfigError::Invalid(format!("zone {} record {}: {e}", z.name, r.name))
+                })?;
             }
         }
         let mut ids = std::collections::HashSet::new();
@@ -326,7 +353,7 @@ impl GeoDnsConfig {
             if m.ipv4.is_empty() && m.ipv6.is_empty() {
                 return bad(format!("mirror {}: needs an ipv4 or ipv6 address", m.id));
             }
-            if !(m.weight > 0.0) {
+            if m.weight.is_nan() || m.weight <= 0.0 {
                 return bad(format!("mirror {}: weight must be positive", m.id));
             }
         }
@@ -334,12 +361,19 @@ impl GeoDnsConfig {
             if crate::select::parse_cidr(&o.network).is_none() {
                 return bad(format!("override {:?}: not a CIDR network", o.network));
             }
-            let has_region = o.region.as_ref().is_some_and(|r| self.mirrors.iter().any(|m| &m.region == r));
+            let has_region = o
+                .region
+                .as_ref()
+                .is_some_and(|r| self.mirrors.iter().any(|m| &m.region == r));
             if !has_region && (o.latitude.is_none() || o.longitude.is_none()) {
-                return bad(format!("override {}: needs a known region or latitude and longitude", o.network));
+                return bad(format!(
+                    "override {}: needs a known region or latitude and longitude",
+                    o.network
+                ));
             }
         }
-        if self.selection.answers == 0 || !(self.selection.band >= 1.0) {
+        if self.selection.answers == 0 || self.selection.band.is_nan() || self.selection.band < 1.0
+        {
             return bad("selection: answers ≥ 1 and band ≥ 1.0".into());
         }
         Ok(())

@@ -1,9 +1,325 @@
-//! Meridian GeoDNS.
+//! Meridian GeoDNS: an authoritative DNS server (on hickory-server) that
+//! answers each client with the nearest mirror that is healthy, current and
+//! not overloaded.
+//!
+//! * [`geoip`]: MaxMind GeoIP2/GeoLite2 and DB-IP City lookups, hot reload.
+//! * [`select`]: the pure selection function.
+//! * [`health`]: active probes of each mirror's status endpoint.
+//! * [`dns`]: the request handler; [`wire`]: strict ECS validation.
+//! * [`admin`]: metrics, mirror state, operator overrides.
+//! * [`mmdb`]: a MaxMind DB writer (the demo's database, the tests' databases).
 #![forbid(unsafe_code)]
 
-pub mod geoip;
-pub mod mmdb;
+pub mod admin;
 pub mod config;
+pub mod dns;
+pub mod geoip;
+pub mod health;
+pub mod metrics;
+pub mod mmdb;
 pub mod select;
 pub mod wire;
 pub mod zone;
+
+use arc_swap::ArcSwap;
+use config::GeoDnsConfig;
+use geoip::{GeoHandle, Location};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Why GeoDNS could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GeoDnsError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("zone: {0}")]
+    Zone(String),
+    #[error(transparent)]
+    Geo(#[from] geoip::GeoError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Builds the query-time runtime from a validated config.
+pub fn build_runtime(cfg: &GeoDnsConfig) -> Result<dns::Runtime, GeoDnsError> {
+    let zones = cfg
+        .zones
+        .iter()
+        .map(zone::ZoneData::build)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(GeoDnsError::Zone)?;
+    let overrides = cfg
+        .overrides
+        .iter()
+        .filter_map(|o| {
+            let (net, len) = select::parse_cidr(&o.network)?;
+            let loc = match (&o.region, o.latitude, o.longitude) {
+                (_, Some(lat), Some(lon)) => Location {
+                    lat,
+                    lon,
+                    country: None,
+                    continent: None,
+                },
+                (Some(r), _, _) => {
+                    let m = cfg.mirrors.iter().find(|m| &m.region == r)?;
+                    Location {
+                        lat: m.latitude,
+                        lon: m.longitude,
+                        country: None,
+                        continent: None,
+                    }
+                }
+                _ => return None,
+            };
+            Some((net, len, loc))
+        })
+        .collect();
+    let s = &cfg.selection;
+    Ok(dns::Runtime {
+        zones,
+        params: select::Params {
+            answers: s.answers,
+            band: s.band,
+            band_km: s.band_km,
+            full_at: s.full_at,
+            fallback: s.fallback.clone(),
+        },
+        ttl: s.ttl,
+        ttl_changing: s.ttl_changing,
+        default_location: s.default_location.map(|(lat, lon)| Location {
+            lat,
+            lon,
+            country: None,
+            continent: None,
+        }),
+        overrides,
+    })
+}
+
+/// A running GeoDNS server.
+pub struct GeoDnsHandle {
+    /// The DNS listen addresses (each bound for UDP and TCP).
+    pub dns_addrs: Vec<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub tracker: Arc<health::Tracker>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    server: hickory_server::Server<dns::GeoHandler>,
+    admin: Option<meridian_serve::ServerHandle>,
+}
+
+impl std::fmt::Debug for GeoDnsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeoDnsHandle")
+            .field("dns_addrs", &self.dns_addrs)
+            .field("admin_addr", &self.admin_addr)
+            .finish()
+    }
+}
+
+impl GeoDnsHandle {
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.shutdown_gracefully().await;
+        if let Some(a) = self.admin {
+            a.shutdown().await;
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Binds UDP and TCP on the same address (for port 0: the same free port).
+async fn bind_pair(
+    addr: SocketAddr,
+) -> Result<(tokio::net::UdpSocket, tokio::net::TcpListener), GeoDnsError> {
+    let mut last = None;
+    for _ in 0..20 {
+        let udp = tokio::net::UdpSocket::bind(addr)
+            .await
+            .map_err(|source| GeoDnsError::Bind { addr, source })?;
+        let bound = udp
+            .local_addr()
+            .map_err(|source| GeoDnsError::Bind { addr, source })?;
+        match meridian_serve::bind(bound) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 => last = Some(e),
+            Err(source) => return Err(GeoDnsError::Bind { addr, source }),
+        }
+    }
+    Err(GeoDnsError::Bind {
+        addr,
+        source: last.unwrap_or_else(|| std::io::Error::other("no free port")),
+    })
+}
+
+/// Starts GeoDNS from a config file; reloads it on SIGHUP and on change.
+pub async fn start(config_path: PathBuf) -> Result<GeoDnsHandle, GeoDnsError> {
+    let cfg = GeoDnsConfig::load(&config_path)?;
+    start_with(cfg, Some(config_path)).await
+}
+
+/// Starts GeoDNS from a config value (`config_path` enables reloading).
+pub async fn start_with(
+    cfg: GeoDnsConfig,
+    config_path: Option<PathBuf>,
+) -> Result<GeoDnsHandle, GeoDnsError> {
+    let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(&cfg)?));
+    let geo = Arc::new(GeoHandle::new(match &cfg.geoip {
+        Some(p) => Some(geoip::GeoDb::open(p)?),
+        None => None,
+    }));
+    let tracker = Arc::new(health::Tracker::new());
+    let metrics = metrics::DnsMetrics::new();
+    let config = Arc::new(ArcSwap::from_pointee(cfg.clone()));
+    let handler = dns::GeoHandler::new(
+        runtime.clone(),
+        geo.clone(),
+        tracker.clone(),
+        metrics.clone(),
+    );
+    let mut server = hickory_server::Server::new(handler);
+    let mut dns_addrs = Vec::new();
+    for addr in &cfg.listen {
+        let (udp, tcp) = bind_pair(*addr).await?;
+        let bound = udp.local_addr().map_err(|source| GeoDnsError::Bind {
+            addr: *addr,
+            source,
+        })?;
+        server.register_socket(udp);
+        // TCP: a connection that sends nothing (or too slowly) is closed after 5 s.
+        server.register_listener(tcp, Duration::from_secs(5), 65_535);
+        tracing::info!("geodns listening on {bound} (udp+tcp)");
+        dns_addrs.push(bound);
+    }
+    let (tx, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // Health probes.
+    {
+        let (tracker, config, metrics, mut stop) =
+            (tracker.clone(), config.clone(), metrics.clone(), rx.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let cfg = config.load_full();
+                tracker.round(&cfg).await;
+                let full_at = cfg.selection.full_at;
+                for v in tracker.views.load().iter() {
+                    metrics
+                        .mirror_up
+                        .with_label_values(&[&v.id])
+                        .set(i64::from(v.health.up));
+                    metrics
+                        .mirror_in_service
+                        .with_label_values(&[&v.id])
+                        .set(i64::from(v.usable(full_at)));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(cfg.health.interval) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }));
+    }
+    // GeoIP reload (geoipupdate replaces the file by rename).
+    if let Some(path) = cfg.geoip.clone() {
+        let (geo, mut stop) = (geo.clone(), rx.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => return,
+                }
+                let (g, p) = (geo.clone(), path.clone());
+                let _ = tokio::task::spawn_blocking(move || g.reload_if_changed(&p)).await;
+            }
+        }));
+    }
+    // Config reload on SIGHUP and when the file changes.
+    if let Some(path) = config_path {
+        let (runtime, config, tracker, mut stop) =
+            (runtime.clone(), config.clone(), tracker.clone(), rx.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut seen = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            loop {
+                let by_signal = tokio::select! {
+                    _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+                    _ = stop.changed() => return,
+                };
+                let now = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+                if !by_signal && now == seen {
+                    continue;
+                }
+                seen = now;
+                reload(&path, &runtime, &config, &tracker);
+            }
+        }));
+    }
+    let admin = match &cfg.admin {
+        Some(a) => {
+            let l = meridian_serve::bind(a.listen).map_err(|source| GeoDnsError::Bind {
+                addr: a.listen,
+                source,
+            })?;
+            let svc = Arc::new(admin::AdminService {
+                token: a.token.clone(),
+                tracker: tracker.clone(),
+                metrics,
+                runtime,
+                config,
+            });
+            let h = meridian_serve::serve(l, meridian_serve::ServerOptions::default(), svc);
+            tracing::info!("geodns admin listening on {}", h.local_addr);
+            Some(h)
+        }
+        None => None,
+    };
+    Ok(GeoDnsHandle {
+        admin_addr: admin.as_ref().map(|a| a.local_addr),
+        dns_addrs,
+        tracker,
+        shutdown: tx,
+        tasks,
+        server,
+        admin,
+    })
+}
+
+fn reload(
+    path: &Path,
+    runtime: &ArcSwap<dns::Runtime>,
+    config: &ArcSwap<GeoDnsConfig>,
+    tracker: &health::Tracker,
+) {
+    let res = GeoDnsConfig::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|cfg| {
+            if cfg.listen != config.load().listen {
+                tracing::warn!("listen addresses changed in the config; that takes a restart");
+            }
+            build_runtime(&cfg)
+                .map(|rt| (cfg, rt))
+                .map_err(|e| e.to_string())
+        });
+    match res {
+        Ok((cfg, rt)) => {
+            runtime.store(Arc::new(rt));
+            tracker.refresh_views(&cfg);
+            tracing::info!(mirrors = cfg.mirrors.len(), "configuration reloaded");
+            config.store(Arc::new(cfg));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, path = %path.display(), "configuration NOT reloaded; the previous one stays in service")
+        }
+    }
+}

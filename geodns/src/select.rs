@@ -110,8 +110,14 @@ impl MirrorView {
             return true;
         }
         let Some(c) = client else { return false };
-        let by_country = c.country.as_ref().is_some_and(|x| self.countries.iter().any(|y| y.eq_ignore_ascii_case(x)));
-        let by_continent = c.continent.as_ref().is_some_and(|x| self.continents.iter().any(|y| y.eq_ignore_ascii_case(x)));
+        let by_country = c
+            .country
+            .as_ref()
+            .is_some_and(|x| self.countries.iter().any(|y| y.eq_ignore_ascii_case(x)));
+        let by_continent = c
+            .continent
+            .as_ref()
+            .is_some_and(|x| self.continents.iter().any(|y| y.eq_ignore_ascii_case(x)));
         by_country || by_continent
     }
     /// Usable for new clients.
@@ -144,20 +150,34 @@ fn draw(pool: &[usize], w: impl Fn(usize) -> f64, r: u64) -> usize {
 }
 
 /// Chooses mirrors for one answer. `random` spreads clients among equals.
-pub fn select(client: Option<&Location>, family: Family, mirrors: &[MirrorView], p: &Params, random: u64) -> Choice {
-    let eligible: Vec<usize> = (0..mirrors.len()).filter(|&i| mirrors[i].has(family) && mirrors[i].admits(client)).collect();
+pub fn select(
+    client: Option<&Location>,
+    family: Family,
+    mirrors: &[MirrorView],
+    p: &Params,
+    random: u64,
+) -> Choice {
+    let eligible: Vec<usize> = (0..mirrors.len())
+        .filter(|&i| mirrors[i].has(family) && mirrors[i].admits(client))
+        .collect();
     if eligible.is_empty() {
         return if mirrors.iter().any(|m| m.has(family)) && !p.fallback.is_empty() {
             Choice::Fallback(p.fallback.clone())
         } else if mirrors.iter().any(|m| m.has(family)) {
             // Restricted away from this client: least-bad among all with the family.
-            let all: Vec<usize> = (0..mirrors.len()).filter(|&i| mirrors[i].has(family)).collect();
+            let all: Vec<usize> = (0..mirrors.len())
+                .filter(|&i| mirrors[i].has(family))
+                .collect();
             least_bad(client, all, mirrors, p)
         } else {
             Choice::Nothing
         };
     }
-    let usable: Vec<usize> = eligible.iter().copied().filter(|&i| mirrors[i].usable(p.full_at)).collect();
+    let usable: Vec<usize> = eligible
+        .iter()
+        .copied()
+        .filter(|&i| mirrors[i].usable(p.full_at))
+        .collect();
     if usable.is_empty() {
         if !p.fallback.is_empty() {
             return Choice::Fallback(p.fallback.clone());
@@ -177,29 +197,56 @@ pub fn select(client: Option<&Location>, family: Family, mirrors: &[MirrorView],
             pool.retain(|&x| x != i);
             r = r.rotate_left(17).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         }
-        return Choice::Mirrors { picks, degraded: false };
+        return Choice::Mirrors {
+            picks,
+            degraded: false,
+        };
     };
     let dist = |i: usize| distance_km(c.lat, c.lon, mirrors[i].lat, mirrors[i].lon);
     let mut by_dist = usable;
     by_dist.sort_by(|&a, &b| dist(a).total_cmp(&dist(b)));
     let nearest = dist(by_dist[0]);
     let limit = nearest * p.band + p.band_km;
-    let band: Vec<usize> = by_dist.iter().copied().filter(|&i| dist(i) <= limit).collect();
+    let band: Vec<usize> = by_dist
+        .iter()
+        .copied()
+        .filter(|&i| dist(i) <= limit)
+        .collect();
     let first = draw(&band, share, random);
     let mut picks = vec![first];
     picks.extend(by_dist.iter().copied().filter(|&i| i != first).take(n - 1));
-    Choice::Mirrors { picks, degraded: false }
+    Choice::Mirrors {
+        picks,
+        degraded: false,
+    }
 }
 
-fn least_bad(client: Option<&Location>, mut pool: Vec<usize>, mirrors: &[MirrorView], p: &Params) -> Choice {
+fn least_bad(
+    client: Option<&Location>,
+    mut pool: Vec<usize>,
+    mirrors: &[MirrorView],
+    p: &Params,
+) -> Choice {
     let key = |i: usize| {
         let h = &mirrors[i].health;
-        let d = client.map(|c| distance_km(c.lat, c.lon, mirrors[i].lat, mirrors[i].lon)).unwrap_or(0.0);
-        (h.forced_down, !h.answering, !h.current, h.draining, (h.load * 1000.0) as i64, (d * 10.0) as i64)
+        let d = client
+            .map(|c| distance_km(c.lat, c.lon, mirrors[i].lat, mirrors[i].lon))
+            .unwrap_or(0.0);
+        (
+            h.forced_down,
+            !h.answering,
+            !h.current,
+            h.draining,
+            (h.load * 1000.0) as i64,
+            (d * 10.0) as i64,
+        )
     };
     pool.sort_by_key(|&i| key(i));
     pool.truncate(p.answers.max(1));
-    Choice::Mirrors { picks: pool, degraded: true }
+    Choice::Mirrors {
+        picks: pool,
+        degraded: true,
+    }
 }
 
 /// Parses `a.b.c.d/len` or `v6/len`.
@@ -215,11 +262,19 @@ pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
 pub fn cidr_contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {
     match (net, ip) {
         (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
             u32::from(n) & mask == u32::from(a) & mask
         }
         (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
             u128::from(n) & mask == u128::from(a) & mask
         }
         _ => false,
@@ -241,17 +296,38 @@ mod tests {
             weight: 1.0,
             countries: vec![],
             continents: vec![],
-            health: Health { up: true, answering: true, current: true, ..Default::default() },
+            health: Health {
+                up: true,
+                answering: true,
+                current: true,
+                ..Default::default()
+            },
         }
     }
     fn world() -> Vec<MirrorView> {
-        vec![m("jakarta", -6.2, 106.8), m("london", 51.5, -0.1), m("ashburn", 39.0, -77.5), m("saopaulo", -23.5, -46.6)]
+        vec![
+            m("jakarta", -6.2, 106.8),
+            m("london", 51.5, -0.1),
+            m("ashburn", 39.0, -77.5),
+            m("saopaulo", -23.5, -46.6),
+        ]
     }
     fn at(lat: f64, lon: f64) -> Location {
-        Location { lat, lon, country: None, continent: None }
+        Location {
+            lat,
+            lon,
+            country: None,
+            continent: None,
+        }
     }
     fn params() -> Params {
-        Params { answers: 2, band: 1.5, band_km: 100.0, full_at: 0.9, fallback: vec![] }
+        Params {
+            answers: 2,
+            band: 1.5,
+            band_km: 100.0,
+            full_at: 0.9,
+            fallback: vec![],
+        }
     }
     fn ids(c: &Choice, ms: &[MirrorView]) -> Vec<String> {
         match c {
@@ -264,11 +340,23 @@ mod tests {
     fn nearest_first() {
         let ms = world();
         let paris = at(48.9, 2.35);
-        assert_eq!(ids(&select(Some(&paris), Family::V4, &ms, &params(), 7), &ms), vec!["london", "ashburn"]);
+        assert_eq!(
+            ids(&select(Some(&paris), Family::V4, &ms, &params(), 7), &ms),
+            vec!["london", "ashburn"]
+        );
         let singapore = at(1.35, 103.8);
-        assert_eq!(ids(&select(Some(&singapore), Family::V4, &ms, &params(), 7), &ms)[0], "jakarta");
+        assert_eq!(
+            ids(
+                &select(Some(&singapore), Family::V4, &ms, &params(), 7),
+                &ms
+            )[0],
+            "jakarta"
+        );
         let rio = at(-22.9, -43.2);
-        assert_eq!(ids(&select(Some(&rio), Family::V4, &ms, &params(), 7), &ms)[0], "saopaulo");
+        assert_eq!(
+            ids(&select(Some(&rio), Family::V4, &ms, &params(), 7), &ms)[0],
+            "saopaulo"
+        );
     }
 
     #[test]
@@ -298,7 +386,13 @@ mod tests {
         let count = |ms: &[MirrorView]| {
             let mut paris = 0;
             for r in 0..10_000u64 {
-                let c = select(Some(&london_client), Family::V4, ms, &params(), r.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let c = select(
+                    Some(&london_client),
+                    Family::V4,
+                    ms,
+                    &params(),
+                    r.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
                 if ids(&c, ms)[0] == "paris" {
                     paris += 1;
                 }
@@ -306,13 +400,25 @@ mod tests {
             paris
         };
         let even = count(&ms);
-        assert!((4_000..6_000).contains(&even), "paris got {even} of 10000 at equal weight");
+        assert!(
+            (4_000..6_000).contains(&even),
+            "paris got {even} of 10000 at equal weight"
+        );
         ms[4].health.load = 0.45; // half of full_at: about half the share
         let loaded = count(&ms);
-        assert!((2_500..4_200).contains(&loaded), "paris got {loaded} when half loaded");
+        assert!(
+            (2_500..4_200).contains(&loaded),
+            "paris got {loaded} when half loaded"
+        );
         // Far mirrors are outside the band: Ashburn never comes first for London.
         for r in 0..1000u64 {
-            assert_ne!(ids(&select(Some(&london_client), Family::V4, &ms, &params(), r << 20), &ms)[0], "ashburn");
+            assert_ne!(
+                ids(
+                    &select(Some(&london_client), Family::V4, &ms, &params(), r << 20),
+                    &ms
+                )[0],
+                "ashburn"
+            );
         }
     }
 
@@ -321,16 +427,38 @@ mod tests {
         let mut ms = world();
         ms[2].v6 = vec!["::1".parse().expect("ip")];
         let paris = at(48.9, 2.35);
-        assert_eq!(ids(&select(Some(&paris), Family::V6, &ms, &params(), 1), &ms), vec!["ashburn"]);
+        assert_eq!(
+            ids(&select(Some(&paris), Family::V6, &ms, &params(), 1), &ms),
+            vec!["ashburn"]
+        );
         ms[1].countries = vec!["GB".into()];
-        let fr = Location { country: Some("FR".into()), continent: Some("EU".into()), ..paris.clone() };
-        assert_eq!(ids(&select(Some(&fr), Family::V4, &ms, &params(), 1), &ms)[0], "ashburn");
-        let gb = Location { country: Some("GB".into()), ..fr.clone() };
-        assert_eq!(ids(&select(Some(&gb), Family::V4, &ms, &params(), 1), &ms)[0], "london");
+        let fr = Location {
+            country: Some("FR".into()),
+            continent: Some("EU".into()),
+            ..paris.clone()
+        };
+        assert_eq!(
+            ids(&select(Some(&fr), Family::V4, &ms, &params(), 1), &ms)[0],
+            "ashburn"
+        );
+        let gb = Location {
+            country: Some("GB".into()),
+            ..fr.clone()
+        };
+        assert_eq!(
+            ids(&select(Some(&gb), Family::V4, &ms, &params(), 1), &ms)[0],
+            "london"
+        );
         let none = select(None, Family::V4, &ms, &params(), 99);
-        assert!(!ids(&none, &ms).contains(&"london".to_string()), "restricted mirrors need a known client");
+        assert!(
+            !ids(&none, &ms).contains(&"london".to_string()),
+            "restricted mirrors need a known client"
+        );
         let ms = world();
-        assert_eq!(select(Some(&paris), Family::V6, &ms, &params(), 1), Choice::Nothing);
+        assert_eq!(
+            select(Some(&paris), Family::V6, &ms, &params(), 1),
+            Choice::Nothing
+        );
     }
 
     #[test]
@@ -344,14 +472,20 @@ mod tests {
         match select(Some(&paris), Family::V4, &ms, &params(), 1) {
             Choice::Mirrors { picks, degraded } => {
                 assert!(degraded);
-                assert_eq!(ms[picks[0]].id, "saopaulo", "answering beats nearer but dead");
+                assert_eq!(
+                    ms[picks[0]].id, "saopaulo",
+                    "answering beats nearer but dead"
+                );
                 assert_eq!(picks.len(), 2);
             }
             other => panic!("{other:?}"),
         }
         let mut p = params();
         p.fallback = vec!["192.0.2.1".parse().expect("ip")];
-        assert_eq!(select(Some(&paris), Family::V4, &ms, &p, 1), Choice::Fallback(p.fallback.clone()));
+        assert_eq!(
+            select(Some(&paris), Family::V4, &ms, &p, 1),
+            Choice::Fallback(p.fallback.clone())
+        );
     }
 
     #[test]

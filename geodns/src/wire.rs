@@ -112,7 +112,12 @@ pub fn read(raw: &[u8]) -> Result<RawQuery, FormErr> {
         if edns.is_some() {
             return Err(FormErr("more than one OPT record"));
         }
-        let mut info = EdnsInfo { payload: class, version: ttl[1], dnssec_ok: ttl[2] & 0x80 != 0, ecs: None };
+        let mut info = EdnsInfo {
+            payload: class,
+            version: ttl[1],
+            dnssec_ok: ttl[2] & 0x80 != 0,
+            ecs: None,
+        };
         let mut o = Cur { b: data, i: 0 };
         while o.i < data.len() {
             let code = o.u16()?;
@@ -146,15 +151,21 @@ fn ecs(b: &[u8]) -> Result<Ecs, FormErr> {
         _ => return Err(FormErr("Client Subnet family must be 1 or 2")),
     };
     if source > max {
-        return Err(FormErr("Client Subnet source prefix too long for its family"));
+        return Err(FormErr(
+            "Client Subnet source prefix too long for its family",
+        ));
     }
     if addr.len() != usize::from(source).div_ceil(8) {
-        return Err(FormErr("Client Subnet address length does not match the source prefix"));
+        return Err(FormErr(
+            "Client Subnet address length does not match the source prefix",
+        ));
     }
     if source % 8 != 0 {
         let last = addr[addr.len() - 1];
         if last & (0xFFu8 >> (source % 8)) != 0 {
-            return Err(FormErr("Client Subnet address has bits set past the source prefix"));
+            return Err(FormErr(
+                "Client Subnet address has bits set past the source prefix",
+            ));
         }
     }
     let ip = if family == 1 {
@@ -196,8 +207,20 @@ mod tests {
         let q = read(&query_with_opt(&ecs_opt(1, 24, 0, &[81, 2, 69]))).expect("valid");
         let e = q.edns.expect("edns");
         assert_eq!(e.payload, 1232);
-        assert_eq!(e.ecs, Some(Ecs { addr: "81.2.69.0".parse().expect("ip"), source: 24 }));
-        let q = read(&query_with_opt(&ecs_opt(2, 48, 0, &[0x20, 0x01, 0x0d, 0xb8, 0, 1]))).expect("v6");
+        assert_eq!(
+            e.ecs,
+            Some(Ecs {
+                addr: "81.2.69.0".parse().expect("ip"),
+                source: 24
+            })
+        );
+        let q = read(&query_with_opt(&ecs_opt(
+            2,
+            48,
+            0,
+            &[0x20, 0x01, 0x0d, 0xb8, 0, 1],
+        )))
+        .expect("v6");
         assert_eq!(q.edns.and_then(|e| e.ecs).map(|e| e.source), Some(48));
         let q = read(&query_with_opt(&ecs_opt(1, 0, 0, &[]))).expect("source 0");
         assert_eq!(q.edns.and_then(|e| e.ecs).map(|e| e.source), Some(0));
@@ -216,7 +239,12 @@ mod tests {
         ] {
             assert!(read(&query_with_opt(&opt)).is_err(), "{what} accepted");
         }
-        assert!(read(&query_with_opt(&[ecs_opt(1, 8, 0, &[10]), ecs_opt(1, 8, 0, &[10])].concat())).is_err());
+        assert!(
+            read(&query_with_opt(
+                &[ecs_opt(1, 8, 0, &[10]), ecs_opt(1, 8, 0, &[10])].concat()
+            ))
+            .is_err()
+        );
     }
 
     #[test]

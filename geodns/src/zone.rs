@@ -26,13 +26,32 @@ pub struct ZoneData {
 pub fn parse_static(r: &StaticRecord) -> Result<(RecordType, RData), String> {
     let name = |s: &str| Name::from_ascii(s.trim()).map_err(|e| format!("bad name {s:?}: {e}"));
     Ok(match r.rtype.to_ascii_uppercase().as_str() {
-        "A" => (RecordType::A, RData::A(A(r.value.trim().parse().map_err(|e| format!("bad IPv4 {:?}: {e}", r.value))?))),
-        "AAAA" => (RecordType::AAAA, RData::AAAA(AAAA(r.value.trim().parse().map_err(|e| format!("bad IPv6 {:?}: {e}", r.value))?))),
+        "A" => (
+            RecordType::A,
+            RData::A(A(r
+                .value
+                .trim()
+                .parse()
+                .map_err(|e| format!("bad IPv4 {:?}: {e}", r.value))?)),
+        ),
+        "AAAA" => (
+            RecordType::AAAA,
+            RData::AAAA(AAAA(
+                r.value
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("bad IPv6 {:?}: {e}", r.value))?,
+            )),
+        ),
         "CNAME" => (RecordType::CNAME, RData::CNAME(CNAME(name(&r.value)?))),
         "NS" => (RecordType::NS, RData::NS(NS(name(&r.value)?))),
         "TXT" => (RecordType::TXT, RData::TXT(TXT::new(vec![r.value.clone()]))),
         "MX" => {
-            let (pref, host) = r.value.trim().split_once(' ').ok_or("MX value is `PREFERENCE NAME`")?;
+            let (pref, host) = r
+                .value
+                .trim()
+                .split_once(' ')
+                .ok_or("MX value is `PREFERENCE NAME`")?;
             let pref: u16 = pref.parse().map_err(|_| "MX preference must be a number")?;
             (RecordType::MX, RData::MX(MX::new(pref, name(host)?)))
         }
@@ -48,34 +67,53 @@ fn fqdn(rel: &str, apex: &Name) -> Result<Name, String> {
     if n.is_fqdn() {
         return Ok(n.to_lowercase());
     }
-    n.append_domain(apex).map(|n| n.to_lowercase()).map_err(|e| e.to_string())
+    n.append_domain(apex)
+        .map(|n| n.to_lowercase())
+        .map_err(|e| e.to_string())
 }
 
 impl ZoneData {
     pub fn build(z: &Zone) -> Result<Self, String> {
-        let mut apex = Name::from_ascii(&z.name).map_err(|e| e.to_string())?.to_lowercase();
+        let mut apex = Name::from_ascii(&z.name)
+            .map_err(|e| e.to_string())?
+            .to_lowercase();
         apex.set_fqdn(true);
         let first_ns = fqdn(z.ns.first().ok_or("zone needs ns")?, &apex)?;
         let rname = fqdn(&z.soa.rname, &apex)?;
         let soa = Record::from_rdata(
             apex.clone(),
             z.soa.minimum,
-            RData::SOA(SOA::new(first_ns, rname, z.soa.serial, z.soa.refresh, z.soa.retry, z.soa.expire, z.soa.minimum)),
+            RData::SOA(SOA::new(
+                first_ns,
+                rname,
+                z.soa.serial,
+                z.soa.refresh,
+                z.soa.retry,
+                z.soa.expire,
+                z.soa.minimum,
+            )),
         );
         let mut records: HashMap<Name, Vec<Record>> = HashMap::new();
         for ns in &z.ns {
             records
                 .entry(apex.clone())
                 .or_default()
-                .push(Record::from_rdata(apex.clone(), 86_400, RData::NS(rdata::NS(fqdn(ns, &apex)?))));
+                .push(Record::from_rdata(
+                    apex.clone(),
+                    86_400,
+                    RData::NS(rdata::NS(fqdn(ns, &apex)?)),
+                ));
         }
         for r in &z.records {
             let owner = fqdn(&r.name, &apex)?;
-            if !owner.zone_of(&apex) && owner != apex {
+            if !apex.zone_of(&owner) {
                 return Err(format!("record {} is outside zone {}", r.name, apex));
             }
             let (_, rd) = parse_static(r)?;
-            records.entry(owner.clone()).or_default().push(Record::from_rdata(owner, r.ttl, rd));
+            records
+                .entry(owner.clone())
+                .or_default()
+                .push(Record::from_rdata(owner, r.ttl, rd));
         }
         let mut dynamic = HashSet::new();
         for d in &z.dynamic {
@@ -89,6 +127,13 @@ impl ZoneData {
                 p = p.base_name();
             }
         }
-        Ok(ZoneData { negative_ttl: z.soa.minimum, apex, soa, dynamic, records, ents })
+        Ok(ZoneData {
+            negative_ttl: z.soa.minimum,
+            apex,
+            soa,
+            dynamic,
+            records,
+            ents,
+        })
     }
 }

@@ -327,34 +327,34 @@ impl Syncer {
                 .clamp(Duration::from_secs(1), Duration::from_secs(55));
             match self.upstreams.wait(i, after, timeout).await {
                 Ok(None) => {
+                    // Up to date with this upstream.
                     self.state.set_status(|s| {
-                        if s.state != "error" || after > 0 {
-                            s.state = "idle".into();
-                        }
+                        s.state = "idle".into();
+                        s.last_error = None;
                         s.last_success = Some(unix_now());
                         s.upstream_generation = s.upstream_generation.max(after);
                     });
                     return Ok(());
                 }
-                Ok(Some(env)) => match {
+                Ok(Some(env)) => {
                     self.state
                         .metrics
                         .manifest_bytes_fetched
                         .inc_by(env.len() as u64);
-                    self.accept_root(i, &env).await
-                } {
-                    Ok(vr) => return self.sync_to(vr, i).await,
-                    Err(e) => {
-                        tracing::warn!(upstream = %self.upstreams.url(i), error = %e, "refusing root");
-                        self.state
-                            .metrics
-                            .verify_failures
-                            .with_label_values(&[self.upstreams.url(i)])
-                            .inc();
-                        self.upstreams.strike(i);
-                        errors.push(e.to_string());
+                    match self.accept_root(i, &env).await {
+                        Ok(vr) => return self.sync_to(vr, i).await,
+                        Err(e) => {
+                            tracing::warn!(upstream = %self.upstreams.url(i), error = %e, "refusing root");
+                            self.state
+                                .metrics
+                                .verify_failures
+                                .with_label_values(&[self.upstreams.url(i)])
+                                .inc();
+                            self.upstreams.strike(i);
+                            errors.push(e.to_string());
+                        }
                     }
-                },
+                }
                 Err(e) => errors.push(e),
             }
         }

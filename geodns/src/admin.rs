@@ -1,0 +1,133 @@
+//! The admin HTTP endpoint (bearer token): `/metrics`, `/mirrors` (state of
+//! every mirror and why it is or is not answered), and
+//! `POST /mirrors/{id}/down|drain|clear`.
+
+use crate::dns::Runtime;
+use crate::health::{Forced, Tracker, reason};
+use crate::metrics::DnsMetrics;
+use http::{Method, Response, StatusCode};
+use hyper::body::Incoming;
+use meridian_serve::files::text;
+use meridian_serve::{Body, Service, full};
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// The admin service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    pub token: String,
+    pub tracker: Arc<Tracker>,
+    pub metrics: DnsMetrics,
+    pub runtime: Arc<arc_swap::ArcSwap<Runtime>>,
+    pub config: Arc<arc_swap::ArcSwap<crate::config::GeoDnsConfig>>,
+}
+
+#[derive(Serialize)]
+struct MirrorReport<'a> {
+    id: &'a str,
+    region: &'a str,
+    in_service: bool,
+    why: &'static str,
+    up: bool,
+    answering: bool,
+    current: bool,
+    draining: bool,
+    load: f64,
+    generation: u64,
+    newest_generation: u64,
+    forced: Forced,
+    last_error: Option<String>,
+}
+
+impl Service for AdminService {
+    async fn call(&self, req: http::Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        let authed = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| {
+                t.len() == self.token.len()
+                    && t.bytes()
+                        .zip(self.token.bytes())
+                        .fold(0u8, |a, (x, y)| a | (x ^ y))
+                        == 0
+            });
+        if !authed {
+            return text(StatusCode::UNAUTHORIZED, "bearer token required\n");
+        }
+        let path = req.uri().path();
+        match (req.method(), path) {
+            (&Method::GET, "/metrics") => Response::builder()
+                .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
+                .body(full(self.metrics.render()))
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "")),
+            (&Method::GET, "/mirrors") => {
+                let views = self.tracker.views.load();
+                let states = self
+                    .tracker
+                    .states
+                    .lock()
+                    .map(|s| s.clone())
+                    .unwrap_or_default();
+                let full_at = self.runtime.load().params.full_at;
+                let newest = self
+                    .tracker
+                    .newest_generation
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let reports: Vec<MirrorReport<'_>> = views
+                    .iter()
+                    .map(|v| {
+                        let st = states.get(&v.id);
+                        MirrorReport {
+                            id: &v.id,
+                            region: &v.region,
+                            in_service: v.usable(full_at),
+                            why: reason(v, full_at),
+                            up: v.health.up,
+                            answering: v.health.answering,
+                            current: v.health.current,
+                            draining: v.health.draining,
+                            load: v.health.load,
+                            generation: st.map(|s| s.generation).unwrap_or(0),
+                            newest_generation: newest,
+                            forced: st.map(|s| s.forced).unwrap_or_default(),
+                            last_error: st.and_then(|s| s.last_error.clone()),
+                        }
+                    })
+                    .collect();
+                let body = serde_json::to_vec_pretty(&reports).unwrap_or_default();
+                Response::builder()
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(full(body))
+                    .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, ""))
+            }
+            (&Method::POST, p) if p.starts_with("/mirrors/") => {
+                let rest = &p["/mirrors/".len()..];
+                let Some((id, action)) = rest.rsplit_once('/') else {
+                    return text(
+                        StatusCode::NOT_FOUND,
+                        "use /mirrors/{id}/down|drain|clear\n",
+                    );
+                };
+                let forced = match action {
+                    "down" => Forced::Down,
+                    "drain" => Forced::Drain,
+                    "clear" => Forced::None,
+                    _ => return text(StatusCode::NOT_FOUND, "action is down, drain or clear\n"),
+                };
+                if !self.tracker.force(id, forced) {
+                    return text(StatusCode::NOT_FOUND, format!("no mirror {id:?}\n"));
+                }
+                self.tracker.refresh_views(&self.config.load());
+                tracing::info!(mirror = id, ?forced, "operator override");
+                text(StatusCode::OK, format!("{id}: {action}\n"))
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "GET /metrics, GET /mirrors, POST /mirrors/{id}/down|drain|clear\n",
+            ),
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! The DNS request handler (on hickory-server).
+//!
+//! Authoritative answers for the configured zones: SOA and NS at the apex,
+//! static records, and the dynamic mirror names, answered per client by
+//! [`crate::select`]. NXDOMAIN carries the SOA in the authority section,
+//! NODATA too; names outside our zones get REFUSED; AA is set; the query
+//! name's case is echoed; ANY gets one RRset (RFC 8482); EDNS versions
+//! above 0 get BADVERS; Client Subnet is validated strictly (see
+//! [`crate::wire`]) and answered with an honest scope. UDP answers that do
+//! not fit the client's buffer are truncated with TC set (hickory's
+//! encoder), and TCP carries the full answer.
+
+use crate::geoip::{GeoHandle, Location};
+use crate::health::Tracker;
+use crate::metrics::DnsMetrics;
+use crate::select::{self, Choice, Family, Params};
+use crate::wire::{self, EdnsInfo};
+use crate::zone::ZoneData;
+use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
+use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_server::net::runtime::Time;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Everything a query needs, swapped as a whole on config reload.
+#[derive(Debug)]
+pub struct Runtime {
+    pub zones: Vec<ZoneData>,
+    pub params: Params,
+    pub ttl: Duration,
+    pub ttl_changing: Duration,
+    pub default_location: Option<Location>,
+    /// (network, prefix, location) overrides, checked before GeoIP.
+    pub overrides: Vec<(IpAddr, u8, Location)>,
+}
+
+/// Our UDP payload ceiling (RFC 9715 / DNS flag day 2020).
+pub const MAX_UDP_PAYLOAD: u16 = 1232;
+
+/// The handler hickory-server calls.
+#[derive(Debug, Clone)]
+pub struct GeoHandler {
+    pub runtime: Arc<arc_swap::ArcSwap<Runtime>>,
+    pub geo: Arc<GeoHandle>,
+    pub tracker: Arc<Tracker>,
+    pub metrics: DnsMetrics,
+    seed: Arc<AtomicU64>,
+}
+
+/// What the client asked, and who we think it is.
+struct Client {
+    location: Option<Location>,
+    /// ECS scope to return (prefix of the network that decided).
+    scope: u8,
+    country: String,
+}
+
+impl GeoHandler {
+    pub fn new(
+        runtime: Arc<arc_swap::ArcSwap<Runtime>>,
+        geo: Arc<GeoHandle>,
+        tracker: Arc<Tracker>,
+        metrics: DnsMetrics,
+    ) -> Self {
+        GeoHandler {
+            runtime,
+            geo,
+            tracker,
+            metrics,
+            seed: Arc::new(AtomicU64::new(0x853c_49e6_748f_ea9b)),
+        }
+    }
+
+    fn random(&self) -> u64 {
+        // splitmix64 over a shared counter: cheap, lock-free, well spread.
+        let mut z = self
+            .seed
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn locate(&self, rt: &Runtime, ip: IpAddr) -> Client {
+        for (net, len, loc) in &rt.overrides {
+            if select::cidr_contains(*net, *len, ip) {
+                return Client {
+                    location: Some(loc.clone()),
+                    scope: *len,
+                    country: loc.country.clone().unwrap_or_else(|| "override".into()),
+                };
+            }
+        }
+        if let Some(db) = self.geo.get() {
+            let l = db.lookup(ip);
+            if let Some(loc) = l.location {
+                let country = loc.country.clone().unwrap_or_else(|| "unknown".into());
+                return Client {
+                    location: Some(loc),
+                    scope: l.prefix,
+                    country,
+                };
+            }
+            // Not in the database: the answer does not depend on location.
+            return Client {
+                location: rt.default_location.clone(),
+                scope: 0,
+                country: "unknown".into(),
+            };
+        }
+        Client {
+            location: rt.default_location.clone(),
+            scope: 0,
+            country: "unknown".into(),
+        }
+    }
+}
+
+/// Reads the question name from the raw packet with its original case.
+fn original_qname(raw: &[u8]) -> Option<Name> {
+    let mut i = 12;
+    let mut labels: Vec<&[u8]> = Vec::new();
+    loop {
+        let len = *raw.get(i)? as usize;
+        if len == 0 {
+            break;
+        }
+        if len & 0xC0 != 0 {
+            return None;
+        }
+        labels.push(raw.get(i + 1..i + 1 + len)?);
+        i += 1 + len;
+    }
+    let mut n = Name::from_labels(labels).ok()?;
+    n.set_fqdn(true);
+    Some(n)
+}
+
+fn response_edns(req: &EdnsInfo, ecs: Option<ClientSubnet>) -> Edns {
+    let mut e = Edns::new();
+    e.set_max_payload(req.payload.clamp(512, MAX_UDP_PAYLOAD));
+    e.set_version(0);
+    if let Some(s) = ecs {
+        e.options_mut().insert(EdnsOption::Subnet(s));
+    }
+    e
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for GeoHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let rt = self.runtime.load_full();
+        let raw = request.as_slice();
+        let mut meta = Metadata::response_from_request(&request.metadata);
+        meta.message_type = MessageType::Response;
+        let builder = MessageResponseBuilder::from_message_request(request);
+
+        // Strict pass over the raw bytes: FORMERR for what hickory let through.
+        let parsed = match wire::read(raw) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(src = %request.src(), error = %e, "FORMERR");
+                self.metrics.rcode("FORMERR");
+                return send(
+                    &mut response_handle,
+                    builder.error_msg(&request.metadata, ResponseCode::FormErr),
+                )
+                .await;
+            }
+        };
+        if request.metadata.op_code != OpCode::Query {
+            self.metrics.rcode("NOTIMP");
+            return send(
+                &mut response_handle,
+                builder.error_msg(&request.metadata, ResponseCode::NotImp),
+            )
+            .await;
+        }
+        if parsed.qdcount != 1 {
+            self.metrics.rcode("FORMERR");
+            return send(
+                &mut response_handle,
+                builder.error_msg(&request.metadata, ResponseCode::FormErr),
+            )
+            .await;
+        }
+        if let Some(edns) = &parsed.edns
+            && edns.version > 0
+        {
+            // RFC 6891 §6.1.3: BADVERS with our highest version (0).
+            self.metrics.rcode("BADVERS");
+            let e = response_edns(edns, None);
+            let mut b = builder;
+            b.edns(&e);
+            let mut m = meta;
+            m.response_code = ResponseCode::BADVERS;
+            return send(&mut response_handle, b.build_no_records(m)).await;
+        }
+        let Some(query) = request.queries.queries().first() else {
+            self.metrics.rcode("FORMERR");
+            return send(
+                &mut response_handle,
+                builder.error_msg(&request.metadata, ResponseCode::FormErr),
+            )
+            .await;
+        };
+        let qname_lower: &LowerName = query.name();
+        let qname_lower = Name::from(qname_lower.clone());
+        let owner = original_qname(raw).unwrap_or_else(|| qname_lower.clone());
+        let qtype = query.query_type();
+
+        let Some(zone) = rt
+            .zones
+            .iter()
+            .filter(|z| z.apex.zone_of(&qname_lower))
+            .max_by_key(|z| z.apex.num_labels())
+        else {
+            self.metrics.rcode("REFUSED");
+            let mut m = meta;
+            m.response_code = ResponseCode::Refused;
+            let e = parsed.edns.as_ref().map(|x| response_edns(x, None));
+            let mut b = builder;
+            if let Some(e) = &e {
+                b.edns(e);
+            }
+            return send(&mut response_handle, b.build_no_records(m)).await;
+        };
+        meta.authoritative = true;
+
+        // Who is asking: ECS (source > 0) or the packet's source address.
+        let ecs = parsed.edns.as_ref().and_then(|e| e.ecs);
+        let client_ip = match ecs {
+            Some(e) if e.source > 0 => e.addr,
+            _ => request.src().ip(),
+        };
+
+        let mut answers: Vec<Record> = Vec::new();
+        let mut authority: Vec<Record> = Vec::new();
+        let mut scope = 0u8;
+        let mut rcode = ResponseCode::NoError;
+        let is_dynamic = zone.dynamic.contains(&qname_lower);
+        let statics = zone.records.get(&qname_lower);
+        if is_dynamic {
+            let family = match qtype {
+                RecordType::A | RecordType::ANY => Some(Family::V4),
+                RecordType::AAAA => Some(Family::V6),
+                _ => None,
+            };
+            if let Some(family) = family {
+                let client = self.locate(&rt, client_ip);
+                let views = self.tracker.views.load();
+                let choice = select::select(
+                    client.location.as_ref(),
+                    family,
+                    &views,
+                    &rt.params,
+                    self.random(),
+                );
+                self.metrics.country(&client.country);
+                match choice {
+                    Choice::Mirrors { picks, degraded } => {
+                        let changing = picks
+                            .iter()
+                            .any(|&i| self.tracker.changed_within(&views[i].id, rt.ttl));
+                        let ttl = if changing || degraded {
+                            rt.ttl_changing
+                        } else {
+                            rt.ttl
+                        };
+                        for &i in &picks {
+                            if let Some(ip) = views[i].addr(family) {
+                                self.metrics.answer(&views[i].id);
+                                answers.push(addr_record(&owner, ttl, ip));
+                            }
+                        }
+                        if client.location.is_some() {
+                            scope = client.scope;
+                        }
+                    }
+                    Choice::Fallback(addrs) => {
+                        self.metrics.answer("fallback");
+                        for ip in addrs
+                            .into_iter()
+                            .filter(|ip| ip.is_ipv4() == (family == Family::V4))
+                        {
+                            answers.push(addr_record(&owner, rt.ttl_changing.as_secs() as u32, ip));
+                        }
+                    }
+                    Choice::Nothing => {}
+                }
+            }
+        } else if let Some(recs) = statics {
+            if let Some(cname) = recs.iter().find(|r| r.record_type() == RecordType::CNAME) {
+                answers.push(with_owner(cname, &owner));
+            } else if qtype == RecordType::ANY {
+                // RFC 8482: one RRset is enough.
+                if let Some(first) = recs.first() {
+                    let t = first.record_type();
+                    answers.extend(
+                        recs.iter()
+                            .filter(|r| r.record_type() == t)
+                            .map(|r| with_owner(r, &owner)),
+                    );
+                }
+            } else if qtype == RecordType::SOA && qname_lower == zone.apex {
+                answers.push(with_owner(&zone.soa, &owner));
+            } else {
+                answers.extend(
+                    recs.iter()
+                        .filter(|r| r.record_type() == qtype)
+                        .map(|r| with_owner(r, &owner)),
+                );
+            }
+        } else if qname_lower == zone.apex {
+            if qtype == RecordType::SOA || qtype == RecordType::ANY {
+                answers.push(with_owner(&zone.soa, &owner));
+            }
+        } else if !zone.ents.contains(&qname_lower) {
+            rcode = ResponseCode::NXDomain;
+        }
+        if qname_lower == zone.apex && qtype == RecordType::SOA && answers.is_empty() {
+            answers.push(with_owner(&zone.soa, &owner));
+        }
+        if answers.is_empty() {
+            authority.push(zone.soa.clone());
+        }
+        meta.response_code = rcode;
+        self.metrics.rcode(if rcode == ResponseCode::NXDomain {
+            "NXDOMAIN"
+        } else {
+            "NOERROR"
+        });
+
+        let ecs_back = ecs.map(|e| {
+            let scope = if e.source == 0 { 0 } else { scope };
+            ClientSubnet::new(e.addr, e.source, scope)
+        });
+        let edns = parsed.edns.as_ref().map(|x| response_edns(x, ecs_back));
+        let mut b = builder;
+        if let Some(e) = &edns {
+            b.edns(e);
+        }
+        let resp = b.build(
+            meta,
+            answers.iter(),
+            std::iter::empty(),
+            authority.iter(),
+            std::iter::empty(),
+        );
+        send(&mut response_handle, resp).await
+    }
+}
+
+fn addr_record(owner: &Name, ttl: impl TtlSecs, ip: IpAddr) -> Record {
+    let rd = match ip {
+        IpAddr::V4(a) => RData::A(A(a)),
+        IpAddr::V6(a) => RData::AAAA(AAAA(a)),
+    };
+    Record::from_rdata(owner.clone(), ttl.secs(), rd)
+}
+
+trait TtlSecs {
+    fn secs(self) -> u32;
+}
+impl TtlSecs for Duration {
+    fn secs(self) -> u32 {
+        self.as_secs().min(u64::from(u32::MAX)) as u32
+    }
+}
+impl TtlSecs for u32 {
+    fn secs(self) -> u32 {
+        self
+    }
+}
+
+fn with_owner(r: &Record, owner: &Name) -> Record {
+    let mut r = r.clone();
+    r.name = owner.clone();
+    r
+}
+
+async fn send<'a, R: ResponseHandler>(
+    h: &mut R,
+    resp: hickory_server::zone_handler::MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+) -> ResponseInfo {
+    match h.send_response(resp).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not send response");
+            let mut m = Metadata::new(0, MessageType::Response, OpCode::Query);
+            m.response_code = ResponseCode::ServFail;
+            hickory_proto::op::Header {
+                metadata: m,
+                counts: Default::default(),
+            }
+            .into()
+        }
+    }
+}

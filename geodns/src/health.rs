@@ -1,0 +1,310 @@
+//! Active health checks: every `interval`, each mirror's status endpoint is
+//! probed (with `timeout`). A mirror goes down after `down_after`
+//! consecutive failures and comes back after `up_after` consecutive
+//! successes, so one lost probe does not flap it. The newest generation is
+//! the origin's (if `origin_health_url` is set) or the highest any mirror
+//! reports. After each round a snapshot of every mirror's [`MirrorView`] is
+//! published for the query path to read without locks.
+
+use crate::config::{GeoDnsConfig, Mirror};
+use crate::select::{Health, MirrorView};
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What an operator forced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Forced {
+    #[default]
+    None,
+    Down,
+    Drain,
+}
+
+/// Probe history and last status of one mirror.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeState {
+    pub up: bool,
+    pub answering: bool,
+    pub ok_streak: u32,
+    pub fail_streak: u32,
+    pub generation: u64,
+    pub upstream_generation: u64,
+    pub draining: bool,
+    pub stale: bool,
+    pub egress_bytes_per_sec: u64,
+    pub capacity_bytes_per_sec: u64,
+    pub last_error: Option<String>,
+    /// Seconds since the last up/down/drain change.
+    #[serde(skip)]
+    pub changed_at: Option<Instant>,
+    pub forced: Forced,
+}
+
+impl Default for ProbeState {
+    fn default() -> Self {
+        ProbeState {
+            up: false,
+            answering: false,
+            ok_streak: 0,
+            fail_streak: 0,
+            generation: 0,
+            upstream_generation: 0,
+            draining: false,
+            stale: false,
+            egress_bytes_per_sec: 0,
+            capacity_bytes_per_sec: 0,
+            last_error: None,
+            changed_at: None,
+            forced: Forced::None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct StatusDoc {
+    generation: u64,
+    #[serde(default)]
+    upstream_generation: u64,
+    #[serde(default)]
+    draining: bool,
+    #[serde(default)]
+    stale: bool,
+    #[serde(default)]
+    egress_bytes_per_sec: u64,
+    #[serde(default)]
+    capacity_bytes_per_sec: u64,
+}
+
+/// The shared health picture.
+#[derive(Debug)]
+pub struct Tracker {
+    pub states: Mutex<HashMap<String, ProbeState>>,
+    pub newest_generation: std::sync::atomic::AtomicU64,
+    /// What the query path reads.
+    pub views: ArcSwap<Vec<MirrorView>>,
+    /// When any mirror last changed state (for the short TTL).
+    pub last_change: Mutex<HashMap<String, Instant>>,
+    http: reqwest::Client,
+}
+
+impl Tracker {
+    pub fn new() -> Self {
+        Tracker {
+            states: Mutex::new(HashMap::new()),
+            newest_generation: std::sync::atomic::AtomicU64::new(0),
+            views: ArcSwap::from_pointee(Vec::new()),
+            last_change: Mutex::new(HashMap::new()),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(2)
+                .user_agent("meridian-geodns-probe")
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Operator override.
+    pub fn force(&self, id: &str, f: Forced) -> bool {
+        let Ok(mut s) = self.states.lock() else {
+            return false;
+        };
+        match s.get_mut(id) {
+            Some(p) => {
+                p.forced = f;
+                p.changed_at = Some(Instant::now());
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn probe(&self, url: &str, timeout: Duration) -> Result<StatusDoc, String> {
+        let r = self
+            .http
+            .get(url)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("HTTP {}", r.status()));
+        }
+        let body = r.bytes().await.map_err(|e| e.to_string())?;
+        if body.len() > 64 * 1024 {
+            return Err("status document too large".into());
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("status is not the expected JSON: {e}"))
+    }
+
+    /// One round of probes against `cfg`.
+    pub async fn round(&self, cfg: &GeoDnsConfig) {
+        let timeout = cfg.health.timeout;
+        let results = futures_util::future::join_all(
+            cfg.mirrors
+                .iter()
+                .map(|m| async move { (m.id.clone(), self.probe(&m.status_url, timeout).await) }),
+        )
+        .await;
+        let origin_gen = match &cfg.origin_health_url {
+            Some(u) => {
+                #[derive(Deserialize)]
+                struct OriginHealth {
+                    generation: u64,
+                }
+                let r = async {
+                    let r = self.http.get(u).timeout(timeout).send().await.ok()?;
+                    serde_json::from_slice::<OriginHealth>(&r.bytes().await.ok()?).ok()
+                }
+                .await;
+                r.map(|o| o.generation)
+            }
+            None => None,
+        };
+        let now = Instant::now();
+        let Ok(mut states) = self.states.lock() else {
+            return;
+        };
+        states.retain(|id, _| cfg.mirrors.iter().any(|m| &m.id == id));
+        let mut newest = origin_gen.unwrap_or(0);
+        for (id, r) in results {
+            let st = states.entry(id.clone()).or_default();
+            let was = (st.up, st.draining);
+            match r {
+                Ok(doc) => {
+                    st.answering = true;
+                    st.ok_streak += 1;
+                    st.fail_streak = 0;
+                    st.generation = doc.generation;
+                    st.upstream_generation = doc.upstream_generation;
+                    st.draining = doc.draining;
+                    st.stale = doc.stale;
+                    st.egress_bytes_per_sec = doc.egress_bytes_per_sec;
+                    st.capacity_bytes_per_sec = doc.capacity_bytes_per_sec;
+                    st.last_error = None;
+                    if !st.up && st.ok_streak >= cfg.health.up_after {
+                        st.up = true;
+                    }
+                }
+                Err(e) => {
+                    st.answering = false;
+                    st.fail_streak += 1;
+                    st.ok_streak = 0;
+                    st.last_error = Some(e);
+                    if st.up && st.fail_streak >= cfg.health.down_after {
+                        st.up = false;
+                    }
+                }
+            }
+            if origin_gen.is_none() && st.answering {
+                newest = newest.max(st.generation).max(st.upstream_generation);
+            }
+            if (st.up, st.draining) != was {
+                st.changed_at = Some(now);
+                tracing::info!(mirror = %id, up = st.up, draining = st.draining, error = st.last_error.as_deref().unwrap_or(""), "mirror state changed");
+            }
+        }
+        self.newest_generation
+            .store(newest, std::sync::atomic::Ordering::Relaxed);
+        let views: Vec<MirrorView> = cfg
+            .mirrors
+            .iter()
+            .map(|m| view(m, states.get(&m.id), newest, cfg.health.max_generation_lag))
+            .collect();
+        if let Ok(mut lc) = self.last_change.lock() {
+            lc.clear();
+            for (id, st) in states.iter() {
+                if let Some(t) = st.changed_at {
+                    lc.insert(id.clone(), t);
+                }
+            }
+        }
+        drop(states);
+        self.views.store(Arc::new(views));
+    }
+
+    /// Rebuilds the views without probing (after a config reload or an
+    /// operator action).
+    pub fn refresh_views(&self, cfg: &GeoDnsConfig) {
+        let newest = self
+            .newest_generation
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let Ok(states) = self.states.lock() else {
+            return;
+        };
+        let views = cfg
+            .mirrors
+            .iter()
+            .map(|m| view(m, states.get(&m.id), newest, cfg.health.max_generation_lag))
+            .collect();
+        drop(states);
+        self.views.store(Arc::new(views));
+    }
+
+    /// Whether the mirror changed state within `window`.
+    pub fn changed_within(&self, id: &str, window: Duration) -> bool {
+        self.last_change
+            .lock()
+            .ok()
+            .and_then(|lc| lc.get(id).map(|t| t.elapsed() < window))
+            .unwrap_or(false)
+    }
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why a mirror is or is not answered (for the admin view).
+pub fn reason(v: &MirrorView, full_at: f64) -> &'static str {
+    let h = &v.health;
+    if h.forced_down {
+        "forced down by an operator"
+    } else if !h.up {
+        "down (failed health probes)"
+    } else if h.draining {
+        "draining"
+    } else if !h.current {
+        "behind the newest generation (or stale)"
+    } else if h.load >= full_at {
+        "at capacity"
+    } else {
+        "in service"
+    }
+}
+
+fn view(m: &Mirror, st: Option<&ProbeState>, newest: u64, lag: u64) -> MirrorView {
+    let d = ProbeState::default();
+    let st = st.unwrap_or(&d);
+    let capacity = m
+        .capacity_bytes_per_sec
+        .unwrap_or(st.capacity_bytes_per_sec);
+    let load = if capacity > 0 {
+        st.egress_bytes_per_sec as f64 / capacity as f64
+    } else {
+        0.0
+    };
+    MirrorView {
+        id: m.id.clone(),
+        region: m.region.clone(),
+        lat: m.latitude,
+        lon: m.longitude,
+        v4: m.ipv4.clone(),
+        v6: m.ipv6.clone(),
+        weight: m.weight,
+        countries: m.countries.clone(),
+        continents: m.continents.clone(),
+        health: Health {
+            up: st.up,
+            answering: st.answering,
+            current: st.generation > 0 && st.generation + lag >= newest && !st.stale,
+            draining: st.draining || st.forced == Forced::Drain,
+            forced_down: st.forced == Forced::Down,
+            load,
+        },
+    }
+}
