@@ -1,10 +1,22 @@
 //! `meridian demo`: a whole mirror network on one machine.
+//!
+//! It writes a real config file for every component into `DIR/config/`,
+//! generates a small GeoIP City database (or uses `--geoip`), and starts
+//! the origin, four mirrors and GeoDNS as child processes of the same
+//! binary, so any part can be killed, frozen or restarted on its own (the
+//! end-to-end tests do exactly that). Where everything listens, and each
+//! child's pid, is written to `DIR/network.json`.
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Args;
+use meridian_geodns::mmdb::{Writer, geoip2_city};
+use serde::Serialize;
+use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Flags of `meridian demo`.
 #[derive(Debug, Args)]
@@ -13,13 +25,135 @@ pub struct DemoArgs {
     /// fresh temporary directory, removed on exit.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// Origin HTTP port on 127.0.0.1.
+    /// Use this MaxMind GeoIP2/GeoLite2 or DB-IP City database instead of
+    /// the small generated one.
+    #[arg(long, value_name = "FILE")]
+    pub geoip: Option<PathBuf>,
+    /// Origin HTTP port on 127.0.0.1 (0: any free port).
     #[arg(long, default_value_t = 8080)]
     pub origin_port: u16,
+    /// Mirror HTTP port, on each mirror's own loopback address (0: any).
+    #[arg(long, default_value_t = 8080)]
+    pub mirror_port: u16,
+    /// GeoDNS port on 127.0.0.1, UDP and TCP (0: any).
+    #[arg(long, default_value_t = 5353)]
+    pub dns_port: u16,
+    /// GeoDNS admin HTTP port on 127.0.0.1 (0: any).
+    #[arg(long, default_value_t = 8053)]
+    pub admin_port: u16,
+    /// Size of the large demo file in MiB.
+    #[arg(long, default_value_t = 100)]
+    pub big_file_mib: u64,
 }
 
-/// Demo content: a few files of different sizes, one of 100 MiB.
-fn write_demo_content(content: &Path) -> anyhow::Result<()> {
+/// One demo region.
+pub struct Region {
+    pub name: &'static str,
+    pub city: &'static str,
+    pub lat: f64,
+    pub lon: f64,
+    pub addr: Ipv4Addr,
+    pub country: &'static str,
+    pub continent: &'static str,
+    /// A real-world prefix the generated database places here.
+    pub prefix: (&'static str, u8),
+    /// A loopback address the generated database places here, so a client
+    /// bound to it is located by source address.
+    pub loopback_client: Ipv4Addr,
+}
+
+/// The four demo regions.
+pub const REGIONS: [Region; 4] = [
+    Region {
+        name: "ap-southeast",
+        city: "Jakarta",
+        lat: -6.2,
+        lon: 106.8,
+        addr: Ipv4Addr::new(127, 0, 10, 1),
+        country: "ID",
+        continent: "AS",
+        prefix: ("36.68.0.0", 16),
+        loopback_client: Ipv4Addr::new(127, 0, 20, 1),
+    },
+    Region {
+        name: "eu-west",
+        city: "London",
+        lat: 51.5,
+        lon: -0.1,
+        addr: Ipv4Addr::new(127, 0, 10, 2),
+        country: "GB",
+        continent: "EU",
+        prefix: ("81.2.69.0", 24),
+        loopback_client: Ipv4Addr::new(127, 0, 20, 2),
+    },
+    Region {
+        name: "us-east",
+        city: "Ashburn",
+        lat: 39.0,
+        lon: -77.5,
+        addr: Ipv4Addr::new(127, 0, 10, 3),
+        country: "US",
+        continent: "NA",
+        prefix: ("3.208.0.0", 12),
+        loopback_client: Ipv4Addr::new(127, 0, 20, 3),
+    },
+    Region {
+        name: "sa-east",
+        city: "São Paulo",
+        lat: -23.5,
+        lon: -46.6,
+        addr: Ipv4Addr::new(127, 0, 10, 4),
+        country: "BR",
+        continent: "SA",
+        prefix: ("200.147.0.0", 16),
+        loopback_client: Ipv4Addr::new(127, 0, 20, 4),
+    },
+];
+
+/// Where the running network listens (written to `network.json`).
+#[derive(Debug, Serialize, serde::Deserialize, Clone)]
+pub struct Network {
+    pub origin: SocketAddr,
+    pub public_key: String,
+    pub dns: SocketAddr,
+    pub admin: SocketAddr,
+    pub admin_token: String,
+    pub mirrors: BTreeMap<String, SocketAddr>,
+    pub pids: BTreeMap<String, u32>,
+    pub content: PathBuf,
+    pub config_dir: PathBuf,
+}
+
+/// Writes the demo GeoIP database.
+pub fn write_geoip(path: &Path) -> anyhow::Result<()> {
+    let mut w = Writer::new("GeoLite2-City");
+    for r in &REGIONS {
+        let v = geoip2_city(r.lat, r.lon, r.country, r.continent, r.city);
+        let ip: IpAddr = r.prefix.0.parse()?;
+        w.insert(ip, r.prefix.1, &v);
+        w.insert(IpAddr::V4(r.loopback_client), 32, &v);
+    }
+    // A few more places, so other clients land somewhere sensible.
+    w.insert(
+        "2.16.0.0".parse()?,
+        13,
+        &geoip2_city(48.9, 2.35, "FR", "EU", "Paris"),
+    );
+    w.insert(
+        "1.0.0.0".parse()?,
+        24,
+        &geoip2_city(-33.9, 151.2, "AU", "OC", "Sydney"),
+    );
+    w.insert(
+        "203.0.113.0".parse()?,
+        24,
+        &geoip2_city(35.7, 139.7, "JP", "AS", "Tokyo"),
+    );
+    std::fs::write(path, w.build()).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn write_demo_content(content: &Path, big_mib: u64) -> anyhow::Result<()> {
     std::fs::create_dir_all(content.join("releases/1.0"))?;
     let readme = content.join("README.txt");
     if !readme.exists() {
@@ -28,18 +162,24 @@ fn write_demo_content(content: &Path) -> anyhow::Result<()> {
             "Meridian demo content. Drop files here and watch them propagate.\n",
         )?;
     }
-    let small = content.join("releases/1.0/SHA256SUMS");
-    if !small.exists() {
-        std::fs::write(&small, "placeholder checksums file\n")?;
-    }
     let mid = content.join("releases/1.0/tool-1.0.tar.gz");
     if !mid.exists() {
         write_pattern(&mid, 5 << 20, 1)?;
     }
     let big = content.join("releases/1.0/disk-image-1.0.img");
-    if !big.exists() {
-        eprintln!("creating demo content: 100 MiB disk image ...");
-        write_pattern(&big, 100 << 20, 2)?;
+    if !big.exists() && big_mib > 0 {
+        eprintln!("creating demo content: {big_mib} MiB disk image ...");
+        write_pattern(&big, big_mib << 20, 2)?;
+    }
+    let sums = content.join("releases/1.0/B3SUMS");
+    if !sums.exists() {
+        let mut s = String::new();
+        for f in ["tool-1.0.tar.gz", "disk-image-1.0.img"] {
+            if let Ok(b) = std::fs::read(content.join("releases/1.0").join(f)) {
+                s.push_str(&format!("{}  {f}\n", meridian_core::hash_bytes(&b)));
+            }
+        }
+        std::fs::write(&sums, s)?;
     }
     Ok(())
 }
@@ -69,7 +209,118 @@ fn write_pattern(path: &Path, len: u64, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the demo until Ctrl-C.
+struct Children(Vec<(String, Child)>);
+
+impl Children {
+    fn spawn(&mut self, name: &str, args: &[String], logs: &Path) -> anyhow::Result<PathBuf> {
+        let log = logs.join(format!("{name}.log"));
+        let f = std::fs::File::create(&log)?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .env("NO_COLOR", "1")
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        self.0.push((name.to_owned(), child));
+        Ok(log)
+    }
+
+    /// Waits for `what listening on ADDR` in a child's log.
+    fn wait_listening(&mut self, name: &str, log: &Path, what: &str) -> anyhow::Result<SocketAddr> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .filter_map(|l| {
+                    l.split_once(&format!("{what} listening on "))
+                        .map(|(_, r)| r)
+                })
+                .filter(|r| !r.starts_with("https"))
+                .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+                .next()
+            {
+                return Ok(addr);
+            }
+            if let Some((_, c)) = self.0.iter_mut().find(|(n, _)| n == name)
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                bail!(
+                    "{name} exited ({status}) before listening; its log ({}) ends with:\n{}",
+                    log.display(),
+                    tail(&text, 8)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} did not start listening within 60 s; see {}",
+                    log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        for (_, c) in &self.0 {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(c.id() as i32).expect("child pid"),
+                rustix::process::Signal::TERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for (name, c) in &mut self.0 {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if let Ok(None) = c.try_wait() {
+                eprintln!("{name} did not stop in time; killing it");
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn check_bindable(addr: SocketAddr) -> anyhow::Result<()> {
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => bail!(
+            "cannot bind {addr}: the loopback address {} is not available on this machine. \
+             Linux routes all of 127.0.0.0/8 to lo; elsewhere add it first (macOS: `sudo ifconfig lo0 alias {}`)",
+            addr.ip(),
+            addr.ip()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            bail!(
+                "cannot bind {addr}: the port is in use; pick others with --origin-port/--mirror-port/--dns-port/--admin-port"
+            )
+        }
+        Err(e) => bail!("cannot bind {addr}: {e}"),
+    }
+}
+
+fn q(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// Runs the demo until Ctrl-C or SIGTERM.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (base, _temp) = match &args.dir {
         Some(d) => (d.clone(), None),
@@ -78,49 +329,222 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             (t.clone(), Some(TempDirGuard(t)))
         }
     };
-    std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
-    let content = base.join("content");
-    write_demo_content(&content)?;
-    let key_file = base.join("origin.key");
-    if !key_file.exists() {
-        crate::keygen::generate(&key_file, false)?;
+    let base = std::path::absolute(&base)?;
+    let config_dir = base.join("config");
+    let logs = base.join("logs");
+    for d in [&base, &config_dir, &logs] {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-    let origin_addr = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), args.origin_port);
-    let mut cfg =
-        meridian_origin::OriginConfig::new(content.clone(), base.join("origin-state"), key_file);
-    cfg.listen = origin_addr;
-    let origin = meridian_origin::Origin::start(cfg).await.with_context(|| {
-        format!("cannot start the origin on {origin_addr} (use --origin-port to pick another port)")
-    })?;
+    let content = base.join("content");
+    write_demo_content(&content, args.big_file_mib)?;
+    let key_file = base.join("origin.key");
+    let public_key = if key_file.exists() {
+        meridian_origin::service::load_key(&key_file)?.public()
+    } else {
+        crate::keygen::generate(&key_file, false)?.public()
+    };
+    let geoip = match &args.geoip {
+        Some(p) => std::path::absolute(p)?,
+        None => {
+            let p = base.join("demo-city.mmdb");
+            write_geoip(&p)?;
+            p
+        }
+    };
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    check_bindable(SocketAddr::new(lo, args.origin_port))?;
+    for r in &REGIONS {
+        check_bindable(SocketAddr::new(IpAddr::V4(r.addr), args.mirror_port))?;
+    }
+    let mut kids = Children(Vec::new());
 
+    // Origin.
+    let origin_cfg = config_dir.join("origin.toml");
+    std::fs::write(
+        &origin_cfg,
+        format!(
+            "# Written by `meridian demo`. See deploy/origin.toml for every option.\ncontent = {}\nstate = {}\nkey_file = {}\nlisten = \"127.0.0.1:{}\"\nquiet = \"500ms\"\n",
+            q(&content.display().to_string()),
+            q(&base.join("origin-state").display().to_string()),
+            q(&key_file.display().to_string()),
+            args.origin_port
+        ),
+    )?;
+    let log = kids.spawn(
+        "origin",
+        &[
+            "origin".into(),
+            "--config".into(),
+            origin_cfg.display().to_string(),
+        ],
+        &logs,
+    )?;
+    let origin = kids.wait_listening("origin", &log, "origin")?;
+
+    // Mirrors: sa-east pulls from us-east first (a second tier), then the origin.
+    let admin_token = {
+        let mut b = [0u8; 16];
+        getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    };
+    let mut mirrors = BTreeMap::new();
+    for r in &REGIONS {
+        let mut upstreams = vec![format!("http://{origin}")];
+        if r.name == "sa-east"
+            && let Some(us) = mirrors.get("us-east")
+        {
+            upstreams.insert(0, format!("http://{us}"));
+        }
+        let cfg = config_dir.join(format!("mirror-{}.toml", r.name));
+        std::fs::write(
+            &cfg,
+            format!(
+                "# Written by `meridian demo`. See deploy/mirror.toml for every option.\nid = {}\nregion = {}\nupstreams = [{}]\ntrust = [{}]\nstate = {}\nlisten = \"{}:{}\"\nadmin_token = {}\npoll_interval = \"10s\"\nscrub_interval = \"1h\"\nreserve_free_bytes = 16777216\n",
+                q(r.name),
+                q(r.name),
+                upstreams
+                    .iter()
+                    .map(|u| q(u))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                q(&public_key.to_string()),
+                q(&base
+                    .join(format!("mirror-{}", r.name))
+                    .display()
+                    .to_string()),
+                r.addr,
+                args.mirror_port,
+                q(&admin_token),
+            ),
+        )?;
+        let log = kids.spawn(
+            &format!("mirror-{}", r.name),
+            &[
+                "mirror".into(),
+                "--config".into(),
+                cfg.display().to_string(),
+            ],
+            &logs,
+        )?;
+        let addr = kids.wait_listening(&format!("mirror-{}", r.name), &log, "mirror")?;
+        mirrors.insert(r.name.to_owned(), addr);
+    }
+
+    // GeoDNS.
+    let mut g = format!(
+        "# Written by `meridian demo`. See deploy/geodns.toml for every option.\nlisten = [\"127.0.0.1:{}\"]\ngeoip = {}\norigin_health_url = \"http://{origin}/.meridian/health\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\ntoken = {}\n\n[selection]\nanswers = 2\nttl = \"30s\"\nttl_changing = \"5s\"\n\n[health]\ninterval = \"1s\"\ntimeout = \"500ms\"\nup_after = 2\ndown_after = 2\n\n[[zones]]\nname = \"meridian.test\"\ndynamic = [\"dl\"]\nns = [\"ns1.meridian.test.\"]\nrecords = [\n  {{ name = \"ns1\", type = \"A\", value = \"127.0.0.1\" }},\n  {{ name = \"www\", type = \"CNAME\", value = \"dl.meridian.test.\" }},\n  {{ name = \"@\", type = \"TXT\", value = \"Meridian demo zone\" }},\n]\n",
+        args.dns_port,
+        q(&geoip.display().to_string()),
+        args.admin_port,
+        q(&admin_token),
+    );
+    for r in &REGIONS {
+        let addr = mirrors[r.name];
+        g.push_str(&format!(
+            "\n[[mirrors]]\nid = {}\nregion = {}\nlatitude = {}\nlongitude = {}\nipv4 = [\"{}\"]\nstatus_url = \"http://{addr}/.meridian/status\"\n",
+            q(r.name),
+            q(r.name),
+            r.lat,
+            r.lon,
+            r.addr
+        ));
+    }
+    let geodns_cfg = config_dir.join("geodns.toml");
+    std::fs::write(&geodns_cfg, g)?;
+    let log = kids.spawn(
+        "geodns",
+        &[
+            "geodns".into(),
+            "--config".into(),
+            geodns_cfg.display().to_string(),
+        ],
+        &logs,
+    )?;
+    let dns = kids.wait_listening("geodns", &log, "geodns")?;
+    let admin = kids.wait_listening("geodns", &log, "geodns admin")?;
+
+    let network = Network {
+        origin,
+        public_key: public_key.to_string(),
+        dns,
+        admin,
+        admin_token: admin_token.clone(),
+        mirrors: mirrors.clone(),
+        pids: kids.0.iter().map(|(n, c)| (n.clone(), c.id())).collect(),
+        content: content.clone(),
+        config_dir: config_dir.clone(),
+    };
+    let tmp = base.join("network.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&network)?)?;
+    std::fs::rename(&tmp, base.join("network.json"))?;
+
+    let port = dns.port();
+    let mport = args.mirror_port;
     println!();
-    println!("Meridian demo network is up.");
-    println!("  state:       {}", base.display());
-    println!("  content:     {}   (drop files here)", content.display());
-    println!(
-        "  origin:      http://{}/.meridian/health",
-        origin.http_addr
-    );
-    println!("  public key:  {}", origin.public_key);
+    println!("Meridian demo network is up. State: {}", base.display());
     println!();
-    println!("Try:");
     println!(
-        "  curl -s http://{}/.meridian/v1/root | head -c 64 | xxd",
-        origin.http_addr
-    );
-    println!(
-        "  curl -s http://{}/.meridian/metrics | grep generation",
-        origin.http_addr
-    );
-    println!(
-        "  cp /etc/os-release {}/  # a new generation follows within seconds",
+        "  origin     http://{origin}            (publishes {})",
         content.display()
     );
+    for r in &REGIONS {
+        println!(
+            "  mirror     http://{:<21} {:<13} {}",
+            mirrors[r.name], r.name, r.city
+        );
+    }
+    println!("  geodns     {dns} udp+tcp, zone meridian.test, name dl.meridian.test");
+    println!("  admin      http://{admin}/mirrors   (Authorization: Bearer {admin_token})");
+    println!("  public key {public_key}");
+    println!("  logs       {}", logs.display());
     println!();
-    println!("Press Ctrl-C to stop.");
+    println!("Geo-steering (the first answer is the nearest healthy mirror):");
+    println!(
+        "  dig @127.0.0.1 -p {port} dl.meridian.test +subnet=81.2.69.0/24 +short     # London    -> 127.0.10.2"
+    );
+    println!(
+        "  dig @127.0.0.1 -p {port} dl.meridian.test +subnet=36.68.0.0/16 +short     # Jakarta   -> 127.0.10.1"
+    );
+    println!(
+        "  dig @127.0.0.1 -p {port} dl.meridian.test +subnet=200.147.0.0/16 +short   # São Paulo -> 127.0.10.4"
+    );
+    println!();
+    println!("A verified download through the mirror DNS picks (checks the blake3 sums too):");
+    println!(
+        "  IP=$(dig @127.0.0.1 -p {port} dl.meridian.test +subnet=81.2.69.0/24 +short | head -1)"
+    );
+    println!(
+        "  curl -sO --resolve dl.meridian.test:{mport}:$IP http://dl.meridian.test:{mport}/releases/1.0/tool-1.0.tar.gz"
+    );
+    println!(
+        "  curl -s --resolve dl.meridian.test:{mport}:$IP http://dl.meridian.test:{mport}/releases/1.0/B3SUMS | grep tool | b3sum -c"
+    );
+    println!(
+        "  curl -sI --resolve dl.meridian.test:{mport}:$IP http://dl.meridian.test:{mport}/releases/1.0/tool-1.0.tar.gz | grep -i blake3"
+    );
+    println!();
+    println!("Watch a change propagate to every mirror:");
+    println!("  date > {}/hello.txt", content.display());
+    println!("  for m in 1 2 3 4; do curl -s http://127.0.10.$m:{mport}/hello.txt; done");
+    println!(
+        "  curl -s http://{}/.meridian/status        # generation, sync state, load",
+        mirrors["eu-west"]
+    );
+    println!();
+    println!(
+        "Failover: kill -9 the London mirror (pid {}) and ask again for London:",
+        network.pids.get("mirror-eu-west").copied().unwrap_or(0)
+    );
+    println!("  dig @127.0.0.1 -p {port} dl.meridian.test +subnet=81.2.69.0/24 +short");
+    println!();
+    println!("Press Ctrl-C to stop everything.");
+    let _ = std::io::stdout().flush();
+
+    // Run until a signal, or until a child dies unexpectedly? Children may be
+    // killed on purpose (failover tests); the demo keeps going.
     crate::shutdown_signal().await;
     println!("stopping ...");
-    origin.shutdown().await;
+    kids.stop();
     Ok(())
 }
 
