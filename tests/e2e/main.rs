@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `meridian` binary on loopback.
 #![allow(clippy::unwrap_used)]
 
+mod geodns;
 mod mirror;
 mod origin;
 mod serving;

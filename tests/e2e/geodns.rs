@@ -1,0 +1,517 @@
+//! GeoDNS as a real process, asked with a real DNS client over UDP and TCP.
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
+use hickory_proto::rr::{Name, RData, RecordType};
+use meridian_e2e::{Proc, eventually};
+use meridian_geodns::mmdb::{Writer, dbip_city, geoip2_city};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn write_db(path: &Path, dbip: bool) {
+    let mut w = Writer::new(if dbip {
+        "DBIP-City-Lite"
+    } else {
+        "GeoLite2-City"
+    });
+    let put = |w: &mut Writer, net: &str, len: u8, lat: f64, lon: f64, cc: &str, cont: &str| {
+        let v = if dbip {
+            dbip_city(lat, lon, cc, "x")
+        } else {
+            geoip2_city(lat, lon, cc, cont, "x")
+        };
+        w.insert(net.parse().unwrap(), len, &v);
+    };
+    put(&mut w, "81.2.69.0", 24, 51.5, -0.1, "GB", "EU");
+    put(&mut w, "36.68.0.0", 16, -6.2, 106.8, "ID", "AS");
+    put(&mut w, "200.147.0.0", 16, -23.5, -46.6, "BR", "SA");
+    put(&mut w, "127.0.30.1", 32, -6.2, 106.8, "ID", "AS");
+    std::fs::write(path, w.build()).unwrap();
+}
+
+/// A status endpoint that answers like a healthy mirror, or misbehaves.
+async fn fake_status(kind: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf).await;
+                let body = match kind {
+                    "hang" => {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        return;
+                    }
+                    "garbage" => "{\"this is\": not json".to_owned(),
+                    _ => "{\"generation\": 1, \"draining\": false, \"egress_bytes_per_sec\": 0, \"capacity_bytes_per_sec\": 1000}".to_owned(),
+                };
+                let _ = s.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+struct Dns {
+    _p: Proc,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+async fn start(dbip: bool, extra_records: &str) -> Dns {
+    let dir = tempfile::tempdir().unwrap();
+    write_db(&dir.path().join("city.mmdb"), dbip);
+    let healthy = fake_status("ok").await;
+    let hang = fake_status("hang").await;
+    let garbage = fake_status("garbage").await;
+    let cfg = format!(
+        r#"
+listen = ["127.0.0.1:0"]
+geoip = "{db}"
+[health]
+interval = "200ms"
+timeout = "300ms"
+[[zones]]
+name = "meridian.test"
+ns = ["ns1.meridian.test.", "ns2.meridian.test."]
+records = [
+  {{ name = "ns1", type = "A", value = "127.0.0.1" }},
+  {{ name = "www", type = "CNAME", value = "dl.meridian.test." }},
+  {{ name = "@", type = "MX", value = "10 mail.meridian.test." }},
+  {{ name = "a.b", type = "A", value = "127.0.0.9" }},
+  {extra}
+]
+[[mirrors]]
+id = "jakarta"
+latitude = -6.2
+longitude = 106.8
+ipv4 = ["127.0.10.1"]
+ipv6 = ["fd00::1"]
+status_url = "http://{healthy}/.meridian/status"
+[[mirrors]]
+id = "london"
+latitude = 51.5
+longitude = -0.1
+ipv4 = ["127.0.10.2"]
+status_url = "http://{healthy}/.meridian/status"
+[[mirrors]]
+id = "saopaulo-hangs"
+latitude = -23.5
+longitude = -46.6
+ipv4 = ["127.0.10.4"]
+status_url = "http://{hang}/.meridian/status"
+[[mirrors]]
+id = "ashburn-garbage"
+latitude = 39.0
+longitude = -77.5
+ipv4 = ["127.0.10.3"]
+status_url = "http://{garbage}/.meridian/status"
+"#,
+        db = dir.path().join("city.mmdb").display(),
+        extra = extra_records
+    );
+    let path = dir.path().join("geodns.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let mut p = Proc::spawn(&["geodns", "--config", path.to_str().unwrap()], &[]);
+    let addr = p.listening("geodns");
+    let dns = Dns { _p: p, addr, dir };
+    // Wait until the healthy mirrors are in service.
+    eventually(
+        "healthy mirrors to be in service",
+        Duration::from_secs(20),
+        || async {
+            let r = dns
+                .udp(&query(
+                    "dl.meridian.test.",
+                    RecordType::A,
+                    Some(("81.2.69.0", 24)),
+                ))
+                .await?;
+            let first = a_records(&r).first().copied()?;
+            (first == "127.0.10.2".parse::<IpAddr>().unwrap()).then_some(())
+        },
+    )
+    .await;
+    dns
+}
+
+fn query(name: &str, t: RecordType, ecs: Option<(&str, u8)>) -> Message {
+    let mut m = Message::new(rand_id(), MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+    m.metadata.recursion_desired = false;
+    let mut e = Edns::new();
+    e.set_max_payload(1232);
+    if let Some((net, len)) = ecs {
+        e.options_mut().insert(EdnsOption::Subnet(ClientSubnet::new(
+            net.parse().unwrap(),
+            len,
+            0,
+        )));
+    }
+    m.set_edns(e);
+    m
+}
+
+fn rand_id() -> u16 {
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        & 0xffff) as u16
+}
+
+fn a_records(m: &Message) -> Vec<IpAddr> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Dns {
+    async fn udp_raw(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(bytes, self.addr).await.unwrap();
+        let mut buf = vec![0u8; 65_535];
+        match tokio::time::timeout(Duration::from_secs(2), s.recv(&mut buf)).await {
+            Ok(Ok(n)) => Some(buf[..n].to_vec()),
+            _ => None,
+        }
+    }
+    async fn udp(&self, m: &Message) -> Option<Message> {
+        let raw = self.udp_raw(&m.to_vec().unwrap()).await?;
+        Message::from_vec(&raw).ok()
+    }
+    async fn udp_from(&self, src: &str, m: &Message) -> Option<Message> {
+        let s = tokio::net::UdpSocket::bind(format!("{src}:0"))
+            .await
+            .unwrap();
+        s.send_to(&m.to_vec().unwrap(), self.addr).await.unwrap();
+        let mut buf = vec![0u8; 65_535];
+        let n = tokio::time::timeout(Duration::from_secs(2), s.recv(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        Message::from_vec(&buf[..n]).ok()
+    }
+    async fn tcp(&self, m: &Message) -> Message {
+        let mut s = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let b = m.to_vec().unwrap();
+        s.write_all(&(b.len() as u16).to_be_bytes()).await.unwrap();
+        s.write_all(&b).await.unwrap();
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).await.unwrap();
+        let mut body = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).await.unwrap();
+        Message::from_vec(&body).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn protocol_basics_over_udp_and_tcp() {
+    let dns = start(false, "").await;
+    for via_tcp in [false, true] {
+        let ask = |n: &str, t: RecordType| query(n, t, None);
+        let get = |m: Message| {
+            let dns = &dns;
+            async move {
+                if via_tcp {
+                    dns.tcp(&m).await
+                } else {
+                    dns.udp(&m).await.unwrap()
+                }
+            }
+        };
+        // SOA and NS at the apex, authoritative.
+        let r = get(ask("meridian.test.", RecordType::SOA)).await;
+        assert!(r.metadata.authoritative);
+        assert!(matches!(r.answers[0].data, RData::SOA(_)));
+        let r = get(ask("meridian.test.", RecordType::NS)).await;
+        assert_eq!(r.answers.len(), 2);
+        // NXDOMAIN with the SOA in authority.
+        let r = get(ask("nope.meridian.test.", RecordType::A)).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        assert!(
+            r.authorities
+                .iter()
+                .any(|x| matches!(x.data, RData::SOA(_)))
+        );
+        // NODATA: existing name, other type; and an empty non-terminal.
+        for (n, t) in [
+            ("dl.meridian.test.", RecordType::TXT),
+            ("b.meridian.test.", RecordType::A),
+        ] {
+            let r = get(ask(n, t)).await;
+            assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{n}");
+            assert!(
+                r.answers.is_empty()
+                    && r.authorities
+                        .iter()
+                        .any(|x| matches!(x.data, RData::SOA(_))),
+                "{n}"
+            );
+        }
+        // REFUSED outside our zones.
+        assert_eq!(
+            get(ask("example.com.", RecordType::A))
+                .await
+                .metadata
+                .response_code,
+            ResponseCode::Refused
+        );
+        // Case is echoed.
+        let r = get(ask("Dl.MeRiDiAn.TeSt.", RecordType::A)).await;
+        assert_eq!(r.queries[0].name().to_ascii(), "Dl.MeRiDiAn.TeSt.");
+        assert_eq!(r.answers[0].name.to_ascii(), "Dl.MeRiDiAn.TeSt.");
+        // ANY is answered minimally (one RRset).
+        let r = get(ask("meridian.test.", RecordType::ANY)).await;
+        let types: std::collections::HashSet<_> =
+            r.answers.iter().map(|x| x.record_type()).collect();
+        assert_eq!(types.len(), 1, "{types:?}");
+        // CNAME for any type.
+        let r = get(ask("www.meridian.test.", RecordType::AAAA)).await;
+        assert!(matches!(r.answers[0].data, RData::CNAME(_)));
+        // AAAA gets IPv6 mirrors only.
+        let r = get(ask("dl.meridian.test.", RecordType::AAAA)).await;
+        assert_eq!(a_records(&r), vec!["fd00::1".parse::<IpAddr>().unwrap()]);
+    }
+}
+
+#[tokio::test]
+async fn ecs_and_source_address_steer_and_scope_is_honest() {
+    for dbip in [false, true] {
+        let dns = start(dbip, "").await;
+        let r = dns
+            .udp(&query(
+                "dl.meridian.test.",
+                RecordType::A,
+                Some(("36.68.0.0", 16)),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            a_records(&r)[0],
+            "127.0.10.1".parse::<IpAddr>().unwrap(),
+            "Jakarta (dbip={dbip})"
+        );
+        let scope = r.edns.as_ref().and_then(|e| {
+            match e.option(hickory_proto::rr::rdata::opt::EdnsCode::Subnet) {
+                Some(EdnsOption::Subnet(s)) => Some(s.scope_prefix()),
+                _ => None,
+            }
+        });
+        assert_eq!(scope, Some(16), "scope is the GeoIP network's prefix");
+        // Unknown network: no location, scope 0.
+        let r = dns
+            .udp(&query(
+                "dl.meridian.test.",
+                RecordType::A,
+                Some(("8.8.8.0", 24)),
+            ))
+            .await
+            .unwrap();
+        let scope = r.edns.as_ref().and_then(|e| {
+            match e.option(hickory_proto::rr::rdata::opt::EdnsCode::Subnet) {
+                Some(EdnsOption::Subnet(s)) => Some(s.scope_prefix()),
+                _ => None,
+            }
+        });
+        assert_eq!(scope, Some(0));
+        // Source address (a loopback address the database puts in Jakarta).
+        let r = dns
+            .udp_from(
+                "127.0.30.1",
+                &query("dl.meridian.test.", RecordType::A, None),
+            )
+            .await
+            .unwrap();
+        assert_eq!(a_records(&r)[0], "127.0.10.1".parse::<IpAddr>().unwrap());
+        // Hanging and garbage status endpoints keep those mirrors out, even
+        // for clients nearest to them.
+        let r = dns
+            .udp(&query(
+                "dl.meridian.test.",
+                RecordType::A,
+                Some(("200.147.0.0", 16)),
+            ))
+            .await
+            .unwrap();
+        let got = a_records(&r);
+        assert!(
+            !got.contains(&"127.0.10.4".parse().unwrap())
+                && !got.contains(&"127.0.10.3".parse().unwrap()),
+            "{got:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn malformed_packets_and_bad_ecs_never_crash_it() {
+    let dns = start(false, "").await;
+    let good = query("dl.meridian.test.", RecordType::A, None)
+        .to_vec()
+        .unwrap();
+    // Truncated and garbage: no answer or FORMERR, never a crash.
+    for n in [0usize, 5, 11, 13, 20, good.len() - 1] {
+        if let Some(r) = dns.udp_raw(&good[..n]).await {
+            assert_eq!(
+                Message::from_vec(&r).unwrap().metadata.response_code,
+                ResponseCode::FormErr
+            );
+        }
+    }
+    let mut junk = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    junk.extend((0..400).map(|i| (i * 7) as u8));
+    let _ = dns.udp_raw(&junk).await;
+    // A compression-pointer loop in the question.
+    let lp = [
+        0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xC0, 12, 0, 1, 0, 1,
+    ];
+    if let Some(r) = dns.udp_raw(&lp).await {
+        assert_eq!(
+            Message::from_vec(&r).unwrap().metadata.response_code,
+            ResponseCode::FormErr
+        );
+    }
+    // A huge label count.
+    let mut many = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for _ in 0..200 {
+        many.extend_from_slice(&[1, b'a']);
+    }
+    many.extend_from_slice(&[0, 0, 1, 0, 1]);
+    if let Some(r) = dns.udp_raw(&many).await {
+        assert_eq!(
+            Message::from_vec(&r).unwrap().metadata.response_code,
+            ResponseCode::FormErr
+        );
+    }
+    // ECS with a non-zero scope, or a wrong address length: FORMERR.
+    let mut bad_scope = query("dl.meridian.test.", RecordType::A, None);
+    bad_scope
+        .edns
+        .as_mut()
+        .unwrap()
+        .options_mut()
+        .insert(EdnsOption::Subnet(ClientSubnet::new(
+            "81.2.69.0".parse().unwrap(),
+            24,
+            24,
+        )));
+    assert_eq!(
+        dns.udp(&bad_scope).await.unwrap().metadata.response_code,
+        ResponseCode::FormErr
+    );
+    let mut raw = good.clone();
+    // Replace the OPT rdata with an ECS option whose address is too long.
+    let opt_at = raw.len() - 11;
+    raw.truncate(opt_at);
+    raw.extend_from_slice(&[
+        0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0, 0, 12, 0, 8, 0, 8, 0, 1, 24, 0, 81, 2, 69, 1,
+    ]);
+    let r = Message::from_vec(&dns.udp_raw(&raw).await.unwrap()).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+    // EDNS version 1: BADVERS.
+    let mut v1 = query("dl.meridian.test.", RecordType::A, None);
+    v1.edns.as_mut().unwrap().set_version(1);
+    let raw = dns.udp_raw(&v1.to_vec().unwrap()).await.unwrap();
+    let r = Message::from_vec(&raw).unwrap();
+    // BADVERS is extended rcode 16 (shared with BADSIG, whose name hickory's
+    // decoder picks): low 4 bits in the header, high bits in the OPT.
+    assert_eq!(u16::from(r.metadata.response_code), 16, "{r:?}");
+    assert_eq!(r.edns.as_ref().map(|e| e.version()), Some(0));
+    // An unknown EDNS option is ignored.
+    let mut unk = query("dl.meridian.test.", RecordType::A, None);
+    unk.edns
+        .as_mut()
+        .unwrap()
+        .options_mut()
+        .insert(EdnsOption::Unknown(65001, vec![1, 2, 3]));
+    assert_eq!(
+        dns.udp(&unk).await.unwrap().metadata.response_code,
+        ResponseCode::NoError
+    );
+    // Still alive and answering.
+    assert!(
+        !a_records(
+            &dns.udp(&query("dl.meridian.test.", RecordType::A, None))
+                .await
+                .unwrap()
+        )
+        .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn big_answers_truncate_over_udp_and_complete_over_tcp() {
+    let txt: Vec<String> = (0..40)
+        .map(|i| {
+            format!(
+                "{{ name = \"big\", type = \"TXT\", value = \"{}\" }},",
+                "x".repeat(60) + &i.to_string()
+            )
+        })
+        .collect();
+    let dns = start(false, &txt.join("\n")).await;
+    let mut m = query("big.meridian.test.", RecordType::TXT, None);
+    m.edns = None;
+    let r = dns.udp(&m).await.unwrap();
+    assert!(r.metadata.truncation, "TC set without EDNS (512 bytes)");
+    let r = dns.tcp(&m).await;
+    assert!(!r.metadata.truncation);
+    assert_eq!(r.answers.len(), 40);
+}
+
+#[tokio::test]
+async fn idle_and_slow_tcp_connections_are_closed() {
+    let dns = start(false, "").await;
+    let mut idle = tokio::net::TcpStream::connect(dns.addr).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(dns.addr).await.unwrap();
+    slow.write_all(&[0]).await.unwrap(); // half a length prefix, then nothing
+    for s in [&mut idle, &mut slow] {
+        let mut b = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "connection still open: {r:?}"
+        );
+    }
+    // The server still answers.
+    assert!(
+        dns.udp(&query("dl.meridian.test.", RecordType::A, None))
+            .await
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn a_garbage_geoip_file_keeps_the_old_database() {
+    let dns = start(false, "").await;
+    let db = dns.dir.path().join("city.mmdb");
+    // geoipupdate-style replacement by rename, with garbage.
+    std::fs::write(dns.dir.path().join("tmp.mmdb"), b"not a database at all").unwrap();
+    std::fs::rename(dns.dir.path().join("tmp.mmdb"), &db).unwrap();
+    let mut p = dns;
+    p._p.wait_line("GeoIP database not reloaded", Duration::from_secs(20));
+    let r = p
+        .udp(&query(
+            "dl.meridian.test.",
+            RecordType::A,
+            Some(("36.68.0.0", 16)),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        a_records(&r)[0],
+        "127.0.10.1".parse::<IpAddr>().unwrap(),
+        "still located with the old database"
+    );
+}
