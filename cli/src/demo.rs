@@ -41,6 +41,9 @@ pub struct DemoArgs {
     /// GeoDNS admin HTTP port on 127.0.0.1 (0: any).
     #[arg(long, default_value_t = 8053)]
     pub admin_port: u16,
+    /// How often mirrors re-verify their stored blobs (e.g. `1h`, `2s`).
+    #[arg(long, default_value = "1h")]
+    pub scrub_interval: String,
     /// Size of the large demo file in MiB.
     #[arg(long, default_value_t = 100)]
     pub big_file_mib: u64,
@@ -316,6 +319,24 @@ fn check_bindable(addr: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
+/// Rewrites `listen = ...` in a config with the address actually bound, so
+/// a restarted process (after port 0) comes back where the others expect it.
+fn pin_listen(cfg: &Path, addr: SocketAddr) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(cfg)?;
+    let out: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("listen = ") {
+                format!("listen = \"{addr}\"")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    std::fs::write(cfg, out.join("\n") + "\n")?;
+    Ok(())
+}
+
 fn q(s: &str) -> String {
     format!("{s:?}")
 }
@@ -380,6 +401,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &logs,
     )?;
     let origin = kids.wait_listening("origin", &log, "origin")?;
+    pin_listen(&origin_cfg, origin)?;
 
     // Mirrors: sa-east pulls from us-east first (a second tier), then the origin.
     let admin_token = {
@@ -399,7 +421,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         std::fs::write(
             &cfg,
             format!(
-                "# Written by `meridian demo`. See deploy/mirror.toml for every option.\nid = {}\nregion = {}\nupstreams = [{}]\ntrust = [{}]\nstate = {}\nlisten = \"{}:{}\"\nadmin_token = {}\npoll_interval = \"10s\"\nscrub_interval = \"1h\"\nreserve_free_bytes = 16777216\n",
+                "# Written by `meridian demo`. See deploy/mirror.toml for every option.\nid = {}\nregion = {}\nupstreams = [{}]\ntrust = [{}]\nstate = {}\nlisten = \"{}:{}\"\nadmin_token = {}\npoll_interval = \"10s\"\nscrub_interval = {}\nreserve_free_bytes = 16777216\n",
                 q(r.name),
                 q(r.name),
                 upstreams
@@ -415,6 +437,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 r.addr,
                 args.mirror_port,
                 q(&admin_token),
+                q(&args.scrub_interval),
             ),
         )?;
         let log = kids.spawn(
@@ -427,6 +450,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             &logs,
         )?;
         let addr = kids.wait_listening(&format!("mirror-{}", r.name), &log, "mirror")?;
+        pin_listen(&cfg, addr)?;
         mirrors.insert(r.name.to_owned(), addr);
     }
 

@@ -3,5 +3,6 @@
 
 mod geodns;
 mod mirror;
+mod network;
 mod origin;
 mod serving;

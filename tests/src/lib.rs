@@ -363,3 +363,133 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Asks `server` for A records of `name` over UDP, optionally with a Client
+/// Subnet and from a given local address; returns the addresses in order.
+pub async fn dns_a(
+    server: std::net::SocketAddr,
+    name: &str,
+    ecs: Option<(&str, u8)>,
+    src: Option<&str>,
+) -> Option<Vec<std::net::IpAddr>> {
+    use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut m = Message::new(0x4d52, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(Name::from_ascii(name).ok()?, RecordType::A));
+    let mut e = Edns::new();
+    e.set_max_payload(1232);
+    if let Some((net, len)) = ecs {
+        e.options_mut().insert(EdnsOption::Subnet(ClientSubnet::new(
+            net.parse().ok()?,
+            len,
+            0,
+        )));
+    }
+    m.set_edns(e);
+    let s = tokio::net::UdpSocket::bind(format!("{}:0", src.unwrap_or("127.0.0.1")))
+        .await
+        .ok()?;
+    s.send_to(&m.to_vec().ok()?, server).await.ok()?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.recv(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let r = Message::from_vec(&buf[..n]).ok()?;
+    Some(
+        r.answers
+            .iter()
+            .filter_map(|x| match &x.data {
+                RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// `meridian demo` on free ports, stopped with SIGTERM (so it stops its
+/// children) when dropped.
+pub struct Demo {
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+    pub net: serde_json::Value,
+}
+
+impl Demo {
+    pub fn start(extra: &[&str]) -> Demo {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap().to_owned();
+        let mut args = vec![
+            "demo",
+            "--dir",
+            &d,
+            "--origin-port",
+            "0",
+            "--mirror-port",
+            "0",
+            "--dns-port",
+            "0",
+            "--admin-port",
+            "0",
+            "--big-file-mib",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn(&args, &[]);
+        let path = dir.path().join("network.json");
+        let start = Instant::now();
+        while !path.exists() {
+            if let Ok(Some(s)) = proc.child.try_wait() {
+                proc.drain();
+                panic!(
+                    "demo exited ({s}) before it was up:\n{}",
+                    proc.log.join("\n")
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "demo did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let net = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        Demo { proc, dir, net }
+    }
+    pub fn addr(&self, key: &str) -> std::net::SocketAddr {
+        self.net[key].as_str().unwrap().parse().unwrap()
+    }
+    pub fn mirror(&self, region: &str) -> std::net::SocketAddr {
+        self.net["mirrors"][region]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+    pub fn pid(&self, name: &str) -> i32 {
+        self.net["pids"][name].as_u64().unwrap() as i32
+    }
+    pub fn content(&self) -> PathBuf {
+        self.net["content"].as_str().unwrap().into()
+    }
+    pub fn config(&self, file: &str) -> PathBuf {
+        PathBuf::from(self.net["config_dir"].as_str().unwrap()).join(file)
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        signal(self.proc.child.id() as i32, "TERM");
+        if self.proc.wait_exit(Duration::from_secs(20)).is_none() {
+            eprintln!("demo did not stop on SIGTERM");
+        }
+    }
+}
+
+/// Sends a signal with kill(1).
+pub fn signal(pid: i32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
