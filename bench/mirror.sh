@@ -31,12 +31,13 @@ head -c $((1024 * 1024 * 1024)) /dev/zero | tr '\0' 'M' > "$S/content/big.img"
 head -c 4096 /dev/urandom > "$S/content/small.bin"
 head -c $((1024 * 1024)) /dev/urandom > "$S/content/medium.bin"
 $B keygen --out "$S/key" > "$S/keygen.txt"; PK=$(grep ed25519 "$S/keygen.txt")
-$B origin --once --content "$S/content" --state "$S/ostate" --key "$S/key" > /dev/null
+$B origin --once --content "$S/content" --state "$S/ostate" --key "$S/key" > /dev/null 2>&1
 $B origin --content "$S/content" --state "$S/ostate" --key "$S/key" --listen 127.0.0.1:0 > "$S/origin.log" 2>&1 & PIDS+=($!)
 wait_log "$S/origin.log" "listening on"; OADDR=$(addr_of "$S/origin.log" origin)
 $B mirror --id bench --upstream "http://$OADDR" --trust "$PK" --state "$S/mstate" --listen 127.0.0.1:18090 --scrub-interval 0s > "$S/mirror.log" 2>&1 & MPID=$!; PIDS+=($MPID)
 for _ in $(seq 1200); do [ "$(gen_of 127.0.0.1:18090 2>/dev/null || echo 0)" -ge 1 ] && break; sleep 0.25; done
 cat > "$S/nginx.conf" <<NGINX
+user root;
 worker_processes auto;
 pid $S/nginx.pid;
 error_log $S/nginx-error.log;
@@ -113,7 +114,7 @@ rsync --daemon --config="$R/rsyncd.conf" --port=18730 --address=127.0.0.1; sleep
 sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
 t0=$(date +%s.%N); rsync -a rsync://127.0.0.1:18730/full/ "$R/rsync-full/"; t1=$(date +%s.%N)
 RS=$(python3 -c "print(f'{$t1-$t0:.2f}')"); echo "rsync -a        $RS s"
-$B origin --once --content "$R/full" --state "$R/ostate-full" --key "$S/key" > /dev/null
+$B origin --once --content "$R/full" --state "$R/ostate-full" --key "$S/key" > /dev/null 2>&1
 $B origin --content "$R/full" --state "$R/ostate-full" --key "$S/key" --listen 127.0.0.1:0 > "$R/origin-full.log" 2>&1 & OP=$!; PIDS+=($OP)
 wait_log "$R/origin-full.log" "listening on"; OA=$(addr_of "$R/origin-full.log" origin)
 sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
@@ -127,7 +128,7 @@ kill $MP $OP
 echo; echo "== 5. incremental sync, $N_INC files, 100 changed"
 python3 bench/gen_tree.py "$R/inc" "$N_INC" 2>/dev/null
 rsync -a rsync://127.0.0.1:18730/inc/ "$R/rsync-inc/"
-$B origin --once --content "$R/inc" --state "$R/ostate-inc" --key "$S/key" > /dev/null
+$B origin --once --content "$R/inc" --state "$R/ostate-inc" --key "$S/key" > /dev/null 2>&1
 $B origin --content "$R/inc" --state "$R/ostate-inc" --key "$S/key" --listen 127.0.0.1:0 --quiet 200ms > "$R/origin-inc.log" 2>&1 & OP=$!; PIDS+=($OP)
 wait_log "$R/origin-inc.log" "listening on"; OA=$(addr_of "$R/origin-inc.log" origin)
 $B mirror --id inc --upstream "http://$OA" --trust "$PK" --state "$R/m-inc" --listen 127.0.0.1:18092 --scrub-interval 0s > "$R/m-inc.log" 2>&1 & MP=$!; PIDS+=($MP)

@@ -95,9 +95,7 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
         Err(e) => tracing::warn!(error = %e, "restore task failed"),
     }
 
-    let service = Arc::new(server::MirrorService {
-        state: state.clone(),
-    });
+    let service = Arc::new(server::MirrorService::new(state.clone()));
     let opts = ServerOptions {
         max_connections: cfg.max_connections,
         header_timeout: cfg.header_timeout,

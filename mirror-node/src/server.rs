@@ -28,6 +28,22 @@ use std::sync::atomic::Ordering;
 #[derive(Debug, Clone)]
 pub struct MirrorService {
     pub state: Arc<MirrorState>,
+    /// (requests, bytes) counters per status class, resolved once rather
+    /// than looked up by label on every request.
+    by_class: Arc<[(prometheus::IntCounter, prometheus::IntCounter); 5]>,
+}
+
+impl MirrorService {
+    pub fn new(state: Arc<MirrorState>) -> Self {
+        let m = &state.metrics;
+        let by_class = Arc::new(CLASSES.map(|c| {
+            (
+                m.requests.with_label_values(&[c]),
+                m.response_bytes.with_label_values(&[c]),
+            )
+        }));
+        MirrorService { state, by_class }
+    }
 }
 
 impl Published for MirrorService {
@@ -123,22 +139,17 @@ pub fn content_type(name: &str) -> &'static str {
     }
 }
 
-fn class(status: StatusCode) -> &'static str {
-    match status.as_u16() / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
-    }
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn class_index(status: StatusCode) -> usize {
+    (status.as_u16() / 100).clamp(1, 5) as usize - 1
 }
 
 impl Service for MirrorService {
     async fn call(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
         let resp = self.route(&req).await;
-        let m = &self.state.metrics;
-        let c = class(resp.status());
-        m.requests.with_label_values(&[c]).inc();
+        let (requests, bytes) = &self.by_class[class_index(resp.status())];
+        requests.inc();
         if req.method() != Method::HEAD
             && let Some(n) = resp
                 .headers()
@@ -146,7 +157,7 @@ impl Service for MirrorService {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok())
         {
-            m.response_bytes.with_label_values(&[c]).inc_by(n);
+            bytes.inc_by(n);
         }
         resp
     }

@@ -1,8 +1,9 @@
 //! Response bodies: small in-memory ones, and files streamed in bounded chunks.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::body::Frame;
+use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +25,7 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 
 /// Chunk size for streamed files: large enough for throughput, small enough
 /// that 10,000 concurrent downloads stay within a bounded amount of memory.
-pub const CHUNK: usize = 128 * 1024;
+pub const CHUNK: usize = 256 * 1024;
 
 /// A piece of a streamed response: literal bytes, or a range of the file.
 #[derive(Debug, Clone)]
@@ -38,65 +39,196 @@ pub fn file_range(file: std::fs::File, offset: u64, len: u64) -> Body {
     segments(file, vec![Segment::File { offset, len }], None)
 }
 
-/// Streams segments, reading the file on the blocking pool one chunk at a
-/// time (memory per download: at most two chunks in flight). A file that
-/// turns out shorter than promised ends the body with an error rather than a
-/// silent short response, so the client sees a broken transfer, not bad data.
-/// `sent`, if given, is increased by every body byte handed to the
-/// connection (for egress-rate accounting).
+/// Streams segments lazily: the next chunk is read (on the blocking pool)
+/// only when the connection asks for it, so a slow client costs at most one
+/// chunk of memory and a stalled one none beyond what the socket holds. A
+/// file that turns out shorter than promised ends the body with an error
+/// rather than a silent short response, so the client sees a broken
+/// transfer, not bad data. `sent`, if given, counts body bytes (egress).
 pub fn segments(file: std::fs::File, segs: Vec<Segment>, sent: Option<Arc<AtomicU64>>) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
-    tokio::task::spawn_blocking(move || {
-        let mut file = file;
-        for seg in segs {
-            let (offset, len) = match seg {
-                Segment::Bytes(b) => {
-                    if tx.blocking_send(Ok(Frame::data(b))).is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                Segment::File { offset, len } => (offset, len),
-            };
-            if let Err(e) = file.seek(SeekFrom::Start(offset)) {
-                let _ = tx.blocking_send(Err(e));
-                return;
+    SegmentBody {
+        file: Some(file),
+        segs: segs.into(),
+        pending: None,
+        sent,
+        chunk: MIN_CHUNK,
+        handed_out: None,
+    }
+    .boxed()
+}
+
+type ReadResult = (std::fs::File, std::io::Result<Bytes>);
+
+struct SegmentBody {
+    /// The file, when no read is in flight.
+    file: Option<std::fs::File>,
+    segs: std::collections::VecDeque<Segment>,
+    pending: Option<tokio::task::JoinHandle<ReadResult>>,
+    sent: Option<Arc<AtomicU64>>,
+    /// Current chunk size: doubles (up to [`CHUNK`]) while the connection
+    /// asks for the next chunk quickly, halves (down to [`MIN_CHUNK`]) when
+    /// it is slow. A stalled download then pins at most one small chunk,
+    /// and a fast one moves big chunks.
+    chunk: u64,
+    /// When the last chunk was handed to the connection.
+    handed_out: Option<std::time::Instant>,
+}
+
+/// Smallest chunk (slow clients, first bytes of a response).
+pub const MIN_CHUNK: u64 = 16 * 1024;
+
+/// Bytes of chunks larger than [`MIN_CHUNK`] that may be in memory at once,
+/// across all responses. A chunk holds its share until the connection has
+/// written it (the buffer is dropped). So file-serving memory is at most
+/// this budget plus one [`MIN_CHUNK`] per open download, however many
+/// clients stall.
+pub const BIG_CHUNK_BUDGET: u64 = 64 << 20;
+static BIG_CHUNKS_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+
+/// Reserves `want` bytes of the big-chunk budget, or returns false.
+fn reserve_big(want: u64) -> bool {
+    BIG_CHUNKS_IN_FLIGHT
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+            (cur + want <= BIG_CHUNK_BUDGET).then_some(cur + want)
+        })
+        .is_ok()
+}
+
+/// A buffer that gives its budget back when the connection drops it.
+struct Budgeted {
+    buf: Vec<u8>,
+    reserved: u64,
+}
+
+impl AsRef<[u8]> for Budgeted {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Budgeted {
+    fn drop(&mut self) {
+        BIG_CHUNKS_IN_FLIGHT.fetch_sub(self.reserved, Ordering::AcqRel);
+    }
+}
+/// A connection that asks for the next chunk within this time is keeping up.
+const KEEPING_UP: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn read_at(mut file: std::fs::File, offset: u64, len: usize, reserved: u64) -> ReadResult {
+    let res = (|| {
+        file.seek(SeekFrom::Start(offset))?;
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            match file.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
-            let mut left = len;
-            while left > 0 {
-                let want = left.min(CHUNK as u64) as usize;
-                let mut buf = vec![0u8; want];
-                let mut got = 0;
-                while got < want {
-                    match file.read(&mut buf[got..]) {
-                        Ok(0) => break,
-                        Ok(n) => got += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            let _ = tx.blocking_send(Err(e));
-                            return;
+        }
+        if got < len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file shorter than its manifest size",
+            ));
+        }
+        Ok(if reserved > 0 {
+            Bytes::from_owner(Budgeted { buf, reserved })
+        } else {
+            Bytes::from(buf)
+        })
+    })();
+    if res.is_err() && reserved > 0 {
+        BIG_CHUNKS_IN_FLIGHT.fetch_sub(reserved, Ordering::AcqRel);
+    }
+    (file, res)
+}
+
+impl hyper::body::Body for SegmentBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            if let Some(h) = this.pending.as_mut() {
+                let (file, res) = match std::pin::Pin::new(h).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(x)) => x,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(std::io::Error::other(e)))),
+                };
+                this.pending = None;
+                this.file = Some(file);
+                this.handed_out = Some(std::time::Instant::now());
+                return Poll::Ready(Some(res.map(|b| {
+                    if let Some(c) = &this.sent {
+                        c.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    }
+                    Frame::data(b)
+                })));
+            }
+            match this.segs.front_mut() {
+                None => return Poll::Ready(None),
+                Some(Segment::Bytes(_)) => {
+                    if let Some(Segment::Bytes(b)) = this.segs.pop_front() {
+                        return Poll::Ready(Some(Ok(Frame::data(b))));
+                    }
+                }
+                Some(Segment::File { len: 0, .. }) => {
+                    this.segs.pop_front();
+                }
+                Some(Segment::File { offset, len }) => {
+                    let Some(file) = this.file.take() else {
+                        return Poll::Ready(Some(Err(std::io::Error::other("file handle lost"))));
+                    };
+                    this.chunk = match this.handed_out {
+                        Some(t) if t.elapsed() <= KEEPING_UP => (this.chunk * 2).min(CHUNK as u64),
+                        Some(_) => (this.chunk / 2).max(MIN_CHUNK),
+                        None => this.chunk,
+                    };
+                    let mut want = (*len).min(this.chunk);
+                    let mut reserved = 0;
+                    if want > MIN_CHUNK {
+                        if reserve_big(want) {
+                            reserved = want;
+                        } else {
+                            want = MIN_CHUNK;
+                            this.chunk = MIN_CHUNK;
                         }
                     }
-                }
-                if got < want {
-                    let _ = tx.blocking_send(Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "file shorter than its manifest size",
-                    )));
-                    return;
-                }
-                left -= got as u64;
-                if let Some(c) = &sent {
-                    c.fetch_add(got as u64, Ordering::Relaxed);
-                }
-                if tx.blocking_send(Ok(Frame::data(Bytes::from(buf)))).is_err() {
-                    return; // client went away
+                    let at = *offset;
+                    *offset += want;
+                    *len -= want;
+                    this.pending = Some(tokio::task::spawn_blocking(move || {
+                        read_at(file, at, want as usize, reserved)
+                    }));
                 }
             }
         }
-    });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    BodyExt::boxed(StreamBody::new(stream))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_none() && self.segs.is_empty()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let n: u64 = self
+            .segs
+            .iter()
+            .map(|s| match s {
+                Segment::Bytes(b) => b.len() as u64,
+                Segment::File { len, .. } => *len,
+            })
+            .sum();
+        if self.pending.is_some() {
+            hyper::body::SizeHint::default()
+        } else {
+            hyper::body::SizeHint::with_exact(n)
+        }
+    }
 }

@@ -24,6 +24,9 @@ pub struct FileMeta<'a> {
     pub cache_control: &'a str,
 }
 
+/// Whole files up to this size are read inline instead of streamed.
+pub const INLINE_MAX: u64 = 64 * 1024;
+
 /// `"<blake3 hex>"`: a strong validator derived from the content hash.
 pub fn etag(h: &Hash) -> String {
     format!("\"{h}\"")
@@ -100,10 +103,28 @@ pub fn respond(
     let head_only = *method == Method::HEAD;
     let body_of = |segs: Vec<Segment>| -> Result<Body, std::io::Error> {
         if head_only {
-            Ok(empty())
-        } else {
-            open().map(|f| segments(f, segs, sent.clone()))
+            return Ok(empty());
         }
+        let f = open()?;
+        // Small whole files are read right here, from the page cache: a
+        // blocking-pool round trip would cost more than the read.
+        if let [Segment::File { offset: 0, len }] = segs.as_slice()
+            && *len <= INLINE_MAX
+        {
+            let mut buf = Vec::with_capacity(*len as usize);
+            std::io::Read::read_to_end(&mut std::io::Read::take(&f, *len), &mut buf)?;
+            if buf.len() as u64 != *len {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file shorter than its manifest size",
+                ));
+            }
+            if let Some(c) = &sent {
+                c.fetch_add(*len, std::sync::atomic::Ordering::Relaxed);
+            }
+            return Ok(full(buf));
+        }
+        Ok(segments(f, segs, sent.clone()))
     };
     let resp = match plan {
         RangeResponse::Full => {
