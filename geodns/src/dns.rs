@@ -38,6 +38,8 @@ pub struct Runtime {
     pub default_location: Option<Location>,
     /// (network, prefix, location) overrides, checked before GeoIP.
     pub overrides: Vec<(IpAddr, u8, Location)>,
+    /// Every dynamic name in lower-case wire format, for the UDP fast path.
+    pub hot_names: Vec<Vec<u8>>,
 }
 
 /// Our UDP payload ceiling (RFC 9715 / DNS flag day 2020).
@@ -53,12 +55,12 @@ pub struct GeoHandler {
     seed: Arc<AtomicU64>,
 }
 
-/// What the client asked, and who we think it is.
-struct Client {
-    location: Option<Location>,
+/// Who we think the client is.
+pub(crate) struct Client {
+    pub(crate) location: Option<Location>,
     /// ECS scope to return (prefix of the network that decided).
-    scope: u8,
-    country: String,
+    pub(crate) scope: u8,
+    pub(crate) country: String,
 }
 
 impl GeoHandler {
@@ -77,7 +79,7 @@ impl GeoHandler {
         }
     }
 
-    fn random(&self) -> u64 {
+    pub(crate) fn random(&self) -> u64 {
         // splitmix64 over a shared counter: cheap, lock-free, well spread.
         let mut z = self
             .seed
@@ -87,7 +89,7 @@ impl GeoHandler {
         z ^ (z >> 31)
     }
 
-    fn locate(&self, rt: &Runtime, ip: IpAddr) -> Client {
+    pub(crate) fn locate(&self, rt: &Runtime, ip: IpAddr) -> Client {
         for (net, len, loc) in &rt.overrides {
             if select::cidr_contains(*net, *len, ip) {
                 return Client {

@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod config;
 pub mod dns;
+pub mod fast;
 pub mod geoip;
 pub mod health;
 pub mod metrics;
@@ -82,7 +83,21 @@ pub fn build_runtime(cfg: &GeoDnsConfig) -> Result<dns::Runtime, GeoDnsError> {
         })
         .collect();
     let s = &cfg.selection;
+    let hot_names = zones
+        .iter()
+        .flat_map(|z| z.dynamic.iter())
+        .map(|n| {
+            let mut w = Vec::with_capacity(64);
+            for label in n.iter() {
+                w.push(label.len() as u8);
+                w.extend(label.iter().map(u8::to_ascii_lowercase));
+            }
+            w.push(0);
+            w
+        })
+        .collect();
     Ok(dns::Runtime {
+        hot_names,
         zones,
         params: select::Params {
             answers: s.answers,
@@ -113,6 +128,8 @@ pub struct GeoDnsHandle {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     server: hickory_server::Server<dns::GeoHandler>,
     admin: Option<meridian_serve::ServerHandle>,
+    udp_stop: Arc<std::sync::atomic::AtomicBool>,
+    udp_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for GeoDnsHandle {
@@ -127,6 +144,11 @@ impl std::fmt::Debug for GeoDnsHandle {
 impl GeoDnsHandle {
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        self.udp_stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in std::mem::take(&mut self.udp_threads) {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
         let _ = self.server.shutdown_gracefully().await;
         if let Some(a) = self.admin {
             a.shutdown().await;
@@ -137,16 +159,19 @@ impl GeoDnsHandle {
     }
 }
 
-/// Binds UDP and TCP on the same address (for port 0: the same free port).
-async fn bind_pair(
+/// Binds UDP (one `SO_REUSEPORT` socket per core) and TCP on the same
+/// address (for port 0: the same free port).
+fn bind_pair(
     addr: SocketAddr,
-) -> Result<(tokio::net::UdpSocket, tokio::net::TcpListener), GeoDnsError> {
+) -> Result<(Vec<std::net::UdpSocket>, tokio::net::TcpListener), GeoDnsError> {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut last = None;
     for _ in 0..20 {
-        let udp = tokio::net::UdpSocket::bind(addr)
-            .await
+        let udp = fast::bind_reuseport(addr, cores)
             .map_err(|source| GeoDnsError::Bind { addr, source })?;
-        let bound = udp
+        let bound = udp[0]
             .local_addr()
             .map_err(|source| GeoDnsError::Bind { addr, source })?;
         match meridian_serve::bind(bound) {
@@ -186,22 +211,41 @@ pub async fn start_with(
         tracker.clone(),
         metrics.clone(),
     );
+    let fast_handler = Arc::new(handler.clone());
     let mut server = hickory_server::Server::new(handler);
     let mut dns_addrs = Vec::new();
+    let (tx, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let udp_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut udp_threads = Vec::new();
     for addr in &cfg.listen {
-        let (udp, tcp) = bind_pair(*addr).await?;
-        let bound = udp.local_addr().map_err(|source| GeoDnsError::Bind {
+        let (udp, tcp) = bind_pair(*addr)?;
+        let bound = udp[0].local_addr().map_err(|source| GeoDnsError::Bind {
             addr: *addr,
             source,
         })?;
-        server.register_socket(udp);
-        // TCP: a connection that sends nothing (or too slowly) is closed after 5 s.
+        // UDP: our per-core loops (fast path for mirror names, hickory's
+        // handler for everything else). TCP: hickory-server; a connection
+        // that sends nothing (or too slowly) is closed after 5 s.
+        for (i, sock) in udp.into_iter().enumerate() {
+            let (h, rt, stop) = (
+                fast_handler.clone(),
+                tokio::runtime::Handle::current(),
+                udp_stop.clone(),
+            );
+            let t = std::thread::Builder::new()
+                .name(format!("geodns-udp-{i}"))
+                .spawn(move || fast::serve(Arc::new(sock), h, rt, stop))
+                .map_err(|source| GeoDnsError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+            udp_threads.push(t);
+        }
         server.register_listener(tcp, Duration::from_secs(5), 65_535);
         tracing::info!("geodns listening on {bound} (udp+tcp)");
         dns_addrs.push(bound);
     }
-    let (tx, rx) = watch::channel(false);
-    let mut tasks = Vec::new();
 
     // Health probes.
     {
@@ -285,6 +329,8 @@ pub async fn start_with(
         None => None,
     };
     Ok(GeoDnsHandle {
+        udp_stop,
+        udp_threads,
         admin_addr: admin.as_ref().map(|a| a.local_addr),
         dns_addrs,
         tracker,

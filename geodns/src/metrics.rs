@@ -1,11 +1,25 @@
 //! GeoDNS metrics (Prometheus): queries by response code and by client
 //! country, answers by mirror, mirror health.
 
-use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// Per-thread cache of resolved label counters: (metrics id, family, label) -> counter.
+    /// Resolving a label (`with_label_values`) hashes and locks; the query
+    /// path only does a local map lookup and an atomic add.
+    static COUNTERS: RefCell<HashMap<(u64, u8), HashMap<String, IntCounter>>> = RefCell::new(HashMap::new());
+}
 
 /// The counters the handler bumps.
 #[derive(Debug, Clone)]
 pub struct DnsMetrics {
+    id: u64,
+    noerror: IntCounter,
     registry: Registry,
     rcodes: IntCounterVec,
     countries: IntCounterVec,
@@ -16,7 +30,17 @@ pub struct DnsMetrics {
 
 impl DnsMetrics {
     pub fn new() -> Self {
+        let rcodes = IntCounterVec::new(
+            Opts::new(
+                "meridian_geodns_responses_total",
+                "Responses by response code",
+            ),
+            &["rcode"],
+        )
+        .expect("metric");
         let m = DnsMetrics {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            noerror: rcodes.with_label_values(&["NOERROR"]),
             rcodes: IntCounterVec::new(
                 Opts::new(
                     "meridian_geodns_responses_total",
@@ -67,14 +91,31 @@ impl DnsMetrics {
         }
         m
     }
+    fn cached(&self, family: u8, vec: &IntCounterVec, label: &str) {
+        COUNTERS.with(|c| {
+            let mut c = c.borrow_mut();
+            let inner = c.entry((self.id, family)).or_default();
+            // Lookup by &str without allocating; allocate only on a miss.
+            if let Some(counter) = inner.get(label) {
+                counter.inc();
+                return;
+            }
+            let counter = vec.with_label_values(&[label]);
+            counter.inc();
+            inner.insert(label.to_owned(), counter);
+        });
+    }
     pub fn rcode(&self, c: &str) {
-        self.rcodes.with_label_values(&[c]).inc();
+        self.cached(0, &self.rcodes, c);
+    }
+    pub fn rcode_noerror(&self) {
+        self.noerror.inc();
     }
     pub fn country(&self, c: &str) {
-        self.countries.with_label_values(&[c]).inc();
+        self.cached(1, &self.countries, c);
     }
     pub fn answer(&self, id: &str) {
-        self.answers.with_label_values(&[id]).inc();
+        self.cached(2, &self.answers, id);
     }
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

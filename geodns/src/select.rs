@@ -157,6 +157,27 @@ pub fn select(
     p: &Params,
     random: u64,
 ) -> Choice {
+    let dists: Vec<f64> = match client {
+        Some(c) => mirrors
+            .iter()
+            .map(|m| distance_km(c.lat, c.lon, m.lat, m.lon))
+            .collect(),
+        None => Vec::new(),
+    };
+    select_with_distances(client, &dists, family, mirrors, p, random)
+}
+
+/// [`select`] with each mirror's distance from the client precomputed
+/// (`dists[i]` for `mirrors[i]`; ignored without a client location), so a
+/// caller can cache distances per client location.
+pub fn select_with_distances(
+    client: Option<&Location>,
+    dists: &[f64],
+    family: Family,
+    mirrors: &[MirrorView],
+    p: &Params,
+    random: u64,
+) -> Choice {
     let eligible: Vec<usize> = (0..mirrors.len())
         .filter(|&i| mirrors[i].has(family) && mirrors[i].admits(client))
         .collect();
@@ -186,7 +207,7 @@ pub fn select(
     }
     let n = p.answers.max(1);
     let share = |i: usize| mirrors[i].share(p.full_at);
-    let Some(c) = client else {
+    if client.is_none() {
         // No location: by weight and spare capacity, without replacement.
         let mut pool = usable;
         let mut picks = Vec::with_capacity(n);
@@ -201,8 +222,8 @@ pub fn select(
             picks,
             degraded: false,
         };
-    };
-    let dist = |i: usize| distance_km(c.lat, c.lon, mirrors[i].lat, mirrors[i].lon);
+    }
+    let dist = |i: usize| dists.get(i).copied().unwrap_or(f64::MAX);
     let mut by_dist = usable;
     by_dist.sort_by(|&a, &b| dist(a).total_cmp(&dist(b)));
     let nearest = dist(by_dist[0]);

@@ -1,0 +1,344 @@
+//! The UDP front end: one `SO_REUSEPORT` socket per core, each served by
+//! its own loop with no task per packet and no allocation for the hot
+//! query (A or AAAA for a mirror name): that answer is written straight
+//! into a reused buffer. Every other query goes to the same hickory
+//! [`RequestHandler`](hickory_server::server::RequestHandler) the TCP
+//! listener uses, through [`hickory_server::server::Request::from_bytes`].
+//!
+//! The hot path applies exactly the rules of the general handler (it
+//! shares `wire::read` for EDNS/ECS validation and `select` for the
+//! choice); anything unusual (EDNS version > 0, no answer to give, an
+//! answer that would not fit) falls back to the general handler.
+
+use crate::dns::{GeoHandler, MAX_UDP_PAYLOAD};
+use crate::select::{self, Choice, Family};
+use crate::wire;
+use hickory_server::net::runtime::TokioTime;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::proto::serialize::binary::BinEncoder;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponse;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+/// Opens `n` UDP sockets on `addr` with `SO_REUSEPORT` (the kernel spreads
+/// packets across them). For port 0 the first socket picks the port.
+pub fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    use rustix::net::{AddressFamily, SocketType, bind, socket, sockopt};
+    let mut out = Vec::with_capacity(n);
+    let mut at = addr;
+    for _ in 0..n.max(1) {
+        let fam = if at.is_ipv4() {
+            AddressFamily::INET
+        } else {
+            AddressFamily::INET6
+        };
+        let fd = socket(fam, SocketType::DGRAM, None)?;
+        sockopt::set_socket_reuseport(&fd, true)?;
+        if at.is_ipv6() {
+            sockopt::set_ipv6_v6only(&fd, true)?;
+        }
+        bind(&fd, &at)?;
+        let std_sock = std::net::UdpSocket::from(fd);
+        // Blocking, with a timeout so the loop notices shutdown.
+        std_sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+        at = std_sock.local_addr()?;
+        out.push(std_sock);
+    }
+    Ok(out)
+}
+
+/// Serves one socket on the calling (dedicated) thread until `stop` is set:
+/// a blocking `recv_from`, the hot answer written inline, everything else
+/// run through the async handler on the runtime (`rt`).
+pub fn serve(
+    sock: Arc<std::net::UdpSocket>,
+    handler: Arc<GeoHandler>,
+    rt: tokio::runtime::Handle,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut inbuf = vec![0u8; 4096];
+    let mut out = Vec::with_capacity(1232);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let (n, src) = match sock.recv_from(&mut inbuf) {
+            Ok(x) => x,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "udp recv");
+                continue;
+            }
+        };
+        let pkt = &inbuf[..n];
+        if n < 12 || pkt[2] & 0x80 != 0 {
+            continue; // too short for a header, or a response: drop
+        }
+        out.clear();
+        if hot_answer(&handler, pkt, src, &mut out) {
+            let _ = sock.send_to(&out, src);
+            continue;
+        }
+        // The general path (hickory's decoder and our handler).
+        match Request::from_bytes(pkt.to_vec(), src, Protocol::Udp) {
+            Ok(req) => {
+                if req.metadata.message_type == hickory_server::proto::op::MessageType::Response {
+                    continue;
+                }
+                let h = UdpReply {
+                    sock: sock.clone(),
+                    dst: src,
+                };
+                let _ = rt.block_on(handler.handle_request::<_, TokioTime>(&req, h));
+            }
+            Err(_) => {
+                // Header readable (n >= 12) but the rest is not: FORMERR.
+                let mut r = [0u8; 12];
+                r[..2].copy_from_slice(&pkt[..2]);
+                r[2] = 0x80 | (pkt[2] & 0x79); // QR, opcode and RD copied
+                r[3] = 1; // FORMERR
+                handler.metrics.rcode("FORMERR");
+                let _ = sock.send_to(&r, src);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Distances from a client location to every mirror, per config snapshot:
+    /// (snapshot address, lat bits, lon bits) -> distances.
+    static DISTANCES: std::cell::RefCell<std::collections::HashMap<(usize, u64, u64), Vec<f64>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+fn with_distances<R>(
+    views: &[select::MirrorView],
+    loc: &crate::geoip::Location,
+    f: impl FnOnce(&[f64]) -> R,
+) -> R {
+    DISTANCES.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() > 65_536 {
+            c.clear();
+        }
+        let key = (
+            views.as_ptr() as usize,
+            loc.lat.to_bits(),
+            loc.lon.to_bits(),
+        );
+        let d = c.entry(key).or_insert_with(|| {
+            views
+                .iter()
+                .map(|m| select::distance_km(loc.lat, loc.lon, m.lat, m.lon))
+                .collect()
+        });
+        f(d)
+    })
+}
+
+/// Sends hickory-built responses on our socket (the general path).
+#[derive(Clone)]
+struct UdpReply {
+    sock: Arc<std::net::UdpSocket>,
+    dst: SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for UdpReply {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a hickory_server::proto::rr::Record> + Send + 'a,
+            impl Iterator<Item = &'a hickory_server::proto::rr::Record> + Send + 'a,
+            impl Iterator<Item = &'a hickory_server::proto::rr::Record> + Send + 'a,
+            impl Iterator<Item = &'a hickory_server::proto::rr::Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, hickory_server::net::NetError> {
+        let max = response
+            .edns()
+            .map(|e| e.max_payload())
+            .unwrap_or(512)
+            .max(512);
+        let mut buf = Vec::with_capacity(512);
+        let mut enc = BinEncoder::new(&mut buf);
+        enc.set_max_size(max);
+        let info = response
+            .destructive_emit(&mut enc)
+            .map_err(hickory_server::net::NetError::from)?;
+        self.sock
+            .send_to(&buf, self.dst)
+            .map_err(hickory_server::net::NetError::from)?;
+        Ok(info)
+    }
+}
+
+/// Writes the answer to a hot query into `out`; false means "not hot, use
+/// the general path" (and `out` is then meaningless).
+fn hot_answer(h: &GeoHandler, pkt: &[u8], src: SocketAddr, out: &mut Vec<u8>) -> bool {
+    // Header: standard query, one question, no answers/authority.
+    let flags = u16::from_be_bytes([pkt[2], pkt[3]]);
+    if flags & 0x7800 != 0 || pkt[4..8] != [0, 1, 0, 0] || pkt[8..10] != [0, 0] {
+        return false;
+    }
+    // Question name, lower-cased into a stack buffer.
+    let mut lower = [0u8; 255];
+    let mut i = 12;
+    let mut l = 0;
+    loop {
+        let Some(&len) = pkt.get(i) else { return false };
+        if len & 0xC0 != 0 || l + 1 + usize::from(len) > lower.len() {
+            return false;
+        }
+        lower[l] = len;
+        let Some(label) = pkt.get(i + 1..i + 1 + usize::from(len)) else {
+            return false;
+        };
+        for (k, b) in label.iter().enumerate() {
+            lower[l + 1 + k] = b.to_ascii_lowercase();
+        }
+        l += 1 + usize::from(len);
+        i += 1 + usize::from(len);
+        if len == 0 {
+            break;
+        }
+    }
+    let qname_end = i;
+    let Some(q) = pkt.get(qname_end..qname_end + 4) else {
+        return false;
+    };
+    let qtype = u16::from_be_bytes([q[0], q[1]]);
+    let family = match (qtype, u16::from_be_bytes([q[2], q[3]])) {
+        (1, 1) => Family::V4,
+        (28, 1) => Family::V6,
+        _ => return false,
+    };
+    let rt = h.runtime.load();
+    if !rt.hot_names.iter().any(|n| n.as_slice() == &lower[..l]) {
+        return false;
+    }
+    let Ok(parsed) = wire::read(pkt) else {
+        return false;
+    };
+    if parsed.edns.as_ref().is_some_and(|e| e.version > 0) {
+        return false;
+    }
+    let ecs = parsed.edns.as_ref().and_then(|e| e.ecs);
+    let client_ip = match ecs {
+        Some(e) if e.source > 0 => e.addr,
+        _ => src.ip(),
+    };
+    let client = h.locate(&rt, client_ip);
+    let views = h.tracker.views.load();
+    let choice = match &client.location {
+        Some(loc) => with_distances(&views, loc, |d| {
+            select::select_with_distances(Some(loc), d, family, &views, &rt.params, h.random())
+        }),
+        None => select::select(None, family, &views, &rt.params, h.random()),
+    };
+    let Choice::Mirrors { picks, degraded } = choice else {
+        return false;
+    };
+    if picks.is_empty() {
+        return false;
+    }
+    let changing = picks
+        .iter()
+        .any(|&p| h.tracker.changed_within(&views[p].id, rt.ttl));
+    let ttl = if changing || degraded {
+        rt.ttl_changing
+    } else {
+        rt.ttl
+    }
+    .as_secs()
+    .min(u64::from(u32::MAX)) as u32;
+    let scope = if client.location.is_some() {
+        client.scope
+    } else {
+        0
+    };
+
+    // Header.
+    out.extend_from_slice(&pkt[..2]);
+    out.push(0x84 | (pkt[2] & 0x01)); // QR, AA, RD copied
+    out.push(0x00);
+    out.extend_from_slice(&[0, 1]);
+    out.extend_from_slice(&(picks.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&[0, u8::from(parsed.edns.is_some())]);
+    // Question, exactly as asked (case echoed).
+    out.extend_from_slice(&pkt[12..qname_end + 4]);
+    // Answers: a pointer to the question name.
+    for &p in &picks {
+        let Some(ip) = views[p].addr(family) else {
+            return false;
+        };
+        out.extend_from_slice(&[0xC0, 12]);
+        out.extend_from_slice(&qtype.to_be_bytes());
+        out.extend_from_slice(&[0, 1]);
+        out.extend_from_slice(&ttl.to_be_bytes());
+        match ip {
+            IpAddr::V4(a) => {
+                out.extend_from_slice(&[0, 4]);
+                out.extend_from_slice(&a.octets());
+            }
+            IpAddr::V6(a) => {
+                out.extend_from_slice(&[0, 16]);
+                out.extend_from_slice(&a.octets());
+            }
+        }
+        h.metrics.answer(&views[p].id);
+    }
+    // OPT, echoing ECS with our scope.
+    if let Some(e) = &parsed.edns {
+        let payload = e.payload.clamp(512, MAX_UDP_PAYLOAD);
+        out.extend_from_slice(&[0, 0, 41]);
+        out.extend_from_slice(&payload.to_be_bytes());
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        match ecs {
+            Some(c) => {
+                let mut bytes = [0u8; 16];
+                let fam: u16 = match c.addr {
+                    IpAddr::V4(a) => {
+                        bytes[..4].copy_from_slice(&a.octets());
+                        1
+                    }
+                    IpAddr::V6(a) => {
+                        bytes.copy_from_slice(&a.octets());
+                        2
+                    }
+                };
+                let alen = usize::from(c.source).div_ceil(8);
+                let scope = if c.source == 0 { 0 } else { scope };
+                let olen = 4 + alen;
+                out.extend_from_slice(&((4 + olen) as u16).to_be_bytes());
+                out.extend_from_slice(&[0, 8]);
+                out.extend_from_slice(&(olen as u16).to_be_bytes());
+                out.extend_from_slice(&fam.to_be_bytes());
+                out.push(c.source);
+                out.push(scope);
+                out.extend_from_slice(&bytes[..alen]);
+            }
+            None => out.extend_from_slice(&[0, 0]),
+        }
+    }
+    let limit = parsed
+        .edns
+        .as_ref()
+        .map(|e| usize::from(e.payload.clamp(512, MAX_UDP_PAYLOAD)))
+        .unwrap_or(512);
+    if out.len() > limit {
+        return false; // let the general path truncate properly
+    }
+    h.metrics.country(&client.country);
+    h.metrics.rcode_noerror();
+    true
+}
