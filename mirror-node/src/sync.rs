@@ -504,10 +504,25 @@ impl Syncer {
         }
 
         let total_blobs = blobs.len();
+        let mut written: Vec<Hash> = blobs.iter().map(|(h, _)| *h).collect();
+        written.extend(new_nodes.keys().copied());
         self.fetch_blobs(blobs).await?;
 
+        // Make everything durable before the switch: a few objects are
+        // fsynced one by one (syncfs would also flush every unrelated dirty
+        // page on the file system); many are flushed with one syncfs.
+        let store_sync = {
+            let state = self.state.clone();
+            tokio::task::spawn_blocking(move || state.store.sync_objects(&written))
+        };
+        store_sync.await.map_err(|e| {
+            SyncError::Store(meridian_serve::StoreError::io(
+                &self.state.cfg.state,
+                std::io::Error::other(e),
+            ))
+        })??;
+
         // Switch.
-        self.state.store.sync_all()?;
         write_atomic(&self.state.root_path(generation), &vr.envelope)?;
         let mut all_nodes: HashMap<Hash, Arc<DirNode>> = known.cloned().unwrap_or_default();
         all_nodes.extend(new_nodes);

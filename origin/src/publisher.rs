@@ -322,8 +322,12 @@ impl Publisher {
             }
         }
         let built = tb.finish()?;
+        let mut written = out.new_objects.clone();
         for (h, bytes) in &built.nodes {
-            self.shared.store.put_bytes(h, bytes)?;
+            if !self.shared.store.contains(h) {
+                self.shared.store.put_bytes(h, bytes)?;
+                written.push(*h);
+            }
         }
 
         let latest = self.shared.latest.load_full();
@@ -347,7 +351,7 @@ impl Publisher {
             bytes: built.bytes,
         };
         let envelope = SignedRoot::sign(&root, &self.key).encode();
-        self.shared.store.sync_all()?;
+        self.shared.store.sync_objects(&written)?;
         if std::env::var_os("MERIDIAN_FAILPOINT").is_some_and(|v| v == "origin-before-root-commit")
         {
             tracing::error!("failpoint origin-before-root-commit: aborting");

@@ -181,6 +181,22 @@ impl ObjectStore {
         rustix::fs::syncfs(&d).map_err(|e| StoreError::io(&self.root, io::Error::from(e)))
     }
 
+    /// Makes the given objects durable: each file and its shard directory
+    /// fsynced for a small set, one `syncfs` for a large one.
+    pub fn sync_objects(&self, hashes: &[Hash]) -> Result<(), StoreError> {
+        const ONE_BY_ONE: usize = 512;
+        if hashes.len() > ONE_BY_ONE {
+            return self.sync_all();
+        }
+        for h in hashes {
+            let p = self.path(h);
+            File::open(&p)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| StoreError::io(p, e))?;
+        }
+        self.sync_dirs(hashes.iter().copied())
+    }
+
     /// Removes an object.
     pub fn remove(&self, h: &Hash) -> Result<(), StoreError> {
         let p = self.path(h);
