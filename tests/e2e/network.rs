@@ -38,6 +38,30 @@ async fn all_serve(demo: &Demo, http: &reqwest::Client, path: &str, want: &[u8])
     }
 }
 
+/// Waits until the demo content is published and every mirror serves the
+/// origin's current generation, so a later change in the answers can only
+/// come from what the test does (not from a mirror falling behind).
+async fn settle(demo: &Demo, http: &reqwest::Client) {
+    let readme = std::fs::read(demo.content().join("README.txt")).unwrap();
+    all_serve(demo, http, "README.txt", &readme).await;
+    let origin = demo.addr("origin");
+    eventually(
+        "every mirror to serve the origin's generation",
+        DEADLINE,
+        || async {
+            let (_, b) = body(http, format!("http://{origin}/.meridian/health")).await?;
+            let g = serde_json::from_slice::<serde_json::Value>(&b).ok()?["generation"].as_u64()?;
+            for (region, ..) in REGIONS {
+                if status(http, demo.mirror(region)).await?["generation"].as_u64()? != g {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+}
+
 async fn first_for(demo: &Demo, ecs: (&str, u8)) -> Option<IpAddr> {
     dns_a(demo.addr("dns"), "dl.meridian.test.", Some(ecs), None)
         .await?
@@ -46,6 +70,30 @@ async fn first_for(demo: &Demo, ecs: (&str, u8)) -> Option<IpAddr> {
 }
 
 async fn wait_all_in_service(demo: &Demo) {
+    // GeoDNS itself must report every mirror in service: during start-up,
+    // before any mirror has passed `up_after` probes, the least-bad rule also
+    // answers with the nearest mirror, which must not count as "in service".
+    let admin = demo.addr("admin");
+    let token = demo.net["admin_token"].as_str().unwrap().to_owned();
+    let http = http();
+    eventually(
+        "GeoDNS to report every mirror in service",
+        DEADLINE,
+        || async {
+            let r = http
+                .get(format!("http://{admin}/mirrors"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
+            v.as_array()?
+                .iter()
+                .all(|m| m["in_service"] == true)
+                .then_some(())
+        },
+    )
+    .await;
     for (region, net, len, _, addr) in REGIONS {
         let want: IpAddr = addr.parse().unwrap();
         eventually(
@@ -88,6 +136,7 @@ async fn a_new_file_propagates_to_every_mirror_and_geography_holds() {
 async fn a_killed_mirror_leaves_the_answers_and_comes_back_only_when_current() {
     let demo = Demo::start(&[]);
     let http = http();
+    settle(&demo, &http).await;
     wait_all_in_service(&demo).await;
     let london: IpAddr = "127.0.10.2".parse().unwrap();
     let ashburn: IpAddr = "127.0.10.3".parse().unwrap();
@@ -113,6 +162,33 @@ async fn a_killed_mirror_leaves_the_answers_and_comes_back_only_when_current() {
     })
     .await;
     let last_seen = last_seen.get();
+    // It left because the health checks took it out (not for any other reason).
+    let admin = demo.addr("admin");
+    let token = demo.net["admin_token"].as_str().unwrap().to_owned();
+    let mirrors: serde_json::Value = serde_json::from_slice(
+        &http
+            .get(format!("http://{admin}/mirrors"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let eu = mirrors
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "eu-west")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        eu["up"], false,
+        "GeoDNS sees the killed mirror as down: {eu}"
+    );
+    assert_eq!(eu["why"], "down (failed health probes)", "{eu}");
     eprintln!(
         "FAILOVER: last answer naming the killed mirror {:.2} s after SIGKILL",
         last_seen.as_secs_f64()
@@ -188,6 +264,7 @@ async fn all_serve_except(
 #[tokio::test]
 async fn a_frozen_mirror_is_taken_out_by_probe_timeouts() {
     let demo = Demo::start(&[]);
+    settle(&demo, &http()).await;
     wait_all_in_service(&demo).await;
     let pid = demo.pid("mirror-us-east");
     signal(pid, "STOP");
