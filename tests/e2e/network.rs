@@ -110,7 +110,17 @@ async fn a_new_file_propagates_to_every_mirror_and_geography_holds() {
     let demo = Demo::start(&[]);
     let http = http();
     wait_all_in_service(&demo).await;
-    // Geography through the source address as well as through ECS.
+    // Geography through ECS: every answer, not eventually one.
+    for (region, net, len, _, addr) in REGIONS {
+        for _ in 0..20 {
+            assert_eq!(
+                first_for(&demo, (net, len)).await,
+                Some(addr.parse().unwrap()),
+                "{region} by ECS"
+            );
+        }
+    }
+    // And through the source address.
     for (region, _, _, client, addr) in REGIONS {
         let got = dns_a(demo.addr("dns"), "dl.meridian.test.", None, Some(client))
             .await
