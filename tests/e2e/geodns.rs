@@ -62,6 +62,7 @@ struct Dns {
     _p: Proc,
     addr: SocketAddr,
     dir: tempfile::TempDir,
+    admin: SocketAddr,
 }
 
 async fn start(dbip: bool, extra_records: &str) -> Dns {
@@ -74,6 +75,9 @@ async fn start(dbip: bool, extra_records: &str) -> Dns {
         r#"
 listen = ["127.0.0.1:0"]
 geoip = "{db}"
+[admin]
+listen = "127.0.0.1:0"
+token = "t0k"
 [health]
 interval = "200ms"
 timeout = "300ms"
@@ -120,8 +124,36 @@ status_url = "http://{garbage}/.meridian/status"
     std::fs::write(&path, cfg).unwrap();
     let mut p = Proc::spawn(&["geodns", "--config", path.to_str().unwrap()], &[]);
     let addr = p.listening("geodns");
-    let dns = Dns { _p: p, addr, dir };
-    // Wait until the healthy mirrors are in service.
+    let admin = p.listening("geodns admin");
+    let dns = Dns {
+        _p: p,
+        addr,
+        dir,
+        admin,
+    };
+    // Wait until GeoDNS reports the healthy mirrors in service (before that,
+    // least-bad answers can look like steering).
+    let http = reqwest::Client::new();
+    eventually(
+        "GeoDNS to report the healthy mirrors in service",
+        Duration::from_secs(20),
+        || async {
+            let r = http
+                .get(format!("http://{}/mirrors", dns.admin))
+                .bearer_auth("t0k")
+                .send()
+                .await
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
+            let ok = |id: &str| {
+                v.as_array()
+                    .map(|a| a.iter().any(|m| m["id"] == id && m["in_service"] == true))
+                    .unwrap_or(false)
+            };
+            (ok("jakarta") && ok("london")).then_some(())
+        },
+    )
+    .await;
     eventually(
         "healthy mirrors to be in service",
         Duration::from_secs(20),
@@ -514,4 +546,111 @@ async fn a_garbage_geoip_file_keeps_the_old_database() {
         "127.0.10.1".parse::<IpAddr>().unwrap(),
         "still located with the old database"
     );
+}
+
+#[tokio::test]
+async fn operators_force_mirrors_down_and_drain_them_and_undo_it() {
+    let dns = start(false, "").await;
+    let http = reqwest::Client::new();
+    let london: IpAddr = "127.0.10.2".parse().unwrap();
+    let q = query("dl.meridian.test.", RecordType::A, Some(("81.2.69.0", 24)));
+    let ask = || dns.udp(&q);
+    let post = |what: &str| {
+        http.post(format!("http://{}/mirrors/london/{what}", dns.admin))
+            .bearer_auth("t0k")
+            .send()
+    };
+    assert_eq!(
+        http.post(format!("http://{}/mirrors/london/down", dns.admin))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    for action in ["down", "drain"] {
+        assert_eq!(post(action).await.unwrap().status(), 200);
+        let got = a_records(&ask().await.unwrap());
+        assert!(!got.contains(&london), "{action}: {got:?}");
+        let state: serde_json::Value = serde_json::from_slice(
+            &http
+                .get(format!("http://{}/mirrors", dns.admin))
+                .bearer_auth("t0k")
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        let m = state
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == "london")
+            .unwrap();
+        assert_eq!(m["in_service"], false);
+        assert_eq!(post("clear").await.unwrap().status(), 200);
+        assert_eq!(
+            a_records(&ask().await.unwrap())[0],
+            london,
+            "{action} undone"
+        );
+    }
+    assert_eq!(
+        http.post(format!("http://{}/mirrors/nope/down", dns.admin))
+            .bearer_auth("t0k")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn a_bad_config_is_refused_and_a_good_one_is_reloaded() {
+    let mut dns = start(false, "").await;
+    let path = dns.dir.path().join("geodns.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    // Broken: a mirror with coordinates out of range. Refused; still answering.
+    std::fs::write(&path, good.replace("latitude = 51.5", "latitude = 951.5")).unwrap();
+    dns._p
+        .wait_line("configuration NOT reloaded", Duration::from_secs(20));
+    assert_eq!(
+        a_records(
+            &dns.udp(&query(
+                "dl.meridian.test.",
+                RecordType::A,
+                Some(("81.2.69.0", 24))
+            ))
+            .await
+            .unwrap()
+        )[0],
+        "127.0.10.2".parse::<IpAddr>().unwrap()
+    );
+    // A new static record: reloaded on SIGHUP (and on change).
+    std::fs::write(
+        &path,
+        good.replace(
+            "records = [",
+            "records = [\n  { name = \"added\", type = \"A\", value = \"192.0.2.77\" },",
+        ),
+    )
+    .unwrap();
+    meridian_e2e::signal(dns._p.child.id() as i32, "HUP");
+    let got = eventually(
+        "the new record to be served",
+        Duration::from_secs(20),
+        || async {
+            let r = dns
+                .udp(&query("added.meridian.test.", RecordType::A, None))
+                .await?;
+            let a = a_records(&r);
+            (!a.is_empty()).then_some(a)
+        },
+    )
+    .await;
+    assert_eq!(got, vec!["192.0.2.77".parse::<IpAddr>().unwrap()]);
 }

@@ -400,3 +400,192 @@ async fn a_file_being_written_is_never_published_half_written() {
         assert_eq!(h, final_hash, "a partial file ({size} bytes) was published");
     }
 }
+
+/// Runs the origin as `nobody`, so that file permissions apply (the tests
+/// themselves run as root, which can read anything).
+fn start_origin_unprivileged(dir: &Path) -> Proc {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    let nobody = 65534;
+    for d in [dir, &dir.join("content")] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    chown(dir.join("state"), Some(nobody), Some(nobody)).unwrap();
+    chown(dir.join("key"), Some(nobody), Some(nobody)).unwrap();
+    let bin = meridian_e2e::meridian_bin();
+    let content = dir.join("content");
+    let state = dir.join("state");
+    let key = dir.join("key");
+    Proc::spawn_cmd(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            bin.to_str().unwrap(),
+            "origin",
+            "--content",
+            content.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--quiet",
+            "200ms",
+        ],
+    )
+}
+
+#[tokio::test]
+async fn an_unreadable_file_keeps_its_previous_version() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("doc.txt"), b"version one").unwrap();
+    std::fs::set_permissions(
+        content.join("doc.txt"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    std::fs::write(content.join("other.txt"), b"x").unwrap();
+    std::fs::set_permissions(
+        content.join("other.txt"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let mut origin = start_origin_unprivileged(dir.path());
+    let addr = origin.listening("origin");
+    let client = ReadClient::new(addr, key);
+    let g = converge(&client, &content, 0).await;
+    // Change it and make it unreadable to the origin; change another file too.
+    std::fs::write(content.join("doc.txt"), b"version two, unreadable").unwrap();
+    std::fs::set_permissions(
+        content.join("doc.txt"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
+    std::fs::write(content.join("other.txt"), b"y").unwrap();
+    let files = eventually("a generation with the other change", DEADLINE, || async {
+        let r = client.root().await?;
+        if r.root.generation <= g {
+            return None;
+        }
+        let f = client.files(r.root.tree).await;
+        (f.get("other.txt")?.0 == meridian_core::hash_bytes(b"y")).then_some(f)
+    })
+    .await;
+    assert_eq!(
+        files["doc.txt"].0,
+        meridian_core::hash_bytes(b"version one"),
+        "the previous version stays published"
+    );
+    let metrics = client
+        .http
+        .get(format!("http://{addr}/.meridian/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("reason=\"unreadable\""), "{metrics}");
+    origin.drain();
+    origin.wait_line("cannot be read", Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_publish_and_keeps_the_last_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("small"), b"fits").unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let state = dir.path().join("origin-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let st = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=4m",
+            "tmpfs",
+            state.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a small tmpfs needs root");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _u = Unmount(state.clone());
+    let (mut origin, addr) = meridian_e2e::origin(dir.path(), "200ms");
+    let client = ReadClient::new(addr, key);
+    let g = converge(&client, &content, 0).await;
+    // 8 MB does not fit in the 4 MB state file system.
+    std::fs::write(content.join("big"), vec![1u8; 8_000_000]).unwrap();
+    origin.wait_line("publish failed", DEADLINE);
+    assert_eq!(
+        client.root().await.unwrap().root.generation,
+        g,
+        "the last complete generation stays current"
+    );
+    let metrics = client
+        .http
+        .get(format!("http://{addr}/.meridian/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(meridian_e2e::metric(&metrics, "meridian_origin_publish_errors_total") >= 1.0);
+    // Room again: publishing carries on.
+    std::fs::remove_file(content.join("big")).unwrap();
+    std::fs::write(content.join("small"), b"fits, changed").unwrap();
+    converge(&client, &content, g).await;
+}
+
+#[tokio::test]
+async fn a_hundred_thousand_files_changing_at_once_make_one_consistent_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let (_origin, addr) = meridian_e2e::origin(dir.path(), "500ms");
+    let client = ReadClient::new(addr, key);
+    let g = converge(&client, &content, 0).await;
+    for d in 0..100 {
+        let sub = content.join(format!("d{d:02}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        for f in 0..1000 {
+            std::fs::write(sub.join(format!("f{f:04}")), format!("{d}/{f}")).unwrap();
+        }
+    }
+    let root = eventually(
+        "one generation with all 100,000 files",
+        Duration::from_secs(120),
+        || async {
+            let r = client.root().await?;
+            (r.root.generation > g && r.root.files == 100_000).then_some(r)
+        },
+    )
+    .await;
+    // Spot-check content against the files on disk.
+    let files = client.files(root.root.tree).await;
+    assert_eq!(files.len(), 100_000);
+    for (d, f) in [(0, 0), (42, 517), (99, 999)] {
+        let h = files[&format!("d{d:02}/f{f:04}")].0;
+        assert_eq!(h, meridian_core::hash_bytes(format!("{d}/{f}").as_bytes()));
+    }
+}

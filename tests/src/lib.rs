@@ -57,7 +57,15 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(meridian_bin());
+        Self::spawn_inner(Command::new(meridian_bin()), args, envs)
+    }
+
+    /// Spawns another program (e.g. `setpriv ... meridian ...`) the same way.
+    pub fn spawn_cmd(program: &str, args: &[&str]) -> Proc {
+        Self::spawn_inner(Command::new(program), args, &[])
+    }
+
+    fn spawn_inner(mut cmd: Command, args: &[&str], envs: &[(&str, &str)]) -> Proc {
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
