@@ -154,6 +154,9 @@ pub struct MirrorArgs {
     /// Time allowed to send a request head (slowloris guard), e.g. `20s`.
     #[arg(long, value_name = "DURATION")]
     header_timeout: Option<String>,
+    /// Close a download whose client stopped reading for this long, e.g. `60s`.
+    #[arg(long, value_name = "DURATION")]
+    send_timeout: Option<String>,
 }
 
 impl MirrorArgs {
@@ -202,6 +205,7 @@ impl MirrorArgs {
         set(&mut t, "poll_interval", self.poll_interval);
         set(&mut t, "gc_grace", self.gc_grace);
         set(&mut t, "header_timeout", self.header_timeout);
+        set(&mut t, "send_timeout", self.send_timeout);
         if let Some(r) = self.reserve_free {
             t.insert(
                 "reserve_free_bytes".into(),

@@ -68,6 +68,10 @@ pub struct MirrorConfig {
     /// Time allowed to receive a request head.
     #[serde(default = "default_header_timeout", with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// A response write that makes no progress for this long (the client
+    /// stopped reading) closes the connection.
+    #[serde(default = "default_send_timeout", with = "humantime_serde")]
+    pub send_timeout: Duration,
 }
 
 fn de_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PublicKey>, D::Error> {
@@ -107,6 +111,9 @@ fn default_max_conn() -> usize {
 fn default_drain() -> Duration {
     Duration::from_secs(60)
 }
+fn default_send_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_header_timeout() -> Duration {
     Duration::from_secs(20)
 }
@@ -135,6 +142,7 @@ impl MirrorConfig {
             max_connections: default_max_conn(),
             drain_timeout: default_drain(),
             header_timeout: default_header_timeout(),
+            send_timeout: default_send_timeout(),
         }
     }
 }

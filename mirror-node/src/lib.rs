@@ -100,6 +100,7 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
         max_connections: cfg.max_connections,
         header_timeout: cfg.header_timeout,
         drain_timeout: cfg.drain_timeout,
+        send_timeout: cfg.send_timeout,
         ..ServerOptions::default()
     };
     let mut servers = Vec::new();

@@ -459,6 +459,35 @@ mod tests {
     }
 
     #[test]
+    fn a_file_that_changes_between_stat_and_copy_is_not_snapshotted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ObjectStore::open(dir.path().join("s")).expect("store");
+        let f = dir.path().join("f");
+        fs::write(&f, b"before").expect("write");
+        let before = StatKey::of(&fs::symlink_metadata(&f).expect("stat"));
+        // The file changes after the scan's stat and before the snapshot.
+        fs::write(&f, b"after, and longer").expect("rewrite");
+        let mut buf = vec![0u8; 4096];
+        let r = ingest(&store, &f, before, &mut buf);
+        assert!(matches!(
+            r,
+            Err(IngestError::Skip(SkipReason::ChangedWhileHashing))
+        ));
+        assert!(store.list().expect("list").is_empty(), "nothing was stored");
+        assert_eq!(
+            fs::read_dir(dir.path().join("s/tmp")).expect("tmp").count(),
+            0,
+            "no staging file left behind"
+        );
+        // Unchanged since the stat: snapshotted, with the hash of its bytes.
+        let now = StatKey::of(&fs::symlink_metadata(&f).expect("stat"));
+        let Ok((h, true)) = ingest(&store, &f, now, &mut buf) else {
+            panic!("ingest failed")
+        };
+        assert_eq!(h, meridian_core::hash_bytes(b"after, and longer"));
+    }
+
+    #[test]
     fn snapshot_is_immune_to_later_edits() {
         let dir = tempfile::tempdir().expect("tempdir");
         let content = dir.path().join("c");

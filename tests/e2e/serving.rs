@@ -656,3 +656,42 @@ async fn https_with_rustls() {
     );
     assert_eq!(out.stdout, b"secure bytes");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_after_the_send_timeout() {
+    let net = net(&[("big", &vec![9u8; 40_000_000])]).await;
+    let (_m, maddr) = mirror(
+        "m",
+        &[format!("http://{}", net.origin)],
+        &net.key,
+        &net.path("m"),
+        &["--send-timeout", "2s"],
+    );
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    wait_generation(&http, maddr, net.generation().await).await;
+    // Start a download, read its first bytes, then stop reading (but keep the socket).
+    let mut stalled = TcpStream::connect(maddr).unwrap();
+    stalled
+        .write_all(b"GET /big HTTP/1.1\r\nHost: m\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 4096];
+    assert!(stalled.read(&mut first).unwrap() > 0);
+    eventually("the stalled connection to be counted", DEADLINE, || async {
+        (status(&http, maddr).await?["active_connections"].as_u64()? >= 1).then_some(())
+    })
+    .await;
+    // The server gives up on it. (The count is sampled once a second, between
+    // these short status requests, which therefore do not show in it.)
+    eventually(
+        "the stalled connection to be closed by the server",
+        DEADLINE,
+        || async {
+            (status(&http, maddr).await?["active_connections"].as_u64()? == 0).then_some(())
+        },
+    )
+    .await;
+    drop(stalled);
+}
