@@ -722,24 +722,77 @@ impl Syncer {
                 s => return Err(FetchFail::Transport(format!("HTTP {s}"))),
             }
             let mut stream = resp.bytes_stream();
+            // Bytes are gathered into blocks and each block is hashed and
+            // written on the blocking pool, off the runtime threads. The
+            // prefix written so far always matches `have`, so a transfer cut
+            // anywhere can resume.
+            const BLOCK: usize = 1 << 20;
+            let mut block: Vec<u8> = Vec::with_capacity(BLOCK);
+            let mut io = Some((file, hasher));
+            let flush = |io: &mut Option<(std::fs::File, blake3::Hasher)>, block: Vec<u8>| {
+                let (mut f, mut h) = io
+                    .take()
+                    .ok_or_else(|| local(std::io::Error::other("writer lost")))?;
+                Ok::<_, FetchFail>(tokio::task::spawn_blocking(move || {
+                    h.update(&block);
+                    let r = f.write_all(&block);
+                    (f, h, r)
+                }))
+            };
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| {
                     FetchFail::Transport(format!("after {have} of {size} bytes: {e}"))
-                })?;
-                if have + chunk.len() as u64 > size {
-                    drop(file);
+                });
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Keep the verified-length prefix: write what arrived.
+                        if !block.is_empty() {
+                            let (f, h, r) = flush(&mut io, std::mem::take(&mut block))?
+                                .await
+                                .map_err(|e| local(std::io::Error::other(e)))?;
+                            r.map_err(local)?;
+                            drop((f, h));
+                        }
+                        return Err(e);
+                    }
+                };
+                if have + block.len() as u64 + chunk.len() as u64 > size {
+                    drop(io);
                     let _ = std::fs::remove_file(&partial);
                     return Err(FetchFail::Bad(format!(
                         "upstream sent more than the declared {size} bytes"
                     )));
                 }
-                hasher.update(&chunk);
-                // Small synchronous writes to the page cache; a blocking-pool
-                // hop per chunk would cost more than it saves.
-                file.write_all(&chunk).map_err(local)?;
-                have += chunk.len() as u64;
+                block.extend_from_slice(&chunk);
                 self.state.metrics.bytes_fetched.inc_by(chunk.len() as u64);
+                if block.len() >= BLOCK {
+                    let n = block.len() as u64;
+                    let (f, h, r) = flush(
+                        &mut io,
+                        std::mem::replace(&mut block, Vec::with_capacity(BLOCK)),
+                    )?
+                    .await
+                    .map_err(|e| local(std::io::Error::other(e)))?;
+                    r.map_err(local)?;
+                    io = Some((f, h));
+                    have += n;
+                }
             }
+            if !block.is_empty() {
+                let n = block.len() as u64;
+                let (f, h, r) = flush(&mut io, block)?
+                    .await
+                    .map_err(|e| local(std::io::Error::other(e)))?;
+                r.map_err(local)?;
+                io = Some((f, h));
+                have += n;
+            }
+            let Some((f, h)) = io else {
+                return Err(local(std::io::Error::other("writer lost")));
+            };
+            file = f;
+            hasher = h;
             if have < size {
                 return Err(FetchFail::Transport(format!(
                     "truncated: {have} of {size} bytes; will resume"
