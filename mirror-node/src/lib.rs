@@ -18,7 +18,7 @@ pub mod sync;
 pub use config::MirrorConfig;
 pub use state::MirrorState;
 
-use meridian_serve::{ServerHandle, ServerOptions, serve};
+use meridian_serve::{ServerHandle, ServerOptions};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -37,15 +37,8 @@ pub enum MirrorError {
     Store(#[from] meridian_serve::StoreError),
     #[error(transparent)]
     Sync(#[from] sync::SyncError),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("TLS: {0}")]
-    Tls(#[from] meridian_serve::tls::TlsError),
-    #[error("HTTPS listener needs both tls_cert and tls_key")]
-    TlsIncomplete,
+    #[error(transparent)]
+    Listen(#[from] meridian_serve::ListenError),
 }
 
 /// A running mirror.
@@ -103,36 +96,16 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
         send_timeout: cfg.send_timeout,
         ..ServerOptions::default()
     };
-    let mut servers = Vec::new();
-    let l = meridian_serve::bind(cfg.listen).map_err(|source| MirrorError::Bind {
-        addr: cfg.listen,
-        source,
-    })?;
-    let http = serve(l, opts.clone(), service.clone());
-    let http_addr = http.local_addr;
-    tracing::info!(id = %cfg.id, "mirror listening on {http_addr}");
-    let mut actives = vec![http.active.clone()];
-    servers.push(http);
-    let mut https_addr = None;
-    if let Some(addr) = cfg.listen_tls {
-        let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
-            return Err(MirrorError::TlsIncomplete);
-        };
-        let tls = meridian_serve::tls::server_config(cert, key)?;
-        let l = meridian_serve::bind(addr).map_err(|source| MirrorError::Bind { addr, source })?;
-        let s = serve(
-            l,
-            ServerOptions {
-                tls: Some(tls),
-                ..opts
-            },
-            service,
-        );
-        tracing::info!(id = %cfg.id, "mirror listening on https://{}", s.local_addr);
-        https_addr = Some(s.local_addr);
-        actives.push(s.active.clone());
-        servers.push(s);
-    }
+    let listen = meridian_serve::Listen {
+        http: cfg.listen,
+        https: cfg.listen_tls,
+        cert: cfg.tls_cert.as_deref(),
+        key: cfg.tls_key.as_deref(),
+    };
+    let servers = meridian_serve::serve_listeners("mirror", listen, opts, service)?;
+    let http_addr = servers[0].local_addr;
+    let https_addr = servers.get(1).map(|s| s.local_addr);
+    let actives: Vec<_> = servers.iter().map(|s| s.active.clone()).collect();
 
     let (tx, rx) = watch::channel(false);
     let mut tasks = vec![

@@ -8,7 +8,7 @@ use hyper::body::Incoming;
 use meridian_core::{SecretKey, VerifiedRoot};
 use meridian_serve::files::text;
 use meridian_serve::readapi::{self, Published};
-use meridian_serve::{Body, ObjectStore, ServerHandle, ServerOptions, Service, full, serve};
+use meridian_serve::{Body, ObjectStore, ServerHandle, ServerOptions, Service, full};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -38,15 +38,8 @@ pub enum OriginError {
     NoContent(String),
     #[error(transparent)]
     Publish(#[from] PublishError),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("TLS: {0}")]
-    Tls(#[from] meridian_serve::tls::TlsError),
-    #[error("HTTPS listener needs both tls_cert and tls_key")]
-    TlsIncomplete,
+    #[error(transparent)]
+    Listen(#[from] meridian_serve::ListenError),
     #[error("cannot watch {path}: {source}")]
     Watch { path: String, source: notify::Error },
 }
@@ -205,35 +198,15 @@ impl Origin {
             max_connections: cfg.max_connections,
             ..ServerOptions::default()
         };
-        let mut servers = Vec::new();
-        let listener = meridian_serve::bind(cfg.listen).map_err(|source| OriginError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
-        let http = serve(listener, opts.clone(), origin.clone());
-        let http_addr = http.local_addr;
-        tracing::info!(addr = %http_addr, "origin listening on {http_addr}");
-        servers.push(http);
-        let mut https_addr = None;
-        if let Some(addr) = cfg.listen_tls {
-            let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
-                return Err(OriginError::TlsIncomplete);
-            };
-            let tls = meridian_serve::tls::server_config(cert, key)?;
-            let l =
-                meridian_serve::bind(addr).map_err(|source| OriginError::Bind { addr, source })?;
-            let s = serve(
-                l,
-                ServerOptions {
-                    tls: Some(tls),
-                    ..opts
-                },
-                origin,
-            );
-            tracing::info!(addr = %s.local_addr, "origin listening on https://{}", s.local_addr);
-            https_addr = Some(s.local_addr);
-            servers.push(s);
-        }
+        let listen = meridian_serve::Listen {
+            http: cfg.listen,
+            https: cfg.listen_tls,
+            cert: cfg.tls_cert.as_deref(),
+            key: cfg.tls_key.as_deref(),
+        };
+        let servers = meridian_serve::serve_listeners("origin", listen, opts, origin)?;
+        let http_addr = servers[0].local_addr;
+        let https_addr = servers.get(1).map(|s| s.local_addr);
 
         let (tx, rx) = tokio_watch::channel(false);
         let publish_loop = tokio::spawn(publish_loop(publisher, cfg, signal, rx, watcher));

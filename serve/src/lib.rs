@@ -18,7 +18,9 @@ pub mod store;
 pub mod tls;
 
 pub use body::{Body, empty, full};
-pub use server::{ServerHandle, ServerOptions, Service, bind, serve};
+pub use server::{
+    Listen, ListenError, ServerHandle, ServerOptions, Service, bind, serve, serve_listeners,
+};
 pub use store::{ObjectStore, StoreError};
 
 /// Seconds since the Unix epoch, now.

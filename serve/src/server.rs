@@ -117,6 +117,67 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sock.listen(BACKLOG)
 }
 
+/// Why listeners could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ListenError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("an HTTPS listener needs both tls_cert and tls_key")]
+    TlsIncomplete,
+}
+
+/// Where a node listens: plain HTTP, and HTTPS if `https` is set.
+#[derive(Debug, Clone, Copy)]
+pub struct Listen<'a> {
+    pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub cert: Option<&'a std::path::Path>,
+    pub key: Option<&'a std::path::Path>,
+}
+
+/// Binds and serves the HTTP listener and, if configured, the HTTPS one
+/// (same service and limits). Logs `{role} listening on ADDR` (and
+/// `https://ADDR`), which operators and tests read. Returns the HTTP handle
+/// first.
+pub fn serve_listeners<S: Service>(
+    role: &str,
+    listen: Listen<'_>,
+    opts: ServerOptions,
+    service: Arc<S>,
+) -> Result<Vec<ServerHandle>, ListenError> {
+    let bind_at =
+        |addr: SocketAddr| bind(addr).map_err(|source| ListenError::Bind { addr, source });
+    let tls = match listen.https {
+        Some(_) => match (listen.cert, listen.key) {
+            (Some(c), Some(k)) => Some(crate::tls::server_config(c, k)?),
+            _ => return Err(ListenError::TlsIncomplete),
+        },
+        None => None,
+    };
+    let http = serve(bind_at(listen.http)?, opts.clone(), service.clone());
+    tracing::info!("{role} listening on {}", http.local_addr);
+    let mut handles = vec![http];
+    if let (Some(addr), Some(tls)) = (listen.https, tls) {
+        let s = serve(
+            bind_at(addr)?,
+            ServerOptions {
+                tls: Some(tls),
+                ..opts
+            },
+            service,
+        );
+        tracing::info!("{role} listening on https://{}", s.local_addr);
+        handles.push(s);
+    }
+    Ok(handles)
+}
+
 /// Serves `service` on `listener` until the handle is shut down.
 pub fn serve<S: Service>(
     listener: TcpListener,

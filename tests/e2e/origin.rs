@@ -507,28 +507,7 @@ async fn a_full_disk_fails_the_publish_and_keeps_the_last_generation() {
     let key = keygen(&dir.path().join("key"));
     let state = dir.path().join("origin-state");
     std::fs::create_dir_all(&state).unwrap();
-    let st = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=4m",
-            "tmpfs",
-            state.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success(), "mounting a small tmpfs needs root");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _u = Unmount(state.clone());
+    let _disk = meridian_e2e::SmallDisk::mount(&state, "4m");
     let (mut origin, addr) = meridian_e2e::origin(dir.path(), "200ms");
     let client = ReadClient::new(addr, key);
     let g = converge(&client, &content, 0).await;

@@ -347,31 +347,7 @@ async fn a_disk_filling_up_mid_sync_stops_the_sync_and_keeps_serving() {
     let net = net(&[("small", b"v1")]).await;
     let state = net.path("m");
     std::fs::create_dir_all(&state).unwrap();
-    let st = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=40m",
-            "tmpfs",
-            state.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(
-        st.success(),
-        "mounting a small tmpfs for the mirror's state needs root"
-    );
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _u = Unmount(state.clone());
+    let _disk = meridian_e2e::SmallDisk::mount(&state, "40m");
     let (_evil, slow) = Evil::start(net.origin, Mode::Slow).await;
     let (mut m, maddr) = mirror(
         "m",
@@ -457,19 +433,7 @@ async fn a_sync_that_cannot_fit_is_refused_up_front() {
     let net = net(&[("small", b"v1")]).await;
     let state = net.path("m");
     std::fs::create_dir_all(&state).unwrap();
-    let st = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=8m",
-            "tmpfs",
-            state.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success(), "mounting a small tmpfs needs root");
-    let _u = scopeguard(state.clone());
+    let _disk = meridian_e2e::SmallDisk::mount(&state, "8m");
     let (_m, maddr) = mirror(
         "m",
         &[format!("http://{}", net.origin)],
@@ -498,19 +462,6 @@ async fn a_sync_that_cannot_fit_is_refused_up_front() {
         partial, 0,
         "nothing was downloaded for a sync that cannot fit"
     );
-}
-
-fn scopeguard(p: std::path::PathBuf) -> impl Drop {
-    struct U(std::path::PathBuf);
-    impl Drop for U {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    U(p)
 }
 
 #[tokio::test]

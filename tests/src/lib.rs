@@ -501,3 +501,30 @@ pub fn signal(pid: i32, sig: &str) {
         .arg(pid.to_string())
         .status();
 }
+
+/// A small tmpfs mounted on a directory (to fill a disk on purpose),
+/// unmounted on drop. Needs root, as the tests run in CI.
+pub struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    pub fn mount(dir: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "mounting a {size} tmpfs on {} needs root",
+            dir.display()
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
