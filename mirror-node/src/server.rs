@@ -89,6 +89,21 @@ pub struct Status<'a> {
 /// backslashes and invalid UTF-8 are refused. Returns the path without
 /// leading slash and whether it named a directory (trailing slash).
 pub fn normalise(raw: &str) -> Option<(String, bool)> {
+    // Fast path: a plain path (no escapes, no dot or empty segments) is
+    // already normal; it only needs its names checked.
+    if let Some(rest) = raw.strip_prefix('/')
+        && !raw.contains('%')
+    {
+        let trailing = rest.ends_with('/');
+        let body = rest.strip_suffix('/').unwrap_or(rest);
+        let plain = body.is_empty()
+            || body
+                .split('/')
+                .all(|seg| seg != "." && seg != ".." && meridian_core::validate_name(seg).is_ok());
+        if plain {
+            return Some((body.to_owned(), trailing || body.is_empty()));
+        }
+    }
     let bytes: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
     let decoded = String::from_utf8(bytes).ok()?;
     let trailing = decoded.ends_with('/');
@@ -208,9 +223,10 @@ impl MirrorService {
                     cache_control: "public, max-age=60",
                 };
                 // The object must be present with the manifest's size (a
-                // quarantined or truncated blob is never served).
-                match std::fs::metadata(&obj) {
-                    Ok(md) if md.len() == e.size => {}
+                // quarantined or truncated blob is never served). The file
+                // opened here is the one the body is read from.
+                let file = match std::fs::File::open(&obj) {
+                    Ok(f) if f.metadata().is_ok_and(|md| md.len() == e.size) => f,
                     _ => {
                         self.state.repair.notify_one();
                         return text(
@@ -218,12 +234,12 @@ impl MirrorService {
                             "file temporarily unavailable on this mirror; try another\n",
                         );
                     }
-                }
+                };
                 let mut r = files::respond(
                     req.method(),
                     req.headers(),
                     &meta,
-                    || std::fs::File::open(&obj),
+                    move || Ok(file),
                     Some(self.state.egress_total.clone()),
                 );
                 r.headers_mut()

@@ -51,7 +51,9 @@ pub fn respond(
     open: impl FnOnce() -> std::io::Result<std::fs::File>,
     sent: Option<Arc<AtomicU64>>,
 ) -> Response<Body> {
-    let tag = etag(&meta.hash);
+    let hex = meta.hash.hex_bytes();
+    let hex = std::str::from_utf8(&hex).unwrap_or_default();
+    let tag = format!("\"{hex}\"");
     let last_modified = http_date(meta.mtime);
     let mut b = Response::builder()
         .header(header::ETAG, &tag)
@@ -60,7 +62,7 @@ pub fn respond(
         .header(header::CACHE_CONTROL, meta.cache_control)
         // blake3 is not in the IANA digest registry; the value is the raw
         // hash in structured-field byte-sequence form, named explicitly.
-        .header("x-meridian-blake3", meta.hash.to_hex());
+        .header("x-meridian-blake3", hex);
 
     // Conditional requests (RFC 9110 §13.2.2 order).
     let inm = headers

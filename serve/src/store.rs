@@ -75,10 +75,14 @@ impl ObjectStore {
 
     /// Where the object with this hash lives (whether or not it exists).
     pub fn path(&self, h: &Hash) -> PathBuf {
-        let hex = h.to_hex();
-        let mut p = self.root.join("objects");
+        let hex = h.hex_bytes();
+        let hex = std::str::from_utf8(&hex).unwrap_or_default();
+        // One allocation: root + "/objects/" + 2 + "/" + 64.
+        let mut p = PathBuf::with_capacity(self.root.as_os_str().len() + 80);
+        p.push(&self.root);
+        p.push("objects");
         p.push(&hex[..2]);
-        p.push(&hex);
+        p.push(hex);
         p
     }
 
