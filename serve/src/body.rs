@@ -25,7 +25,7 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 
 /// Chunk size for streamed files: large enough for throughput, small enough
 /// that 10,000 concurrent downloads stay within a bounded amount of memory.
-pub const CHUNK: usize = 256 * 1024;
+pub const CHUNK: usize = 1024 * 1024;
 
 /// A piece of a streamed response: literal bytes, or a range of the file.
 #[derive(Debug, Clone)]
