@@ -34,11 +34,6 @@ pub enum Segment {
     File { offset: u64, len: u64 },
 }
 
-/// Streams `len` bytes of `file` from `offset`.
-pub fn file_range(file: std::fs::File, offset: u64, len: u64) -> Body {
-    segments(file, vec![Segment::File { offset, len }], None)
-}
-
 /// Streams segments lazily: the next chunk is read (on the blocking pool)
 /// only when the connection asks for it, so a slow client costs at most one
 /// chunk of memory and a stalled one none beyond what the socket holds. A

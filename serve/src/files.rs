@@ -27,11 +27,6 @@ pub struct FileMeta<'a> {
 /// Whole files up to this size are read inline instead of streamed.
 pub const INLINE_MAX: u64 = 64 * 1024;
 
-/// `"<blake3 hex>"`: a strong validator derived from the content hash.
-pub fn etag(h: &Hash) -> String {
-    format!("\"{h}\"")
-}
-
 fn http_date(secs: i64) -> String {
     httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
 }
@@ -53,6 +48,7 @@ pub fn respond(
 ) -> Response<Body> {
     let hex = meta.hash.hex_bytes();
     let hex = std::str::from_utf8(&hex).unwrap_or_default();
+    // ETag: the blake3 hash, a strong validator.
     let tag = format!("\"{hex}\"");
     let last_modified = http_date(meta.mtime);
     let mut b = Response::builder()
