@@ -35,9 +35,9 @@ pub struct Runtime {
     pub params: Params,
     pub ttl: Duration,
     pub ttl_changing: Duration,
-    pub default_location: Option<Location>,
+    pub default_location: Option<Arc<Location>>,
     /// (network, prefix, location) overrides, checked before GeoIP.
-    pub overrides: Vec<(IpAddr, u8, Location)>,
+    pub overrides: Vec<(IpAddr, u8, Arc<Location>)>,
     /// Every dynamic name in lower-case wire format, for the UDP fast path.
     pub hot_names: Vec<Vec<u8>>,
 }
@@ -55,12 +55,24 @@ pub struct GeoHandler {
     seed: Arc<AtomicU64>,
 }
 
-/// Who we think the client is.
+/// Who we think the client is (no allocation: locations are shared).
 pub(crate) struct Client {
-    pub(crate) location: Option<Location>,
+    pub(crate) location: Option<Arc<Location>>,
     /// ECS scope to return (prefix of the network that decided).
     pub(crate) scope: u8,
-    pub(crate) country: String,
+    /// Whether an operator override placed the client.
+    overridden: bool,
+}
+
+impl Client {
+    /// The country label for metrics.
+    pub(crate) fn country(&self) -> &str {
+        match self.location.as_deref().and_then(|l| l.country.as_deref()) {
+            Some(c) => c,
+            None if self.overridden => "override",
+            None => "unknown",
+        }
+    }
 }
 
 impl GeoHandler {
@@ -95,31 +107,25 @@ impl GeoHandler {
                 return Client {
                     location: Some(loc.clone()),
                     scope: *len,
-                    country: loc.country.clone().unwrap_or_else(|| "override".into()),
+                    overridden: true,
                 };
             }
         }
         if let Some(db) = self.geo.get() {
             let l = db.lookup(ip);
-            if let Some(loc) = l.location {
-                let country = loc.country.clone().unwrap_or_else(|| "unknown".into());
+            if l.location.is_some() {
                 return Client {
-                    location: Some(loc),
+                    location: l.location,
                     scope: l.prefix,
-                    country,
+                    overridden: false,
                 };
             }
-            // Not in the database: the answer does not depend on location.
-            return Client {
-                location: rt.default_location.clone(),
-                scope: 0,
-                country: "unknown".into(),
-            };
         }
+        // Not located: the answer does not depend on location.
         Client {
             location: rt.default_location.clone(),
             scope: 0,
-            country: "unknown".into(),
+            overridden: false,
         }
     }
 }
@@ -262,13 +268,13 @@ impl RequestHandler for GeoHandler {
                 let client = self.locate(&rt, client_ip);
                 let views = self.tracker.views.load();
                 let choice = select::select(
-                    client.location.as_ref(),
+                    client.location.as_deref(),
                     family,
                     &views,
                     &rt.params,
                     self.random(),
                 );
-                self.metrics.country(&client.country);
+                self.metrics.country(client.country());
                 match choice {
                     Choice::Mirrors { picks, degraded } => {
                         let changing = picks

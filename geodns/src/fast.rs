@@ -238,7 +238,7 @@ fn hot_answer(h: &GeoHandler, pkt: &[u8], src: SocketAddr, out: &mut Vec<u8>) ->
     };
     let client = h.locate(&rt, client_ip);
     let views = h.tracker.views.load();
-    let choice = match &client.location {
+    let choice = match client.location.as_deref() {
         Some(loc) => with_distances(&views, loc, |d| {
             select::select_with_distances(Some(loc), d, family, &views, &rt.params, h.random())
         }),
@@ -338,7 +338,7 @@ fn hot_answer(h: &GeoHandler, pkt: &[u8], src: SocketAddr, out: &mut Vec<u8>) ->
     if out.len() > limit {
         return false; // let the general path truncate properly
     }
-    h.metrics.country(&client.country);
+    h.metrics.country(client.country());
     h.metrics.rcode_noerror();
     true
 }

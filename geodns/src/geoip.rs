@@ -23,8 +23,21 @@ pub struct Location {
 /// length of the database network that decided it (for the ECS scope).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lookup {
-    pub location: Option<Location>,
+    pub location: Option<Arc<Location>>,
     pub prefix: u8,
+}
+
+/// (database id, data-section offset) -> decoded location.
+type RecordCache = std::collections::HashMap<(u64, usize), Option<Arc<Location>>>;
+
+static NEXT_DB_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+thread_local! {
+    /// Decoded records by (database id, data-section offset). Many networks
+    /// share one record (a city), and decoding allocates; the query path
+    /// then only walks the search tree.
+    static RECORDS: std::cell::RefCell<RecordCache> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
 #[derive(Deserialize, Default)]
@@ -125,6 +138,8 @@ pub enum GeoError {
 /// An open database.
 pub struct GeoDb {
     reader: maxminddb::Reader<Vec<u8>>,
+    /// Distinguishes this database in the per-thread record cache.
+    id: u64,
     pub database_type: String,
     pub path: PathBuf,
     pub modified: Option<SystemTime>,
@@ -150,6 +165,7 @@ impl GeoDb {
         let database_type = reader.metadata().database_type.clone();
         let db = GeoDb {
             reader,
+            id: NEXT_DB_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             database_type,
             path: path.to_path_buf(),
             modified,
@@ -182,7 +198,31 @@ impl GeoDb {
             };
         };
         let prefix = res.network().map(|n| n.prefix()).unwrap_or(0);
-        let location = res.decode::<Record>().ok().flatten().and_then(to_location);
+        let Some(offset) = res.offset() else {
+            return Lookup {
+                location: None,
+                prefix,
+            };
+        };
+        let decode = || {
+            res.decode::<Record>()
+                .ok()
+                .flatten()
+                .and_then(to_location)
+                .map(Arc::new)
+        };
+        let location = RECORDS.with(|c| {
+            let mut c = c.borrow_mut();
+            if let Some(hit) = c.get(&(self.id, offset)) {
+                return hit.clone();
+            }
+            if c.len() > 200_000 {
+                c.clear();
+            }
+            let loc = decode();
+            c.insert((self.id, offset), loc.clone());
+            loc
+        });
         Lookup { location, prefix }
     }
 }
@@ -329,7 +369,10 @@ mod tests {
             l.prefix, 24,
             "a more specific network overrides the broader one"
         );
-        assert_eq!(l.location.and_then(|l| l.country).as_deref(), Some("GB"));
+        assert_eq!(
+            l.location.and_then(|l| l.country.clone()).as_deref(),
+            Some("GB")
+        );
     }
 
     #[test]

@@ -79,7 +79,7 @@ pub fn build_runtime(cfg: &GeoDnsConfig) -> Result<dns::Runtime, GeoDnsError> {
                 }
                 _ => return None,
             };
-            Some((net, len, loc))
+            Some((net, len, Arc::new(loc)))
         })
         .collect();
     let s = &cfg.selection;
@@ -108,11 +108,13 @@ pub fn build_runtime(cfg: &GeoDnsConfig) -> Result<dns::Runtime, GeoDnsError> {
         },
         ttl: s.ttl,
         ttl_changing: s.ttl_changing,
-        default_location: s.default_location.map(|(lat, lon)| Location {
-            lat,
-            lon,
-            country: None,
-            continent: None,
+        default_location: s.default_location.map(|(lat, lon)| {
+            Arc::new(Location {
+                lat,
+                lon,
+                country: None,
+                continent: None,
+            })
         }),
         overrides,
     })
