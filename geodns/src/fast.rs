@@ -48,65 +48,117 @@ pub fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
     Ok(out)
 }
 
-/// Serves one socket on the calling (dedicated) thread until `stop` is set:
-/// a blocking `recv_from`, the hot answer written inline, everything else
-/// run through the async handler on the runtime (`rt`).
+/// Serves one socket on the calling (dedicated) thread until `stop` is set.
+/// Datagrams are received in batches with `recvmmsg` (waiting for at least
+/// one) and hot answers go back in one `sendmmsg`: one system call each way
+/// for up to [`BATCH`] queries. Everything else runs through the async
+/// handler on the runtime (`rt`), one query at a time.
 pub fn serve(
     sock: Arc<std::net::UdpSocket>,
     handler: Arc<GeoHandler>,
     rt: tokio::runtime::Handle,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let mut inbuf = vec![0u8; 4096];
-    let mut out = Vec::with_capacity(1232);
+    use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+    use std::io::{IoSlice, IoSliceMut};
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; 4096]).collect();
+    let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(512)).collect();
+    let mut got: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
+    let mut rhdrs = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut shdrs = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let (n, src) = match sock.recv_from(&mut inbuf) {
-            Ok(x) => x,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "udp recv");
-                continue;
-            }
-        };
-        let pkt = &inbuf[..n];
-        if n < 12 || pkt[2] & 0x80 != 0 {
-            continue; // too short for a header, or a response: drop
-        }
-        out.clear();
-        if hot_answer(&handler, pkt, src, &mut out) {
-            let _ = sock.send_to(&out, src);
-            continue;
-        }
-        // The general path (hickory's decoder and our handler).
-        match Request::from_bytes(pkt.to_vec(), src, Protocol::Udp) {
-            Ok(req) => {
-                if req.metadata.message_type == hickory_server::proto::op::MessageType::Response {
+        got.clear();
+        {
+            let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
+                bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+            match recvmmsg(
+                fd,
+                &mut rhdrs,
+                iovs.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            ) {
+                Ok(results) => {
+                    for r in results {
+                        got.push((r.bytes, r.address.and_then(|a| to_socket_addr(&a))));
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "udp recvmmsg");
                     continue;
                 }
-                let h = UdpReply {
-                    sock: sock.clone(),
-                    dst: src,
-                };
-                let _ = rt.block_on(handler.handle_request::<_, TokioTime>(&req, h));
             }
-            Err(_) => {
-                // Header readable (n >= 12) but the rest is not: FORMERR.
-                let mut r = [0u8; 12];
-                r[..2].copy_from_slice(&pkt[..2]);
-                r[2] = 0x80 | (pkt[2] & 0x79); // QR, opcode and RD copied
-                r[3] = 1; // FORMERR
-                handler.metrics.rcode("FORMERR");
-                let _ = sock.send_to(&r, src);
+        }
+        let mut replies: Vec<(usize, SockaddrStorage)> = Vec::with_capacity(got.len());
+        for (i, &(n, src)) in got.iter().enumerate() {
+            let Some(src) = src else { continue };
+            let pkt = &bufs[i][..n];
+            if n < 12 || pkt[2] & 0x80 != 0 {
+                continue; // too short for a header, or a response: drop
             }
+            let out = &mut outs[i];
+            out.clear();
+            if hot_answer(&handler, pkt, src, out) {
+                replies.push((i, SockaddrStorage::from(src)));
+                continue;
+            }
+            general(&sock, &handler, &rt, pkt, src);
+        }
+        if replies.is_empty() {
+            continue;
+        }
+        let slices: Vec<[IoSlice<'_>; 1]> = replies
+            .iter()
+            .map(|(i, _)| [IoSlice::new(&outs[*i])])
+            .collect();
+        let addrs: Vec<Option<SockaddrStorage>> = replies.iter().map(|(_, a)| Some(*a)).collect();
+        if let Err(e) = sendmmsg(fd, &mut shdrs, slices.iter(), &addrs, [], MsgFlags::empty()) {
+            tracing::debug!(error = %e, "udp sendmmsg");
+        }
+    }
+}
+
+/// Queries per `recvmmsg`/`sendmmsg` call.
+pub const BATCH: usize = 32;
+
+fn to_socket_addr(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::from((v4.ip(), v4.port())));
+    }
+    a.as_sockaddr_in6()
+        .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+}
+
+/// The general path for one datagram: hickory's decoder and our handler.
+fn general(
+    sock: &Arc<std::net::UdpSocket>,
+    handler: &Arc<GeoHandler>,
+    rt: &tokio::runtime::Handle,
+    pkt: &[u8],
+    src: SocketAddr,
+) {
+    match Request::from_bytes(pkt.to_vec(), src, Protocol::Udp) {
+        Ok(req) => {
+            if req.metadata.message_type == hickory_server::proto::op::MessageType::Response {
+                return;
+            }
+            let h = UdpReply {
+                sock: sock.clone(),
+                dst: src,
+            };
+            let _ = rt.block_on(handler.handle_request::<_, TokioTime>(&req, h));
+        }
+        Err(_) => {
+            // Header readable (n >= 12) but the rest is not: FORMERR.
+            let mut r = [0u8; 12];
+            r[..2].copy_from_slice(&pkt[..2]);
+            r[2] = 0x80 | (pkt[2] & 0x79); // QR, opcode and RD copied
+            r[3] = 1; // FORMERR
+            handler.metrics.rcode("FORMERR");
+            let _ = sock.send_to(&r, src);
         }
     }
 }
