@@ -25,6 +25,37 @@ fn set(t: &mut toml::Table, key: &str, v: Option<impl ToString>) {
     }
 }
 
+/// Listen and TLS flags, shared by `origin` and `mirror` (the default
+/// address is each role's own, from its config defaults).
+#[derive(Debug, Args)]
+struct ListenArgs {
+    /// HTTP listen address [default: origin 127.0.0.1:8080, mirror 127.0.0.1:8081].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// HTTPS listen address (needs --tls-cert and --tls-key).
+    #[arg(long, value_name = "ADDR")]
+    listen_tls: Option<SocketAddr>,
+    /// PEM certificate chain for HTTPS.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+}
+
+impl ListenArgs {
+    fn apply(self, t: &mut toml::Table) {
+        set(t, "listen", self.listen);
+        set(t, "listen_tls", self.listen_tls);
+        set(
+            t,
+            "tls_cert",
+            self.tls_cert.map(|p| p.display().to_string()),
+        );
+        set(t, "tls_key", self.tls_key.map(|p| p.display().to_string()));
+    }
+}
+
 /// Flags of `meridian origin`.
 #[derive(Debug, Args)]
 pub struct OriginArgs {
@@ -40,18 +71,8 @@ pub struct OriginArgs {
     /// Secret key file written by `meridian keygen` (must be mode 0600).
     #[arg(long = "key", value_name = "FILE")]
     key_file: Option<PathBuf>,
-    /// HTTP listen address [default: 127.0.0.1:8080].
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<SocketAddr>,
-    /// HTTPS listen address (needs --tls-cert and --tls-key).
-    #[arg(long, value_name = "ADDR")]
-    listen_tls: Option<SocketAddr>,
-    /// PEM certificate chain for HTTPS.
-    #[arg(long, value_name = "FILE")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key for HTTPS.
-    #[arg(long, value_name = "FILE")]
-    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// Quiet period before publishing, e.g. `1s`, `500ms` [default: 1s].
     #[arg(long, value_name = "DURATION")]
     quiet: Option<String>,
@@ -81,18 +102,7 @@ impl OriginArgs {
             "key_file",
             self.key_file.map(|p| p.display().to_string()),
         );
-        set(&mut t, "listen", self.listen);
-        set(&mut t, "listen_tls", self.listen_tls);
-        set(
-            &mut t,
-            "tls_cert",
-            self.tls_cert.map(|p| p.display().to_string()),
-        );
-        set(
-            &mut t,
-            "tls_key",
-            self.tls_key.map(|p| p.display().to_string()),
-        );
+        self.listen.apply(&mut t);
         set(&mut t, "quiet", self.quiet);
         set(&mut t, "expiry", self.expiry);
         t.try_into()
@@ -121,18 +131,8 @@ pub struct MirrorArgs {
     /// State directory: objects, verified roots, partial downloads.
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
-    /// HTTP listen address [default: 127.0.0.1:8081].
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<SocketAddr>,
-    /// HTTPS listen address (needs --tls-cert and --tls-key).
-    #[arg(long, value_name = "ADDR")]
-    listen_tls: Option<SocketAddr>,
-    /// PEM certificate chain for HTTPS.
-    #[arg(long, value_name = "FILE")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key for HTTPS.
-    #[arg(long, value_name = "FILE")]
-    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// Egress capacity in bytes per second, reported to GeoDNS.
     #[arg(long, value_name = "BYTES")]
     capacity: Option<u64>,
@@ -182,18 +182,7 @@ impl MirrorArgs {
             );
         }
         set(&mut t, "state", self.state.map(|p| p.display().to_string()));
-        set(&mut t, "listen", self.listen);
-        set(&mut t, "listen_tls", self.listen_tls);
-        set(
-            &mut t,
-            "tls_cert",
-            self.tls_cert.map(|p| p.display().to_string()),
-        );
-        set(
-            &mut t,
-            "tls_key",
-            self.tls_key.map(|p| p.display().to_string()),
-        );
+        self.listen.apply(&mut t);
         if let Some(c) = self.capacity {
             t.insert(
                 "capacity_bytes_per_sec".into(),

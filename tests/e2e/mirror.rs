@@ -190,14 +190,7 @@ async fn bad_blobs_from_an_upstream_are_rejected_and_fetched_elsewhere() {
         );
         serves_exactly(&http, maddr, &content).await;
     }
-    let metrics = http
-        .get(format!("http://{maddr}/.meridian/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = meridian_e2e::metrics_text(&http, maddr).await.unwrap();
     assert!(
         metric(&metrics, "meridian_mirror_verify_failures_total") >= 2.0,
         "{metrics}"
@@ -288,14 +281,7 @@ async fn forged_replayed_and_expired_roots_are_refused() {
             &format!("the mirror to refuse the {what} root"),
             DEADLINE,
             || async {
-                let m = http
-                    .get(format!("http://{maddr}/.meridian/metrics"))
-                    .send()
-                    .await
-                    .ok()?
-                    .text()
-                    .await
-                    .ok()?;
+                let m = meridian_e2e::metrics_text(&http, maddr).await?;
                 let f = metric(&m, "meridian_mirror_verify_failures_total");
                 (f > failures).then_some(f)
             },
@@ -314,14 +300,7 @@ async fn forged_replayed_and_expired_roots_are_refused() {
     *evil.fake_root.lock().unwrap() = real.envelope.clone();
     let before = failures;
     eventually("the mirror to refuse a replayed root", DEADLINE, || async {
-        let m = http
-            .get(format!("http://{maddr}/.meridian/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let m = meridian_e2e::metrics_text(&http, maddr).await?;
         (metric(&m, "meridian_mirror_verify_failures_total") > before).then_some(())
     })
     .await;
@@ -376,14 +355,7 @@ async fn a_kill_mid_sync_resumes_from_the_partial_download() {
     let http = http();
     wait_generation(&http, maddr, g).await;
     assert!(get(&http, maddr, "large.img").await.1 == data);
-    let metrics = http
-        .get(format!("http://{maddr}/.meridian/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = meridian_e2e::metrics_text(&http, maddr).await.unwrap();
     let fetched = metric(&metrics, "meridian_mirror_bytes_fetched_total");
     assert!(
         fetched <= (data.len() as u64 - kept) as f64 + 100_000.0,

@@ -9,23 +9,9 @@ use std::time::Duration;
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn start_origin(dir: &Path, extra_env: &[(&str, &str)]) -> Proc {
-    let content = dir.join("content");
-    let state = dir.join("state");
-    let key = dir.join("key");
+    let args = meridian_e2e::origin_args(dir, "state", "200ms");
     Proc::spawn(
-        &[
-            "origin",
-            "--content",
-            content.to_str().unwrap(),
-            "--state",
-            state.to_str().unwrap(),
-            "--key",
-            key.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--quiet",
-            "200ms",
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         extra_env,
     )
 }
@@ -126,13 +112,7 @@ async fn publishes_adds_changes_and_deletes_with_a_verified_chain() {
     assert!(g1 < g2 && g2 < g3 && g3 < g4);
 
     // Metrics reflect the work.
-    let metrics = client
-        .http
-        .get(format!("http://{addr}/.meridian/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
+    let metrics = meridian_e2e::metrics_text(&client.http, addr)
         .await
         .unwrap();
     assert!(
@@ -327,13 +307,7 @@ async fn bad_names_and_escaping_symlinks_are_skipped_not_fatal() {
         Some("../good")
     );
     assert!(d.get("escape2").is_none());
-    let metrics = client
-        .http
-        .get(format!("http://{addr}/.meridian/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
+    let metrics = meridian_e2e::metrics_text(&client.http, addr)
         .await
         .unwrap();
     for reason in ["not_utf8", "bad_name", "symlink_escapes", "reserved_name"] {
@@ -357,22 +331,8 @@ async fn a_file_being_written_is_never_published_half_written() {
     std::fs::create_dir_all(&content).unwrap();
     let key = keygen(&dir.path().join("key"));
     // A longer quiet period than the writer's pauses.
-    let mut origin = Proc::spawn(
-        &[
-            "origin",
-            "--content",
-            content.to_str().unwrap(),
-            "--state",
-            dir.path().join("state").to_str().unwrap(),
-            "--key",
-            dir.path().join("key").to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--quiet",
-            "1s",
-        ],
-        &[],
-    );
+    let args = meridian_e2e::origin_args(dir.path(), "state", "1s");
+    let mut origin = Proc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     let client = ReadClient::new(origin.listening("origin"), key);
     converge(&client, &content, 0).await;
     let path = content.join("growing.iso");
@@ -413,29 +373,20 @@ fn start_origin_unprivileged(dir: &Path) -> Proc {
     chown(dir.join("state"), Some(nobody), Some(nobody)).unwrap();
     chown(dir.join("key"), Some(nobody), Some(nobody)).unwrap();
     let bin = meridian_e2e::meridian_bin();
-    let content = dir.join("content");
-    let state = dir.join("state");
-    let key = dir.join("key");
+    let mut args: Vec<String> = [
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+        bin.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(meridian_e2e::origin_args(dir, "state", "200ms"));
     Proc::spawn_cmd(
         "setpriv",
-        &[
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--",
-            bin.to_str().unwrap(),
-            "origin",
-            "--content",
-            content.to_str().unwrap(),
-            "--state",
-            state.to_str().unwrap(),
-            "--key",
-            key.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--quiet",
-            "200ms",
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     )
 }
 
@@ -484,13 +435,7 @@ async fn an_unreadable_file_keeps_its_previous_version() {
         meridian_core::hash_bytes(b"version one"),
         "the previous version stays published"
     );
-    let metrics = client
-        .http
-        .get(format!("http://{addr}/.meridian/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
+    let metrics = meridian_e2e::metrics_text(&client.http, addr)
         .await
         .unwrap();
     assert!(metrics.contains("reason=\"unreadable\""), "{metrics}");
@@ -519,13 +464,7 @@ async fn a_full_disk_fails_the_publish_and_keeps_the_last_generation() {
         g,
         "the last complete generation stays current"
     );
-    let metrics = client
-        .http
-        .get(format!("http://{addr}/.meridian/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
+    let metrics = meridian_e2e::metrics_text(&client.http, addr)
         .await
         .unwrap();
     assert!(meridian_e2e::metric(&metrics, "meridian_origin_publish_errors_total") >= 1.0);

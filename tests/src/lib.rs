@@ -278,22 +278,8 @@ pub fn hash_file(p: &Path) -> Hash {
 /// Starts `meridian origin` on a port chosen by the OS, content in
 /// `dir/content`, key in `dir/key`, state in `dir/origin-state`.
 pub fn origin(dir: &Path, quiet: &str) -> (Proc, std::net::SocketAddr) {
-    let mut p = Proc::spawn(
-        &[
-            "origin",
-            "--content",
-            dir.join("content").to_str().unwrap(),
-            "--state",
-            dir.join("origin-state").to_str().unwrap(),
-            "--key",
-            dir.join("key").to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--quiet",
-            quiet,
-        ],
-        &[],
-    );
+    let args = origin_args(dir, "origin-state", quiet);
+    let mut p = Proc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     let a = p.listening("origin");
     (p, a)
 }
@@ -527,4 +513,37 @@ impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
+}
+
+/// A node's Prometheus text (`/.meridian/metrics`).
+pub async fn metrics_text(http: &reqwest::Client, addr: std::net::SocketAddr) -> Option<String> {
+    http.get(format!("http://{addr}/.meridian/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
+/// Arguments of `meridian origin` for a test directory: content in
+/// `dir/content`, key in `dir/key`, state in `dir/{state}`, any free port.
+pub fn origin_args(dir: &Path, state: &str, quiet: &str) -> Vec<String> {
+    let p = |x: &str| dir.join(x).to_str().unwrap().to_owned();
+    [
+        "origin",
+        "--content",
+        &p("content"),
+        "--state",
+        &p(state),
+        "--key",
+        &p("key"),
+        "--listen",
+        "127.0.0.1:0",
+        "--quiet",
+        quiet,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
