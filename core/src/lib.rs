@@ -10,14 +10,17 @@
 //! time in). That keeps it pure, fast and fuzzable.
 #![forbid(unsafe_code)]
 
+pub mod delta;
 pub mod encoding;
 pub mod hash;
 pub mod keys;
 pub mod manifest;
+pub mod patch;
 pub mod path;
 pub mod tree;
 pub mod verify;
 
+pub use delta::{EditOp, NodeEdit, TreeDelta};
 pub use encoding::DecodeError;
 pub use hash::{Hash, hash_bytes};
 pub use keys::{KeyError, PublicKey, SecretKey};

@@ -114,6 +114,52 @@ impl Entry {
         }
     }
 
+    /// Appends the canonical encoding of this entry (as in a node).
+    pub(crate) fn write(&self, w: &mut Writer) {
+        w.short_bytes(self.name.as_bytes());
+        w.u8(self.kind.tag());
+        w.u8(u8::from(self.executable));
+        w.u64(self.size);
+        w.raw(self.hash.as_bytes());
+        w.i64(self.mtime);
+        if let Some(t) = &self.target {
+            w.short_bytes(t.as_bytes());
+        }
+    }
+
+    /// Reads one entry (shape only; [`DirNode::validate`] checks the rules).
+    pub(crate) fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let name = std::str::from_utf8(r.short_bytes("name")?)
+            .map_err(|_| DecodeError::Invalid("name is not UTF-8"))?
+            .to_owned();
+        let kind = EntryKind::from_tag(r.u8("kind")?)?;
+        let flags = r.u8("flags")?;
+        if flags > 1 || (flags == 1 && kind != EntryKind::File) {
+            return Err(DecodeError::Invalid("entry flags"));
+        }
+        let size = r.u64("size")?;
+        let hash = Hash(r.array("hash")?);
+        let mtime = r.i64("mtime")?;
+        let target = if kind == EntryKind::Symlink {
+            Some(
+                std::str::from_utf8(r.short_bytes("symlink target")?)
+                    .map_err(|_| DecodeError::Invalid("symlink target is not UTF-8"))?
+                    .to_owned(),
+            )
+        } else {
+            None
+        };
+        Ok(Entry {
+            name,
+            kind,
+            size,
+            hash,
+            executable: flags == 1,
+            mtime,
+            target,
+        })
+    }
+
     fn validate(&self) -> Result<(), DecodeError> {
         validate_name(&self.name)?;
         match self.kind {
@@ -222,15 +268,7 @@ impl DirNode {
         w.u8(VERSION);
         w.u32(self.entries.len() as u32);
         for e in &self.entries {
-            w.short_bytes(e.name.as_bytes());
-            w.u8(e.kind.tag());
-            w.u8(u8::from(e.executable));
-            w.u64(e.size);
-            w.raw(e.hash.as_bytes());
-            w.i64(e.mtime);
-            if let Some(t) = &e.target {
-                w.short_bytes(t.as_bytes());
-            }
+            e.write(&mut w);
         }
         w.buf
     }
@@ -261,35 +299,7 @@ impl DirNode {
         }
         let mut entries = Vec::with_capacity(count);
         for _ in 0..count {
-            let name = std::str::from_utf8(r.short_bytes("name")?)
-                .map_err(|_| DecodeError::Invalid("name is not UTF-8"))?
-                .to_owned();
-            let kind = EntryKind::from_tag(r.u8("kind")?)?;
-            let flags = r.u8("flags")?;
-            if flags > 1 || (flags == 1 && kind != EntryKind::File) {
-                return Err(DecodeError::Invalid("entry flags"));
-            }
-            let size = r.u64("size")?;
-            let hash = Hash(r.array("hash")?);
-            let mtime = r.i64("mtime")?;
-            let target = if kind == EntryKind::Symlink {
-                Some(
-                    std::str::from_utf8(r.short_bytes("symlink target")?)
-                        .map_err(|_| DecodeError::Invalid("symlink target is not UTF-8"))?
-                        .to_owned(),
-                )
-            } else {
-                None
-            };
-            entries.push(Entry {
-                name,
-                kind,
-                size,
-                hash,
-                executable: flags == 1,
-                mtime,
-                target,
-            });
+            entries.push(Entry::read(&mut r)?);
         }
         r.finish()?;
         let node = DirNode { entries };

@@ -15,6 +15,7 @@ pub struct MirrorMetrics {
     pub syncs: IntCounterVec,
     pub bytes_fetched: IntCounter,
     pub manifest_bytes_fetched: IntCounter,
+    pub blobs_patched: IntCounter,
     pub objects_fetched: IntCounter,
     pub verify_failures: IntCounterVec,
     pub served_generation: IntGauge,
@@ -69,6 +70,11 @@ impl MirrorMetrics {
             manifest_bytes_fetched: IntCounter::new(
                 "meridian_mirror_manifest_bytes_fetched_total",
                 "Bytes of signed roots and directory nodes downloaded",
+            )
+            .expect("metric"),
+            blobs_patched: IntCounter::new(
+                "meridian_mirror_blobs_patched_total",
+                "Changed blobs rebuilt from a patch against their old version",
             )
             .expect("metric"),
             objects_fetched: IntCounter::new(
@@ -130,6 +136,7 @@ impl MirrorMetrics {
         for c in [
             &m.bytes_fetched,
             &m.manifest_bytes_fetched,
+            &m.blobs_patched,
             &m.objects_fetched,
             &m.scrub_failures,
         ] {

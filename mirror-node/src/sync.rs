@@ -178,6 +178,27 @@ impl Upstreams {
         }
     }
 
+    /// GETs `url`; anything but a success status is a transport failure
+    /// (the caller tries the next upstream or falls back).
+    async fn get_ok(
+        &self,
+        url: &str,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, FetchFail> {
+        let mut req = self.http.get(url);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        let r = req
+            .send()
+            .await
+            .map_err(|e| FetchFail::Transport(e.to_string()))?;
+        if !r.status().is_success() {
+            return Err(FetchFail::Transport(format!("HTTP {}", r.status())));
+        }
+        Ok(r)
+    }
+
     /// Fetches a retained generation's root; `Ok(None)` if not retained.
     async fn generation(&self, i: usize, n: u64) -> Result<Option<Vec<u8>>, String> {
         let url = self.api(i, &format!("generations/{n}"));
@@ -216,6 +237,19 @@ enum FetchFail {
     Bad(String),
     /// Local disk trouble: stop the sync.
     Local(meridian_serve::StoreError),
+}
+
+/// Smallest blob worth a patch: below this a whole fetch costs about the same.
+const PATCH_MIN: u64 = 4096;
+
+/// One blob the plan needs.
+#[derive(Debug, Clone, Copy)]
+struct Want {
+    hash: Hash,
+    size: u64,
+    /// The blob at the same path in the served generation, held locally: a
+    /// patch against it is tried first.
+    base: Option<Hash>,
 }
 
 /// The sync engine for one mirror.
@@ -411,10 +445,15 @@ impl Syncer {
         let Some(g) = self.state.served.load_full() else {
             return Ok(());
         };
-        let missing: Vec<(Hash, u64)> = {
+        let missing: Vec<Want> = {
             let mut seen = HashSet::new();
             g.blobs()
                 .filter(|(h, _)| seen.insert(*h) && !self.state.store.contains(h))
+                .map(|(hash, size)| Want {
+                    hash,
+                    size,
+                    base: None,
+                })
                 .collect()
         };
         if missing.is_empty() {
@@ -433,22 +472,42 @@ impl Syncer {
         let served = self.state.served.load_full();
         let known = served.as_ref().map(|g| &g.nodes);
 
-        // Plan: nodes first (breadth-first, skipping known subtrees).
+        // The new tree's nodes as edits of the served tree's (one small
+        // request instead of every changed directory whole). Anything wrong
+        // with it only costs the fallback: fetching the nodes by hash.
+        let mut delta_nodes: HashMap<Hash, Arc<DirNode>> = HashMap::new();
+        if let Some(g) = served.as_ref()
+            && g.root.root.tree != vr.root.tree
+        {
+            delta_nodes = self.fetch_delta(g.clone(), vr.root.tree).await?;
+        }
+
+        // Plan: nodes first (breadth-first, skipping known subtrees). Each
+        // new node is paired with the node at the same path in the served
+        // tree, so a changed file can be patched from its old version.
         let mut new_nodes: HashMap<Hash, Arc<DirNode>> = HashMap::new();
-        let mut blobs: Vec<(Hash, u64)> = Vec::new();
+        let mut blobs: Vec<Want> = Vec::new();
         let mut seen_blobs: HashSet<Hash> = HashSet::new();
-        let mut frontier = vec![(vr.root.tree, vr.root.tree_size)];
+        let mut frontier: Vec<(Hash, u64, Option<Hash>)> = vec![(
+            vr.root.tree,
+            vr.root.tree_size,
+            served.as_ref().map(|g| g.root.root.tree),
+        )];
         while !frontier.is_empty() {
             let mut next = Vec::new();
+            let delta_nodes = &delta_nodes;
             let fetched =
-                futures_util::stream::iter(frontier.into_iter().map(|(h, size)| async move {
+                futures_util::stream::iter(frontier.into_iter().map(|(h, size, old)| async move {
                     if known.is_some_and(|k| k.contains_key(&h)) {
                         return Ok(None);
+                    }
+                    if let Some(n) = delta_nodes.get(&h) {
+                        return Ok(Some((h, n.clone(), old)));
                     }
                     if self.state.store.contains(&h)
                         && let Ok(n) = read_node(&self.state.store, &h)
                     {
-                        return Ok(Some((h, n)));
+                        return Ok(Some((h, Arc::new(n), old)));
                     }
                     let bytes = self.fetch_small(h, size).await?;
                     let n = DirNode::decode(&bytes).map_err(|e| SyncError::Object {
@@ -456,27 +515,44 @@ impl Syncer {
                         last: e.to_string(),
                     })?;
                     self.state.store.put_bytes(&h, &bytes)?;
-                    Ok::<_, SyncError>(Some((h, n)))
+                    Ok::<_, SyncError>(Some((h, Arc::new(n), old)))
                 }))
                 .buffer_unordered(self.state.cfg.parallel_fetches.max(1))
                 .collect::<Vec<_>>()
                 .await;
             for r in fetched {
-                let Some((h, node)) = r? else { continue };
+                let Some((h, node, old)) = r? else { continue };
+                let old_node = old.and_then(|o| known.and_then(|k| k.get(&o)));
                 for e in &node.entries {
+                    let was = old_node.and_then(|o| o.get(&e.name));
                     match e.kind {
-                        EntryKind::Dir if !new_nodes.contains_key(&e.hash) => {
-                            next.push((e.hash, e.size))
-                        }
+                        EntryKind::Dir if !new_nodes.contains_key(&e.hash) => next.push((
+                            e.hash,
+                            e.size,
+                            was.filter(|w| w.kind == EntryKind::Dir).map(|w| w.hash),
+                        )),
                         EntryKind::File
                             if seen_blobs.insert(e.hash) && !self.state.store.contains(&e.hash) =>
                         {
-                            blobs.push((e.hash, e.size));
+                            let base = was
+                                .filter(|w| {
+                                    w.kind == EntryKind::File
+                                        && (PATCH_MIN..=meridian_serve::readapi::PATCH_MAX_BYTES)
+                                            .contains(&e.size)
+                                        && w.size <= meridian_serve::readapi::PATCH_MAX_BYTES
+                                        && self.state.store.contains(&w.hash)
+                                })
+                                .map(|w| w.hash);
+                            blobs.push(Want {
+                                hash: e.hash,
+                                size: e.size,
+                                base,
+                            });
                         }
                         _ => {}
                     }
                 }
-                new_nodes.insert(h, Arc::new(node));
+                new_nodes.insert(h, node);
             }
             frontier = next;
         }
@@ -484,12 +560,12 @@ impl Syncer {
         // Space check before fetching a byte of blob data.
         let partial: u64 = blobs
             .iter()
-            .filter_map(|(h, _)| std::fs::metadata(self.state.partial_dir.join(h.to_hex())).ok())
+            .filter_map(|w| std::fs::metadata(self.state.partial_dir.join(w.hash.to_hex())).ok())
             .map(|m| m.len())
             .sum();
         let needed: u64 = blobs
             .iter()
-            .map(|(_, s)| *s)
+            .map(|w| w.size)
             .sum::<u64>()
             .saturating_sub(partial);
         let free = self.state.store.free_bytes()?;
@@ -504,7 +580,7 @@ impl Syncer {
         }
 
         let total_blobs = blobs.len();
-        let mut written: Vec<Hash> = blobs.iter().map(|(h, _)| *h).collect();
+        let mut written: Vec<Hash> = blobs.iter().map(|w| w.hash).collect();
         written.extend(new_nodes.keys().copied());
         self.fetch_blobs(blobs).await?;
 
@@ -549,12 +625,11 @@ impl Syncer {
         Ok(())
     }
 
-    async fn fetch_blobs(&self, blobs: Vec<(Hash, u64)>) -> Result<(), SyncError> {
-        let results =
-            futures_util::stream::iter(blobs.into_iter().map(|(h, size)| self.fetch_blob(h, size)))
-                .buffer_unordered(self.state.cfg.parallel_fetches.max(1))
-                .collect::<Vec<_>>()
-                .await;
+    async fn fetch_blobs(&self, blobs: Vec<Want>) -> Result<(), SyncError> {
+        let results = futures_util::stream::iter(blobs.into_iter().map(|w| self.fetch_blob(w)))
+            .buffer_unordered(self.state.cfg.parallel_fetches.max(1))
+            .collect::<Vec<_>>()
+            .await;
         for r in results {
             r?;
         }
@@ -573,16 +648,7 @@ impl Syncer {
         for i in self.upstreams.order() {
             let url = self.upstreams.api(i, &format!("objects/{h}"));
             let res = async {
-                let r = self
-                    .upstreams
-                    .http
-                    .get(&url)
-                    .send()
-                    .await
-                    .map_err(|e| FetchFail::Transport(e.to_string()))?;
-                if !r.status().is_success() {
-                    return Err(FetchFail::Transport(format!("HTTP {}", r.status())));
-                }
+                let r = self.upstreams.get_ok(&url, None).await?;
                 let b = read_capped(r, size).await.map_err(FetchFail::Bad)?;
                 if b.len() as u64 != size || hash_bytes(&b) != h {
                     return Err(FetchFail::Bad(format!(
@@ -608,6 +674,72 @@ impl Syncer {
         Err(SyncError::Object { hash: h, last })
     }
 
+    /// Fetches the delta from the served tree to `to` and rebuilds every
+    /// node it describes, each checked against its hash and stored. An
+    /// upstream without the delta, or with a bad one, leaves an empty map:
+    /// the plan then fetches nodes by hash.
+    async fn fetch_delta(
+        &self,
+        served: Arc<Generation>,
+        to: Hash,
+    ) -> Result<HashMap<Hash, Arc<DirNode>>, SyncError> {
+        let from = served.root.root.tree;
+        for i in self.upstreams.order() {
+            let url = self.upstreams.api(i, &format!("delta/{from}/{to}"));
+            let got = async {
+                let r = self.upstreams.get_ok(&url, None).await?;
+                let bytes = read_capped(r, meridian_core::delta::MAX_DELTA_BYTES)
+                    .await
+                    .map_err(FetchFail::Transport)?;
+                self.state.metrics.bytes_fetched.inc_by(bytes.len() as u64);
+                self.state
+                    .metrics
+                    .manifest_bytes_fetched
+                    .inc_by(bytes.len() as u64);
+                let state = self.state.clone();
+                let served = served.clone();
+                tokio::task::spawn_blocking(move || apply_delta(&state, &served, to, &bytes))
+                    .await
+                    .map_err(|e| FetchFail::Transport(e.to_string()))?
+            }
+            .await;
+            match got {
+                Ok(nodes) => {
+                    tracing::debug!(nodes = nodes.len(), %url, "applied tree delta");
+                    return Ok(nodes);
+                }
+                Err(FetchFail::Transport(m)) => {
+                    tracing::debug!(%url, error = %m, "no tree delta; fetching nodes by hash");
+                }
+                Err(e) => {
+                    self.note_failure(i, &url, e)?;
+                }
+            }
+        }
+        Ok(HashMap::new())
+    }
+
+    /// Rebuilds blob `h` from a patch against the local blob `base`, into a
+    /// staging file, hashing as it writes; commits only on a hash match.
+    async fn fetch_patch_from(
+        &self,
+        url: &str,
+        h: Hash,
+        size: u64,
+        base: Hash,
+    ) -> Result<(), FetchFail> {
+        let timeout = Duration::from_secs(60 + size / (256 * 1024));
+        let r = self.upstreams.get_ok(url, Some(timeout)).await?;
+        // A patch is never longer than its literal bytes plus op headers.
+        let cap = size + size / 16 + 4096;
+        let patch = read_capped(r, cap).await.map_err(FetchFail::Bad)?;
+        self.state.metrics.bytes_fetched.inc_by(patch.len() as u64);
+        let store = self.state.clone();
+        tokio::task::spawn_blocking(move || rebuild_from_patch(&store, &patch, base, h, size))
+            .await
+            .map_err(|e| FetchFail::Transport(e.to_string()))?
+    }
+
     fn note_failure(&self, i: usize, url: &str, e: FetchFail) -> Result<String, SyncError> {
         match e {
             FetchFail::Transport(m) => {
@@ -628,10 +760,36 @@ impl Syncer {
         }
     }
 
-    /// Fetches one blob into the store, verified, resuming a partial.
-    async fn fetch_blob(&self, h: Hash, size: u64) -> Result<(), SyncError> {
+    /// Fetches one blob into the store, verified: as a patch against the
+    /// old version when there is one, else whole, resuming a partial.
+    async fn fetch_blob(&self, want: Want) -> Result<(), SyncError> {
+        let Want {
+            hash: h,
+            size,
+            base,
+        } = want;
         if self.state.store.contains(&h) {
             return Ok(());
+        }
+        if let Some(base) = base {
+            for i in self.upstreams.order() {
+                let url = self.upstreams.api(i, &format!("patch/{base}/{h}"));
+                match self.fetch_patch_from(&url, h, size, base).await {
+                    Ok(()) => {
+                        self.state.metrics.objects_fetched.inc();
+                        self.state.metrics.blobs_patched.inc();
+                        return Ok(());
+                    }
+                    Err(FetchFail::Transport(m)) => {
+                        // No patch there (too large, base gone): fetch whole.
+                        tracing::debug!(%url, error = %m, "no patch; fetching the blob whole");
+                        break;
+                    }
+                    Err(e) => {
+                        self.note_failure(i, &url, e)?;
+                    }
+                }
+            }
         }
         let mut last = String::from("no upstream");
         for i in self.upstreams.order() {
@@ -865,6 +1023,108 @@ impl Syncer {
         }
         if removed > 0 {
             tracing::info!(removed, "garbage-collected objects no longer served");
+        }
+    }
+}
+
+/// Decodes a tree delta and rebuilds its nodes (blocking: hashing).
+fn apply_delta(
+    state: &MirrorState,
+    served: &Generation,
+    to: Hash,
+    bytes: &[u8],
+) -> Result<HashMap<Hash, Arc<DirNode>>, FetchFail> {
+    let bad = |m: String| FetchFail::Bad(format!("tree delta: {m}"));
+    let d = meridian_core::TreeDelta::decode(bytes).map_err(|e| bad(e.to_string()))?;
+    if d.from != served.root.root.tree || d.to != to {
+        return Err(bad("it connects other trees than asked".into()));
+    }
+    let mut out: HashMap<Hash, Arc<DirNode>> = HashMap::with_capacity(d.nodes.len());
+    for edit in &d.nodes {
+        let base = match &edit.base {
+            Some(b) => Some(
+                out.get(b)
+                    .or_else(|| served.nodes.get(b))
+                    .cloned()
+                    .ok_or_else(|| bad(format!("base node {b} is not held here")))?,
+            ),
+            None => None,
+        };
+        let (node, enc) = edit
+            .apply(base.as_deref())
+            .map_err(|e| bad(e.to_string()))?;
+        state
+            .store
+            .put_bytes(&edit.hash, &enc)
+            .map_err(FetchFail::Local)?;
+        out.insert(edit.hash, Arc::new(node));
+    }
+    if !out.contains_key(&to) {
+        return Err(bad("it does not rebuild the top node".into()));
+    }
+    Ok(out)
+}
+
+/// Applies a blob patch against a local base into a staging file (blocking).
+fn rebuild_from_patch(
+    state: &MirrorState,
+    patch: &[u8],
+    base: Hash,
+    h: Hash,
+    size: u64,
+) -> Result<(), FetchFail> {
+    use meridian_core::patch::{PatchOp, PatchReader};
+    use std::os::unix::fs::FileExt;
+    let bad = |m: String| FetchFail::Bad(format!("patch for {h}: {m}"));
+    let base_file = state.store.open_object(&base).map_err(FetchFail::Local)?;
+    let base_len = base_file
+        .metadata()
+        .map_err(|e| FetchFail::Local(meridian_serve::StoreError::io(state.store.path(&base), e)))?
+        .len();
+    let mut r = PatchReader::new(patch, base_len).map_err(|e| bad(e.to_string()))?;
+    let hdr = r.header();
+    if hdr.base != base || hdr.target != h || hdr.target_size != size {
+        return Err(bad("its header names other blobs or another size".into()));
+    }
+    let (tmp, f) = state.store.create_tmp("patch").map_err(FetchFail::Local)?;
+    let local = |e: std::io::Error| FetchFail::Local(meridian_serve::StoreError::io(&tmp, e));
+    let result = (|| {
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, f);
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 16];
+        while let Some(op) = r.next_op().map_err(|e| bad(e.to_string()))? {
+            match op {
+                PatchOp::Data(d) => {
+                    hasher.update(d);
+                    out.write_all(d).map_err(local)?;
+                }
+                PatchOp::Copy { mut offset, len } => {
+                    let mut left = len as usize;
+                    while left > 0 {
+                        let n = left.min(buf.len());
+                        base_file
+                            .read_exact_at(&mut buf[..n], offset)
+                            .map_err(local)?;
+                        hasher.update(&buf[..n]);
+                        out.write_all(&buf[..n]).map_err(local)?;
+                        offset += n as u64;
+                        left -= n;
+                    }
+                }
+            }
+        }
+        out.flush().map_err(local)?;
+        let got: Hash = hasher.finalize().into();
+        if got != h {
+            return Err(bad(format!("rebuilt bytes hash to {got}")));
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => state.store.commit(&tmp, &h).map_err(FetchFail::Local),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
         }
     }
 }

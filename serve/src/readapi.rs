@@ -6,6 +6,8 @@
 //! | `GET /.meridian/v1/generations/{n}` | the signed root of generation `n`, 404 once garbage-collected |
 //! | `GET /.meridian/v1/objects/{blake3}` | a blob or directory node by hash, with Range support; immutable |
 //! | `GET /.meridian/v1/wait?after=N[&timeout=S]` | long-poll: the newest root as soon as its generation is > N; 204 after S seconds (default 30, max 60) |
+//! | `GET /.meridian/v1/delta/{from}/{to}` | the directory nodes of tree `to` as edits of tree `from` ([`meridian_core::TreeDelta`]); 404 when either tree is not held |
+//! | `GET /.meridian/v1/patch/{base}/{target}` | blob `target` as copies from blob `base` plus new bytes ([`meridian_core::patch`]); 404 when either is not held or too large |
 //!
 //! Every answer carries `X-Meridian-Generation` with the newest generation.
 //! The prefix starts with a dot so that it cannot collide with published
@@ -16,7 +18,7 @@ use crate::files::{self, FileMeta, text};
 use crate::store::ObjectStore;
 use http::header::{self, HeaderMap};
 use http::{Method, Response, StatusCode};
-use meridian_core::{Hash, VerifiedRoot};
+use meridian_core::{DirNode, Hash, TreeDelta, VerifiedRoot, hash_bytes};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -40,6 +42,31 @@ pub trait Published: Send + Sync + 'static {
     fn subscribe(&self) -> watch::Receiver<u64>;
     /// Counts bytes sent for objects (metrics).
     fn count_object_bytes(&self, _bytes: u64) {}
+    /// A directory node by hash. The default reads and checks it from the
+    /// store; a node that keeps its tree in memory answers from there.
+    fn node(&self, h: &Hash) -> Option<Arc<DirNode>> {
+        let bytes = self.store().read(h).ok()?;
+        if hash_bytes(&bytes) != *h {
+            return None;
+        }
+        DirNode::decode(&bytes).ok().map(Arc::new)
+    }
+}
+
+/// Largest blob (base or target) a patch is computed for.
+pub const PATCH_MAX_BYTES: u64 = 64 << 20;
+/// Deltas and patches are CPU work on the blocking pool; at most this many
+/// run at once, so a crowd of mirrors cannot starve downloads.
+const DIFF_WORKERS: usize = 2;
+
+fn diff_permits() -> &'static tokio::sync::Semaphore {
+    static S: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    S.get_or_init(|| tokio::sync::Semaphore::new(DIFF_WORKERS))
+}
+
+fn two_hashes(rest: &str) -> Option<(Hash, Hash)> {
+    let (a, b) = rest.split_once('/')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
 }
 
 /// Handles a request whose path starts with [`PREFIX`]; `rest` is the path
@@ -124,6 +151,67 @@ async fn route<P: Published>(
         }
         return resp;
     }
+    if let Some(pair) = rest.strip_prefix("delta/") {
+        let Some((from, to)) = two_hashes(pair) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "delta/{from}/{to}: two tree hashes\n",
+            );
+        };
+        let _permit = match diff_permits().acquire().await {
+            Ok(p) => p,
+            Err(_) => return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        };
+        let delta = tokio::task::block_in_place(|| {
+            TreeDelta::between(from, to, |h| node.node(h).ok_or(*h)).map(|d| d.encode())
+        });
+        return match delta {
+            Ok(b) if b.len() as u64 <= meridian_core::delta::MAX_DELTA_BYTES => {
+                node.count_object_bytes(b.len() as u64);
+                binary_response(b, "application/x-meridian-delta", method)
+            }
+            Ok(_) => text(StatusCode::NOT_FOUND, "delta too large; fetch the nodes\n"),
+            Err(h) => text(
+                StatusCode::NOT_FOUND,
+                format!("node {h} is not held here\n"),
+            ),
+        };
+    }
+    if let Some(pair) = rest.strip_prefix("patch/") {
+        let Some((base, target)) = two_hashes(pair) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "patch/{base}/{target}: two blob hashes\n",
+            );
+        };
+        let store = node.store();
+        let small = |h: &Hash| {
+            std::fs::metadata(store.path(h))
+                .is_ok_and(|m| m.is_file() && m.len() <= PATCH_MAX_BYTES)
+        };
+        if !small(&base) || !small(&target) {
+            return text(
+                StatusCode::NOT_FOUND,
+                "no patch: an object is not held here or is too large\n",
+            );
+        }
+        let _permit = match diff_permits().acquire().await {
+            Ok(p) => p,
+            Err(_) => return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        };
+        let patch = tokio::task::block_in_place(|| {
+            let b = store.read(&base).ok()?;
+            let t = store.read(&target).ok()?;
+            Some(meridian_core::patch::make_patch(&b, base, &t, target))
+        });
+        return match patch {
+            Some(p) => {
+                node.count_object_bytes(p.len() as u64);
+                binary_response(p, "application/x-meridian-patch", method)
+            }
+            None => text(StatusCode::NOT_FOUND, "no patch: an object vanished\n"),
+        };
+    }
     if rest == "wait" {
         let mut after = 0u64;
         let mut timeout = Duration::from_secs(30);
@@ -161,6 +249,17 @@ async fn route<P: Published>(
 }
 
 fn envelope_response(env: Vec<u8>, method: &Method) -> Response<Body> {
+    let mut r = binary_response(env, ROOT_CONTENT_TYPE, method);
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
+    r
+}
+
+/// An immutable computed answer (a delta or a patch: both are named by the
+/// hashes they connect, so they never change).
+fn binary_response(env: Vec<u8>, content_type: &'static str, method: &Method) -> Response<Body> {
     let len = env.len();
     let body = if *method == Method::HEAD {
         crate::body::empty()
@@ -169,9 +268,9 @@ fn envelope_response(env: Vec<u8>, method: &Method) -> Response<Body> {
     };
     Response::builder()
         .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, ROOT_CONTENT_TYPE)
+        .header(header::CONTENT_TYPE, content_type)
         .header(header::CONTENT_LENGTH, len)
-        .header(header::CACHE_CONTROL, "no-cache")
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
         .body(body)
         .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, ""))
 }

@@ -149,25 +149,12 @@ async fn two_tiers_converge_through_publish_change_and_delete() {
 
 #[tokio::test]
 async fn bad_blobs_from_an_upstream_are_rejected_and_fetched_elsewhere() {
-    let dir = tempfile::tempdir().unwrap();
-    let content = dir.path().join("content");
-    std::fs::create_dir_all(&content).unwrap();
-    let key = keygen(&dir.path().join("key"));
-    let (_o, oaddr) = origin(dir.path(), "200ms");
-    let client = ReadClient::new(oaddr, key);
-    let (evil, evil_srv) = Evil::start(oaddr, Mode::FlipByte).await;
-    let (mut m, maddr) = mirror(
-        "m",
-        &[
-            format!("http://{}", evil_srv.local_addr),
-            format!("http://{oaddr}"),
-        ],
-        &key,
-        &dir.path().join("m"),
-        &[],
-    );
+    let o = NoiseOrigin::start(0, 0, |_| String::new());
+    let (content, client) = (o.content.as_path(), &o.client);
+    let (evil, evil_srv) = Evil::start(o.oaddr, Mode::FlipByte).await;
+    let (mut m, maddr) = o.mirror_behind(evil_srv.local_addr);
     let http = http();
-    let mut g = published(&client, &content, 0).await;
+    let mut g = published(client, content, 0).await;
     for (i, mode) in [Mode::FlipByte, Mode::Truncate, Mode::Extra]
         .into_iter()
         .enumerate()
@@ -180,7 +167,7 @@ async fn bad_blobs_from_an_upstream_are_rejected_and_fetched_elsewhere() {
             .map(|x| (x as u8).wrapping_mul(i as u8 + 3))
             .collect();
         std::fs::write(content.join(format!("file{i}.bin")), &data).unwrap();
-        g = published(&client, &content, g).await;
+        g = published(client, content, g).await;
         wait_generation(&http, maddr, g).await;
         assert!(
             evil.objects_served
@@ -188,7 +175,7 @@ async fn bad_blobs_from_an_upstream_are_rejected_and_fetched_elsewhere() {
                 > before,
             "{mode:?}: the evil upstream was asked first"
         );
-        serves_exactly(&http, maddr, &content).await;
+        serves_exactly(&http, maddr, content).await;
     }
     let metrics = meridian_e2e::metrics_text(&http, maddr).await.unwrap();
     assert!(
@@ -429,5 +416,157 @@ async fn a_download_across_a_generation_switch_gets_one_consistent_file() {
     assert!(
         body.iter().all(|&b| b == 1),
         "the in-flight download mixed two generations"
+    );
+}
+
+fn noise(n: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// An origin publishing `n` files of pseudo-random bytes.
+struct NoiseOrigin {
+    dir: tempfile::TempDir,
+    content: std::path::PathBuf,
+    key: meridian_core::PublicKey,
+    _origin: meridian_e2e::Proc,
+    oaddr: std::net::SocketAddr,
+    client: ReadClient,
+}
+
+impl NoiseOrigin {
+    fn start(n: u32, size: usize, name: impl Fn(u32) -> String) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let content = dir.path().join("content");
+        std::fs::create_dir_all(&content).unwrap();
+        for i in 0..n {
+            let p = content.join(name(i));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, noise(size, i)).unwrap();
+        }
+        let key = keygen(&dir.path().join("key"));
+        let (origin, oaddr) = origin(dir.path(), "200ms");
+        let client = ReadClient::new(oaddr, key);
+        NoiseOrigin {
+            dir,
+            content,
+            key,
+            _origin: origin,
+            oaddr,
+            client,
+        }
+    }
+
+    /// A mirror that asks `first` before the origin.
+    fn mirror_behind(
+        &self,
+        first: std::net::SocketAddr,
+    ) -> (meridian_e2e::Proc, std::net::SocketAddr) {
+        mirror(
+            "m",
+            &[format!("http://{first}"), format!("http://{}", self.oaddr)],
+            &self.key,
+            &self.dir.path().join("m"),
+            &[],
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_small_change_moves_a_delta_and_a_patch_not_the_directory_and_the_file() {
+    let NoiseOrigin {
+        dir,
+        content,
+        key,
+        _origin,
+        oaddr,
+        client,
+    } = NoiseOrigin::start(1500, 8192, |i| format!("pool/pkg{i:05}.deb"));
+    let (_m, maddr) = mirror(
+        "m",
+        &[format!("http://{oaddr}")],
+        &key,
+        &dir.path().join("m"),
+        &[],
+    );
+    let http = http();
+    let g = published(&client, &content, 0).await;
+    wait_generation(&http, maddr, g).await;
+    let before = meridian_e2e::metrics_text(&http, maddr).await.unwrap();
+    let full_manifest = metric(&before, "meridian_mirror_manifest_bytes_fetched_total");
+    let fetched_before = metric(&before, "meridian_mirror_bytes_fetched_total");
+
+    // Append to one file in the 1500-entry directory.
+    let target = content.join("pool/pkg00777.deb");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&target)
+        .unwrap()
+        .write_all(b"changed")
+        .unwrap();
+    let g2 = published(&client, &content, g).await;
+    let want = std::fs::read(&target).unwrap();
+    let g2 = eventually("the mirror to serve the change", DEADLINE, || async {
+        let (code, body) = get(&http, maddr, "pool/pkg00777.deb").await;
+        (code == 200 && body == want).then_some(g2)
+    })
+    .await;
+    wait_generation(&http, maddr, g2).await;
+    let after = meridian_e2e::metrics_text(&http, maddr).await.unwrap();
+    let inc_manifest =
+        metric(&after, "meridian_mirror_manifest_bytes_fetched_total") - full_manifest;
+    let inc_fetched = metric(&after, "meridian_mirror_bytes_fetched_total") - fetched_before;
+    assert!(
+        metric(&after, "meridian_mirror_blobs_patched_total") >= 1.0,
+        "the changed file was patched:\n{after}"
+    );
+    // The full manifest has 1500 entries (about 100 KB); the change is one
+    // entry in each of two nodes plus a root, per generation published.
+    assert!(
+        inc_manifest * 20.0 < full_manifest,
+        "manifest bytes for one change: {inc_manifest} of {full_manifest}"
+    );
+    // The file is 8 KiB; the patch carries the 7 new bytes and a few copies.
+    assert!(
+        inc_fetched < inc_manifest + 1024.0,
+        "bytes fetched for one appended file: {inc_fetched} (manifest {inc_manifest})"
+    );
+    serves_exactly(&http, maddr, &content).await;
+}
+
+#[tokio::test]
+async fn corrupt_deltas_and_patches_are_refused_and_the_sync_still_lands() {
+    let o = NoiseOrigin::start(200, 16_384, |i| format!("d/f{i:03}"));
+    let (content, client) = (o.content.as_path(), &o.client);
+    let (evil, evil_srv) = Evil::start(o.oaddr, Mode::CorruptDiffs).await;
+    let (_m, maddr) = o.mirror_behind(evil_srv.local_addr);
+    let http = http();
+    let mut g = published(client, content, 0).await;
+    wait_generation(&http, maddr, g).await;
+    for round in 0..2u32 {
+        for i in [3u32, 50, 199] {
+            let mut data = std::fs::read(content.join(format!("d/f{i:03}"))).unwrap();
+            data[4000..4100].copy_from_slice(&noise(100, 1000 + i + round));
+            std::fs::write(content.join(format!("d/f{i:03}")), &data).unwrap();
+        }
+        g = published(client, content, g).await;
+        wait_generation(&http, maddr, g).await;
+        serves_exactly(&http, maddr, content).await;
+    }
+    assert!(
+        evil.diffs_served.load(std::sync::atomic::Ordering::Relaxed) >= 2,
+        "the lying upstream was asked for deltas and patches first"
+    );
+    let m = meridian_e2e::metrics_text(&http, maddr).await.unwrap();
+    assert!(
+        metric(&m, "meridian_mirror_verify_failures_total") >= 2.0,
+        "corrupt deltas and patches count as verification failures:\n{m}"
     );
 }

@@ -26,6 +26,9 @@ pub enum Mode {
     FakeRoot = 4,
     /// Sends blobs slowly (64 KiB every 50 ms).
     Slow = 5,
+    /// Passes blobs and nodes, but flips a byte in the middle of every tree
+    /// delta and blob patch.
+    CorruptDiffs = 6,
 }
 
 /// The lying upstream.
@@ -34,6 +37,8 @@ pub struct Evil {
     pub mode: AtomicU8,
     pub fake_root: Mutex<Vec<u8>>,
     pub objects_served: AtomicU64,
+    /// Deltas and patches forwarded (damaged or not).
+    pub diffs_served: AtomicU64,
     http: reqwest::Client,
 }
 
@@ -44,6 +49,7 @@ impl Evil {
             mode: AtomicU8::new(mode as u8),
             fake_root: Mutex::new(Vec::new()),
             objects_served: AtomicU64::new(0),
+            diffs_served: AtomicU64::new(0),
             http: reqwest::Client::new(),
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -102,6 +108,19 @@ impl Service for Evil {
             if let Some(v) = headers.get(k) {
                 out = out.header(k, v.as_bytes());
             }
+        }
+        let is_diff = path.contains("/v1/delta/") || path.contains("/v1/patch/");
+        if is_diff && status.is_success() {
+            self.diffs_served.fetch_add(1, Ordering::Relaxed);
+            if mode == Mode::CorruptDiffs as u8 {
+                let mut b = body.to_vec();
+                let mid = b.len() / 2;
+                b[mid] ^= 0x40;
+                return out.body(full(b)).unwrap();
+            }
+        }
+        if mode == Mode::CorruptDiffs as u8 {
+            return out.body(full(body)).unwrap();
         }
         // Directory nodes pass untouched: only blobs (which do not decode
         // as nodes) are damaged, so each test exercises blob verification.
