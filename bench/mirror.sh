@@ -7,6 +7,7 @@
 #   4. full initial sync, 10,000 files / ~2 GiB            vs rsync daemon (rsync -a)
 #   5. incremental sync, 100,000 files, 100 changed        vs rsync -a --delete
 # usage: bench/mirror.sh [quick]   (quick: smaller trees, for a smoke run)
+#        ONLY=serve|repl bench/mirror.sh   (just the serving or replication part)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=${1:-}
@@ -27,10 +28,11 @@ rss_peak() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 
 # ---------- serving: one tree, served by nginx and by a Meridian mirror ----------
 S=$W/serve; mkdir -p "$S/content"
+$B keygen --out "$S/key" > "$S/keygen.txt"; PK=$(grep ed25519 "$S/keygen.txt")
+if [ "${ONLY:-all}" != repl ]; then
 head -c $((1024 * 1024 * 1024)) /dev/zero | tr '\0' 'M' > "$S/content/big.img"
 head -c 4096 /dev/urandom > "$S/content/small.bin"
 head -c $((1024 * 1024)) /dev/urandom > "$S/content/medium.bin"
-$B keygen --out "$S/key" > "$S/keygen.txt"; PK=$(grep ed25519 "$S/keygen.txt")
 $B origin --once --content "$S/content" --state "$S/ostate" --key "$S/key" > /dev/null 2>&1
 $B origin --content "$S/content" --state "$S/ostate" --key "$S/key" --listen 127.0.0.1:0 > "$S/origin.log" 2>&1 & PIDS+=($!)
 wait_log "$S/origin.log" "listening on"; OADDR=$(addr_of "$S/origin.log" origin)
@@ -82,6 +84,8 @@ tot=0; for p in $(pgrep -f "nginx.*$S/nginx.conf"); do tot=$((tot + $(rss_peak "
 echo "nginx     peak RSS $tot KiB (master + workers)"
 nginx -s stop -c "$S/nginx.conf" -p "$S" 2>/dev/null || true
 kill $MPID; rm -rf "$S/mstate"
+fi
+[ "${ONLY:-all}" = serve ] && exit 0
 
 # ---------- replication ----------
 R=$W/repl; mkdir -p "$R"

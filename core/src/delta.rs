@@ -71,7 +71,12 @@ impl NodeEdit {
         let old = base.map_or(empty, |b| b.entries.as_slice());
         let mut entries = Vec::with_capacity(old.len() + self.ops.len());
         let mut i = 0;
+        let mut any_non_ascii = false;
         for op in &self.ops {
+            if let EditOp::Put(e) = op {
+                e.validate()?;
+                any_non_ascii |= !e.name.is_ascii();
+            }
             let name = op.name().as_bytes();
             while i < old.len() && old[i].name.as_bytes() < name {
                 entries.push(old[i].clone());
@@ -91,7 +96,24 @@ impl NodeEdit {
         }
         entries.extend_from_slice(&old[i..]);
         let node = DirNode { entries };
-        node.validate()?;
+        // The base was validated when it was accepted, the ops are in
+        // strict name order (checked by `decode`) and the merge keeps the
+        // order, so only the new entries need their rules checked; the
+        // whole node is re-checked only for the rare rules that span
+        // entries (size, and normalisation collisions, which need a non-ASCII
+        // name on one side).
+        let ordered = self
+            .ops
+            .windows(2)
+            .all(|w| w[0].name().as_bytes() < w[1].name().as_bytes());
+        if !ordered
+            || node.entries.len() > MAX_DIR_ENTRIES
+            || any_non_ascii
+            || base.is_none()
+            || old.iter().any(|e| !e.name.is_ascii())
+        {
+            node.validate()?;
+        }
         let bytes = node.encode();
         if bytes.len() as u64 > MAX_NODE_BYTES || hash_bytes(&bytes) != self.hash {
             return Err(DecodeError::Invalid(
@@ -278,6 +300,149 @@ impl TreeDelta {
     }
 }
 
+/// Why [`encode_between`] could not write a delta.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeltaError {
+    #[error("directory node {0} is not held")]
+    Missing(Hash),
+    #[error("directory node {0} is malformed: {1}")]
+    Malformed(Hash, DecodeError),
+}
+
+/// One entry of an encoded node, borrowed: its name, kind tag, hash and
+/// exact encoded bytes.
+struct RawEntry<'a> {
+    name: &'a [u8],
+    kind: u8,
+    hash: [u8; 32],
+    raw: &'a [u8],
+}
+
+/// Splits an encoded node into its entries without copying or validating
+/// them (the caller's nodes were validated when they were stored).
+fn raw_entries(bytes: &[u8]) -> Result<Vec<RawEntry<'_>>, DecodeError> {
+    let mut r = Reader::new(bytes);
+    r.header(b"MDIR", 1, "directory node")?;
+    let count = r.u32("entry count")? as usize;
+    if count > r.remaining() / 52 + 1 {
+        return Err(DecodeError::Truncated("entries"));
+    }
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let start = bytes.len() - r.remaining();
+        let name = r.short_bytes("name")?;
+        let kind = r.u8("kind")?;
+        r.take(1 + 8, "flags and size")?;
+        let hash = r.array::<32>("hash")?;
+        r.take(8, "mtime")?;
+        if kind == 2 {
+            r.short_bytes("symlink target")?;
+        }
+        let end = bytes.len() - r.remaining();
+        out.push(RawEntry {
+            name,
+            kind,
+            hash,
+            raw: &bytes[start..end],
+        });
+    }
+    r.finish()?;
+    Ok(out)
+}
+
+/// Writes the encoding of `TreeDelta::between(from, to, ..)` straight from
+/// encoded nodes: entries are compared and copied as bytes, never decoded,
+/// so the cost is a scan of the changed nodes and no allocation per entry.
+/// This is what an upstream serves.
+pub fn encode_between(
+    from: Hash,
+    to: Hash,
+    mut load: impl FnMut(&Hash) -> Option<Vec<u8>>,
+) -> Result<Vec<u8>, DeltaError> {
+    const DIR: u8 = 1;
+    let mut w = Writer::with_capacity(4096);
+    w.raw(MAGIC);
+    w.u8(VERSION);
+    w.raw(from.as_bytes());
+    w.raw(to.as_bytes());
+    let count_at = w.buf.len();
+    w.u32(0);
+    let mut count: u32 = 0;
+    let mut emitted: HashSet<Hash> = HashSet::new();
+    let mut stack: Vec<(Option<Hash>, Hash)> = vec![(Some(from), to)];
+    let mut fetch = |h: &Hash| load(h).ok_or(DeltaError::Missing(*h));
+    while let Some((old, new)) = stack.pop() {
+        if old == Some(new) || !emitted.insert(new) {
+            continue;
+        }
+        let new_bytes = fetch(&new)?;
+        let old_bytes = match old {
+            Some(h) => Some((h, fetch(&h)?)),
+            None => None,
+        };
+        let b = raw_entries(&new_bytes).map_err(|e| DeltaError::Malformed(new, e))?;
+        let a = match &old_bytes {
+            Some((h, bytes)) => raw_entries(bytes).map_err(|e| DeltaError::Malformed(*h, e))?,
+            None => Vec::new(),
+        };
+        w.raw(new.as_bytes());
+        match old {
+            Some(h) => {
+                w.u8(1);
+                w.raw(h.as_bytes());
+            }
+            None => w.u8(0),
+        }
+        let ops_at = w.buf.len();
+        w.u32(0);
+        let mut ops: u32 = 0;
+        let mut children: Vec<(Option<Hash>, Hash)> = Vec::new();
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() || j < b.len() {
+            let ord = match (a.get(i), b.get(j)) {
+                (Some(x), Some(y)) => x.name.cmp(y.name),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, _) => std::cmp::Ordering::Greater,
+            };
+            let (was, now) = match ord {
+                std::cmp::Ordering::Less => {
+                    w.u8(0);
+                    w.short_bytes(a[i].name);
+                    ops += 1;
+                    i += 1;
+                    continue;
+                }
+                std::cmp::Ordering::Greater => {
+                    j += 1;
+                    (None, &b[j - 1])
+                }
+                std::cmp::Ordering::Equal => {
+                    i += 1;
+                    j += 1;
+                    (Some(&a[i - 1]), &b[j - 1])
+                }
+            };
+            if was.is_some_and(|x| x.raw == now.raw) {
+                continue;
+            }
+            w.u8(1);
+            w.raw(now.raw);
+            ops += 1;
+            if now.kind == DIR {
+                let old_child = was.filter(|x| x.kind == DIR).map(|x| Hash(x.hash));
+                children.push((old_child, Hash(now.hash)));
+            }
+        }
+        w.buf[ops_at..ops_at + 4].copy_from_slice(&ops.to_be_bytes());
+        count += 1;
+        // Walk order as in `between`: children in name order, depth first.
+        stack.extend(children.into_iter().rev());
+    }
+    w.buf[count_at..count_at + 4].copy_from_slice(&count.to_be_bytes());
+    Ok(w.buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,6 +508,8 @@ mod tests {
         assert!(bytes.len() * 50 < full, "{} vs {full}", bytes.len());
         let back = TreeDelta::decode(&bytes).expect("decode");
         assert_eq!(back, d);
+        let raw = encode_between(t1, t2, |h| all.get(h).map(|n| n.encode())).expect("raw");
+        assert_eq!(raw, bytes, "the byte-level writer matches the typed one");
         let got = apply_all(&back, &n1).expect("apply");
         for h in n2.keys() {
             assert!(got.contains_key(h), "node {h} rebuilt");
@@ -371,6 +538,24 @@ mod tests {
         assert!(apply_all(&d2, &n1).is_err());
         d2.nodes[0].ops = vec![EditOp::Remove("f2".into()), EditOp::Remove("f1".into())];
         assert!(TreeDelta::decode(&d2.encode()).is_err());
+    }
+
+    #[test]
+    fn a_put_that_collides_under_normalisation_is_refused() {
+        // The base holds the Kelvin sign; the edit adds a plain K, which is
+        // the same name after NFC.
+        let base = DirNode::new(vec![Entry::file("\u{212A}", 1, hash_bytes(b"a"), false, 0)])
+            .expect("base");
+        let mut evil = base.entries.clone();
+        evil.insert(0, Entry::file("K", 1, hash_bytes(b"b"), false, 0));
+        let evil_node = DirNode { entries: evil };
+        let edit = NodeEdit {
+            hash: hash_bytes(&evil_node.encode()),
+            base: Some(hash_bytes(&base.encode())),
+            ops: diff_nodes(&base, &evil_node),
+        };
+        let err = edit.apply(Some(&base)).expect_err("refused");
+        assert!(err.to_string().contains("normalisation"), "{err}");
     }
 
     #[test]
@@ -415,6 +600,8 @@ mod tests {
             let d = TreeDelta::between(t1, t2, load(&all)).expect("delta");
             let back = TreeDelta::decode(&d.encode()).expect("decode");
             prop_assert_eq!(&back, &d);
+            let raw = encode_between(t1, t2, |h| all.get(h).map(|n| n.encode())).expect("raw");
+            prop_assert_eq!(raw, d.encode());
             let got = apply_all(&back, &n1).expect("apply");
             for h in n2.keys() {
                 prop_assert!(got.contains_key(h));

@@ -160,7 +160,7 @@ impl Entry {
         })
     }
 
-    fn validate(&self) -> Result<(), DecodeError> {
+    pub(crate) fn validate(&self) -> Result<(), DecodeError> {
         validate_name(&self.name)?;
         match self.kind {
             EntryKind::File => {

@@ -14,7 +14,7 @@ use crate::state::MirrorState;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use meridian_core::{DirNode, EntryKind, Hash, VerifiedRoot};
+use meridian_core::{DirNode, EntryKind, VerifiedRoot};
 use meridian_serve::files::{self, FileMeta, text};
 use meridian_serve::readapi::{self, Published};
 use meridian_serve::{Body, ObjectStore, Service, full};
@@ -61,20 +61,6 @@ impl Published for MirrorService {
     }
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.state.notify.subscribe()
-    }
-    fn node(&self, h: &Hash) -> Option<Arc<DirNode>> {
-        if let Some(n) = self
-            .state
-            .served
-            .load()
-            .as_ref()
-            .and_then(|g| g.nodes.get(h))
-        {
-            return Some(n.clone());
-        }
-        crate::generation::read_node(&self.state.store, h)
-            .ok()
-            .map(Arc::new)
     }
 }
 

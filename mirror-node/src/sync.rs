@@ -287,25 +287,35 @@ impl Syncer {
         };
         let g = Generation::assemble(&self.state.store, vr, None)?;
         self.install(g);
+        self.refresh_store_bytes();
         Ok(Some(n))
     }
 
+    /// Switches to `g`: one atomic pointer store; every request after it
+    /// sees the new generation.
     fn install(&self, g: Generation) {
         let n = g.number();
-        let bytes: u64 = {
-            let mut seen = HashSet::new();
-            g.blobs()
-                .filter(|(h, _)| seen.insert(*h))
-                .map(|(_, s)| s)
-                .sum()
-        };
         self.state.served.store(Some(Arc::new(g)));
         self.state.notify.send_replace(n);
         let m = &self.state.metrics;
         m.served_generation.set(n as i64);
-        m.store_bytes.set(bytes as i64);
         let up = self.state.status().upstream_generation.max(n);
         m.generation_lag.set(up.saturating_sub(n) as i64);
+    }
+
+    /// Recomputes the bytes-served gauge (O(tree); after the switch, not
+    /// before it).
+    fn refresh_store_bytes(&self) {
+        let Some(g) = self.state.served.load_full() else {
+            return;
+        };
+        let mut seen = HashSet::new();
+        let bytes: u64 = g
+            .blobs()
+            .filter(|(h, _)| seen.insert(*h))
+            .map(|(_, s)| s)
+            .sum();
+        self.state.metrics.store_bytes.set(bytes as i64);
     }
 
     /// Runs until `shutdown` fires.
@@ -481,6 +491,7 @@ impl Syncer {
         {
             delta_nodes = self.fetch_delta(g.clone(), vr.root.tree).await?;
         }
+        let delta_done = t0.elapsed();
 
         // Plan: nodes first (breadth-first, skipping known subtrees). Each
         // new node is paired with the node at the same path in the served
@@ -523,8 +534,12 @@ impl Syncer {
             for r in fetched {
                 let Some((h, node, old)) = r? else { continue };
                 let old_node = old.and_then(|o| known.and_then(|k| k.get(&o)));
-                for e in &node.entries {
-                    let was = old_node.and_then(|o| o.get(&e.name));
+                for (e, was) in paired(&node, old_node.map(|o| o.as_ref())) {
+                    if was.is_some_and(|w| w.kind == e.kind && w.hash == e.hash) {
+                        // Unchanged since the served generation, which is
+                        // complete: nothing to fetch, nothing to look up.
+                        continue;
+                    }
                     match e.kind {
                         EntryKind::Dir if !new_nodes.contains_key(&e.hash) => next.push((
                             e.hash,
@@ -557,6 +572,7 @@ impl Syncer {
             frontier = next;
         }
 
+        let planned = t0.elapsed();
         // Space check before fetching a byte of blob data.
         let partial: u64 = blobs
             .iter()
@@ -583,6 +599,7 @@ impl Syncer {
         let mut written: Vec<Hash> = blobs.iter().map(|w| w.hash).collect();
         written.extend(new_nodes.keys().copied());
         self.fetch_blobs(blobs).await?;
+        let fetched = t0.elapsed();
 
         // Make everything durable before the switch: a few objects are
         // fsynced one by one (syncfs would also flush every unrelated dirty
@@ -598,6 +615,7 @@ impl Syncer {
             ))
         })??;
 
+        let synced = t0.elapsed();
         // Switch.
         write_atomic(&self.state.root_path(generation), &vr.envelope)?;
         let mut all_nodes: HashMap<Hash, Arc<DirNode>> = known.cloned().unwrap_or_default();
@@ -609,6 +627,7 @@ impl Syncer {
         )?;
         self.install(g);
         let dt = t0.elapsed();
+        self.refresh_store_bytes();
         self.state.metrics.sync_seconds.observe(dt.as_secs_f64());
         self.state.metrics.syncs.with_label_values(&["ok"]).inc();
         self.state.set_status(|s| {
@@ -616,6 +635,14 @@ impl Syncer {
             s.last_error = None;
             s.last_success = Some(unix_now());
         });
+        tracing::debug!(
+            delta = delta_done.as_secs_f64(),
+            plan = (planned - delta_done).as_secs_f64(),
+            fetch = (fetched - planned).as_secs_f64(),
+            fsync = (synced - fetched).as_secs_f64(),
+            switch = (dt - synced).as_secs_f64(),
+            "sync phases (seconds)"
+        );
         tracing::info!(
             generation,
             blobs = total_blobs,
@@ -1127,4 +1154,21 @@ fn rebuild_from_patch(
             Err(e)
         }
     }
+}
+
+/// Each entry of `new` with the entry of the same name in `old`, by one
+/// merge of the two sorted lists (no search per entry).
+fn paired<'a>(
+    new: &'a DirNode,
+    old: Option<&'a DirNode>,
+) -> impl Iterator<Item = (&'a meridian_core::Entry, Option<&'a meridian_core::Entry>)> + 'a {
+    let old: &[meridian_core::Entry] = old.map_or(&[], |o| &o.entries);
+    let mut i = 0;
+    new.entries.iter().map(move |e| {
+        while i < old.len() && old[i].name.as_bytes() < e.name.as_bytes() {
+            i += 1;
+        }
+        let was = old.get(i).filter(|o| o.name == e.name);
+        (e, was)
+    })
 }

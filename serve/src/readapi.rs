@@ -18,7 +18,7 @@ use crate::files::{self, FileMeta, text};
 use crate::store::ObjectStore;
 use http::header::{self, HeaderMap};
 use http::{Method, Response, StatusCode};
-use meridian_core::{DirNode, Hash, TreeDelta, VerifiedRoot, hash_bytes};
+use meridian_core::{Hash, VerifiedRoot, hash_bytes};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -42,15 +42,6 @@ pub trait Published: Send + Sync + 'static {
     fn subscribe(&self) -> watch::Receiver<u64>;
     /// Counts bytes sent for objects (metrics).
     fn count_object_bytes(&self, _bytes: u64) {}
-    /// A directory node by hash. The default reads and checks it from the
-    /// store; a node that keeps its tree in memory answers from there.
-    fn node(&self, h: &Hash) -> Option<Arc<DirNode>> {
-        let bytes = self.store().read(h).ok()?;
-        if hash_bytes(&bytes) != *h {
-            return None;
-        }
-        DirNode::decode(&bytes).ok().map(Arc::new)
-    }
 }
 
 /// Largest blob (base or target) a patch is computed for.
@@ -162,8 +153,11 @@ async fn route<P: Published>(
             Ok(p) => p,
             Err(_) => return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
         };
+        let store = node.store();
         let delta = tokio::task::block_in_place(|| {
-            TreeDelta::between(from, to, |h| node.node(h).ok_or(*h)).map(|d| d.encode())
+            meridian_core::delta::encode_between(from, to, |h| {
+                store.read(h).ok().filter(|b| hash_bytes(b) == *h)
+            })
         });
         return match delta {
             Ok(b) if b.len() as u64 <= meridian_core::delta::MAX_DELTA_BYTES => {
@@ -171,10 +165,7 @@ async fn route<P: Published>(
                 binary_response(b, "application/x-meridian-delta", method)
             }
             Ok(_) => text(StatusCode::NOT_FOUND, "delta too large; fetch the nodes\n"),
-            Err(h) => text(
-                StatusCode::NOT_FOUND,
-                format!("node {h} is not held here\n"),
-            ),
+            Err(e) => text(StatusCode::NOT_FOUND, format!("no delta: {e}\n")),
         };
     }
     if let Some(pair) = rest.strip_prefix("patch/") {

@@ -165,19 +165,6 @@ impl ObjectStore {
         }
     }
 
-    /// Fsyncs the object directories so committed renames survive a crash.
-    pub fn sync_dirs(&self, hashes: impl IntoIterator<Item = Hash>) -> Result<(), StoreError> {
-        let mut seen = std::collections::HashSet::new();
-        for h in hashes {
-            let hex = h.to_hex();
-            if seen.insert(hex[..2].to_owned()) {
-                let d = self.root.join("objects").join(&hex[..2]);
-                sync_dir(&d)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Makes every object written so far durable (`syncfs`): one call per
     /// generation instead of one fsync per object.
     pub fn sync_all(&self) -> Result<(), StoreError> {
@@ -186,19 +173,46 @@ impl ObjectStore {
     }
 
     /// Makes the given objects durable: each file and its shard directory
-    /// fsynced for a small set, one `syncfs` for a large one.
+    /// fsynced for a small set (spread over a few threads, since each fsync
+    /// mostly waits on the device), one `syncfs` for a large one.
     pub fn sync_objects(&self, hashes: &[Hash]) -> Result<(), StoreError> {
         const ONE_BY_ONE: usize = 512;
+        const THREADS: usize = 4;
         if hashes.len() > ONE_BY_ONE {
             return self.sync_all();
         }
-        for h in hashes {
-            let p = self.path(h);
-            File::open(&p)
-                .and_then(|f| f.sync_data())
-                .map_err(|e| StoreError::io(p, e))?;
-        }
-        self.sync_dirs(hashes.iter().copied())
+        let mut paths: Vec<PathBuf> = hashes.iter().map(|h| self.path(h)).collect();
+        let mut shards: Vec<PathBuf> = paths
+            .iter()
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        paths.extend(shards);
+        let per = paths.len().div_ceil(THREADS).max(8);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = paths
+                .chunks(per)
+                .map(|chunk| {
+                    s.spawn(move || {
+                        for p in chunk {
+                            File::open(p)
+                                .and_then(|f| f.sync_all())
+                                .map_err(|e| StoreError::io(p, e))?;
+                        }
+                        Ok::<(), StoreError>(())
+                    })
+                })
+                .collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(StoreError::io(
+                        &self.root,
+                        io::Error::other("fsync worker panicked"),
+                    ))
+                })
+            })
+        })
     }
 
     /// Removes an object.
