@@ -94,7 +94,7 @@ fn default_poll() -> Duration {
     Duration::from_secs(30)
 }
 fn default_parallel() -> usize {
-    8
+    16
 }
 fn default_grace() -> Duration {
     Duration::from_secs(600)

@@ -853,7 +853,7 @@ impl Syncer {
                     f.set_len(0)?;
                     return Ok((f, hasher, 0));
                 }
-                let mut buf = vec![0u8; 1 << 20];
+                let mut buf = vec![0u8; (len as usize).min(1 << 20)];
                 let mut done = 0u64;
                 while done < len {
                     let n = f.read(&mut buf)?;
@@ -912,7 +912,8 @@ impl Syncer {
             // prefix written so far always matches `have`, so a transfer cut
             // anywhere can resume.
             const BLOCK: usize = 1 << 20;
-            let mut block: Vec<u8> = Vec::with_capacity(BLOCK);
+            let block_cap = ((size - have) as usize).min(BLOCK);
+            let mut block: Vec<u8> = Vec::with_capacity(block_cap);
             let mut io = Some((file, hasher));
             let flush = |io: &mut Option<(std::fs::File, blake3::Hasher)>, block: Vec<u8>| {
                 let (mut f, mut h) = io
@@ -955,7 +956,7 @@ impl Syncer {
                     let n = block.len() as u64;
                     let (f, h, r) = flush(
                         &mut io,
-                        std::mem::replace(&mut block, Vec::with_capacity(BLOCK)),
+                        std::mem::replace(&mut block, Vec::with_capacity(block_cap)),
                     )?
                     .await
                     .map_err(|e| local(std::io::Error::other(e)))?;
@@ -984,12 +985,18 @@ impl Syncer {
                 )));
             }
         }
-        drop(file);
         let got: Hash = hasher.finalize().into();
         if got != h {
+            drop(file);
             let _ = std::fs::remove_file(&partial);
             return Err(FetchFail::Bad(format!("blob {h} hashed to {got}")));
         }
+        // Flush this blob now, while other fetches keep the network busy,
+        // so the durability step before the switch has little left to do.
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|e| local(std::io::Error::other(e)))?
+            .map_err(local)?;
         self.state
             .store
             .commit(&partial, &h)
