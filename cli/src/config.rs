@@ -79,6 +79,10 @@ pub struct OriginArgs {
     /// Validity of each signed generation, e.g. `7d` [default: 7d].
     #[arg(long, value_name = "DURATION")]
     expiry: Option<String>,
+    /// How changed files enter the store: `link` (hash in place and
+    /// hard-link; private copies are made lazily) or `copy` [default: link].
+    #[arg(long, value_name = "MODE")]
+    snapshot: Option<String>,
     /// Scan and publish once (if anything changed), print a summary and exit.
     #[arg(long)]
     pub once: bool,
@@ -105,6 +109,7 @@ impl OriginArgs {
         self.listen.apply(&mut t);
         set(&mut t, "quiet", self.quiet);
         set(&mut t, "expiry", self.expiry);
+        set(&mut t, "snapshot", self.snapshot);
         t.try_into()
             .context("invalid origin configuration (need at least content, state and key_file)")
     }

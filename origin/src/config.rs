@@ -53,6 +53,10 @@ pub struct OriginConfig {
     /// Hashing threads (0: one per core).
     #[serde(default)]
     pub hash_threads: usize,
+    /// How changed files are snapshotted: `link` (hash in place, hard-link,
+    /// copy lazily) or `copy` (copy first, hash the copy).
+    #[serde(default)]
+    pub snapshot: crate::scan::Snapshot,
     /// Most connections at once.
     #[serde(default = "default_max_conn")]
     pub max_connections: usize,
@@ -105,6 +109,7 @@ impl OriginConfig {
             retain_age: default_retain_age(),
             gc_grace: default_gc_grace(),
             hash_threads: 0,
+            snapshot: crate::scan::Snapshot::default(),
             max_connections: default_max_conn(),
         }
     }

@@ -17,7 +17,7 @@
 use crate::cache::HashCache;
 use crate::config::OriginConfig;
 use crate::metrics::OriginMetrics;
-use crate::scan::{ScanInput, scan};
+use crate::scan::{ScanInput, Snapshot, scan};
 use arc_swap::ArcSwapOption;
 use meridian_core::{
     DirNode, Entry, EntryKind, Hash, RelPath, Root, SecretKey, SignedRoot, TreeBuilder,
@@ -95,6 +95,9 @@ pub struct Publisher {
     reported: HashSet<(String, &'static str)>,
     /// Set after the last scan if some files were still settling.
     pub needs_retry: bool,
+    /// The snapshot mode in effect (`link` needs content and state on one
+    /// file system).
+    snapshot: Snapshot,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -141,6 +144,14 @@ pub fn walk_tree(
         }
     }
     Ok(())
+}
+
+fn same_file_system(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => false,
+    }
 }
 
 impl Publisher {
@@ -196,6 +207,15 @@ impl Publisher {
             )?;
         }
         let cache = HashCache::load(&cfg.state.join("hashcache"));
+        let snapshot = match cfg.snapshot {
+            Snapshot::Link if !same_file_system(&cfg.content, &cfg.state) => {
+                tracing::info!(
+                    "content and state are on different file systems: snapshots are copies"
+                );
+                Snapshot::Copy
+            }
+            m => m,
+        };
         let mut p = Publisher {
             cfg,
             key,
@@ -205,6 +225,7 @@ impl Publisher {
             unreferenced_since: HashMap::new(),
             reported: HashSet::new(),
             needs_retry: false,
+            snapshot,
         };
         p.remove_crash_leftovers(latest_mtime)?;
         Ok(p)
@@ -284,6 +305,7 @@ impl Publisher {
     }
 
     fn publish_inner(&mut self) -> Result<PublishOutcome, PublishError> {
+        let t0 = Instant::now();
         let out = scan(&ScanInput {
             content: &self.cfg.content,
             store: &self.shared.store,
@@ -291,6 +313,7 @@ impl Publisher {
             previous: &self.previous_leaves,
             quiet: self.cfg.quiet,
             threads: self.cfg.threads(),
+            snapshot: self.snapshot,
         })?;
         let m = &self.shared.metrics;
         m.files_hashed.inc_by(out.files_hashed);
@@ -309,6 +332,7 @@ impl Publisher {
         self.reported = reported;
         self.needs_retry = out.needs_retry();
 
+        let t_scan = t0.elapsed();
         let mut tb = TreeBuilder::new();
         for d in &out.dirs {
             if let Ok(p) = RelPath::parse(d) {
@@ -322,6 +346,7 @@ impl Publisher {
             }
         }
         let built = tb.finish()?;
+        let t_tree = t0.elapsed();
         let mut written = out.new_objects.clone();
         for (h, bytes) in &built.nodes {
             if !self.shared.store.contains(h) {
@@ -351,7 +376,9 @@ impl Publisher {
             bytes: built.bytes,
         };
         let envelope = SignedRoot::sign(&root, &self.key).encode();
+        let t_nodes = t0.elapsed();
         self.shared.store.sync_objects(&written)?;
+        let t_sync = t0.elapsed();
         if std::env::var_os("MERIDIAN_FAILPOINT").is_some_and(|v| v == "origin-before-root-commit")
         {
             tracing::error!("failpoint origin-before-root-commit: aborting");
@@ -371,6 +398,14 @@ impl Publisher {
         self.cache = out.cache;
         self.cache.save(&self.cfg.state.join("hashcache"))?;
         self.previous_leaves = out.leaves;
+        tracing::debug!(
+            scan = t_scan.as_secs_f64(),
+            tree = (t_tree - t_scan).as_secs_f64(),
+            nodes = (t_nodes - t_tree).as_secs_f64(),
+            sync = (t_sync - t_nodes).as_secs_f64(),
+            commit = (t0.elapsed() - t_sync).as_secs_f64(),
+            "publish phases (seconds)"
+        );
         tracing::info!(
             generation,
             files = built.files,

@@ -17,7 +17,6 @@ use std::io::{Read, Seek};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A whole scan failed (the content directory itself is unusable).
@@ -97,6 +96,24 @@ pub struct ScanInput<'a> {
     pub previous: &'a HashMap<String, Entry>,
     pub quiet: Duration,
     pub threads: usize,
+    /// How changed files are snapshotted.
+    pub snapshot: Snapshot,
+}
+
+/// How the origin snapshots a changed file into its store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Snapshot {
+    /// Hash the file in place and hard-link it into the store; a private
+    /// copy is made in the background and on first read, from bytes that
+    /// are hashed again as they are copied. A file edited in place before
+    /// then is withdrawn from its generation (never served wrong). Falls
+    /// back to `copy` across file systems or where links are refused.
+    #[default]
+    Link,
+    /// Reflink (or copy) every changed file into the store, then hash the
+    /// copy: each generation is immune to later edits from the start.
+    Copy,
 }
 
 /// What a scan found.
@@ -140,11 +157,15 @@ fn secs(t: SystemTime) -> i64 {
     }
 }
 
-/// Scans the content directory.
-pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
-    let mut out = ScanOutput::default();
-    let now = SystemTime::now();
-    let mut work: Vec<Work> = Vec::new();
+/// Walks the content directory: fills in `out` and hands every file that
+/// needs hashing to `sink`. Returns how many it handed over.
+fn walk(
+    input: &ScanInput<'_>,
+    out: &mut ScanOutput,
+    now: SystemTime,
+    mut sink: impl FnMut(Work),
+) -> Result<usize, ScanError> {
+    let mut handed = 0usize;
     let mut stack: Vec<(PathBuf, String)> = vec![(input.content.to_path_buf(), String::new())];
     let mut first = true;
     while let Some((abs, rel)) = stack.pop() {
@@ -236,7 +257,8 @@ pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
                     out.skipped.push((child_rel, SkipReason::Settling));
                     continue;
                 }
-                work.push(Work {
+                handed += 1;
+                sink(Work {
                     rel: child_rel,
                     abs: child_abs,
                     key,
@@ -248,24 +270,40 @@ pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
             }
         }
     }
+    Ok(handed)
+}
 
-    // Snapshot and hash the changed files in parallel.
-    let next = AtomicUsize::new(0);
-    type Outcome = (usize, Result<(Hash, bool), SkipReason>, f64);
-    let results: Mutex<Vec<Outcome>> = Mutex::new(Vec::with_capacity(work.len()));
+/// Scans the content directory. Files are hashed by `threads` workers
+/// while the walk is still running.
+pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
+    let mut out = ScanOutput::default();
+    let now = SystemTime::now();
+    type Outcome = (Work, Result<(Hash, bool, StatKey), SkipReason>, f64);
+    let results: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
     let disk_error: Mutex<Option<meridian_serve::StoreError>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..input.threads.max(1).min(work.len().max(1)) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Work>(4096);
+    let rx = Mutex::new(rx);
+    let handed = std::thread::scope(|s| {
+        for _ in 0..input.threads.max(1) {
             s.spawn(|| {
                 let mut buf = vec![0u8; 1 << 20];
                 loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(w) = work.get(i) else { break };
+                    let next = rx.lock().ok().and_then(|r| r.recv().ok());
+                    let Some(w) = next else { break };
                     let t0 = Instant::now();
-                    let r = ingest(input.store, &w.abs, w.key, &mut buf);
+                    let r = match input.snapshot {
+                        Snapshot::Link => match ingest_link(input.store, &w.abs, w.key, &mut buf) {
+                            Err(IngestError::CannotLink) => {
+                                ingest(input.store, &w.abs, w.key, &mut buf)
+                            }
+                            r => r,
+                        },
+                        Snapshot::Copy => ingest(input.store, &w.abs, w.key, &mut buf),
+                    };
                     let r = match r {
                         Ok(x) => Ok(x),
                         Err(IngestError::Skip(reason)) => Err(reason),
+                        Err(IngestError::CannotLink) => Err(SkipReason::Unreadable),
                         Err(IngestError::Store(e)) => {
                             if let Ok(mut d) = disk_error.lock() {
                                 d.get_or_insert(e);
@@ -274,27 +312,36 @@ pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
                         }
                     };
                     if let Ok(mut v) = results.lock() {
-                        v.push((i, r, t0.elapsed().as_secs_f64()));
+                        v.push((w, r, t0.elapsed().as_secs_f64()));
                     }
                 }
             });
         }
-    });
+        let tx = tx;
+        walk(input, &mut out, now, |w| {
+            let _ = tx.send(w);
+        })
+    })?;
+    tracing::debug!(
+        files = handed,
+        seconds = now.elapsed().unwrap_or_default().as_secs_f64(),
+        "walked and hashed"
+    );
     if let Some(e) = disk_error.into_inner().ok().flatten() {
         return Err(ScanError::Store(e));
     }
-    for (i, r, dt) in results.into_inner().unwrap_or_default() {
-        let w = &work[i];
+    for (w, r, dt) in results.into_inner().unwrap_or_default() {
+        let w = &w;
         out.hash_seconds += dt;
         match r {
-            Ok((h, was_new)) => {
+            Ok((h, was_new, key)) => {
                 out.files_hashed += 1;
                 out.bytes_hashed += w.key.size;
                 if was_new {
                     out.new_objects.push(h);
                 }
                 let name = w.rel.rsplit('/').next().unwrap_or(&w.rel);
-                out.cache.map.insert(w.rel.clone(), (w.key, h));
+                out.cache.map.insert(w.rel.clone(), (key, h));
                 out.leaves.insert(
                     w.rel.clone(),
                     Entry::file(name, w.key.size, h, w.executable, w.mtime),
@@ -335,6 +382,69 @@ fn carry_prefix(prev: &HashMap<String, Entry>, dir: &str, leaves: &mut HashMap<S
 enum IngestError {
     Skip(SkipReason),
     Store(meridian_serve::StoreError),
+    /// No hard link possible here (another file system, or refused): copy.
+    CannotLink,
+}
+
+/// Opens a file that must still have the stat key the walk saw.
+fn open_unchanged(abs: &Path, before: StatKey) -> Result<File, IngestError> {
+    let src = File::open(abs).map_err(|_| IngestError::Skip(SkipReason::Unreadable))?;
+    let md = src
+        .metadata()
+        .map_err(|_| IngestError::Skip(SkipReason::Unreadable))?;
+    if StatKey::of(&md) != before {
+        return Err(IngestError::Skip(SkipReason::ChangedWhileHashing));
+    }
+    Ok(src)
+}
+
+/// Hashes one file where it is and hard-links that same inode into the
+/// store's `linked/` area; returns its hash, whether the object was new, and
+/// the file's stat key after linking (a link bumps the ctime; caching the
+/// new key lets the next scan recognise the file). The file must keep its
+/// inode, size and mtime from before the read to after the link; whatever
+/// slips past that is caught when the link is copied, which hashes again.
+fn ingest_link(
+    store: &ObjectStore,
+    abs: &Path,
+    before: StatKey,
+    buf: &mut [u8],
+) -> Result<(Hash, bool, StatKey), IngestError> {
+    let mut src = open_unchanged(abs, before)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut read = 0u64;
+    // Read exactly the size the stat gave; growth shows up in the mtime.
+    while read < before.size {
+        let want = buf.len().min((before.size - read) as usize);
+        let n = match src.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err(IngestError::Skip(SkipReason::Unreadable)),
+        };
+        hasher.update(&buf[..n]);
+        read += n as u64;
+    }
+    if read != before.size {
+        return Err(IngestError::Skip(SkipReason::ChangedWhileHashing));
+    }
+    let h: Hash = hasher.finalize().into();
+    let new = store
+        .link_in(&src, &h)
+        .map_err(|_| IngestError::CannotLink)?;
+    let after = src.metadata().map(|m| StatKey::of(&m)).ok();
+    match after {
+        Some(k)
+            if k.dev == before.dev
+                && k.ino == before.ino
+                && k.size == before.size
+                && k.mtime_ns == before.mtime_ns
+                && (new || k.ctime_ns == before.ctime_ns) =>
+        {
+            Ok((h, new, k))
+        }
+        _ => Err(IngestError::Skip(SkipReason::ChangedWhileHashing)),
+    }
 }
 
 /// Snapshots one file into the store and returns its hash and whether the
@@ -344,14 +454,8 @@ fn ingest(
     abs: &Path,
     before: StatKey,
     buf: &mut [u8],
-) -> Result<(Hash, bool), IngestError> {
-    let mut src = File::open(abs).map_err(|_| IngestError::Skip(SkipReason::Unreadable))?;
-    let md = src
-        .metadata()
-        .map_err(|_| IngestError::Skip(SkipReason::Unreadable))?;
-    if StatKey::of(&md) != before {
-        return Err(IngestError::Skip(SkipReason::ChangedWhileHashing));
-    }
+) -> Result<(Hash, bool, StatKey), IngestError> {
+    let mut src = open_unchanged(abs, before)?;
     let (tmp, dst) = store.create_tmp("ingest").map_err(IngestError::Store)?;
     let cleanup = |e: IngestError| {
         let _ = fs::remove_file(&tmp);
@@ -401,23 +505,34 @@ fn ingest(
     let h: Hash = hasher.finalize().into();
     if store.contains(&h) {
         let _ = fs::remove_file(&tmp);
-        return Ok((h, false));
+        return Ok((h, false, before));
     }
     store
         .commit(&tmp, &h)
         .map_err(|e| cleanup(IngestError::Store(e)))?;
-    Ok((h, true))
+    Ok((h, true, before))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meridian_serve::Promoted;
 
     fn scan_dir(
         content: &Path,
         store: &ObjectStore,
         prev: &HashMap<String, Entry>,
         quiet: Duration,
+    ) -> ScanOutput {
+        scan_mode(content, store, prev, quiet, Snapshot::Copy)
+    }
+
+    fn scan_mode(
+        content: &Path,
+        store: &ObjectStore,
+        prev: &HashMap<String, Entry>,
+        quiet: Duration,
+        snapshot: Snapshot,
     ) -> ScanOutput {
         let cache = HashCache::default();
         scan(&ScanInput {
@@ -427,6 +542,7 @@ mod tests {
             previous: prev,
             quiet,
             threads: 2,
+            snapshot,
         })
         .expect("scan")
     }
@@ -481,7 +597,7 @@ mod tests {
         );
         // Unchanged since the stat: snapshotted, with the hash of its bytes.
         let now = StatKey::of(&fs::symlink_metadata(&f).expect("stat"));
-        let Ok((h, true)) = ingest(&store, &f, now, &mut buf) else {
+        let Ok((h, true, _)) = ingest(&store, &f, now, &mut buf) else {
             panic!("ingest failed")
         };
         assert_eq!(h, meridian_core::hash_bytes(b"after, and longer"));
@@ -498,5 +614,57 @@ mod tests {
         let h = out.leaves["f"].hash;
         fs::write(content.join("f"), b"version two!").expect("rewrite");
         assert_eq!(store.read(&h).expect("object"), b"version one");
+    }
+
+    #[test]
+    fn linked_files_are_copied_only_when_they_still_hash_right() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let content = dir.path().join("c");
+        fs::create_dir_all(&content).expect("mkdir");
+        let store = ObjectStore::open(dir.path().join("s")).expect("store");
+        fs::write(content.join("kept"), b"stays as published").expect("write");
+        fs::write(content.join("edited"), b"first version").expect("write");
+        let out = scan_mode(
+            &content,
+            &store,
+            &HashMap::new(),
+            Duration::ZERO,
+            Snapshot::Link,
+        );
+        let (kept, edited) = (out.leaves["kept"].hash, out.leaves["edited"].hash);
+        assert_eq!(kept, meridian_core::hash_bytes(b"stays as published"));
+        // Hashed in place and linked: present, but not yet a private copy.
+        assert!(store.contains(&kept) && store.contains(&edited));
+        assert!(!store.path(&kept).exists(), "no copy made while publishing");
+        assert_eq!(store.list_linked().expect("list").len(), 2);
+        // Linking bumped each file's ctime; the cache holds the new key, so
+        // a rescan hashes nothing again.
+        let again = scan(&ScanInput {
+            content: &content,
+            store: &store,
+            cache: &out.cache,
+            previous: &out.leaves,
+            quiet: Duration::from_secs(3600),
+            threads: 2,
+            snapshot: Snapshot::Link,
+        })
+        .expect("rescan");
+        assert_eq!(again.files_hashed, 0, "{:?}", again.skipped);
+        assert_eq!(again.leaves["kept"].hash, kept);
+
+        // An in-place edit before the copy: the object is withdrawn, and its
+        // changed bytes are never stored under the old name.
+        fs::write(content.join("edited"), b"second version").expect("rewrite");
+        assert_eq!(
+            store.promote(&edited).expect("promote"),
+            Promoted::Withdrawn
+        );
+        assert!(!store.contains(&edited));
+        // An untouched one becomes a private copy, immune to later edits.
+        assert_eq!(store.promote(&kept).expect("promote"), Promoted::Promoted);
+        fs::write(content.join("kept"), b"edited after the copy").expect("rewrite");
+        assert_eq!(store.read(&kept).expect("copy"), b"stays as published");
+        assert_eq!(store.promote(&kept).expect("again"), Promoted::Present);
+        assert!(store.list_linked().expect("list").is_empty());
     }
 }

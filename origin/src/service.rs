@@ -8,7 +8,7 @@ use hyper::body::Incoming;
 use meridian_core::{SecretKey, VerifiedRoot};
 use meridian_serve::files::text;
 use meridian_serve::readapi::{self, Published};
-use meridian_serve::{Body, ObjectStore, ServerHandle, ServerOptions, Service, full};
+use meridian_serve::{Body, ObjectStore, Promoted, ServerHandle, ServerOptions, Service, full};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -209,6 +209,7 @@ impl Origin {
         let https_addr = servers.get(1).map(|s| s.local_addr);
 
         let (tx, rx) = tokio_watch::channel(false);
+        tokio::spawn(promote_loop(shared.clone(), rx.clone()));
         let publish_loop = tokio::spawn(publish_loop(publisher, cfg, signal, rx, watcher));
         Ok(OriginHandle {
             http_addr,
@@ -219,6 +220,53 @@ impl Origin {
             publish_loop,
             shared,
         })
+    }
+}
+
+/// Makes private copies of hashed-in-place (linked) objects, at start and
+/// after every publish, one at a time in the background. Until then such an
+/// object is copied on its first read.
+async fn promote_loop(shared: Arc<Shared>, mut shutdown: tokio_watch::Receiver<bool>) {
+    let mut generations = shared.notify.subscribe();
+    loop {
+        let s = shared.clone();
+        let stop = shutdown.clone();
+        let _ = tokio::task::spawn_blocking(move || promote_linked(&s, &stop)).await;
+        tokio::select! {
+            r = generations.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+fn promote_linked(shared: &Shared, stop: &tokio_watch::Receiver<bool>) {
+    let Ok(linked) = shared.store.list_linked() else {
+        return;
+    };
+    let (mut copied, mut withdrawn) = (0u64, 0u64);
+    for h in linked {
+        if *stop.borrow() {
+            break;
+        }
+        match shared.store.promote(&h) {
+            Ok(Promoted::Promoted) => copied += 1,
+            Ok(Promoted::Withdrawn) => {
+                withdrawn += 1;
+                tracing::warn!(object = %h, "a published file was edited in place before it was copied; withdrawn");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "copying hashed-in-place files stopped");
+                break;
+            }
+        }
+    }
+    if copied + withdrawn > 0 {
+        tracing::info!(
+            copied,
+            withdrawn,
+            "made private copies of hashed-in-place files"
+        );
     }
 }
 

@@ -21,7 +21,7 @@ pub use body::{Body, empty, full};
 pub use server::{
     Listen, ListenError, ServerHandle, ServerOptions, Service, bind, serve, serve_listeners,
 };
-pub use store::{ObjectStore, StoreError};
+pub use store::{ObjectStore, Promoted, StoreError};
 
 /// Seconds since the Unix epoch, now.
 pub fn unix_now() -> i64 {

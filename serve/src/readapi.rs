@@ -15,7 +15,7 @@
 
 use crate::body::{Body, full};
 use crate::files::{self, FileMeta, text};
-use crate::store::ObjectStore;
+use crate::store::{ObjectStore, Promoted};
 use http::header::{self, HeaderMap};
 use http::{Method, Response, StatusCode};
 use meridian_core::{Hash, VerifiedRoot, hash_bytes};
@@ -53,6 +53,32 @@ const DIFF_WORKERS: usize = 2;
 fn diff_permits() -> &'static tokio::sync::Semaphore {
     static S: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
     S.get_or_init(|| tokio::sync::Semaphore::new(DIFF_WORKERS))
+}
+
+/// Makes sure an object that is only hard-linked (an origin's hashed-in-
+/// place file) is a verified private copy before a byte of it is served.
+/// Returns the response to send instead when the object cannot be served.
+fn private_copy(store: &ObjectStore, h: &Hash) -> Option<Response<Body>> {
+    match tokio::task::block_in_place(|| store.promote(h)) {
+        Ok(Promoted::Withdrawn) => {
+            tracing::warn!(
+                object = %h,
+                "a published file was edited in place before it was copied; withdrawn"
+            );
+            Some(text(
+                StatusCode::NOT_FOUND,
+                format!("object {h} changed at its source and was withdrawn\n"),
+            ))
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(object = %h, error = %e, "could not copy a linked object");
+            Some(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "object store error\n",
+            ))
+        }
+    }
 }
 
 fn two_hashes(rest: &str) -> Option<(Hash, Hash)> {
@@ -118,6 +144,9 @@ async fn route<P: Published>(
             );
         };
         let store = node.store();
+        if let Some(resp) = private_copy(store, &hash) {
+            return resp;
+        }
         let path = store.path(&hash);
         let meta = match tokio::fs::metadata(&path).await {
             Ok(m) => m,
@@ -176,6 +205,11 @@ async fn route<P: Published>(
             );
         };
         let store = node.store();
+        for h in [&base, &target] {
+            if let Some(resp) = private_copy(store, h) {
+                return resp;
+            }
+        }
         let small = |h: &Hash| {
             std::fs::metadata(store.path(h))
                 .is_ok_and(|m| m.is_file() && m.len() <= PATCH_MAX_BYTES)

@@ -7,17 +7,26 @@
 //!                      by the blake3 hash of its bytes
 //! tmp/                 staging: objects are written here, fsynced, then
 //!                      renamed into objects/ (atomic on POSIX)
+//! linked/ab/abcdef…    (origin only) hard links to content files that were
+//!                      hashed in place; not yet private copies
 //! ```
 //!
 //! An object file exists under `objects/` only once all of its bytes are on
 //! disk and hash to its name. A process killed mid-write leaves at most a
 //! file in `tmp/`, which [`ObjectStore::open`] clears.
+//!
+//! A `linked/` object shares its inode with a file in the origin's content
+//! directory, so an in-place edit there changes it. It is never served as
+//! it is: [`ObjectStore::promote`] copies it into `objects/` from the very
+//! bytes it hashes, and only when they hash to the object's name; an object
+//! edited in place is withdrawn instead. The origin promotes in the
+//! background after each publish, and on first read.
 
 use meridian_core::Hash;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +58,21 @@ impl StoreError {
 pub struct ObjectStore {
     root: PathBuf,
     tmp_seq: AtomicU64,
+    /// Whether `linked/` may hold objects.
+    links: AtomicBool,
+}
+
+/// What [`ObjectStore::promote`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promoted {
+    /// Already a private copy.
+    Present,
+    /// Copied from its link, verified.
+    Promoted,
+    /// Its link no longer hashes to its name; removed.
+    Withdrawn,
+    /// Neither a copy nor a link exists.
+    Missing,
 }
 
 impl ObjectStore {
@@ -62,9 +86,11 @@ impl ObjectStore {
             fs::remove_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
         }
         fs::create_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        let links = root.join("linked").exists();
         Ok(ObjectStore {
             root,
             tmp_seq: AtomicU64::new(0),
+            links: AtomicBool::new(links),
         })
     }
 
@@ -86,9 +112,124 @@ impl ObjectStore {
         p
     }
 
-    /// Whether the object is present.
+    /// Where a hashed-in-place (hard-linked) object lives.
+    pub fn linked_path(&self, h: &Hash) -> PathBuf {
+        let mut p = self.path(h);
+        let name = p.file_name().map(|n| n.to_owned()).unwrap_or_default();
+        p.pop();
+        let shard = p.file_name().map(|n| n.to_owned()).unwrap_or_default();
+        p.pop();
+        p.pop();
+        p.push("linked");
+        p.push(shard);
+        p.push(name);
+        p
+    }
+
+    /// Whether the object is present (as a private copy or a link).
     pub fn contains(&self, h: &Hash) -> bool {
-        self.path(h).exists()
+        self.path(h).exists() || (self.has_links() && self.linked_path(h).exists())
+    }
+
+    fn has_links(&self) -> bool {
+        self.links.load(Ordering::Relaxed)
+    }
+
+    /// Hard-links the open file `src` (a content file that hashed to `h`)
+    /// into `linked/`: the very inode that was read, through
+    /// `/proc/self/fd`, so a rename over its path cannot slip another file
+    /// in. Returns whether the link is new. Fails (and the caller copies
+    /// instead) across file systems, without `/proc`, or where the kernel
+    /// refuses links to files the process does not own.
+    pub fn link_in(&self, src: &File, h: &Hash) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let dest = self.linked_path(h);
+        self.links.store(true, Ordering::Relaxed);
+        let proc_path = format!("/proc/self/fd/{}", src.as_raw_fd());
+        let link = |dest: &Path| {
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                proc_path.as_str(),
+                rustix::fs::CWD,
+                dest,
+                rustix::fs::AtFlags::SYMLINK_FOLLOW,
+            )
+            .map_err(io::Error::from)
+        };
+        match link(&dest) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(parent) = dest.parent() {
+                    fs::create_dir_all(parent)?;
+                }
+                match link(&dest) {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes `h` a private copy under `objects/` if it is only linked:
+    /// streams the link's bytes into a staging file while hashing them and
+    /// commits the copy only if they hash to `h`. A link whose bytes no
+    /// longer match (its source was edited in place) is removed.
+    pub fn promote(&self, h: &Hash) -> Result<Promoted, StoreError> {
+        if !self.has_links() || self.path(h).exists() {
+            return Ok(Promoted::Present);
+        }
+        let linked = self.linked_path(h);
+        let mut src = match File::open(&linked) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(if self.path(h).exists() {
+                    Promoted::Present
+                } else {
+                    Promoted::Missing
+                });
+            }
+            Err(e) => return Err(StoreError::io(&linked, e)),
+        };
+        let (tmp, dst) = self.create_tmp("promote")?;
+        let res = (|| {
+            use std::io::Read;
+            let mut out = io::BufWriter::with_capacity(1 << 16, &dst);
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = match src.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n])?;
+            }
+            out.flush()?;
+            drop(out);
+            dst.sync_data()?;
+            Ok(Hash::from(hasher.finalize()))
+        })();
+        let got = match res {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(StoreError::io(&tmp, e));
+            }
+        };
+        if got != *h {
+            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(&linked);
+            return Ok(Promoted::Withdrawn);
+        }
+        self.commit(&tmp, h)?;
+        // The link stays until the object is garbage: unlinking would bump
+        // the content file's ctime and make the origin hash it again.
+        Ok(Promoted::Promoted)
     }
 
     /// A fresh staging path in `tmp/`.
@@ -181,7 +322,17 @@ impl ObjectStore {
         if hashes.len() > ONE_BY_ONE {
             return self.sync_all();
         }
-        let mut paths: Vec<PathBuf> = hashes.iter().map(|h| self.path(h)).collect();
+        let mut paths: Vec<PathBuf> = hashes
+            .iter()
+            .map(|h| {
+                let p = self.path(h);
+                if self.has_links() && !p.exists() {
+                    self.linked_path(h)
+                } else {
+                    p
+                }
+            })
+            .collect();
         let mut shards: Vec<PathBuf> = paths
             .iter()
             .filter_map(|p| p.parent().map(Path::to_path_buf))
@@ -215,30 +366,41 @@ impl ObjectStore {
         })
     }
 
-    /// Removes an object.
+    /// Removes an object (its copy and its link).
     pub fn remove(&self, h: &Hash) -> Result<(), StoreError> {
-        let p = self.path(h);
-        match fs::remove_file(&p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StoreError::io(p, e)),
+        let mut paths = vec![self.path(h)];
+        if self.has_links() {
+            paths.push(self.linked_path(h));
         }
+        for p in paths {
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io(p, e)),
+            }
+        }
+        Ok(())
     }
 
-    /// Every object hash present, for garbage collection and scrubbing.
+    /// Objects held only as links (no private copy yet), for background
+    /// promotion.
+    pub fn list_linked(&self) -> Result<Vec<Hash>, StoreError> {
+        if !self.has_links() {
+            return Ok(Vec::new());
+        }
+        let mut out = list_dir(&self.root.join("linked"))?;
+        out.retain(|h| !self.path(h).exists());
+        Ok(out)
+    }
+
+    /// Every object hash present (copies and links), for garbage
+    /// collection and scrubbing.
     pub fn list(&self) -> Result<Vec<Hash>, StoreError> {
-        let objects = self.root.join("objects");
-        let mut out = Vec::new();
-        for shard in fs::read_dir(&objects).map_err(|e| StoreError::io(&objects, e))? {
-            let shard = shard.map_err(|e| StoreError::io(&objects, e))?;
-            let Ok(rd) = fs::read_dir(shard.path()) else {
-                continue;
-            };
-            for f in rd.flatten() {
-                if let Some(h) = f.file_name().to_str().and_then(|s| s.parse::<Hash>().ok()) {
-                    out.push(h);
-                }
-            }
+        let mut out = list_dir(&self.root.join("objects"))?;
+        if self.has_links() {
+            out.extend(list_dir(&self.root.join("linked"))?);
+            out.sort();
+            out.dedup();
         }
         Ok(out)
     }
@@ -249,6 +411,28 @@ impl ObjectStore {
             .map_err(|e| StoreError::io(&self.root, io::Error::from(e)))?;
         Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
+}
+
+/// Hashes named by the files in the shards of `dir` (missing: none).
+fn list_dir(dir: &Path) -> Result<Vec<Hash>, StoreError> {
+    let mut out = Vec::new();
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(StoreError::io(dir, e)),
+    };
+    for shard in rd {
+        let shard = shard.map_err(|e| StoreError::io(dir, e))?;
+        let Ok(rd) = fs::read_dir(shard.path()) else {
+            continue;
+        };
+        for f in rd.flatten() {
+            if let Some(h) = f.file_name().to_str().and_then(|s| s.parse::<Hash>().ok()) {
+                out.push(h);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Fsyncs a directory so renames into it are durable.
