@@ -1,4 +1,4 @@
-//! The UDP front end: one `SO_REUSEPORT` socket per core, each served by
+//! The UDP front end: one socket, read by one thread per core, each with
 //! its own loop with no task per packet and no allocation for the hot
 //! query (A or AAAA for a mirror name): that answer is written straight
 //! into a reused buffer. Every other query goes to the same hickory
@@ -21,31 +21,23 @@ use hickory_server::zone_handler::MessageResponse;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-/// Opens `n` UDP sockets on `addr` with `SO_REUSEPORT` (the kernel spreads
-/// packets across them). For port 0 the first socket picks the port.
-pub fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+/// Opens the UDP socket for `addr` (port 0 picks a free port). It is
+/// blocking, with a short read timeout so the serving loops notice shutdown.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use rustix::net::{AddressFamily, SocketType, bind, socket, sockopt};
-    let mut out = Vec::with_capacity(n);
-    let mut at = addr;
-    for _ in 0..n.max(1) {
-        let fam = if at.is_ipv4() {
-            AddressFamily::INET
-        } else {
-            AddressFamily::INET6
-        };
-        let fd = socket(fam, SocketType::DGRAM, None)?;
-        sockopt::set_socket_reuseport(&fd, true)?;
-        if at.is_ipv6() {
-            sockopt::set_ipv6_v6only(&fd, true)?;
-        }
-        bind(&fd, &at)?;
-        let std_sock = std::net::UdpSocket::from(fd);
-        // Blocking, with a timeout so the loop notices shutdown.
-        std_sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
-        at = std_sock.local_addr()?;
-        out.push(std_sock);
+    let fam = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = socket(fam, SocketType::DGRAM, None)?;
+    if addr.is_ipv6() {
+        sockopt::set_ipv6_v6only(&fd, true)?;
     }
-    Ok(out)
+    bind(&fd, &addr)?;
+    let sock = std::net::UdpSocket::from(fd);
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+    Ok(sock)
 }
 
 /// Serves one socket on the calling (dedicated) thread until `stop` is set.

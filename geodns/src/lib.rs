@@ -161,19 +161,15 @@ impl GeoDnsHandle {
     }
 }
 
-/// Binds UDP (one `SO_REUSEPORT` socket per core) and TCP on the same
+/// Binds UDP (one socket, shared by the per-core threads) and TCP on the same
 /// address (for port 0: the same free port).
 fn bind_pair(
     addr: SocketAddr,
-) -> Result<(Vec<std::net::UdpSocket>, tokio::net::TcpListener), GeoDnsError> {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+) -> Result<(std::net::UdpSocket, tokio::net::TcpListener), GeoDnsError> {
     let mut last = None;
     for _ in 0..20 {
-        let udp = fast::bind_reuseport(addr, cores)
-            .map_err(|source| GeoDnsError::Bind { addr, source })?;
-        let bound = udp[0]
+        let udp = fast::bind_udp(addr).map_err(|source| GeoDnsError::Bind { addr, source })?;
+        let bound = udp
             .local_addr()
             .map_err(|source| GeoDnsError::Bind { addr, source })?;
         match meridian_serve::bind(bound) {
@@ -186,6 +182,12 @@ fn bind_pair(
         addr,
         source: last.unwrap_or_else(|| std::io::Error::other("no free port")),
     })
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Starts GeoDNS from a config file; reloads it on SIGHUP and on change.
@@ -222,14 +224,20 @@ pub async fn start_with(
     let mut udp_threads = Vec::new();
     for addr in &cfg.listen {
         let (udp, tcp) = bind_pair(*addr)?;
-        let bound = udp[0].local_addr().map_err(|source| GeoDnsError::Bind {
+        let bound = udp.local_addr().map_err(|source| GeoDnsError::Bind {
             addr: *addr,
             source,
         })?;
         // UDP: our per-core loops (fast path for mirror names, hickory's
         // handler for everything else). TCP: hickory-server; a connection
         // that sends nothing (or too slowly) is closed after 5 s.
-        for (i, sock) in udp.into_iter().enumerate() {
+        // One socket, read by one thread per core: whichever thread is free
+        // takes the next batch. (A socket per thread with SO_REUSEPORT lets
+        // the kernel hash a few busy client flows onto one thread while the
+        // others idle; measured in BENCHMARKS.md.)
+        let sock = Arc::new(udp);
+        for i in 0..cores() {
+            let sock = sock.clone();
             let (h, rt, stop) = (
                 fast_handler.clone(),
                 tokio::runtime::Handle::current(),
@@ -237,7 +245,7 @@ pub async fn start_with(
             );
             let t = std::thread::Builder::new()
                 .name(format!("geodns-udp-{i}"))
-                .spawn(move || fast::serve(Arc::new(sock), h, rt, stop))
+                .spawn(move || fast::serve(sock, h, rt, stop))
                 .map_err(|source| GeoDnsError::Bind {
                     addr: *addr,
                     source,
