@@ -60,6 +60,8 @@ pub fn serve(
     let mut got: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
     let mut rhdrs = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut shdrs = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut replies: Vec<(usize, SockaddrStorage)> = Vec::with_capacity(BATCH);
+    let mut addrs: Vec<Option<SockaddrStorage>> = Vec::with_capacity(BATCH);
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         got.clear();
         {
@@ -84,7 +86,7 @@ pub fn serve(
                 }
             }
         }
-        let mut replies: Vec<(usize, SockaddrStorage)> = Vec::with_capacity(got.len());
+        replies.clear();
         for (i, &(n, src)) in got.iter().enumerate() {
             let Some(src) = src else { continue };
             let pkt = &bufs[i][..n];
@@ -106,7 +108,8 @@ pub fn serve(
             .iter()
             .map(|(i, _)| [IoSlice::new(&outs[*i])])
             .collect();
-        let addrs: Vec<Option<SockaddrStorage>> = replies.iter().map(|(_, a)| Some(*a)).collect();
+        addrs.clear();
+        addrs.extend(replies.iter().map(|(_, a)| Some(*a)));
         if let Err(e) = sendmmsg(fd, &mut shdrs, slices.iter(), &addrs, [], MsgFlags::empty()) {
             tracing::debug!(error = %e, "udp sendmmsg");
         }
@@ -158,8 +161,8 @@ fn general(
 thread_local! {
     /// Distances from a client location to every mirror, per config snapshot:
     /// (snapshot address, lat bits, lon bits) -> distances.
-    static DISTANCES: std::cell::RefCell<std::collections::HashMap<(usize, u64, u64), Vec<f64>>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
+    static DISTANCES: std::cell::RefCell<rustc_hash::FxHashMap<(usize, u64, u64), Vec<f64>>> =
+        std::cell::RefCell::new(rustc_hash::FxHashMap::default());
 }
 
 fn with_distances<R>(

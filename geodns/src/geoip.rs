@@ -28,7 +28,7 @@ pub struct Lookup {
 }
 
 /// (database id, data-section offset) -> decoded location.
-type RecordCache = std::collections::HashMap<(u64, usize), Option<Arc<Location>>>;
+type RecordCache = rustc_hash::FxHashMap<(u64, usize), Option<Arc<Location>>>;
 
 static NEXT_DB_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -37,7 +37,7 @@ thread_local! {
     /// share one record (a city), and decoding allocates; the query path
     /// then only walks the search tree.
     static RECORDS: std::cell::RefCell<RecordCache> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
+        std::cell::RefCell::new(rustc_hash::FxHashMap::default());
 }
 
 #[derive(Deserialize, Default)]

@@ -2,8 +2,8 @@
 //! country, answers by mirror, mirror health.
 
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -12,7 +12,7 @@ thread_local! {
     /// Per-thread cache of resolved label counters: (metrics id, family, label) -> counter.
     /// Resolving a label (`with_label_values`) hashes and locks; the query
     /// path only does a local map lookup and an atomic add.
-    static COUNTERS: RefCell<HashMap<(u64, u8), HashMap<String, IntCounter>>> = RefCell::new(HashMap::new());
+    static COUNTERS: RefCell<FxHashMap<(u64, u8), FxHashMap<String, IntCounter>>> = RefCell::new(FxHashMap::default());
 }
 
 /// The counters the handler bumps.
