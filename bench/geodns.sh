@@ -41,7 +41,7 @@ for i in $(seq 1 ${#DCS[@]}); do
   PIDS+=($!)
 done
 {
-  echo "listen = [\"127.0.0.1:15355\"]"
+  echo "listen = [\"127.0.0.1:15355\"]"; echo "udp_threads = ${UDP_THREADS:-0}"
   echo "geoip = \"$W/gdnsd/geoip/city.mmdb\""
   echo "[selection]"; echo "answers = 2"; echo "band = 1.0"; echo "band_km = 0.0"
   echo "[health]"; echo "interval = \"1s\""; echo "timeout = \"500ms\""

@@ -210,3 +210,20 @@ impl MirrorArgs {
             .context("invalid mirror configuration (need at least id, upstreams, trust and state)")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The commented examples in deploy/ are real configs: each parses, with
+    /// every key it sets known to its type.
+    #[test]
+    fn deploy_examples_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("example");
+        let o: meridian_origin::OriginConfig =
+            toml::from_str(&read("origin.toml")).expect("origin");
+        assert_eq!(o.snapshot, meridian_origin::scan::Snapshot::Link);
+        let _: meridian_mirror::config::MirrorConfig =
+            toml::from_str(&read("mirror.toml")).expect("mirror");
+        meridian_geodns::config::GeoDnsConfig::load(&dir.join("geodns.toml")).expect("geodns");
+    }
+}

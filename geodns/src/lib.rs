@@ -236,7 +236,12 @@ pub async fn start_with(
         // the kernel hash a few busy client flows onto one thread while the
         // others idle; measured in BENCHMARKS.md.)
         let sock = Arc::new(udp);
-        for i in 0..cores() {
+        let threads = if cfg.udp_threads > 0 {
+            cfg.udp_threads
+        } else {
+            cores()
+        };
+        for i in 0..threads {
             let sock = sock.clone();
             let (h, rt, stop) = (
                 fast_handler.clone(),

@@ -507,3 +507,59 @@ async fn a_hundred_thousand_files_changing_at_once_make_one_consistent_generatio
         assert_eq!(h, meridian_core::hash_bytes(format!("{d}/{f}").as_bytes()));
     }
 }
+
+#[tokio::test]
+async fn files_edited_in_place_before_their_copy_are_withdrawn_never_served() {
+    // The origin hashes in place and hard-links (snapshot = "link"); private
+    // copies are made later, from bytes hashed again. `--once` publishes and
+    // exits before any copy is made; the files are then rewritten in place
+    // (same inodes). The old objects must never be served: each is withdrawn.
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    for i in 0..50u32 {
+        let data: Vec<u8> = (0..65_536u32).map(|x| (x ^ i) as u8).collect();
+        std::fs::write(content.join(format!("f{i:03}")), data).unwrap();
+    }
+    let key = keygen(&dir.path().join("key"));
+    let mut args = meridian_e2e::origin_args(dir.path(), "state", "0s");
+    args.push("--once".into());
+    let st = std::process::Command::new(meridian_e2e::meridian_bin())
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let old = disk_files(&content);
+    for i in 0..50u32 {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(content.join(format!("f{i:03}")))
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"overwritten in place").unwrap();
+    }
+    let mut origin = start_origin(dir.path(), &[]);
+    let addr = origin.listening("origin");
+    let client = ReadClient::new(addr, key);
+    for h in old.values() {
+        let r = client
+            .http
+            .get(format!("http://{addr}/.meridian/v1/objects/{h}"))
+            .send()
+            .await
+            .unwrap();
+        let code = r.status().as_u16();
+        let body = r.bytes().await.unwrap();
+        assert_eq!(
+            code,
+            404,
+            "object {h} must be withdrawn, got {} bytes",
+            body.len()
+        );
+    }
+    // The edited files are published as they are now, and served right.
+    converge(&client, &content, 1).await;
+}
