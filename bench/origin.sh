@@ -12,6 +12,7 @@ cargo build --release --bins -q
 B=target/release/meridian
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 python3 bench/gen_tree.py "$W/content" "$N"
+sync   # let the freshly written tree reach the disk before anything is timed
 BYTES=$(du -sb --apparent-size "$W/content" | cut -f1)
 
 echo "== b3sum over the same files (page cache warm)"

@@ -128,7 +128,9 @@ impl ObjectStore {
 
     /// Whether the object is present (as a private copy or a link).
     pub fn contains(&self, h: &Hash) -> bool {
-        self.path(h).exists() || (self.has_links() && self.linked_path(h).exists())
+        // Links stay after their copy is made, so where links are in use
+        // the link is the one place to look for most objects.
+        (self.has_links() && self.linked_path(h).exists()) || self.path(h).exists()
     }
 
     fn has_links(&self) -> bool {
