@@ -262,6 +262,10 @@ fn promote_linked(shared: &Shared, stop: &tokio_watch::Receiver<bool>) {
         }
     }
     if copied + withdrawn > 0 {
+        // One flush for the round (and for copies made on first read since).
+        if let Err(e) = shared.store.sync_all() {
+            tracing::warn!(error = %e, "flushing private copies");
+        }
         tracing::info!(
             copied,
             withdrawn,

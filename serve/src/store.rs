@@ -178,7 +178,9 @@ impl ObjectStore {
     /// Makes `h` a private copy under `objects/` if it is only linked:
     /// streams the link's bytes into a staging file while hashing them and
     /// commits the copy only if they hash to `h`. A link whose bytes no
-    /// longer match (its source was edited in place) is removed.
+    /// longer match (its source was edited in place) is removed. The copy
+    /// is not fsynced here (a process kill loses nothing: the page cache
+    /// stays); call [`ObjectStore::sync_all`] after a batch of promotions.
     pub fn promote(&self, h: &Hash) -> Result<Promoted, StoreError> {
         if !self.has_links() || self.path(h).exists() {
             return Ok(Promoted::Present);
@@ -212,8 +214,6 @@ impl ObjectStore {
                 out.write_all(&buf[..n])?;
             }
             out.flush()?;
-            drop(out);
-            dst.sync_data()?;
             Ok(Hash::from(hasher.finalize()))
         })();
         let got = match res {
