@@ -205,15 +205,7 @@ async fn route<P: Published>(
             );
         };
         let store = node.store();
-        for h in [&base, &target] {
-            if let Some(resp) = private_copy(store, h) {
-                return resp;
-            }
-        }
-        let small = |h: &Hash| {
-            std::fs::metadata(store.path(h))
-                .is_ok_and(|m| m.is_file() && m.len() <= PATCH_MAX_BYTES)
-        };
+        let small = |h: &Hash| store.held_len(h).is_some_and(|len| len <= PATCH_MAX_BYTES);
         if !small(&base) || !small(&target) {
             return text(
                 StatusCode::NOT_FOUND,
@@ -224,9 +216,11 @@ async fn route<P: Published>(
             Ok(p) => p,
             Err(_) => return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
         };
+        // Both versions are read whole anyway: a linked object is checked
+        // against its hash in memory instead of being copied first.
         let patch = tokio::task::block_in_place(|| {
-            let b = store.read(&base).ok()?;
-            let t = store.read(&target).ok()?;
+            let b = store.read_verified(&base).ok()??;
+            let t = store.read_verified(&target).ok()??;
             Some(meridian_core::patch::make_patch(&b, base, &t, target))
         });
         return match patch {

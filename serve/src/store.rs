@@ -263,6 +263,38 @@ impl ObjectStore {
         fs::read(&p).map_err(|e| StoreError::io(p, e))
     }
 
+    /// The length of a held object (copy or link).
+    pub fn held_len(&self, h: &Hash) -> Option<u64> {
+        let p = self.path(h);
+        match fs::metadata(&p) {
+            Ok(m) if m.is_file() => Some(m.len()),
+            _ if self.has_links() => fs::metadata(self.linked_path(h)).ok().map(|m| m.len()),
+            _ => None,
+        }
+    }
+
+    /// Reads a whole object whose bytes are known to match its name: a
+    /// private copy as it is, a link only if its bytes hash to `h` now.
+    /// `Ok(None)`: not held, or a link that no longer matches.
+    pub fn read_verified(&self, h: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        let p = self.path(h);
+        match fs::read(&p) {
+            Ok(b) => return Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io(p, e)),
+        }
+        if !self.has_links() {
+            return Ok(None);
+        }
+        let l = self.linked_path(h);
+        match fs::read(&l) {
+            Ok(b) if Hash::from(blake3::hash(&b)) == *h => Ok(Some(b)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io(l, e)),
+        }
+    }
+
     /// Opens an object for reading.
     pub fn open_object(&self, h: &Hash) -> Result<File, StoreError> {
         let p = self.path(h);
