@@ -389,12 +389,7 @@ impl Syncer {
                         Ok(vr) => return self.sync_to(vr, i).await,
                         Err(e) => {
                             tracing::warn!(upstream = %self.upstreams.url(i), error = %e, "refusing root");
-                            self.state
-                                .metrics
-                                .verify_failures
-                                .with_label_values(&[self.upstreams.url(i)])
-                                .inc();
-                            self.upstreams.strike(i);
+                            self.penalise(i);
                             errors.push(e.to_string());
                         }
                     }
@@ -767,6 +762,16 @@ impl Syncer {
             .map_err(|e| FetchFail::Transport(e.to_string()))?
     }
 
+    /// Counts a verification failure against upstream `i` and strikes it.
+    fn penalise(&self, i: usize) {
+        self.state
+            .metrics
+            .verify_failures
+            .with_label_values(&[self.upstreams.url(i)])
+            .inc();
+        self.upstreams.strike(i);
+    }
+
     fn note_failure(&self, i: usize, url: &str, e: FetchFail) -> Result<String, SyncError> {
         match e {
             FetchFail::Transport(m) => {
@@ -775,12 +780,7 @@ impl Syncer {
             }
             FetchFail::Bad(m) => {
                 tracing::warn!(%url, error = %m, "upstream sent bad data; discarded");
-                self.state
-                    .metrics
-                    .verify_failures
-                    .with_label_values(&[self.upstreams.url(i)])
-                    .inc();
-                self.upstreams.strike(i);
+                self.penalise(i);
                 Ok(format!("{url}: {m}"))
             }
             FetchFail::Local(e) => Err(SyncError::Store(e)),
