@@ -23,9 +23,8 @@
 
 use crate::encoding::{DecodeError, Reader, Writer};
 use crate::hash::{Hash, hash_bytes};
-use crate::manifest::{DirNode, Entry, EntryKind, MAX_DIR_ENTRIES, MAX_NODE_BYTES};
+use crate::manifest::{DirNode, Entry, MAX_DIR_ENTRIES, MAX_NODE_BYTES};
 use std::collections::HashSet;
-use std::sync::Arc;
 
 const MAGIC: &[u8; 4] = b"MDLT";
 const VERSION: u8 = 1;
@@ -124,38 +123,6 @@ impl NodeEdit {
     }
 }
 
-/// The ops that turn `old` into `new` (both canonical).
-pub fn diff_nodes(old: &DirNode, new: &DirNode) -> Vec<EditOp> {
-    let (a, b) = (&old.entries, &new.entries);
-    let (mut i, mut j) = (0, 0);
-    let mut ops = Vec::new();
-    while i < a.len() || j < b.len() {
-        let ord = match (a.get(i), b.get(j)) {
-            (Some(x), Some(y)) => x.name.as_bytes().cmp(y.name.as_bytes()),
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, _) => std::cmp::Ordering::Greater,
-        };
-        match ord {
-            std::cmp::Ordering::Less => {
-                ops.push(EditOp::Remove(a[i].name.clone()));
-                i += 1;
-            }
-            std::cmp::Ordering::Greater => {
-                ops.push(EditOp::Put(b[j].clone()));
-                j += 1;
-            }
-            std::cmp::Ordering::Equal => {
-                if a[i] != b[j] {
-                    ops.push(EditOp::Put(b[j].clone()));
-                }
-                i += 1;
-                j += 1;
-            }
-        }
-    }
-    ops
-}
-
 /// Every node of tree `to` that tree `from` lacks, as edits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TreeDelta {
@@ -166,49 +133,6 @@ pub struct TreeDelta {
 }
 
 impl TreeDelta {
-    /// Computes the delta from tree `from` to tree `to`; `load` returns a
-    /// node by hash. Unchanged subtrees (equal hashes) are never loaded.
-    pub fn between<E>(
-        from: Hash,
-        to: Hash,
-        mut load: impl FnMut(&Hash) -> Result<Arc<DirNode>, E>,
-    ) -> Result<Self, E> {
-        let mut nodes = Vec::new();
-        let mut emitted: HashSet<Hash> = HashSet::new();
-        let mut stack: Vec<(Option<Hash>, Hash)> = vec![(Some(from), to)];
-        while let Some((old, new)) = stack.pop() {
-            if old == Some(new) || !emitted.insert(new) {
-                continue;
-            }
-            let new_node = load(&new)?;
-            let old_node = match old {
-                Some(h) => Some(load(&h)?),
-                None => None,
-            };
-            let ops = match &old_node {
-                Some(o) => diff_nodes(o, &new_node),
-                None => new_node.entries.iter().cloned().map(EditOp::Put).collect(),
-            };
-            for e in new_node.entries.iter().rev() {
-                if e.kind != EntryKind::Dir {
-                    continue;
-                }
-                let old_child = old_node
-                    .as_ref()
-                    .and_then(|o| o.get(&e.name))
-                    .filter(|o| o.kind == EntryKind::Dir)
-                    .map(|o| o.hash);
-                stack.push((old_child, e.hash));
-            }
-            nodes.push(NodeEdit {
-                hash: new,
-                base: old,
-                ops,
-            });
-        }
-        Ok(TreeDelta { from, to, nodes })
-    }
-
     /// The canonical bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(128 + self.nodes.len() * 160);
@@ -323,7 +247,11 @@ struct RawEntry<'a> {
 /// them (the caller's nodes were validated when they were stored).
 fn raw_entries(bytes: &[u8]) -> Result<Vec<RawEntry<'_>>, DecodeError> {
     let mut r = Reader::new(bytes);
-    r.header(b"MDIR", 1, "directory node")?;
+    r.header(
+        crate::manifest::DIR_MAGIC,
+        crate::manifest::VERSION,
+        "directory node",
+    )?;
     let count = r.u32("entry count")? as usize;
     if count > r.remaining() / 52 + 1 {
         return Err(DecodeError::Truncated("entries"));
@@ -351,10 +279,13 @@ fn raw_entries(bytes: &[u8]) -> Result<Vec<RawEntry<'_>>, DecodeError> {
     Ok(out)
 }
 
-/// Writes the encoding of `TreeDelta::between(from, to, ..)` straight from
-/// encoded nodes: entries are compared and copied as bytes, never decoded,
-/// so the cost is a scan of the changed nodes and no allocation per entry.
-/// This is what an upstream serves.
+/// Writes the encoded [`TreeDelta`] from tree `from` to tree `to` straight
+/// from encoded nodes (`load` returns one by hash): every node of `to` that
+/// `from` lacks, parents first, each as the entries that differ from the
+/// node at the same path in `from`. Entries are compared and copied as
+/// bytes, never decoded, so the cost is a scan of the changed nodes and no
+/// allocation per entry; unchanged subtrees are never loaded. This is what
+/// an upstream serves. (The tests check it against a typed reference.)
 pub fn encode_between(
     from: Hash,
     to: Hash,
@@ -436,7 +367,7 @@ pub fn encode_between(
         }
         w.buf[ops_at..ops_at + 4].copy_from_slice(&ops.to_be_bytes());
         count += 1;
-        // Walk order as in `between`: children in name order, depth first.
+        // Children in name order, depth first.
         stack.extend(children.into_iter().rev());
     }
     w.buf[count_at..count_at + 4].copy_from_slice(&count.to_be_bytes());
@@ -446,6 +377,86 @@ pub fn encode_between(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::EntryKind;
+    use std::sync::Arc;
+    // The typed reference: the delta as values, computed node by node. The
+    // byte-level writer the upstreams serve (`encode_between`) must match it.
+
+    /// The ops that turn `old` into `new` (both canonical).
+    fn diff_nodes(old: &DirNode, new: &DirNode) -> Vec<EditOp> {
+        let (a, b) = (&old.entries, &new.entries);
+        let (mut i, mut j) = (0, 0);
+        let mut ops = Vec::new();
+        while i < a.len() || j < b.len() {
+            let ord = match (a.get(i), b.get(j)) {
+                (Some(x), Some(y)) => x.name.as_bytes().cmp(y.name.as_bytes()),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, _) => std::cmp::Ordering::Greater,
+            };
+            match ord {
+                std::cmp::Ordering::Less => {
+                    ops.push(EditOp::Remove(a[i].name.clone()));
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    ops.push(EditOp::Put(b[j].clone()));
+                    j += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    if a[i] != b[j] {
+                        ops.push(EditOp::Put(b[j].clone()));
+                    }
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        ops
+    }
+
+    /// Computes the delta from tree `from` to tree `to`; `load` returns a
+    /// node by hash. Unchanged subtrees (equal hashes) are never loaded.
+    fn between<E>(
+        from: Hash,
+        to: Hash,
+        mut load: impl FnMut(&Hash) -> Result<Arc<DirNode>, E>,
+    ) -> Result<TreeDelta, E> {
+        let mut nodes = Vec::new();
+        let mut emitted: HashSet<Hash> = HashSet::new();
+        let mut stack: Vec<(Option<Hash>, Hash)> = vec![(Some(from), to)];
+        while let Some((old, new)) = stack.pop() {
+            if old == Some(new) || !emitted.insert(new) {
+                continue;
+            }
+            let new_node = load(&new)?;
+            let old_node = match old {
+                Some(h) => Some(load(&h)?),
+                None => None,
+            };
+            let ops = match &old_node {
+                Some(o) => diff_nodes(o, &new_node),
+                None => new_node.entries.iter().cloned().map(EditOp::Put).collect(),
+            };
+            for e in new_node.entries.iter().rev() {
+                if e.kind != EntryKind::Dir {
+                    continue;
+                }
+                let old_child = old_node
+                    .as_ref()
+                    .and_then(|o| o.get(&e.name))
+                    .filter(|o| o.kind == EntryKind::Dir)
+                    .map(|o| o.hash);
+                stack.push((old_child, e.hash));
+            }
+            nodes.push(NodeEdit {
+                hash: new,
+                base: old,
+                ops,
+            });
+        }
+        Ok(TreeDelta { from, to, nodes })
+    }
+
     use crate::path::RelPath;
     use crate::tree::TreeBuilder;
     use proptest::prelude::*;
@@ -502,7 +513,7 @@ mod tests {
         let (t2, n2) = tree(&files);
         let mut all = n1.clone();
         all.extend(n2.clone());
-        let d = TreeDelta::between(t1, t2, load(&all)).expect("delta");
+        let d = between(t1, t2, load(&all)).expect("delta");
         let bytes = d.encode();
         let full: usize = n2.values().map(|n| n.encode().len()).sum();
         assert!(bytes.len() * 50 < full, "{} vs {full}", bytes.len());
@@ -525,7 +536,7 @@ mod tests {
         let (t2, n2) = tree(&f2);
         let mut all = n1.clone();
         all.extend(n2);
-        let mut d = TreeDelta::between(t1, t2, load(&all)).expect("delta");
+        let mut d = between(t1, t2, load(&all)).expect("delta");
         let EditOp::Put(e) = &mut d.nodes[0].ops[0] else {
             panic!("expected a put")
         };
@@ -533,7 +544,7 @@ mod tests {
         let err = apply_all(&d, &n1).expect_err("must not rebuild");
         assert!(err.to_string().contains("does not match its hash"), "{err}");
         // A removal of an absent name, and ops out of order, are refused too.
-        let mut d2 = TreeDelta::between(t1, t2, load(&all)).expect("delta");
+        let mut d2 = between(t1, t2, load(&all)).expect("delta");
         d2.nodes[0].ops = vec![EditOp::Remove("zz".into())];
         assert!(apply_all(&d2, &n1).is_err());
         d2.nodes[0].ops = vec![EditOp::Remove("f2".into()), EditOp::Remove("f1".into())];
@@ -564,9 +575,7 @@ mod tests {
         let (t2, n2) = tree(&[("a".into(), 2), ("b/c".into(), 1)]);
         let mut all = n1;
         all.extend(n2);
-        let bytes = TreeDelta::between(t1, t2, load(&all))
-            .expect("delta")
-            .encode();
+        let bytes = between(t1, t2, load(&all)).expect("delta").encode();
         for cut in 0..bytes.len() {
             assert!(TreeDelta::decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
@@ -597,7 +606,7 @@ mod tests {
             let (t2, n2) = tree(&fb);
             let mut all = n1.clone();
             all.extend(n2.clone());
-            let d = TreeDelta::between(t1, t2, load(&all)).expect("delta");
+            let d = between(t1, t2, load(&all)).expect("delta");
             let back = TreeDelta::decode(&d.encode()).expect("decode");
             prop_assert_eq!(&back, &d);
             let raw = encode_between(t1, t2, |h| all.get(h).map(|n| n.encode())).expect("raw");

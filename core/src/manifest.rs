@@ -22,10 +22,10 @@ pub const MAX_ROOT_BYTES: u64 = 4096;
 /// Longest symlink target.
 pub const MAX_SYMLINK_BYTES: usize = 4096;
 
-const DIR_MAGIC: &[u8; 4] = b"MDIR";
+pub(crate) const DIR_MAGIC: &[u8; 4] = b"MDIR";
 const ROOT_MAGIC: &[u8; 4] = b"MROT";
 const SIG_MAGIC: &[u8; 4] = b"MSIG";
-const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 1;
 /// Domain separation: a Meridian root signature can never be mistaken for a
 /// signature over anything else signed with the same key.
 pub const SIGNING_CONTEXT: &[u8] = b"meridian root v1\0";

@@ -101,28 +101,23 @@ impl ObjectStore {
 
     /// Where the object with this hash lives (whether or not it exists).
     pub fn path(&self, h: &Hash) -> PathBuf {
-        let hex = h.hex_bytes();
-        let hex = std::str::from_utf8(&hex).unwrap_or_default();
-        // One allocation: root + "/objects/" + 2 + "/" + 64.
-        let mut p = PathBuf::with_capacity(self.root.as_os_str().len() + 80);
-        p.push(&self.root);
-        p.push("objects");
-        p.push(&hex[..2]);
-        p.push(hex);
-        p
+        self.sharded("objects", h)
     }
 
     /// Where a hashed-in-place (hard-linked) object lives.
     pub fn linked_path(&self, h: &Hash) -> PathBuf {
-        let mut p = self.path(h);
-        let name = p.file_name().map(|n| n.to_owned()).unwrap_or_default();
-        p.pop();
-        let shard = p.file_name().map(|n| n.to_owned()).unwrap_or_default();
-        p.pop();
-        p.pop();
-        p.push("linked");
-        p.push(shard);
-        p.push(name);
+        self.sharded("linked", h)
+    }
+
+    /// `root/area/ab/abcdef…`, in one allocation.
+    fn sharded(&self, area: &str, h: &Hash) -> PathBuf {
+        let hex = h.hex_bytes();
+        let hex = std::str::from_utf8(&hex).unwrap_or_default();
+        let mut p = PathBuf::with_capacity(self.root.as_os_str().len() + 80);
+        p.push(&self.root);
+        p.push(area);
+        p.push(&hex[..2]);
+        p.push(hex);
         p
     }
 
