@@ -4,7 +4,8 @@
 # database, same 8 datacenters, same dnsperf query file with an ECS option,
 # loopback only, bounded by time. Also: agreement on the nearest datacenter
 # over 10,000 random IPv4 addresses.
-# usage: bench/geodns.sh [SECONDS]   (dnsperf duration per server, default 10)
+# usage: [ROUNDS=5] bench/geodns.sh [SECONDS]   (dnsperf duration per server
+# and round, default 10; the servers alternate round by round)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
@@ -63,24 +64,47 @@ for p in 15354 15355; do dig @127.0.0.1 -p $p dl.meridian.test +short +subnet=81
 NET=$(head -1 "$W/nets.txt"); IP=${NET%/*}
 HEX=$(python3 -c "import socket,sys; print('0001' + '20' + '00' + socket.inet_aton('$IP').hex())")
 python3 -c "import sys; sys.stdout.write('dl.meridian.test A\\n' * 100000)" > "$W/queries"
-echo; echo "== dnsperf -c 4 -T 2 -q 200 -l $SECS, ECS $IP/32 on every query"
-for srv in gdnsd:15354 meridian:15355; do
-  name=${srv%%:*}; port=${srv#*:}
-  dnsperf -s 127.0.0.1 -p "$port" -d "$W/queries" -c 4 -T 2 -q 200 -l "$SECS" -E "8:$HEX" -v 2>/dev/null > "$W/$name.perf" || true
-  QPS=$(awk '/Queries per second/ {print $4}' "$W/$name.perf")
-  LOST=$(awk '/Queries lost/ {print $3}' "$W/$name.perf")
-  awk '$1 == ">" && $NF ~ /^[0-9.]+$/ {print $NF}' "$W/$name.perf" | sort -g > "$W/$name.lat"
-  STATS=$(python3 - "$W/$name.lat" <<'PY'
-import sys
+ROUNDS=${ROUNDS:-5}
+echo; echo "== dnsperf -c 4 -T 2 -q 200 -l $SECS, ECS $IP/32 on every query; $ROUNDS rounds, the servers alternating (this VM drifts by tens of percent over a minute, so one long run each is not a fair comparison)"
+GPID=$(pgrep -of "gdnsd -c $W")
+# Server CPU (user + system clock ticks) spent per answered query: less
+# sensitive to the VM's drift than queries/s, since both share 2 cores with
+# dnsperf.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+for r in $(seq 1 "$ROUNDS"); do
+  for srv in gdnsd:15354:$GPID meridian:15355:$MPID; do
+    IFS=: read -r name port pid <<< "$srv"
+    t0=$(ticks "$pid")
+    dnsperf -s 127.0.0.1 -p "$port" -d "$W/queries" -c 4 -T 2 -q 200 -l "$SECS" -E "8:$HEX" -v 2>/dev/null > "$W/$name.$r.perf" || true
+    t1=$(ticks "$pid")
+    done_q=$(awk '/Queries completed/ {print $3}' "$W/$name.$r.perf")
+    cpu=$(python3 -c "print(f'{($t1 - $t0) * 1e6 / $(getconf CLK_TCK) / max(1, $done_q):.2f}')")
+    echo "$cpu" > "$W/$name.$r.cpu"
+    printf '  round %s %-9s %10s q/s  %s us server CPU per query\n' "$r" "$name" "$(awk '/Queries per second/ {print $4}' "$W/$name.$r.perf")" "$cpu"
+  done
+done
+for name in gdnsd meridian; do
+  cat "$W/$name".*.perf | awk '$1 == ">" && $NF ~ /^[0-9.]+$/ {print $NF}' | sort -g > "$W/$name.lat"
+  STATS=$(python3 - "$W/$name.lat" "$W"/$name.*.perf <<'PY'
+import re, statistics, sys
 v = [float(x) for x in open(sys.argv[1]) if x.strip()]
-if not v:
-    print("no latency samples"); sys.exit()
+qps, lost = [], 0
+for f in sys.argv[2:]:
+    t = open(f).read()
+    m = re.search(r"Queries per second:\s+([0-9.]+)", t)
+    if m:
+        qps.append(float(m.group(1)))
+    m = re.search(r"Queries lost:\s+([0-9]+)", t)
+    lost += int(m.group(1)) if m else 0
+if not v or not qps:
+    print("no samples"); sys.exit()
 mean = sum(v) / len(v)
 p99 = v[min(len(v) - 1, int(len(v) * 0.99))]
-print(f"mean {mean * 1e6:.0f} us, p99 {p99 * 1e6:.0f} us ({len(v)} samples)")
+cpu = [float(open(f[:-5] + ".cpu").read()) for f in sys.argv[2:]]
+print(f"median {statistics.median(qps):10.0f} q/s (min {min(qps):.0f}, max {max(qps):.0f})  lost {lost}  mean {mean * 1e6:.0f} us, p99 {p99 * 1e6:.0f} us ({len(v)} samples)  CPU/query median {statistics.median(cpu):.2f} us")
 PY
 )
-  printf '%-9s %10s q/s  lost %s  %s\n' "$name" "$QPS" "$LOST" "$STATS"
+  printf '%-9s %s\n' "$name" "$STATS"
 done
 
 echo; echo "== nearest-datacenter agreement over 10,000 random addresses (ECS /32)"

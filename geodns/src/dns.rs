@@ -75,6 +75,13 @@ impl Client {
     }
 }
 
+/// The splitmix64 output function: well-spread bits from a counter.
+pub(crate) fn splitmix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 impl GeoHandler {
     pub fn new(
         runtime: Arc<arc_swap::ArcSwap<Runtime>>,
@@ -93,12 +100,10 @@ impl GeoHandler {
 
     pub(crate) fn random(&self) -> u64 {
         // splitmix64 over a shared counter: cheap, lock-free, well spread.
-        let mut z = self
-            .seed
-            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        splitmix(
+            self.seed
+                .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn locate(&self, rt: &Runtime, ip: IpAddr) -> Client {
@@ -277,9 +282,10 @@ impl RequestHandler for GeoHandler {
                 self.metrics.country(client.country());
                 match choice {
                     Choice::Mirrors { picks, degraded } => {
+                        let now = std::time::Instant::now();
                         let changing = picks
                             .iter()
-                            .any(|&i| self.tracker.changed_within(&views[i].id, rt.ttl));
+                            .any(|&i| views[i].health.changed_within(rt.ttl, now));
                         let ttl = if changing || degraded {
                             rt.ttl_changing
                         } else {

@@ -31,8 +31,19 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         AddressFamily::INET6
     };
     let fd = socket(fam, SocketType::DGRAM, None)?;
+    // Path MTU: ignore ICMP "fragmentation needed" updates and never set DF
+    // (IP_PMTUDISC_OMIT, as RFC 9715 advises DNS responders on Linux): a
+    // spoofed ICMP cannot shrink our answers into fragments, and the kernel
+    // skips path-MTU bookkeeping per packet. DONT where OMIT is unknown.
     if addr.is_ipv6() {
         sockopt::set_ipv6_v6only(&fd, true)?;
+        use sockopt::Ipv6PathMtuDiscovery as D;
+        sockopt::set_ipv6_mtu_discover(&fd, D::OMIT)
+            .or_else(|_| sockopt::set_ipv6_mtu_discover(&fd, D::DONT))?;
+    } else {
+        use sockopt::Ipv4PathMtuDiscovery as D;
+        sockopt::set_ip_mtu_discover(&fd, D::OMIT)
+            .or_else(|_| sockopt::set_ip_mtu_discover(&fd, D::DONT))?;
     }
     bind(&fd, &addr)?;
     let sock = std::net::UdpSocket::from(fd);
@@ -62,6 +73,11 @@ pub fn serve(
     let mut shdrs = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut replies: Vec<(usize, SockaddrStorage)> = Vec::with_capacity(BATCH);
     let mut addrs: Vec<Option<SockaddrStorage>> = Vec::with_capacity(BATCH);
+    let mut hot = Hot {
+        picks: Vec::with_capacity(8),
+        rng: handler.random(),
+        tally: Tally::default(),
+    };
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         got.clear();
         {
@@ -87,6 +103,11 @@ pub fn serve(
             }
         }
         replies.clear();
+        // One snapshot of config and mirror states per batch.
+        let conf = handler.runtime.load();
+        let views = handler.tracker.views.load();
+        let now = std::time::Instant::now();
+        hot.tally.begin(views.len());
         for (i, &(n, src)) in got.iter().enumerate() {
             let Some(src) = src else { continue };
             let pkt = &bufs[i][..n];
@@ -95,12 +116,13 @@ pub fn serve(
             }
             let out = &mut outs[i];
             out.clear();
-            if hot_answer(&handler, pkt, src, out) {
+            if hot_answer(&handler, &conf, &views, now, &mut hot, pkt, src, out) {
                 replies.push((i, SockaddrStorage::from(src)));
                 continue;
             }
             general(&sock, &handler, &rt, pkt, src);
         }
+        hot.tally.flush(&handler.metrics, &views);
         if replies.is_empty() {
             continue;
         }
@@ -158,35 +180,105 @@ fn general(
     }
 }
 
+/// What one serving loop keeps between queries: the picks buffer, its own
+/// random stream (no shared counter to bounce between cores), the metrics
+/// tally of the current batch, and the distance cache.
+struct Hot {
+    picks: Vec<usize>,
+    rng: u64,
+    tally: Tally,
+}
+
+impl Hot {
+    fn random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        crate::dns::splitmix(self.rng)
+    }
+}
+
+/// Counts of one batch, added to the shared Prometheus counters once per
+/// batch instead of once per query (shared atomics bounce between cores).
+#[derive(Default)]
+struct Tally {
+    noerror: u64,
+    /// Addresses handed out, by index into the batch's mirror views.
+    answers: Vec<u64>,
+    /// Country label -> index into `countries`.
+    country_index: rustc_hash::FxHashMap<Box<str>, usize>,
+    countries: Vec<(prometheus::IntCounter, u64)>,
+    dirty: Vec<usize>,
+}
+
+impl Tally {
+    fn begin(&mut self, mirrors: usize) {
+        self.answers.clear();
+        self.answers.resize(mirrors, 0);
+    }
+    fn country(&mut self, m: &crate::metrics::DnsMetrics, c: &str) {
+        let i = match self.country_index.get(c) {
+            Some(&i) => i,
+            None => {
+                if self.countries.len() >= 4096 {
+                    return m.country(c); // labels gone wild: no local tally
+                }
+                self.countries.push((m.country_counter(c), 0));
+                self.country_index
+                    .insert(c.into(), self.countries.len() - 1);
+                self.countries.len() - 1
+            }
+        };
+        if self.countries[i].1 == 0 {
+            self.dirty.push(i);
+        }
+        self.countries[i].1 += 1;
+    }
+    fn flush(&mut self, m: &crate::metrics::DnsMetrics, views: &[select::MirrorView]) {
+        m.noerror_by(std::mem::take(&mut self.noerror));
+        for (v, n) in views.iter().zip(&mut self.answers) {
+            if *n > 0 {
+                m.answer_by(&v.id, std::mem::take(n));
+            }
+        }
+        for i in self.dirty.drain(..) {
+            let (counter, n) = &mut self.countries[i];
+            counter.inc_by(std::mem::take(n));
+        }
+    }
+}
+
+/// Per client location and mirror-coordinate snapshot: the distance to
+/// every mirror and the mirrors ranked nearest first.
+struct Ranked {
+    dists: Vec<f64>,
+    order: Vec<u32>,
+}
+
 thread_local! {
-    /// Distances from a client location to every mirror, per config snapshot:
-    /// (snapshot address, lat bits, lon bits) -> distances.
-    static DISTANCES: std::cell::RefCell<rustc_hash::FxHashMap<(usize, u64, u64), Vec<f64>>> =
+    /// (coordinates fingerprint, lat bits, lon bits) -> [`Ranked`].
+    static RANKED: std::cell::RefCell<rustc_hash::FxHashMap<(u64, u64, u64), Ranked>> =
         std::cell::RefCell::new(rustc_hash::FxHashMap::default());
 }
 
-fn with_distances<R>(
-    views: &[select::MirrorView],
+fn with_ranked<R>(
+    views: &crate::health::Views,
     loc: &crate::geoip::Location,
-    f: impl FnOnce(&[f64]) -> R,
+    f: impl FnOnce(&Ranked) -> R,
 ) -> R {
-    DISTANCES.with(|c| {
+    RANKED.with(|c| {
         let mut c = c.borrow_mut();
         if c.len() > 65_536 {
             c.clear();
         }
-        let key = (
-            views.as_ptr() as usize,
-            loc.lat.to_bits(),
-            loc.lon.to_bits(),
-        );
-        let d = c.entry(key).or_insert_with(|| {
-            views
+        let key = (views.coords, loc.lat.to_bits(), loc.lon.to_bits());
+        let r = c.entry(key).or_insert_with(|| {
+            let dists: Vec<f64> = views
                 .iter()
                 .map(|m| select::distance_km(loc.lat, loc.lon, m.lat, m.lon))
-                .collect()
+                .collect();
+            let order = select::rank(&dists);
+            Ranked { dists, order }
         });
-        f(d)
+        f(r)
     })
 }
 
@@ -230,7 +322,17 @@ impl ResponseHandler for UdpReply {
 
 /// Writes the answer to a hot query into `out`; false means "not hot, use
 /// the general path" (and `out` is then meaningless).
-fn hot_answer(h: &GeoHandler, pkt: &[u8], src: SocketAddr, out: &mut Vec<u8>) -> bool {
+#[allow(clippy::too_many_arguments)]
+fn hot_answer(
+    h: &GeoHandler,
+    rt: &crate::dns::Runtime,
+    views: &crate::health::Views,
+    now: std::time::Instant,
+    hot: &mut Hot,
+    pkt: &[u8],
+    src: SocketAddr,
+    out: &mut Vec<u8>,
+) -> bool {
     // Header: standard query, one question, no answers/authority.
     let flags = u16::from_be_bytes([pkt[2], pkt[3]]);
     if flags & 0x7800 != 0 || pkt[4..8] != [0, 1, 0, 0] || pkt[8..10] != [0, 0] {
@@ -268,7 +370,6 @@ fn hot_answer(h: &GeoHandler, pkt: &[u8], src: SocketAddr, out: &mut Vec<u8>) ->
         (28, 1) => Family::V6,
         _ => return false,
     };
-    let rt = h.runtime.load();
     if !rt.hot_names.iter().any(|n| n.as_slice() == &lower[..l]) {
         return false;
     }
@@ -283,23 +384,42 @@ fn hot_answer(h: &GeoHandler, pkt: &[u8], src: SocketAddr, out: &mut Vec<u8>) ->
         Some(e) if e.source > 0 => e.addr,
         _ => src.ip(),
     };
-    let client = h.locate(&rt, client_ip);
-    let views = h.tracker.views.load();
-    let choice = match client.location.as_deref() {
-        Some(loc) => with_distances(&views, loc, |d| {
-            select::select_with_distances(Some(loc), d, family, &views, &rt.params, h.random())
-        }),
-        None => select::select(None, family, &views, &rt.params, h.random()),
+    let client = h.locate(rt, client_ip);
+    let random = hot.random();
+    let degraded = match client.location.as_deref() {
+        // The common case: located, some mirror usable; no allocation.
+        Some(loc)
+            if with_ranked(views, loc, |r| {
+                select::select_ranked(
+                    loc,
+                    &r.dists,
+                    &r.order,
+                    family,
+                    views,
+                    &rt.params,
+                    random,
+                    &mut hot.picks,
+                )
+            }) =>
+        {
+            false
+        }
+        loc => match select::select(loc, family, views, &rt.params, random) {
+            Choice::Mirrors { picks, degraded } => {
+                hot.picks.clear();
+                hot.picks.extend(picks);
+                degraded
+            }
+            _ => return false,
+        },
     };
-    let Choice::Mirrors { picks, degraded } = choice else {
-        return false;
-    };
+    let picks = &hot.picks;
     if picks.is_empty() {
         return false;
     }
     let changing = picks
         .iter()
-        .any(|&p| h.tracker.changed_within(&views[p].id, rt.ttl));
+        .any(|&p| views[p].health.changed_within(rt.ttl, now));
     let ttl = if changing || degraded {
         rt.ttl_changing
     } else {
@@ -324,7 +444,7 @@ fn hot_answer(h: &GeoHandler, pkt: &[u8], src: SocketAddr, out: &mut Vec<u8>) ->
     // Question, exactly as asked (case echoed).
     out.extend_from_slice(&pkt[12..qname_end + 4]);
     // Answers: a pointer to the question name.
-    for &p in &picks {
+    for &p in picks {
         let Some(ip) = views[p].addr(family) else {
             return false;
         };
@@ -342,7 +462,6 @@ fn hot_answer(h: &GeoHandler, pkt: &[u8], src: SocketAddr, out: &mut Vec<u8>) ->
                 out.extend_from_slice(&a.octets());
             }
         }
-        h.metrics.answer(&views[p].id);
     }
     // OPT, echoing ECS with our scope.
     if let Some(e) = &parsed.edns {
@@ -385,7 +504,12 @@ fn hot_answer(h: &GeoHandler, pkt: &[u8], src: SocketAddr, out: &mut Vec<u8>) ->
     if out.len() > limit {
         return false; // let the general path truncate properly
     }
-    h.metrics.country(client.country());
-    h.metrics.rcode_noerror();
+    for &p in picks {
+        if let Some(n) = hot.tally.answers.get_mut(p) {
+            *n += 1;
+        }
+    }
+    hot.tally.country(&h.metrics, client.country());
+    hot.tally.noerror += 1;
     true
 }

@@ -85,9 +85,7 @@ pub struct Tracker {
     pub states: Mutex<HashMap<String, ProbeState>>,
     pub newest_generation: std::sync::atomic::AtomicU64,
     /// What the query path reads.
-    pub views: ArcSwap<Vec<MirrorView>>,
-    /// When any mirror last changed state (for the short TTL).
-    pub last_change: Mutex<HashMap<String, Instant>>,
+    pub views: ArcSwap<Views>,
     http: reqwest::Client,
 }
 
@@ -96,8 +94,7 @@ impl Tracker {
         Tracker {
             states: Mutex::new(HashMap::new()),
             newest_generation: std::sync::atomic::AtomicU64::new(0),
-            views: ArcSwap::from_pointee(Vec::new()),
-            last_change: Mutex::new(HashMap::new()),
+            views: ArcSwap::from_pointee(Views::new(Vec::new())),
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(2)
                 .user_agent("meridian-geodns-probe")
@@ -213,16 +210,8 @@ impl Tracker {
             .iter()
             .map(|m| view(m, states.get(&m.id), newest, cfg.health.max_generation_lag))
             .collect();
-        if let Ok(mut lc) = self.last_change.lock() {
-            lc.clear();
-            for (id, st) in states.iter() {
-                if let Some(t) = st.changed_at {
-                    lc.insert(id.clone(), t);
-                }
-            }
-        }
         drop(states);
-        self.views.store(Arc::new(views));
+        self.views.store(Arc::new(Views::new(views)));
     }
 
     /// Rebuilds the views without probing (after a config reload or an
@@ -240,16 +229,40 @@ impl Tracker {
             .map(|m| view(m, states.get(&m.id), newest, cfg.health.max_generation_lag))
             .collect();
         drop(states);
-        self.views.store(Arc::new(views));
+        self.views.store(Arc::new(Views::new(views)));
     }
+}
 
-    /// Whether the mirror changed state within `window`.
-    pub fn changed_within(&self, id: &str, window: Duration) -> bool {
-        self.last_change
-            .lock()
-            .ok()
-            .and_then(|lc| lc.get(id).map(|t| t.elapsed() < window))
-            .unwrap_or(false)
+/// One snapshot of every mirror as the query path sees it, with a
+/// fingerprint of the mirrors' coordinates: per-location caches of
+/// distances stay valid exactly as long as the fingerprint is unchanged
+/// (health changes every probe round; coordinates only on a reload).
+#[derive(Debug)]
+pub struct Views {
+    pub mirrors: Vec<MirrorView>,
+    pub coords: u64,
+}
+
+impl Views {
+    pub fn new(mirrors: Vec<MirrorView>) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = rustc_hash::FxHasher::default();
+        for m in &mirrors {
+            m.lat.to_bits().hash(&mut h);
+            m.lon.to_bits().hash(&mut h);
+        }
+        mirrors.len().hash(&mut h);
+        Views {
+            coords: h.finish(),
+            mirrors,
+        }
+    }
+}
+
+impl std::ops::Deref for Views {
+    type Target = [MirrorView];
+    fn deref(&self) -> &[MirrorView] {
+        &self.mirrors
     }
 }
 
@@ -305,6 +318,7 @@ fn view(m: &Mirror, st: Option<&ProbeState>, newest: u64, lag: u64) -> MirrorVie
             draining: st.draining || st.forced == Forced::Drain,
             forced_down: st.forced == Forced::Down,
             load,
+            changed_at: st.changed_at,
         },
     }
 }

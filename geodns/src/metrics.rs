@@ -41,14 +41,7 @@ impl DnsMetrics {
         let m = DnsMetrics {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             noerror: rcodes.with_label_values(&["NOERROR"]),
-            rcodes: IntCounterVec::new(
-                Opts::new(
-                    "meridian_geodns_responses_total",
-                    "Responses by response code",
-                ),
-                &["rcode"],
-            )
-            .expect("metric"),
+            rcodes,
             countries: IntCounterVec::new(
                 Opts::new(
                     "meridian_geodns_queries_by_country_total",
@@ -91,31 +84,46 @@ impl DnsMetrics {
         }
         m
     }
-    fn cached(&self, family: u8, vec: &IntCounterVec, label: &str) {
+    fn cached(&self, family: u8, vec: &IntCounterVec, label: &str, n: u64) {
         COUNTERS.with(|c| {
             let mut c = c.borrow_mut();
             let inner = c.entry((self.id, family)).or_default();
             // Lookup by &str without allocating; allocate only on a miss.
             if let Some(counter) = inner.get(label) {
-                counter.inc();
+                counter.inc_by(n);
                 return;
             }
             let counter = vec.with_label_values(&[label]);
-            counter.inc();
+            counter.inc_by(n);
             inner.insert(label.to_owned(), counter);
         });
     }
+    /// `n` NOERROR responses at once (the UDP fast path tallies a batch).
+    pub fn noerror_by(&self, n: u64) {
+        if n > 0 {
+            self.noerror.inc_by(n);
+        }
+    }
+    /// `n` addresses of mirror `id` handed out.
+    pub fn answer_by(&self, id: &str, n: u64) {
+        self.cached(2, &self.answers, id, n);
+    }
+    /// The counter for queries from country `c`, for a caller that keeps
+    /// its own tally and adds it in batches.
+    pub fn country_counter(&self, c: &str) -> IntCounter {
+        self.countries.with_label_values(&[c])
+    }
     pub fn rcode(&self, c: &str) {
-        self.cached(0, &self.rcodes, c);
+        self.cached(0, &self.rcodes, c, 1);
     }
     pub fn rcode_noerror(&self) {
         self.noerror.inc();
     }
     pub fn country(&self, c: &str) {
-        self.cached(1, &self.countries, c);
+        self.cached(1, &self.countries, c, 1);
     }
     pub fn answer(&self, id: &str) {
-        self.cached(2, &self.answers, id);
+        self.cached(2, &self.answers, id, 1);
     }
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

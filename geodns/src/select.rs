@@ -44,6 +44,17 @@ pub struct Health {
     pub forced_down: bool,
     /// egress / capacity (0 = idle, 1 = at capacity).
     pub load: f64,
+    /// When the mirror last went up, down or draining (answers naming it
+    /// get the short TTL for a while after).
+    pub changed_at: Option<std::time::Instant>,
+}
+
+impl Health {
+    /// Whether the state changed less than `window` before `now`.
+    pub fn changed_within(&self, window: std::time::Duration, now: std::time::Instant) -> bool {
+        self.changed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < window)
+    }
 }
 
 /// A mirror as the selector sees it.
@@ -138,15 +149,28 @@ fn unit(r: u64) -> f64 {
 
 /// Draws one index from `pool` with probability proportional to `w`.
 fn draw(pool: &[usize], w: impl Fn(usize) -> f64, r: u64) -> usize {
-    let total: f64 = pool.iter().map(|&i| w(i)).sum();
+    draw_from(|| pool.iter().copied(), w, r).unwrap_or(pool[pool.len() - 1])
+}
+
+/// [`draw`] over a pool given as a repeatable iterator (two passes: the
+/// total, then the pick), so a caller need not collect it. `None` only for
+/// an empty pool.
+fn draw_from<I: Iterator<Item = usize>>(
+    pool: impl Fn() -> I,
+    w: impl Fn(usize) -> f64,
+    r: u64,
+) -> Option<usize> {
+    let total: f64 = pool().map(&w).sum();
     let mut x = unit(r) * total;
-    for &i in pool {
+    let mut last = None;
+    for i in pool() {
         x -= w(i);
         if x < 0.0 {
-            return i;
+            return Some(i);
         }
+        last = Some(i);
     }
-    pool[pool.len() - 1]
+    last
 }
 
 /// Chooses mirrors for one answer. `random` spreads clients among equals.
@@ -242,6 +266,51 @@ pub fn select_with_distances(
     }
 }
 
+/// Every mirror index, nearest first, for [`select_ranked`]: a stable sort
+/// by distance, so equal distances keep config order as in
+/// [`select_with_distances`].
+pub fn rank(dists: &[f64]) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..dists.len() as u32).collect();
+    order.sort_by(|&a, &b| dists[a as usize].total_cmp(&dists[b as usize]));
+    order
+}
+
+/// [`select_with_distances`] for a located client without allocating: the
+/// hot query path caches `order` ([`rank`] of `dists`) per client location
+/// and reuses `picks`. When at least one mirror is usable it writes the very
+/// picks [`select_with_distances`] returns for the same inputs (not
+/// degraded) and returns true; otherwise it returns false and the caller
+/// takes the general path (fallback or least-bad).
+#[allow(clippy::too_many_arguments)]
+pub fn select_ranked(
+    client: &Location,
+    dists: &[f64],
+    order: &[u32],
+    family: Family,
+    mirrors: &[MirrorView],
+    p: &Params,
+    random: u64,
+    picks: &mut Vec<usize>,
+) -> bool {
+    let ok = |i: usize| {
+        mirrors
+            .get(i)
+            .is_some_and(|m| m.has(family) && m.admits(Some(client)) && m.usable(p.full_at))
+    };
+    let dist = |i: usize| dists.get(i).copied().unwrap_or(f64::MAX);
+    let ranked = || order.iter().map(|&i| i as usize).filter(move |&i| ok(i));
+    let Some(nearest) = ranked().next() else {
+        return false;
+    };
+    let limit = dist(nearest) * p.band + p.band_km;
+    let band = || ranked().filter(move |&i| dist(i) <= limit);
+    let first = draw_from(band, |i| mirrors[i].share(p.full_at), random).unwrap_or(nearest);
+    picks.clear();
+    picks.push(first);
+    picks.extend(ranked().filter(|&i| i != first).take(p.answers.max(1) - 1));
+    true
+}
+
 fn least_bad(
     client: Option<&Location>,
     mut pool: Vec<usize>,
@@ -323,6 +392,73 @@ mod tests {
                 current: true,
                 ..Default::default()
             },
+        }
+    }
+
+    proptest::proptest! {
+        /// The allocation-free hot-path selector gives exactly the general
+        /// selector's answer whenever it answers at all, and declines only
+        /// when the general one has no usable mirror (fallback/least-bad).
+        #[test]
+        fn ranked_selection_equals_the_general_one(
+            mirrors in proptest::collection::vec(
+                (-80.0f64..80.0, -179.0f64..179.0, 0u8..8, 0.0f64..1.2, 0.5f64..3.0, 0u8..4),
+                1..12,
+            ),
+            lat in -80.0f64..80.0,
+            lon in -179.0f64..179.0,
+            answers in 1usize..4,
+            band in 1.0f64..2.0,
+            random in proptest::prelude::any::<u64>(),
+            v6 in proptest::prelude::any::<bool>(),
+        ) {
+            let views: Vec<MirrorView> = mirrors
+                .iter()
+                .enumerate()
+                .map(|(i, &(la, lo, state, load, weight, restrict))| {
+                    let mut v = m(&format!("m{i}"), la, lo);
+                    // Coarse grid so equal distances (ties) happen too.
+                    v.lat = (la / 20.0).round() * 20.0;
+                    v.lon = (lo / 40.0).round() * 40.0;
+                    v.weight = weight;
+                    v.health.up = state & 1 == 0;
+                    v.health.current = state & 2 == 0;
+                    v.health.draining = state & 4 != 0 && state & 1 != 0;
+                    v.health.load = load;
+                    if restrict == 1 {
+                        v.countries = vec!["DE".into()];
+                    }
+                    if restrict == 2 {
+                        v.continents = vec!["EU".into()];
+                    }
+                    if i % 3 == 2 {
+                        v.v6 = vec![Ipv6Addr::LOCALHOST];
+                    }
+                    v
+                })
+                .collect();
+            let client = Location {
+                lat,
+                lon,
+                country: Some("DE".into()),
+                continent: Some("EU".into()),
+            };
+            let p = Params { answers, band, band_km: 50.0, full_at: 0.9, fallback: vec![] };
+            let family = if v6 { Family::V6 } else { Family::V4 };
+            let dists: Vec<f64> = views
+                .iter()
+                .map(|v| distance_km(lat, lon, v.lat, v.lon))
+                .collect();
+            let general = select_with_distances(Some(&client), &dists, family, &views, &p, random);
+            let mut picks = vec![99];
+            let answered = select_ranked(&client, &dists, &rank(&dists), family, &views, &p, random, &mut picks);
+            match general {
+                Choice::Mirrors { picks: g, degraded: false } => {
+                    proptest::prop_assert!(answered);
+                    proptest::prop_assert_eq!(g, picks);
+                }
+                _ => proptest::prop_assert!(!answered),
+            }
         }
     }
     fn world() -> Vec<MirrorView> {

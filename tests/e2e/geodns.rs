@@ -219,6 +219,12 @@ impl Dns {
             _ => None,
         }
     }
+    /// The A answer for the mirror name, asked over UDP with ECS `net/len`.
+    async fn dl_a(&self, net: &str, len: u8) -> Message {
+        self.udp(&query("dl.meridian.test.", RecordType::A, Some((net, len))))
+            .await
+            .unwrap()
+    }
     async fn udp(&self, m: &Message) -> Option<Message> {
         let raw = self.udp_raw(&m.to_vec().unwrap()).await?;
         Message::from_vec(&raw).ok()
@@ -322,14 +328,7 @@ async fn protocol_basics_over_udp_and_tcp() {
 async fn ecs_and_source_address_steer_and_scope_is_honest() {
     for dbip in [false, true] {
         let dns = start(dbip, "").await;
-        let r = dns
-            .udp(&query(
-                "dl.meridian.test.",
-                RecordType::A,
-                Some(("36.68.0.0", 16)),
-            ))
-            .await
-            .unwrap();
+        let r = dns.dl_a("36.68.0.0", 16).await;
         assert_eq!(
             a_records(&r)[0],
             "127.0.10.1".parse::<IpAddr>().unwrap(),
@@ -343,14 +342,7 @@ async fn ecs_and_source_address_steer_and_scope_is_honest() {
         });
         assert_eq!(scope, Some(16), "scope is the GeoIP network's prefix");
         // Unknown network: no location, scope 0.
-        let r = dns
-            .udp(&query(
-                "dl.meridian.test.",
-                RecordType::A,
-                Some(("8.8.8.0", 24)),
-            ))
-            .await
-            .unwrap();
+        let r = dns.dl_a("8.8.8.0", 24).await;
         let scope = r.edns.as_ref().and_then(|e| {
             match e.option(hickory_proto::rr::rdata::opt::EdnsCode::Subnet) {
                 Some(EdnsOption::Subnet(s)) => Some(s.scope_prefix()),
@@ -369,14 +361,7 @@ async fn ecs_and_source_address_steer_and_scope_is_honest() {
         assert_eq!(a_records(&r)[0], "127.0.10.1".parse::<IpAddr>().unwrap());
         // Hanging and garbage status endpoints keep those mirrors out, even
         // for clients nearest to them.
-        let r = dns
-            .udp(&query(
-                "dl.meridian.test.",
-                RecordType::A,
-                Some(("200.147.0.0", 16)),
-            ))
-            .await
-            .unwrap();
+        let r = dns.dl_a("200.147.0.0", 16).await;
         let got = a_records(&r);
         assert!(
             !got.contains(&"127.0.10.4".parse().unwrap())
@@ -619,15 +604,7 @@ async fn a_bad_config_is_refused_and_a_good_one_is_reloaded() {
     dns._p
         .wait_line("configuration NOT reloaded", Duration::from_secs(20));
     assert_eq!(
-        a_records(
-            &dns.udp(&query(
-                "dl.meridian.test.",
-                RecordType::A,
-                Some(("81.2.69.0", 24))
-            ))
-            .await
-            .unwrap()
-        )[0],
+        a_records(&dns.dl_a("81.2.69.0", 24).await)[0],
         "127.0.10.2".parse::<IpAddr>().unwrap()
     );
     // A new static record: reloaded on SIGHUP (and on change).
@@ -653,4 +630,60 @@ async fn a_bad_config_is_refused_and_a_good_one_is_reloaded() {
     )
     .await;
     assert_eq!(got, vec!["192.0.2.77".parse::<IpAddr>().unwrap()]);
+}
+
+/// The UDP fast path tallies its metrics per batch: every answer it gives
+/// must still show up in `/metrics` (responses by code, answers by mirror,
+/// queries by country).
+#[tokio::test]
+async fn fast_path_answers_are_counted_in_the_metrics() {
+    let dns = start(false, "").await;
+    let http = reqwest::Client::new();
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let scrape = || async {
+        http.get(format!("http://{}/metrics", dns.admin))
+            .bearer_auth("t0k")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = scrape().await;
+    let noerror0 = metric(
+        &before,
+        "meridian_geodns_responses_total{rcode=\"NOERROR\"}",
+    );
+    let jakarta0 = metric(&before, "meridian_geodns_answers_total{mirror=\"jakarta\"}");
+    let id0 = metric(
+        &before,
+        "meridian_geodns_queries_by_country_total{country=\"ID\"}",
+    );
+    const N: u64 = 20;
+    for _ in 0..N {
+        let r = dns.dl_a("36.68.0.0", 16).await;
+        assert_eq!(a_records(&r)[0], "127.0.10.1".parse::<IpAddr>().unwrap());
+    }
+    eventually(
+        "the fast path's answers to reach /metrics",
+        Duration::from_secs(10),
+        || async {
+            let t = scrape().await;
+            let noerror = metric(&t, "meridian_geodns_responses_total{rcode=\"NOERROR\"}");
+            let jakarta = metric(&t, "meridian_geodns_answers_total{mirror=\"jakarta\"}");
+            let id = metric(
+                &t,
+                "meridian_geodns_queries_by_country_total{country=\"ID\"}",
+            );
+            (noerror >= noerror0 + N && jakarta >= jakarta0 + N && id >= id0 + N).then_some(())
+        },
+    )
+    .await;
 }
