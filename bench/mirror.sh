@@ -7,7 +7,8 @@
 #   4. full initial sync, 10,000 files / ~2 GiB            vs rsync daemon (rsync -a)
 #   5. incremental sync, 100,000 files, 100 changed        vs rsync -a --delete
 # usage: bench/mirror.sh [quick]   (quick: smaller trees, for a smoke run)
-#        ONLY=serve|repl bench/mirror.sh   (just the serving or replication part)
+#        ONLY=serve|repl|full|inc bench/mirror.sh   (just the serving part, the
+#        replication part, or one replication figure)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=${1:-}
@@ -15,6 +16,7 @@ W=$(mktemp -d /var/tmp/meridian-mbench.XXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.5; rm -rf "$W"; }
 trap cleanup EXIT
+[ -n "${KEEP:-}" ] && trap - EXIT   # KEEP=1: leave the work directory and servers for inspection
 ulimit -n 65536 2>/dev/null || ulimit -n 20000
 cargo build --release --bins -q
 B=$PWD/target/release/meridian
@@ -29,7 +31,7 @@ rss_peak() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 # ---------- serving: one tree, served by nginx and by a Meridian mirror ----------
 S=$W/serve; mkdir -p "$S/content"
 $B keygen --out "$S/key" > "$S/keygen.txt"; PK=$(grep ed25519 "$S/keygen.txt")
-if [ "${ONLY:-all}" != repl ]; then
+if [ "${ONLY:-all}" = all ] || [ "${ONLY:-all}" = serve ]; then
 head -c $((1024 * 1024 * 1024)) /dev/zero | tr '\0' 'M' > "$S/content/big.img"
 head -c 4096 /dev/urandom > "$S/content/small.bin"
 head -c $((1024 * 1024)) /dev/urandom > "$S/content/medium.bin"
@@ -101,6 +103,7 @@ pid file = $R/rsyncd.pid
   read only = yes
 RSYNCD
 
+if [ "${ONLY:-all}" != inc ]; then
 echo; echo "== 4. full initial sync, $N_FULL files"
 python3 - "$R/full" "$N_FULL" <<'PY'
 import os, sys
@@ -128,7 +131,10 @@ wait_log "$R/m-full.log" "now serving generation"; t1=$(date +%s.%N)
 MS=$(python3 -c "print(f'{$t1-$t0:.2f}')"); echo "meridian mirror $MS s (every blob blake3-verified, fsynced, switched atomically)"
 echo "ratio meridian/rsync: $(python3 -c "print(f'{$MS/$RS:.2f}')")"
 kill $MP $OP
+fi
 
+[ "${ONLY:-all}" = full ] && exit 0
+rsync --daemon --config="$R/rsyncd.conf" --port=18730 --address=127.0.0.1 2>/dev/null || true; sleep 0.5
 echo; echo "== 5. incremental sync, $N_INC files, 100 changed"
 python3 bench/gen_tree.py "$R/inc" "$N_INC" 2>/dev/null
 rsync -a rsync://127.0.0.1:18730/inc/ "$R/rsync-inc/"

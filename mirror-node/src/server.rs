@@ -62,6 +62,9 @@ impl Published for MirrorService {
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.state.notify.subscribe()
     }
+    fn deltas(&self) -> Option<&meridian_serve::readapi::DeltaCache> {
+        Some(&self.state.deltas)
+    }
 }
 
 /// The status document GeoDNS probes.

@@ -48,6 +48,8 @@ pub struct MirrorState {
     pub active: Arc<AtomicUsize>,
     /// Wakes the syncer to repair the served generation (scrubber).
     pub repair: Notify,
+    /// Tree deltas this mirror synced by, served on to downstream mirrors.
+    pub deltas: meridian_serve::readapi::DeltaCache,
 }
 
 impl MirrorState {
@@ -78,6 +80,7 @@ impl MirrorState {
             egress_rate: AtomicU64::new(0),
             active: Arc::new(AtomicUsize::new(0)),
             repair: Notify::new(),
+            deltas: Default::default(),
         })
     }
 

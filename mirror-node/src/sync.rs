@@ -720,9 +720,17 @@ impl Syncer {
                     .inc_by(bytes.len() as u64);
                 let state = self.state.clone();
                 let served = served.clone();
-                tokio::task::spawn_blocking(move || apply_delta(&state, &served, to, &bytes))
-                    .await
-                    .map_err(|e| FetchFail::Transport(e.to_string()))?
+                let t0 = Instant::now();
+                let bytes = bytes::Bytes::from(bytes);
+                let b2 = bytes.clone();
+                let nodes =
+                    tokio::task::spawn_blocking(move || apply_delta(&state, &served, to, &b2))
+                        .await
+                        .map_err(|e| FetchFail::Transport(e.to_string()))??;
+                tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "tree delta applied");
+                // Verified (every node it rebuilds matched its hash): pass it on.
+                self.state.deltas.insert(from, to, bytes);
+                Ok(nodes)
             }
             .await;
             match got {
@@ -1074,7 +1082,51 @@ fn apply_delta(
         return Err(bad("it connects other trees than asked".into()));
     }
     let mut out: HashMap<Hash, Arc<DirNode>> = HashMap::with_capacity(d.nodes.len());
-    for edit in &d.nodes {
+    // Edits of nodes the mirror holds are independent: rebuilt (merge,
+    // encode, hash, store) on a few threads at once. An edit whose base is
+    // another rebuilt node (rare) waits for the sequential pass below.
+    let apply_one = |edit: &meridian_core::delta::NodeEdit, base: Option<&DirNode>| {
+        let (node, enc) = edit.apply(base).map_err(|e| bad(e.to_string()))?;
+        state
+            .store
+            .put_bytes(&edit.hash, &enc)
+            .map_err(FetchFail::Local)?;
+        Ok::<_, FetchFail>((edit.hash, Arc::new(node)))
+    };
+    let (independent, dependent): (Vec<_>, Vec<_>) = d
+        .nodes
+        .iter()
+        .partition(|e| e.base.as_ref().is_none_or(|b| served.nodes.contains_key(b)));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(independent.len().div_ceil(16).max(1));
+    let chunk = independent.len().div_ceil(threads).max(1);
+    type Rebuilt = Result<Vec<(Hash, Arc<DirNode>)>, FetchFail>;
+    let results: Vec<Rebuilt> = std::thread::scope(|s| {
+        let workers: Vec<_> = independent
+            .chunks(chunk)
+            .map(|edits| {
+                s.spawn(move || {
+                    edits
+                        .iter()
+                        .map(|e| {
+                            let base = e.base.as_ref().and_then(|b| served.nodes.get(b));
+                            apply_one(e, base.map(|b| &**b))
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    for r in results {
+        out.extend(r?);
+    }
+    for edit in dependent {
         let base = match &edit.base {
             Some(b) => Some(
                 out.get(b)
@@ -1084,14 +1136,8 @@ fn apply_delta(
             ),
             None => None,
         };
-        let (node, enc) = edit
-            .apply(base.as_deref())
-            .map_err(|e| bad(e.to_string()))?;
-        state
-            .store
-            .put_bytes(&edit.hash, &enc)
-            .map_err(FetchFail::Local)?;
-        out.insert(edit.hash, Arc::new(node));
+        let (h, node) = apply_one(edit, base.as_deref())?;
+        out.insert(h, node);
     }
     if !out.contains_key(&to) {
         return Err(bad("it does not rebuild the top node".into()));

@@ -74,6 +74,14 @@ pub struct Shared {
     pub latest: ArcSwapOption<VerifiedRoot>,
     pub notify: watch::Sender<u64>,
     pub metrics: OriginMetrics,
+    /// Objects published since the background copier last looked: with
+    /// link snapshots these may still need a private copy. Only what a
+    /// publish added is queued, so that work is O(changed), not O(tree).
+    pub to_promote: std::sync::Mutex<Vec<Hash>>,
+    /// The delta from the previous tree to each new one, computed while
+    /// publishing (the new nodes are still in memory), so mirrors syncing
+    /// the new generation get it without waiting for it.
+    pub deltas: meridian_serve::readapi::DeltaCache,
 }
 
 impl Shared {
@@ -91,6 +99,9 @@ pub struct Publisher {
     cache: HashCache,
     previous_leaves: HashMap<String, Entry>,
     unreferenced_since: HashMap<Hash, Instant>,
+    /// When garbage collection next has something to do (an unreferenced
+    /// object's grace ends, or a generation kept for its age ages out).
+    gc_next: Option<Instant>,
     /// Paths skipped by the previous scan, so each problem is logged once.
     reported: HashSet<(String, &'static str)>,
     /// Set after the last scan if some files were still settling.
@@ -194,6 +205,8 @@ impl Publisher {
             latest: ArcSwapOption::from(latest.clone().map(Arc::new)),
             notify,
             metrics,
+            to_promote: std::sync::Mutex::new(Vec::new()),
+            deltas: Default::default(),
         });
         let mut previous_leaves = HashMap::new();
         if let Some(l) = &latest {
@@ -223,6 +236,7 @@ impl Publisher {
             cache,
             previous_leaves,
             unreferenced_since: HashMap::new(),
+            gc_next: None,
             reported: HashSet::new(),
             needs_retry: false,
             snapshot,
@@ -376,6 +390,9 @@ impl Publisher {
             bytes: built.bytes,
         };
         let envelope = SignedRoot::sign(&root, &self.key).encode();
+        if let Some(l) = &latest {
+            self.precompute_delta(l.root.tree, &built);
+        }
         let t_nodes = t0.elapsed();
         self.shared.store.sync_objects(&written)?;
         let t_sync = t0.elapsed();
@@ -392,6 +409,11 @@ impl Publisher {
             envelope,
         };
         self.shared.latest.store(Some(Arc::new(verified)));
+        if self.snapshot == Snapshot::Link
+            && let Ok(mut q) = self.shared.to_promote.lock()
+        {
+            q.extend(&out.new_objects);
+        }
         self.shared.notify.send_replace(generation);
         m.generations_published.inc();
         m.latest_generation.set(generation as i64);
@@ -428,15 +450,24 @@ impl Publisher {
         let mut gens = list_generations(&self.shared.roots_dir)?;
         gens.sort_unstable_by(|a, b| b.cmp(a));
         let now = SystemTime::now();
+        let t = Instant::now();
+        let mut next: Option<Instant> = None;
         let mut keep = Vec::new();
         for (i, g) in gens.iter().enumerate() {
             let path = self.shared.root_path(*g);
-            let young = std::fs::metadata(&path)
+            let age = std::fs::metadata(&path)
                 .and_then(|m| m.modified())
                 .ok()
-                .and_then(|t| now.duration_since(t).ok())
-                .is_some_and(|age| age < self.cfg.retain_age);
+                .and_then(|t| now.duration_since(t).ok());
+            let young = age.is_some_and(|age| age < self.cfg.retain_age);
             if i < self.cfg.retain_generations.max(1) || young {
+                if i >= self.cfg.retain_generations.max(1)
+                    && let Some(age) = age
+                {
+                    // Kept only for its age: collectable once it ages out.
+                    let out = t + (self.cfg.retain_age - age);
+                    next = Some(next.map_or(out, |n| n.min(out)));
+                }
                 keep.push(*g);
             } else {
                 std::fs::remove_file(&path).map_err(state_err(&path))?;
@@ -444,7 +475,6 @@ impl Publisher {
         }
         let reachable = self.reachable(&keep)?;
         let grace = self.cfg.gc_grace;
-        let t = Instant::now();
         let mut removed = 0;
         let mut still: HashMap<Hash, Instant> = HashMap::new();
         for h in self.shared.store.list()? {
@@ -457,14 +487,45 @@ impl Publisher {
                 removed += 1;
             } else {
                 still.insert(h, since);
+                let due = since + grace;
+                next = Some(next.map_or(due, |n| n.min(due)));
             }
         }
         self.unreferenced_since = still;
+        self.gc_next = next;
         self.shared
             .metrics
             .gc_objects_removed
             .inc_by(removed as u64);
         Ok(removed)
+    }
+
+    /// Fills the delta cache with `from` → the tree just built. New nodes
+    /// come from memory; old ones from the store, checked against their hash.
+    fn precompute_delta(&self, from: Hash, built: &meridian_core::tree::BuiltTree) {
+        let mem: HashMap<Hash, &Vec<u8>> = built.nodes.iter().map(|(h, b)| (*h, b)).collect();
+        let store = &self.shared.store;
+        let delta = meridian_core::delta::encode_between(from, built.tree, |h| match mem.get(h) {
+            Some(b) => Some((*b).clone()),
+            None => store
+                .read(h)
+                .ok()
+                .filter(|b| meridian_core::hash_bytes(b) == *h),
+        });
+        match delta {
+            Ok(d) if d.len() as u64 <= meridian_core::delta::MAX_DELTA_BYTES => {
+                self.shared.deltas.insert(from, built.tree, d.into());
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "no tree delta precomputed"),
+        }
+    }
+
+    /// When [`Publisher::gc`] next has work that needs no new publish: an
+    /// unreferenced object's grace ending, or a generation kept only for its
+    /// age aging out. `None` until a publish changes things.
+    pub fn gc_next(&self) -> Option<Instant> {
+        self.gc_next
     }
 
     /// Seconds until the newest generation should be re-signed.

@@ -1,7 +1,7 @@
 //! Running the origin: key loading, the publish loop and the HTTP service.
 
 use crate::config::OriginConfig;
-use crate::publisher::{PublishError, Publisher, Shared};
+use crate::publisher::{PublishError, PublishOutcome, Publisher, Shared};
 use crate::watcher::{ChangeSignal, watch};
 use http::{Method, Response, StatusCode};
 use hyper::body::Incoming;
@@ -80,6 +80,9 @@ impl Published for Origin {
     }
     fn subscribe(&self) -> tokio_watch::Receiver<u64> {
         self.shared.notify.subscribe()
+    }
+    fn deltas(&self) -> Option<&meridian_serve::readapi::DeltaCache> {
+        Some(&self.shared.deltas)
     }
     fn count_object_bytes(&self, bytes: u64) {
         self.shared.metrics.bytes_served.inc_by(bytes);
@@ -223,15 +226,19 @@ impl Origin {
     }
 }
 
-/// Makes private copies of hashed-in-place (linked) objects, at start and
-/// after every publish, one at a time in the background. Until then such an
-/// object is copied on its first read.
+/// Makes private copies of hashed-in-place (linked) objects in the
+/// background, one at a time: at start every linked object without a copy
+/// (a full listing, to finish what a restart interrupted), then after each
+/// publish only the objects that publish added. Until then such an object
+/// is copied on its first read.
 async fn promote_loop(shared: Arc<Shared>, mut shutdown: tokio_watch::Receiver<bool>) {
     let mut generations = shared.notify.subscribe();
+    let mut first = true;
     loop {
         let s = shared.clone();
         let stop = shutdown.clone();
-        let _ = tokio::task::spawn_blocking(move || promote_linked(&s, &stop)).await;
+        let full = std::mem::take(&mut first);
+        let _ = tokio::task::spawn_blocking(move || promote_linked(&s, &stop, full)).await;
         tokio::select! {
             r = generations.changed() => if r.is_err() { return },
             _ = shutdown.changed() => return,
@@ -239,9 +246,19 @@ async fn promote_loop(shared: Arc<Shared>, mut shutdown: tokio_watch::Receiver<b
     }
 }
 
-fn promote_linked(shared: &Shared, stop: &tokio_watch::Receiver<bool>) {
-    let Ok(linked) = shared.store.list_linked() else {
-        return;
+fn promote_linked(shared: &Shared, stop: &tokio_watch::Receiver<bool>, full: bool) {
+    let queued = shared
+        .to_promote
+        .lock()
+        .map(|mut q| std::mem::take(&mut *q))
+        .unwrap_or_default();
+    let linked = if full {
+        match shared.store.list_linked() {
+            Ok(l) => l,
+            Err(_) => return,
+        }
+    } else {
+        queued
     };
     let (mut copied, mut withdrawn) = (0u64, 0u64);
     for h in linked {
@@ -290,6 +307,9 @@ async fn run_blocking(
     }
 }
 
+/// The longest wait between a publish and the garbage collection after it.
+const GC_DELAY: Duration = Duration::from_secs(30);
+
 async fn publish_loop(
     mut publisher: Publisher,
     cfg: OriginConfig,
@@ -301,6 +321,14 @@ async fn publish_loop(
     // (disk full, unreadable content directory) back off up to 30 s.
     let mut backoff = cfg.quiet;
     let mut failed = false;
+    // Garbage collection reads every retained tree and lists the store, so
+    // it does not run in the publish that mirrors are about to sync: it runs
+    // GC_DELAY (at most; gc_grace if shorter) after the first publish of a
+    // burst, and again when an unreferenced object's grace ends. It shares
+    // this loop with publishing, so the two never overlap (a publish writes
+    // objects before any root references them).
+    let gc_delay = cfg.gc_grace.min(GC_DELAY);
+    let mut gc_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now() + gc_delay);
     loop {
         let mut wait = cfg.rescan.min(publisher.resign_in());
         if failed {
@@ -308,9 +336,25 @@ async fn publish_loop(
         } else if publisher.needs_retry {
             wait = wait.min(cfg.quiet);
         }
+        let gc_sleep = async {
+            match gc_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = signal.wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
+            _ = gc_sleep => {
+                publisher = run_blocking(publisher, |p| {
+                    if let Err(e) = p.gc() {
+                        tracing::warn!(error = %e, "garbage collection failed");
+                    }
+                })
+                .await;
+                gc_at = publisher.gc_next().map(tokio::time::Instant::from_std);
+                continue;
+            }
             _ = shutdown.changed() => return,
         }
         // Debounce: wait until nothing changed for a whole quiet period.
@@ -326,11 +370,13 @@ async fn publish_loop(
         }
         let ok = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ok2 = ok.clone();
+        let published = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let published2 = published.clone();
         publisher = run_blocking(publisher, move |p| match p.publish() {
-            Ok(_) => {
+            Ok(outcome) => {
                 ok2.store(true, std::sync::atomic::Ordering::Relaxed);
-                if let Err(e) = p.gc() {
-                    tracing::warn!(error = %e, "garbage collection failed");
+                if matches!(outcome, PublishOutcome::Published { .. }) {
+                    published2.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             Err(e) => {
@@ -339,6 +385,10 @@ async fn publish_loop(
         })
         .await;
         failed = !ok.load(std::sync::atomic::Ordering::Relaxed);
+        if published.load(std::sync::atomic::Ordering::Relaxed) {
+            let due = tokio::time::Instant::now() + gc_delay;
+            gc_at = Some(gc_at.map_or(due, |t| t.min(due)));
+        }
         backoff = if failed {
             (backoff * 2).min(Duration::from_secs(30))
         } else {

@@ -42,6 +42,50 @@ pub trait Published: Send + Sync + 'static {
     fn subscribe(&self) -> watch::Receiver<u64>;
     /// Counts bytes sent for objects (metrics).
     fn count_object_bytes(&self, _bytes: u64) {}
+    /// Tree deltas already computed or received, served without
+    /// recomputing (`None`: compute every request).
+    fn deltas(&self) -> Option<&DeltaCache> {
+        None
+    }
+}
+
+/// The most recent tree deltas, by the trees they connect. A delta is
+/// immutable (named by both tree hashes), so it is computed once and served
+/// to every mirror that asks: an origin fills it when it publishes (it has
+/// the new nodes in memory), a mirror with the delta it synced by, so
+/// mirrors downstream of it get the same bytes without any work.
+#[derive(Debug, Default)]
+pub struct DeltaCache {
+    entries: std::sync::Mutex<std::collections::VecDeque<(Hash, Hash, bytes::Bytes)>>,
+}
+
+impl DeltaCache {
+    /// Deltas kept, newest first.
+    const ENTRIES: usize = 8;
+    /// Total bytes kept.
+    const BYTES: usize = 64 << 20;
+
+    pub fn get(&self, from: &Hash, to: &Hash) -> Option<bytes::Bytes> {
+        let e = self.entries.lock().ok()?;
+        e.iter()
+            .find(|(f, t, _)| f == from && t == to)
+            .map(|(_, _, b)| b.clone())
+    }
+
+    pub fn insert(&self, from: Hash, to: Hash, delta: bytes::Bytes) {
+        let Ok(mut e) = self.entries.lock() else {
+            return;
+        };
+        if delta.len() > Self::BYTES || e.iter().any(|(f, t, _)| *f == from && *t == to) {
+            return;
+        }
+        e.push_front((from, to, delta));
+        while e.len() > Self::ENTRIES
+            || e.iter().map(|(_, _, b)| b.len()).sum::<usize>() > Self::BYTES
+        {
+            e.pop_back();
+        }
+    }
 }
 
 /// Largest blob (base or target) a patch is computed for.
@@ -178,19 +222,29 @@ async fn route<P: Published>(
                 "delta/{from}/{to}: two tree hashes\n",
             );
         };
+        if let Some(b) = node.deltas().and_then(|c| c.get(&from, &to)) {
+            node.count_object_bytes(b.len() as u64);
+            return binary_response(b, "application/x-meridian-delta", method);
+        }
         let _permit = match diff_permits().acquire().await {
             Ok(p) => p,
             Err(_) => return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
         };
         let store = node.store();
+        let t0 = std::time::Instant::now();
         let delta = tokio::task::block_in_place(|| {
             meridian_core::delta::encode_between(from, to, |h| {
                 store.read(h).ok().filter(|b| hash_bytes(b) == *h)
             })
         });
+        tracing::debug!(seconds = t0.elapsed().as_secs_f64(), %from, %to, "computed tree delta");
         return match delta {
             Ok(b) if b.len() as u64 <= meridian_core::delta::MAX_DELTA_BYTES => {
                 node.count_object_bytes(b.len() as u64);
+                let b = bytes::Bytes::from(b);
+                if let Some(c) = node.deltas() {
+                    c.insert(from, to, b.clone());
+                }
                 binary_response(b, "application/x-meridian-delta", method)
             }
             Ok(_) => text(StatusCode::NOT_FOUND, "delta too large; fetch the nodes\n"),
@@ -278,7 +332,12 @@ fn envelope_response(env: Vec<u8>, method: &Method) -> Response<Body> {
 
 /// An immutable computed answer (a delta or a patch: both are named by the
 /// hashes they connect, so they never change).
-fn binary_response(env: Vec<u8>, content_type: &'static str, method: &Method) -> Response<Body> {
+fn binary_response(
+    env: impl Into<bytes::Bytes>,
+    content_type: &'static str,
+    method: &Method,
+) -> Response<Body> {
+    let env: bytes::Bytes = env.into();
     let len = env.len();
     let body = if *method == Method::HEAD {
         crate::body::empty()
@@ -292,4 +351,44 @@ fn binary_response(env: Vec<u8>, content_type: &'static str, method: &Method) ->
         .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
         .body(body)
         .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, ""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(i: u8) -> Hash {
+        meridian_core::hash_bytes(&[i])
+    }
+
+    #[test]
+    fn the_delta_cache_keeps_the_newest_within_its_bounds() {
+        let c = DeltaCache::default();
+        assert!(c.get(&h(0), &h(1)).is_none());
+        for i in 0..20u8 {
+            c.insert(h(i), h(i + 1), bytes::Bytes::from(vec![i; 10]));
+        }
+        // The newest ENTRIES are kept, the oldest dropped.
+        assert_eq!(c.get(&h(19), &h(20)).unwrap()[0], 19);
+        assert_eq!(c.get(&h(12), &h(13)).unwrap()[0], 12);
+        assert!(c.get(&h(11), &h(12)).is_none());
+        // Direction matters.
+        assert!(c.get(&h(20), &h(19)).is_none());
+        // Bytes are bounded too: one big delta pushes the others out.
+        c.insert(
+            h(100),
+            h(101),
+            bytes::Bytes::from(vec![0u8; DeltaCache::BYTES - 5]),
+        );
+        assert!(c.get(&h(100), &h(101)).is_some());
+        assert!(c.get(&h(19), &h(20)).is_none());
+        // One larger than the whole budget is not kept at all.
+        c.insert(
+            h(102),
+            h(103),
+            bytes::Bytes::from(vec![0u8; DeltaCache::BYTES + 1]),
+        );
+        assert!(c.get(&h(102), &h(103)).is_none());
+        assert!(c.get(&h(100), &h(101)).is_some());
+    }
 }

@@ -570,3 +570,55 @@ async fn corrupt_deltas_and_patches_are_refused_and_the_sync_still_lands() {
         "corrupt deltas and patches count as verification failures:\n{m}"
     );
 }
+
+/// A change spread over many directories (so mirrors rebuild the changed
+/// nodes on several threads) travels as one delta down a chain, origin →
+/// A → B (B gets the delta A synced by), and both serve exactly the tree.
+#[tokio::test]
+async fn a_change_across_many_directories_travels_as_a_delta_down_a_chain() {
+    let o = NoiseOrigin::start(400, 2048, |i| format!("d{:02}/f{i:04}", i % 40));
+    let (content, client) = (o.content.as_path(), &o.client);
+    let (_a, aaddr) = mirror(
+        "a",
+        &[format!("http://{}", o.oaddr)],
+        &o.key,
+        &o.dir.path().join("a"),
+        &[],
+    );
+    let (_b, baddr) = mirror(
+        "b",
+        &[format!("http://{aaddr}")],
+        &o.key,
+        &o.dir.path().join("b"),
+        &[],
+    );
+    let http = http();
+    let g = published(client, content, 0).await;
+    wait_generation(&http, aaddr, g).await;
+    wait_generation(&http, baddr, g).await;
+    let mut before = [0.0f64; 2];
+    for (i, addr) in [aaddr, baddr].iter().enumerate() {
+        let t = meridian_e2e::metrics_text(&http, *addr).await.unwrap();
+        before[i] = metric(&t, "meridian_mirror_manifest_bytes_fetched_total");
+    }
+    // One file in each of the 40 directories.
+    for d in 0..40u32 {
+        let p = content.join(format!("d{d:02}/f{d:04}"));
+        std::fs::write(&p, noise(2048, 10_000 + d)).unwrap();
+    }
+    let g2 = published(client, content, g).await;
+    wait_generation(&http, aaddr, g2).await;
+    wait_generation(&http, baddr, g2).await;
+    for (i, addr) in [aaddr, baddr].iter().enumerate() {
+        serves_exactly(&http, *addr, content).await;
+        let t = meridian_e2e::metrics_text(&http, *addr).await.unwrap();
+        let inc = metric(&t, "meridian_mirror_manifest_bytes_fetched_total") - before[i];
+        // The whole manifest was `before` (400 entries in 41 nodes); the
+        // delta carries 40 entries and the top node's edits.
+        assert!(
+            inc * 3.0 < before[i],
+            "mirror {addr}: {inc} manifest bytes for 40 changed entries of {}",
+            before[i]
+        );
+    }
+}
