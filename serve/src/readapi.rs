@@ -369,8 +369,8 @@ mod tests {
             c.insert(h(i), h(i + 1), bytes::Bytes::from(vec![i; 10]));
         }
         // The newest ENTRIES are kept, the oldest dropped.
-        assert_eq!(c.get(&h(19), &h(20)).unwrap()[0], 19);
-        assert_eq!(c.get(&h(12), &h(13)).unwrap()[0], 12);
+        assert_eq!(c.get(&h(19), &h(20)).expect("newest kept")[0], 19);
+        assert_eq!(c.get(&h(12), &h(13)).expect("eighth newest kept")[0], 12);
         assert!(c.get(&h(11), &h(12)).is_none());
         // Direction matters.
         assert!(c.get(&h(20), &h(19)).is_none());
