@@ -97,14 +97,18 @@ impl Generation {
     /// Resolves a normalised path ("" is the top; no leading slash),
     /// following symlinks inside the tree (at most 8 hops).
     pub fn resolve(&self, path: &str) -> Option<Resolved<'_>> {
-        let mut current = path.to_owned();
+        // No allocation on the way to a file (the download hot path); the
+        // walked prefix is only spelled out for a directory or a symlink.
+        let mut owned: Option<String> = None;
         'hops: for _ in 0..8 {
+            let current: &str = owned.as_deref().unwrap_or(path);
+            let comps = || current.split('/').filter(|c| !c.is_empty());
+            let walked = |n: usize| comps().take(n).collect::<Vec<_>>().join("/");
             let mut dir = self.top()?;
-            let mut walked = String::new();
-            let comps: Vec<&str> = current.split('/').filter(|c| !c.is_empty()).collect();
-            for (i, comp) in comps.iter().enumerate() {
+            let mut it = comps().enumerate().peekable();
+            while let Some((i, comp)) = it.next() {
                 let e = dir.get(comp)?;
-                let last = i + 1 == comps.len();
+                let last = it.peek().is_none();
                 match e.kind {
                     EntryKind::Dir => {
                         dir = self.nodes.get(&e.hash)?;
@@ -113,21 +117,17 @@ impl Generation {
                     EntryKind::File => return None,
                     EntryKind::Symlink => {
                         let target = e.target.as_deref()?;
-                        let mut next = meridian_core::resolve_symlink(&walked, target)?;
-                        for rest in &comps[i + 1..] {
+                        let mut next = meridian_core::resolve_symlink(&walked(i), target)?;
+                        for (_, rest) in it {
                             next.push('/');
                             next.push_str(rest);
                         }
-                        current = next;
+                        owned = Some(next);
                         continue 'hops;
                     }
                 }
-                if !walked.is_empty() {
-                    walked.push('/');
-                }
-                walked.push_str(comp);
             }
-            return Some(Resolved::Dir(walked, dir));
+            return Some(Resolved::Dir(walked(usize::MAX), dir));
         }
         None
     }

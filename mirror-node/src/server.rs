@@ -91,7 +91,7 @@ pub struct Status<'a> {
 /// remaining name must be a valid published name: NUL, control characters,
 /// backslashes and invalid UTF-8 are refused. Returns the path without
 /// leading slash and whether it named a directory (trailing slash).
-pub fn normalise(raw: &str) -> Option<(String, bool)> {
+pub fn normalise(raw: &str) -> Option<(std::borrow::Cow<'_, str>, bool)> {
     // Fast path: a plain path (no escapes, no dot or empty segments) is
     // already normal; it only needs its names checked.
     if let Some(rest) = raw.strip_prefix('/')
@@ -104,7 +104,7 @@ pub fn normalise(raw: &str) -> Option<(String, bool)> {
                 .split('/')
                 .all(|seg| seg != "." && seg != ".." && meridian_core::validate_name(seg).is_ok());
         if plain {
-            return Some((body.to_owned(), trailing || body.is_empty()));
+            return Some((body.into(), trailing || body.is_empty()));
         }
     }
     let bytes: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
@@ -123,16 +123,20 @@ pub fn normalise(raw: &str) -> Option<(String, bool)> {
             }
         }
     }
-    Some((parts.join("/"), trailing))
+    Some((parts.join("/").into(), trailing))
 }
 
 /// Content-Type by file extension.
 pub fn content_type(name: &str) -> &'static str {
-    let ext = name
-        .rsplit_once('.')
-        .map(|(_, e)| e.to_ascii_lowercase())
-        .unwrap_or_default();
-    match ext.as_str() {
+    let ext = name.rsplit_once('.').map_or("", |(_, e)| e);
+    // Lower-cased into a small stack buffer: no allocation per download.
+    let mut buf = [0u8; 8];
+    if ext.len() > buf.len() {
+        return "application/octet-stream";
+    }
+    buf[..ext.len()].copy_from_slice(ext.as_bytes());
+    buf[..ext.len()].make_ascii_lowercase();
+    match std::str::from_utf8(&buf[..ext.len()]).unwrap_or("") {
         "html" | "htm" => "text/html; charset=utf-8",
         "txt" | "md" | "asc" | "sha256" | "sha512" | "sum" => "text/plain; charset=utf-8",
         "css" => "text/css",
@@ -155,6 +159,23 @@ pub fn content_type(name: &str) -> &'static str {
         "svg" => "image/svg+xml",
         _ => "application/octet-stream",
     }
+}
+
+thread_local! {
+    /// The `x-meridian-generation` value last sent on this thread (it only
+    /// changes with a switch; a `HeaderValue` clone is a reference count).
+    static GENERATION_HEADER: std::cell::RefCell<(u64, HeaderValue)> =
+        const { std::cell::RefCell::new((0, HeaderValue::from_static("0"))) };
+}
+
+fn generation_header(n: u64) -> HeaderValue {
+    GENERATION_HEADER.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != n {
+            *c = (n, n.into());
+        }
+        c.1.clone()
+    })
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -246,7 +267,7 @@ impl MirrorService {
                     Some(self.state.egress_total.clone()),
                 );
                 r.headers_mut()
-                    .insert("x-meridian-generation", g.number().into());
+                    .insert("x-meridian-generation", generation_header(g.number()));
                 r
             }
             Some(Resolved::Dir(canonical, node)) => {
@@ -507,7 +528,7 @@ mod tests {
         assert_eq!(normalise("/a/b.txt"), Some(("a/b.txt".into(), false)));
         assert_eq!(normalise("/a//b/./c/"), Some(("a/b/c".into(), true)));
         assert_eq!(normalise("/a/../b"), Some(("b".into(), false)));
-        assert_eq!(normalise("/"), Some((String::new(), true)));
+        assert_eq!(normalise("/"), Some(("".into(), true)));
         for bad in [
             "/../etc/passwd",
             "/%2e%2e/etc/passwd",

@@ -14,14 +14,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What the response says about the file.
 #[derive(Debug, Clone)]
-pub struct FileMeta<'a> {
+pub struct FileMeta {
     pub len: u64,
     pub hash: Hash,
     /// Seconds since the Unix epoch.
     pub mtime: i64,
-    pub content_type: &'a str,
+    pub content_type: &'static str,
     /// `Cache-Control` value.
-    pub cache_control: &'a str,
+    pub cache_control: &'static str,
 }
 
 /// Whole files up to this size are read inline instead of streamed.
@@ -30,6 +30,31 @@ pub const INLINE_MAX: u64 = 64 * 1024;
 fn http_date(secs: i64) -> String {
     httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
 }
+
+thread_local! {
+    /// The last `Last-Modified` value built on this thread: downloads of the
+    /// same files repeat it, and a `HeaderValue` clone is a reference count.
+    static LAST_MODIFIED: std::cell::RefCell<Option<(i64, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn last_modified(secs: i64) -> HeaderValue {
+    LAST_MODIFIED.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some((s, v)) = c.as_ref()
+            && *s == secs
+        {
+            return v.clone();
+        }
+        let v = HeaderValue::from_maybe_shared(Bytes::from(http_date(secs)))
+            .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
+        *c = Some((secs, v.clone()));
+        v
+    })
+}
+
+/// `x-meridian-blake3`: the raw blake3 hash of the representation.
+pub static BLAKE3_HEADER: header::HeaderName = header::HeaderName::from_static("x-meridian-blake3");
 
 fn etag_matches(list: &str, tag: &str, weak_ok: bool) -> bool {
     list.split(',')
@@ -42,30 +67,41 @@ fn etag_matches(list: &str, tag: &str, weak_ok: bool) -> bool {
 pub fn respond(
     method: &Method,
     headers: &HeaderMap,
-    meta: &FileMeta<'_>,
+    meta: &FileMeta,
     open: impl FnOnce() -> std::io::Result<std::fs::File>,
     sent: Option<Arc<AtomicU64>>,
 ) -> Response<Body> {
-    let hex = meta.hash.hex_bytes();
-    let hex = std::str::from_utf8(&hex).unwrap_or_default();
-    // ETag: the blake3 hash, a strong validator.
-    let tag = format!("\"{hex}\"");
-    let last_modified = http_date(meta.mtime);
-    let mut b = Response::builder()
-        .header(header::ETAG, &tag)
-        .header(header::LAST_MODIFIED, &last_modified)
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CACHE_CONTROL, meta.cache_control)
+    // ETag: the blake3 hash in quotes, a strong validator. One buffer holds
+    // it, and the x-meridian-blake3 value is a slice of the same bytes.
+    let mut tag_bytes = Vec::with_capacity(66);
+    tag_bytes.push(b'"');
+    tag_bytes.extend_from_slice(&meta.hash.hex_bytes());
+    tag_bytes.push(b'"');
+    let tag_bytes = Bytes::from(tag_bytes);
+    let tag = std::str::from_utf8(&tag_bytes).unwrap_or_default();
+    let value =
+        |b: Bytes| HeaderValue::from_maybe_shared(b).unwrap_or(HeaderValue::from_static(""));
+    let mut b = Response::builder();
+    if let Some(h) = b.headers_mut() {
+        h.reserve(12);
+        h.insert(header::ETAG, value(tag_bytes.clone()));
+        h.insert(header::LAST_MODIFIED, last_modified(meta.mtime));
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static(meta.cache_control),
+        );
         // blake3 is not in the IANA digest registry; the value is the raw
-        // hash in structured-field byte-sequence form, named explicitly.
-        .header("x-meridian-blake3", hex);
+        // hash in hex, under its own name.
+        h.insert(BLAKE3_HEADER.clone(), value(tag_bytes.slice(1..65)));
+    }
 
     // Conditional requests (RFC 9110 §13.2.2 order).
     let inm = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok());
     if let Some(inm) = inm {
-        if etag_matches(inm, &tag, true) {
+        if etag_matches(inm, tag, true) {
             return not_modified(b);
         }
     } else if let Some(ims) = headers
@@ -128,7 +164,10 @@ pub fn respond(
         RangeResponse::Full => {
             b = b
                 .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, meta.content_type)
+                .header(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(meta.content_type),
+                )
                 .header(header::CONTENT_LENGTH, meta.len);
             body_of(vec![Segment::File {
                 offset: 0,
