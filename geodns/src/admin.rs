@@ -6,7 +6,6 @@ use crate::dns::Runtime;
 use crate::health::{Forced, Tracker, reason};
 use crate::metrics::DnsMetrics;
 use http::{Method, Response, StatusCode};
-use hyper::body::Incoming;
 use meridian_serve::files::text;
 use meridian_serve::{Body, Service, full};
 use serde::Serialize;
@@ -41,7 +40,7 @@ struct MirrorReport<'a> {
 }
 
 impl Service for AdminService {
-    async fn call(&self, req: http::Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+    async fn call(&self, req: http::Request<()>, _peer: SocketAddr) -> Response<Body> {
         let authed = req
             .headers()
             .get(http::header::AUTHORIZATION)

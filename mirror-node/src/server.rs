@@ -13,7 +13,6 @@ use crate::generation::Resolved;
 use crate::state::MirrorState;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use meridian_core::{DirNode, EntryKind, VerifiedRoot};
 use meridian_serve::files::{self, FileMeta, text};
 use meridian_serve::readapi::{self, Published};
@@ -185,7 +184,7 @@ fn class_index(status: StatusCode) -> usize {
 }
 
 impl Service for MirrorService {
-    async fn call(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+    async fn call(&self, req: Request<()>, _peer: SocketAddr) -> Response<Body> {
         let resp = self.route(&req).await;
         let (requests, bytes) = &self.by_class[class_index(resp.status())];
         requests.inc();
@@ -203,7 +202,7 @@ impl Service for MirrorService {
 }
 
 impl MirrorService {
-    async fn route(&self, req: &Request<Incoming>) -> Response<Body> {
+    async fn route(&self, req: &Request<()>) -> Response<Body> {
         let path = req.uri().path();
         if let Some(rest) = path.strip_prefix(readapi::PREFIX) {
             return readapi::handle(self, req.method(), rest, req.uri().query(), req.headers())
@@ -289,7 +288,7 @@ impl MirrorService {
         }
     }
 
-    fn control(&self, req: &Request<Incoming>, rest: &str) -> Response<Body> {
+    fn control(&self, req: &Request<()>, rest: &str) -> Response<Body> {
         let st = &self.state;
         match (req.method(), rest) {
             (&Method::GET, "status") => {
@@ -418,7 +417,7 @@ struct JsonEntry<'a> {
     target: Option<&'a str>,
 }
 
-fn listing(req: &Request<Incoming>, path: &str, node: &DirNode, generation: u64) -> Response<Body> {
+fn listing(req: &Request<()>, path: &str, node: &DirNode, generation: u64) -> Response<Body> {
     let etag = format!("\"dir-{}\"", meridian_core::hash_bytes(&node.encode()));
     if req
         .headers()

@@ -4,7 +4,6 @@ use crate::config::OriginConfig;
 use crate::publisher::{PublishError, PublishOutcome, Publisher, Shared};
 use crate::watcher::{ChangeSignal, watch};
 use http::{Method, Response, StatusCode};
-use hyper::body::Incoming;
 use meridian_core::{SecretKey, VerifiedRoot};
 use meridian_serve::files::text;
 use meridian_serve::readapi::{self, Published};
@@ -90,7 +89,7 @@ impl Published for Origin {
 }
 
 impl Service for Origin {
-    async fn call(&self, req: http::Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+    async fn call(&self, req: http::Request<()>, _peer: SocketAddr) -> Response<Body> {
         let path = req.uri().path();
         if let Some(rest) = path.strip_prefix(readapi::PREFIX) {
             let waiting = rest == "wait";

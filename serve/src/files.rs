@@ -135,9 +135,9 @@ pub fn respond(
         _ => RangeResponse::Full,
     };
     let head_only = *method == Method::HEAD;
-    let body_of = |segs: Vec<Segment>| -> Result<Body, std::io::Error> {
+    let body_of = |segs: Vec<Segment>| -> Result<(Body, Option<SendFile>), std::io::Error> {
         if head_only {
-            return Ok(empty());
+            return Ok((empty(), None));
         }
         let f = open()?;
         // Small whole files are read right here, from the page cache: a
@@ -156,9 +156,20 @@ pub fn respond(
             if let Some(c) = &sent {
                 c.fetch_add(*len, std::sync::atomic::Ordering::Relaxed);
             }
-            return Ok(full(buf));
+            return Ok((full(buf), None));
         }
-        Ok(segments(f, segs, sent.clone()))
+        // The same segments from a second handle on the file, for a server
+        // that can send them with sendfile(2) instead of polling the body.
+        let zero_copy = f.try_clone().ok().map(|file| SendFile {
+            file,
+            segs: segs.clone(),
+            sent: sent.clone(),
+        });
+        Ok((segments(f, segs, sent.clone()), zero_copy))
+    };
+    let with_body = |b: http::response::Builder, (body, zc): (Body, Option<SendFile>)| match zc {
+        Some(zc) => b.extension(Arc::new(zc)).body(body),
+        None => b.body(body),
     };
     let resp = match plan {
         RangeResponse::Full => {
@@ -173,7 +184,7 @@ pub fn respond(
                 offset: 0,
                 len: meta.len,
             }])
-            .map(|body| b.body(body))
+            .map(|body| with_body(b, body))
         }
         RangeResponse::Unsatisfiable => {
             return b
@@ -194,7 +205,7 @@ pub fn respond(
                 offset: a,
                 len: z - a + 1,
             }])
-            .map(|body| b.body(body))
+            .map(|body| with_body(b, body))
         }
         RangeResponse::Partial(ranges) => {
             let boundary = format!("meridian-{}", &meta.hash.to_hex()[..24]);
@@ -224,7 +235,7 @@ pub fn respond(
                     format!("multipart/byteranges; boundary={boundary}"),
                 )
                 .header(header::CONTENT_LENGTH, total);
-            body_of(segs).map(|body| b.body(body))
+            body_of(segs).map(|body| with_body(b, body))
         }
     };
     match resp {
@@ -235,6 +246,17 @@ pub fn respond(
             text(StatusCode::INTERNAL_SERVER_ERROR, "object unavailable\n")
         }
     }
+}
+
+/// A response body that is a file's segments, attached to the response as
+/// an extension next to the equivalent streaming body: the plain-HTTP
+/// server sends it with sendfile(2) (no copy through user space); any other
+/// connection polls the body as usual. `sent` counts bytes sent (egress).
+#[derive(Debug)]
+pub struct SendFile {
+    pub file: std::fs::File,
+    pub segs: Vec<Segment>,
+    pub sent: Option<Arc<AtomicU64>>,
 }
 
 fn not_modified(b: http::response::Builder) -> Response<Body> {

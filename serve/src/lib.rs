@@ -11,6 +11,7 @@
 
 pub mod body;
 pub mod files;
+mod plain;
 pub mod range;
 pub mod readapi;
 pub mod server;

@@ -26,7 +26,7 @@ use tokio::sync::{Semaphore, watch};
 pub trait Service: Send + Sync + 'static {
     fn call(
         &self,
-        req: Request<Incoming>,
+        req: Request<()>,
         peer: SocketAddr,
     ) -> impl Future<Output = Response<Body>> + Send;
 }
@@ -235,26 +235,35 @@ async fn accept_loop<S: Service>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let stream = SendTimeout::new(stream, opts.send_timeout);
+        let send_timeout = opts.send_timeout;
         active.fetch_add(1, Ordering::Relaxed);
         let guard = ConnGuard(active.clone());
         let svc = service.clone();
         let builder = builder.clone();
         let hs_timeout = opts.tls_handshake_timeout;
-        let handler = hyper::service::service_fn(move |req| {
-            let svc = svc.clone();
-            async move { Ok::<_, std::convert::Infallible>(svc.call(req, peer).await) }
+        let svc2 = service.clone();
+        let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let svc = svc2.clone();
+            async move { Ok::<_, std::convert::Infallible>(svc.call(req.map(|_| ()), peer).await) }
         });
         match &tls {
             None => {
-                let conn = builder.serve_connection(TokioIo::new(stream), handler);
-                let conn = graceful.watch(conn);
+                // Plain HTTP: the lean loop, which hands the connection to
+                // hyper if a request needs more than it does.
+                let watcher = graceful.watcher();
+                let (opts, stop) = (opts.clone(), shutdown.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
                     let _guard = guard;
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with error");
-                    }
+                    let hand_off = move |stream: tokio::net::TcpStream, read: bytes::Bytes| async move {
+                        let io =
+                            crate::plain::Rewind::new(read, SendTimeout::new(stream, send_timeout));
+                        let conn = builder.serve_connection(TokioIo::new(io), handler);
+                        if let Err(e) = watcher.watch(conn).await {
+                            tracing::debug!(%peer, error = %e, "connection ended with error");
+                        }
+                    };
+                    crate::plain::serve_conn(stream, peer, svc, opts, stop, hand_off).await;
                 });
             }
             Some(acceptor) => {
@@ -263,6 +272,7 @@ async fn accept_loop<S: Service>(
                 tokio::spawn(async move {
                     let _permit = permit;
                     let _guard = guard;
+                    let stream = SendTimeout::new(stream, send_timeout);
                     let tls_stream =
                         match tokio::time::timeout(hs_timeout, acceptor.accept(stream)).await {
                             Ok(Ok(s)) => s,

@@ -50,6 +50,18 @@ impl Net {
     fn path(&self, p: &str) -> std::path::PathBuf {
         self.dir.path().join(p)
     }
+    /// Mirror "m" of the origin (state in `m/`), once it serves the newest generation.
+    async fn synced_mirror(&self, extra: &[&str]) -> (meridian_e2e::Proc, SocketAddr) {
+        let (p, addr) = mirror(
+            "m",
+            &[format!("http://{}", self.origin)],
+            &self.key,
+            &self.path("m"),
+            extra,
+        );
+        wait_generation(&reqwest::Client::new(), addr, self.generation().await).await;
+        (p, addr)
+    }
 }
 
 fn raw(addr: SocketAddr, request: &str) -> String {
@@ -64,15 +76,7 @@ fn raw(addr: SocketAddr, request: &str) -> String {
 #[tokio::test]
 async fn traversal_attempts_never_escape_the_tree() {
     let net = net(&[("pub/a.txt", b"public")]).await;
-    let (_m, maddr) = mirror(
-        "m",
-        &[format!("http://{}", net.origin)],
-        &net.key,
-        &net.path("m"),
-        &[],
-    );
-    let http = reqwest::Client::new();
-    wait_generation(&http, maddr, net.generation().await).await;
+    let (_m, maddr) = net.synced_mirror(&[]).await;
     // The mirror's own state (keys, roots) sits next to the served tree: try
     // to reach it and /etc/passwd every way a path can be spelled.
     for path in [
@@ -645,4 +649,106 @@ async fn a_client_that_stops_reading_is_disconnected_after_the_send_timeout() {
     )
     .await;
     drop(stalled);
+}
+
+/// The plain-HTTP loop: pipelined requests answered in order, HEAD without a
+/// body, HTTP/1.0 closing, a request with a body handed to hyper mid-
+/// connection, ranges of a large file sent with sendfile, and bad heads.
+#[tokio::test]
+async fn plain_http_pipelining_http10_hand_off_ranges_and_bad_heads() {
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let net = net(&[("a.txt", b"hello"), ("big.bin", &big)]).await;
+    let (_m, maddr) = net.synced_mirror(&[]).await;
+    let split = |resp: &str| -> Vec<(String, String)> {
+        // (head, body) pairs; bodies by content-length.
+        let mut out = Vec::new();
+        let mut rest = resp;
+        while let Some(end) = rest.find("\r\n\r\n") {
+            let head = rest[..end].to_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            let body_len = len;
+            let body_start = end + 4;
+            let body = rest[body_start..(body_start + body_len).min(rest.len())].to_owned();
+            out.push((head, body));
+            rest = &rest[(body_start + body_len).min(rest.len())..];
+        }
+        out
+    };
+
+    // Pipelined: GET, HEAD, GET-and-close in one write.
+    let resp = raw(
+        maddr,
+        "GET /a.txt HTTP/1.1\r\nHost: m\r\n\r\nGET /big.bin HTTP/1.1\r\nHost: m\r\nRange: bytes=100000-100009\r\n\r\nGET /a.txt HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+    );
+    let parts = split(&resp);
+    assert_eq!(parts.len(), 3, "{resp}");
+    assert!(parts[0].0.starts_with("HTTP/1.1 200 OK"), "{}", parts[0].0);
+    assert_eq!(parts[0].1, "hello");
+    assert!(parts[1].0.starts_with("HTTP/1.1 206"), "{}", parts[1].0);
+    assert!(
+        parts[1]
+            .0
+            .contains("content-range: bytes 100000-100009/300000")
+    );
+    assert_eq!(parts[1].1.as_bytes(), &big[100_000..100_010]);
+    assert_eq!(parts[2].1, "hello");
+    assert!(parts[2].0.contains("connection: close"));
+
+    // HEAD: the length, no body; then the connection carries on.
+    let resp = raw(
+        maddr,
+        "HEAD /big.bin HTTP/1.1\r\nHost: m\r\n\r\nGET /a.txt HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+    );
+    let (head, rest) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.contains("content-length: 300000"),
+        "{head}"
+    );
+    assert!(
+        rest.starts_with("HTTP/1.1 200") && rest.ends_with("\r\n\r\nhello"),
+        "{rest}"
+    );
+
+    // HTTP/1.0 without keep-alive: answered, then closed (raw reads to EOF).
+    let resp = raw(maddr, "GET /a.txt HTTP/1.0\r\n\r\n");
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.ends_with("hello"),
+        "{resp}"
+    );
+
+    // A whole large file: every byte, sent with sendfile.
+    let resp = {
+        let mut s = TcpStream::connect(maddr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        out
+    };
+    let at = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(&resp[at..], &big[..]);
+
+    // A request with a body goes to hyper, with the rest of the connection.
+    let resp = raw(
+        maddr,
+        "POST /a.txt HTTP/1.1\r\nHost: m\r\nContent-Length: 3\r\n\r\nabcGET /a.txt HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
+    assert!(resp.ends_with("\r\n\r\nhello"), "{resp}");
+
+    // Bad heads: garbage is 400, a huge head 431; the connection closes.
+    assert!(raw(maddr, "NOT HTTP AT ALL\r\n\r\n").starts_with("HTTP/1.1 400"));
+    let huge = format!(
+        "GET /a.txt HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40_000)
+    );
+    assert!(raw(maddr, &huge).starts_with("HTTP/1.1 431"));
 }

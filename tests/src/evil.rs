@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use meridian_serve::{Body, ServerHandle, ServerOptions, Service, full, serve};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -78,7 +78,7 @@ fn stream(chunks: Vec<Result<Bytes, std::io::Error>>, delay: Option<Duration>) -
 }
 
 impl Service for Evil {
-    async fn call(&self, req: http::Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+    async fn call(&self, req: http::Request<()>, _peer: SocketAddr) -> Response<Body> {
         let path = req
             .uri()
             .path_and_query()

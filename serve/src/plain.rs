@@ -1,0 +1,509 @@
+//! The plain-HTTP/1.1 connection loop: a lean path for what a download
+//! mirror mostly sees (GET and HEAD without a request body, on keep-alive
+//! connections), measured against nginx. Per request it parses the head in
+//! place (`httparse`; header values are slices of the read buffer, not
+//! copies), calls the [`Service`], writes the response head and a small
+//! body in one system call, and sends file bodies with sendfile(2): the
+//! bytes go from the page cache to the socket without passing through user
+//! space.
+//!
+//! Anything else (a request with a body, `Expect`, `Upgrade`, a version
+//! other than 1.0/1.1) hands the connection, with the bytes already read,
+//! to hyper for the rest of its life, so the full protocol is always there.
+//!
+//! Guards, as on every listener: the head must arrive within the header
+//! timeout (slowloris), be at most `max_head_bytes` (431 otherwise), a
+//! client that stops reading is dropped after the send timeout, and an idle
+//! connection holds no buffer.
+
+use crate::body::Segment;
+use crate::files::SendFile;
+use crate::server::{ServerOptions, Service};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Version};
+use http_body_util::BodyExt;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// Most header lines a request may have.
+const MAX_HEADERS: usize = 64;
+/// Read buffer: allocated when a request starts arriving, released while
+/// the connection is idle.
+const READ_CHUNK: usize = 4096;
+/// Response bodies up to this size are copied next to the head and sent
+/// with it in one write.
+const COALESCE: usize = 16 * 1024;
+
+/// What to do with the connection after a request.
+enum Next {
+    KeepAlive,
+    Close,
+    /// Not for this loop: hyper takes the connection, bytes read included.
+    HandOff,
+}
+
+/// Serves one plain-TCP connection until it closes, the peer misbehaves,
+/// or `shutdown` is set (between requests). `hyper_conn` is called with the
+/// stream and the unread bytes when a request needs the full protocol.
+pub(crate) async fn serve_conn<S, H, F>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    service: Arc<S>,
+    opts: ServerOptions,
+    mut shutdown: watch::Receiver<bool>,
+    hyper_conn: H,
+) where
+    S: Service,
+    H: FnOnce(TcpStream, Bytes) -> F,
+    F: std::future::Future<Output = ()>,
+{
+    let mut buf = BytesMut::new();
+    let mut out: Vec<u8> = Vec::new();
+    let header_timeout = opts.header_timeout;
+    let sleep = tokio::time::sleep(header_timeout);
+    tokio::pin!(sleep);
+    loop {
+        // Read until a whole head is buffered, within the header timeout.
+        let started = tokio::time::Instant::now();
+        let deadline = started + header_timeout;
+        // Re-arm the timer only when it moved by more than a second (a
+        // timer-wheel update per request costs more than the precision).
+        if deadline > sleep.deadline() + Duration::from_secs(1) || sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        let parsed = loop {
+            if !buf.is_empty() {
+                match parse(&buf) {
+                    Ok(Some(n)) => break n,
+                    Ok(None) if buf.len() >= opts.max_head_bytes => {
+                        let _ = reply_error(
+                            &stream,
+                            &mut out,
+                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            &opts,
+                        )
+                        .await;
+                        return;
+                    }
+                    Ok(None) => {}
+                    Err(status) => {
+                        let _ = reply_error(&stream, &mut out, status, &opts).await;
+                        return;
+                    }
+                }
+            }
+            if buf.is_empty() {
+                // Idle: hold no buffer while waiting.
+                buf = BytesMut::new();
+                if *shutdown.borrow() {
+                    return;
+                }
+            }
+            tokio::select! {
+                r = stream.readable() => {
+                    if r.is_err() {
+                        return;
+                    }
+                }
+                _ = &mut sleep => {
+                    // Waited too long for a head: close (a partial head gets
+                    // a 408 first, like hyper).
+                    if !buf.is_empty() {
+                        let _ = reply_error(&stream, &mut out, StatusCode::REQUEST_TIMEOUT, &opts).await;
+                    }
+                    return;
+                }
+                _ = shutdown.changed(), if buf.is_empty() => return,
+            }
+            buf.reserve(READ_CHUNK);
+            match stream.try_read_buf(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        };
+        let head = buf.split_to(parsed).freeze();
+        let next = match request(&head) {
+            Ok(Some((req, close))) => {
+                match respond(&stream, &mut out, &*service, req, peer, close, &opts).await {
+                    Ok(true) => Next::Close,
+                    Ok(false) => Next::KeepAlive,
+                    Err(_) => return,
+                }
+            }
+            Ok(None) => Next::HandOff,
+            Err(status) => {
+                let _ = reply_error(&stream, &mut out, status, &opts).await;
+                return;
+            }
+        };
+        match next {
+            Next::KeepAlive if *shutdown.borrow() => return,
+            Next::KeepAlive => {
+                if out.capacity() > 4 * COALESCE {
+                    out = Vec::new();
+                }
+            }
+            Next::Close => return,
+            Next::HandOff => {
+                let mut unread = BytesMut::with_capacity(head.len() + buf.len());
+                unread.extend_from_slice(&head);
+                unread.extend_from_slice(&buf);
+                hyper_conn(stream, unread.freeze()).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Length of the head if `buf` holds a complete one; an error status for
+/// a malformed one.
+fn parse(buf: &[u8]) -> Result<Option<usize>, StatusCode> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        Err(_) => Err(StatusCode::BAD_REQUEST),
+    }
+}
+
+/// A request this loop answers, and whether the client asked to close.
+type Simple = (Request<()>, bool);
+
+/// Builds the request from a complete head; header values share `head`.
+/// `None`: a request for hyper.
+fn request(head: &Bytes) -> Result<Option<Simple>, StatusCode> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Request::new(&mut headers);
+    if !matches!(r.parse(head), Ok(httparse::Status::Complete(_))) {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    let version = match r.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Ok(None),
+    };
+    let method = Method::from_bytes(r.method.unwrap_or("").as_bytes())
+        .map_err(|_| StatusCode::BAD_REQUEST)?;
+    let path = r.path.ok_or(StatusCode::BAD_REQUEST)?;
+    let uri = http::Uri::from_maybe_shared(head.slice_ref(path.as_bytes()))
+        .map_err(|_| StatusCode::BAD_REQUEST)?;
+    let mut map = HeaderMap::with_capacity(r.headers.len());
+    let mut close = version == Version::HTTP_10;
+    for h in r.headers.iter() {
+        let name =
+            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| StatusCode::BAD_REQUEST)?;
+        if name == header::TRANSFER_ENCODING
+            || name == header::EXPECT
+            || name == header::UPGRADE
+            || (name == header::CONTENT_LENGTH && h.value != b"0")
+        {
+            return Ok(None);
+        }
+        if name == header::CONNECTION {
+            for t in h.value.split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    close = false;
+                }
+            }
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+            .map_err(|_| StatusCode::BAD_REQUEST)?;
+        map.append(name, value);
+    }
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = map;
+    Ok(Some((req, close)))
+}
+
+/// Answers one request; Ok(true) if the connection must close after it.
+async fn respond<S: Service>(
+    stream: &TcpStream,
+    out: &mut Vec<u8>,
+    service: &S,
+    req: Request<()>,
+    peer: SocketAddr,
+    mut close: bool,
+    opts: &ServerOptions,
+) -> io::Result<bool> {
+    let head_only = req.method() == Method::HEAD;
+    let version = req.version();
+    let resp = service.call(req, peer).await;
+    let (parts, body) = resp.into_parts();
+    if parts
+        .headers
+        .get(header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+    {
+        close = true;
+    }
+    let status = parts.status;
+    let bodiless = head_only
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let zero_copy = parts.extensions.get::<Arc<SendFile>>().cloned();
+    let exact = hyper::body::Body::size_hint(&body).exact();
+    let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+    // Without a known length: close-delimited (every response we make has
+    // one; this is for completeness).
+    if !has_length && exact.is_none() && !bodiless {
+        close = true;
+    }
+
+    out.clear();
+    write_head(out, version, status, &parts.headers, close);
+    if !has_length
+        && status != StatusCode::NO_CONTENT
+        && !status.is_informational()
+        && let Some(n) = exact
+    {
+        let _ = write!(out, "content-length: {n}\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if bodiless {
+        write_all(stream, out, opts.send_timeout).await?;
+        return Ok(close);
+    }
+    if let Some(zc) = zero_copy {
+        drop(body);
+        write_all(stream, out, opts.send_timeout).await?;
+        send_segments(stream, &zc, opts.send_timeout).await?;
+        return Ok(close);
+    }
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(io::Error::other)?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() <= COALESCE {
+                out.extend_from_slice(&data);
+            } else {
+                write_all(stream, out, opts.send_timeout).await?;
+                out.clear();
+                write_all(stream, &data, opts.send_timeout).await?;
+            }
+        }
+    }
+    write_all(stream, out, opts.send_timeout).await?;
+    Ok(close)
+}
+
+fn write_head(
+    out: &mut Vec<u8>,
+    version: Version,
+    status: StatusCode,
+    headers: &HeaderMap,
+    close: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if name == header::CONNECTION {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+}
+
+thread_local! {
+    /// The `Date` header value of the current second.
+    static DATE: std::cell::RefCell<(u64, [u8; 29])> = const { std::cell::RefCell::new((0, [0; 29])) };
+}
+
+fn date(out: &mut Vec<u8>) {
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let s = httpdate::fmt_http_date(now);
+            if s.len() == 29 {
+                c.1.copy_from_slice(s.as_bytes());
+                c.0 = secs;
+            }
+        }
+        out.extend_from_slice(&c.1);
+    });
+}
+
+/// A minimal error response, then the connection closes.
+async fn reply_error(
+    stream: &TcpStream,
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    opts: &ServerOptions,
+) -> io::Result<()> {
+    out.clear();
+    let mut h = HeaderMap::new();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    write_head(out, Version::HTTP_11, status, &h, true);
+    out.extend_from_slice(b"\r\n");
+    write_all(stream, out, opts.send_timeout).await
+}
+
+/// Writes all of `data`; waits for the socket at most `timeout` at a time
+/// (a client that stops reading is dropped). No timer unless it blocks.
+async fn write_all(stream: &TcpStream, mut data: &[u8], timeout: Duration) -> io::Result<()> {
+    while !data.is_empty() {
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(stream, timeout).await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn writable(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
+    match tokio::time::timeout(timeout, stream.writable()).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client stopped reading (send timeout)",
+        )),
+    }
+}
+
+/// Sends the file's segments: file ranges with sendfile(2), literal bytes
+/// (multipart boundaries) with write. Counts egress. A file that ends early
+/// is an error (the connection closes: a short body, never wrong bytes).
+async fn send_segments(stream: &TcpStream, zc: &SendFile, timeout: Duration) -> io::Result<()> {
+    for seg in &zc.segs {
+        match seg {
+            Segment::Bytes(b) => {
+                write_all(stream, b, timeout).await?;
+                count(zc, b.len() as u64);
+            }
+            Segment::File { offset, len } => {
+                let mut at = *offset;
+                let end = offset + len;
+                while at < end {
+                    let want = usize::try_from(end - at).unwrap_or(usize::MAX).min(1 << 30);
+                    let r = stream.try_io(Interest::WRITABLE, || {
+                        let mut off = at;
+                        rustix::fs::sendfile(stream, &zc.file, Some(&mut off), want)
+                            .map_err(io::Error::from)
+                    });
+                    match r {
+                        Ok(0) => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "file shorter than its manifest size",
+                            ));
+                        }
+                        Ok(n) => {
+                            at += n as u64;
+                            count(zc, n as u64);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            writable(stream, timeout).await?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn count(zc: &SendFile, n: u64) {
+    if let Some(c) = &zc.sent {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A stream that yields `prefix` before reading from `inner`: how a
+/// connection whose first bytes this loop already read is handed to hyper.
+pub(crate) struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub(crate) fn new(prefix: Bytes, inner: T) -> Self {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
