@@ -60,14 +60,17 @@ nginx -c "$S/nginx.conf" -p "$S"; sleep 0.5
 NGINX_PIDS=$(pgrep -f "nginx.*$S/nginx.conf" | tr '\n' ' ')
 PIDS+=($(cat "$S/nginx.pid"))
 
-echo; echo "== 1. single-stream 1 GiB download (curl -o /dev/null), best of 3"
-for name in meridian:18090 nginx:18091; do
-  best=0
-  for _ in 1 2 3; do
+echo; echo "== 1. single-stream 1 GiB download (curl -o /dev/null), 5 rounds alternating, median"
+declare -A SPEED
+for r in 1 2 3 4 5; do
+  for name in meridian:18090 nginx:18091; do
     s=$(curl -s -o /dev/null -w '%{speed_download}' "http://127.0.0.1:${name#*:}/big.img")
-    best=$(python3 -c "print(max($best, $s))")
+    SPEED[${name%%:*}]="${SPEED[${name%%:*}]:-} $s"
+    printf '  round %s %-9s %8.0f MB/s\n' "$r" "${name%%:*}" "$(python3 -c "print($s/1e6)")"
   done
-  printf '%-9s %8.0f MB/s\n' "${name%%:*}" "$(python3 -c "print($best/1e6)")"
+done
+for name in meridian nginx; do
+  printf '%-9s median %8.0f MB/s\n' "$name" "$(python3 -c "import statistics, sys; print(statistics.median(map(float, sys.argv[1:])) / 1e6)" ${SPEED[$name]})"
 done
 
 echo; echo "== 2. 4 KiB file, wrk -t2 -c64 -d5s, 4 rounds alternating (the VM drifts), median"
