@@ -82,6 +82,10 @@ pub struct Shared {
     /// publishing (the new nodes are still in memory), so mirrors syncing
     /// the new generation get it without waiting for it.
     pub deltas: meridian_serve::readapi::DeltaCache,
+    /// When an object was last served (milliseconds since `started`): the
+    /// background copier slows down while mirrors are fetching.
+    pub last_served_ms: std::sync::atomic::AtomicU64,
+    pub started: Instant,
 }
 
 impl Shared {
@@ -207,6 +211,8 @@ impl Publisher {
             metrics,
             to_promote: std::sync::Mutex::new(Vec::new()),
             deltas: Default::default(),
+            last_served_ms: std::sync::atomic::AtomicU64::new(0),
+            started: Instant::now(),
         });
         let mut previous_leaves = HashMap::new();
         if let Some(l) = &latest {

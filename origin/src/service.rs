@@ -85,6 +85,10 @@ impl Published for Origin {
     }
     fn count_object_bytes(&self, bytes: u64) {
         self.shared.metrics.bytes_served.inc_by(bytes);
+        let now = self.shared.started.elapsed().as_millis() as u64;
+        self.shared
+            .last_served_ms
+            .fetch_max(now, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -263,6 +267,14 @@ fn promote_linked(shared: &Shared, stop: &tokio_watch::Receiver<bool>, full: boo
     for h in linked {
         if *stop.borrow() {
             break;
+        }
+        // Mirrors fetching right now get the disk: while objects were served
+        // in the last second, copy at most about 20 objects a second.
+        let last = shared
+            .last_served_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if shared.started.elapsed().as_millis() as u64 <= last + 1000 {
+            std::thread::sleep(Duration::from_millis(50));
         }
         match shared.store.promote(&h) {
             Ok(Promoted::Promoted) => copied += 1,

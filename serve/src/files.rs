@@ -62,6 +62,14 @@ fn etag_matches(list: &str, tag: &str, weak_ok: bool) -> bool {
         .any(|t| t == "*" || t == tag || (weak_ok && t.strip_prefix("W/") == Some(tag)))
 }
 
+/// Where a response's bytes come from.
+enum Source<F> {
+    /// A file, opened only when a body is actually sent.
+    File(F),
+    /// Bytes already in memory (and already verified).
+    Memory(Bytes),
+}
+
 /// Builds the response for `method` with `headers` on a file. `open` is
 /// called only when a body is actually sent.
 pub fn respond(
@@ -69,6 +77,33 @@ pub fn respond(
     headers: &HeaderMap,
     meta: &FileMeta,
     open: impl FnOnce() -> std::io::Result<std::fs::File>,
+    sent: Option<Arc<AtomicU64>>,
+) -> Response<Body> {
+    respond_from(method, headers, meta, Source::File(open), sent)
+}
+
+/// [`respond`] for an object held in memory (`bytes.len() == meta.len`).
+pub fn respond_bytes(
+    method: &Method,
+    headers: &HeaderMap,
+    meta: &FileMeta,
+    bytes: Bytes,
+    sent: Option<Arc<AtomicU64>>,
+) -> Response<Body> {
+    respond_from(
+        method,
+        headers,
+        meta,
+        Source::<fn() -> std::io::Result<std::fs::File>>::Memory(bytes),
+        sent,
+    )
+}
+
+fn respond_from(
+    method: &Method,
+    headers: &HeaderMap,
+    meta: &FileMeta,
+    source: Source<impl FnOnce() -> std::io::Result<std::fs::File>>,
     sent: Option<Arc<AtomicU64>>,
 ) -> Response<Body> {
     // ETag: the blake3 hash in quotes, a strong validator. One buffer holds
@@ -139,6 +174,40 @@ pub fn respond(
         if head_only {
             return Ok((empty(), None));
         }
+        let open = match source {
+            Source::File(open) => open,
+            Source::Memory(mem) => {
+                let mut out = Vec::new();
+                let mut parts = Vec::with_capacity(segs.len());
+                for s in &segs {
+                    parts.push(match s {
+                        Segment::Bytes(b) => b.clone(),
+                        Segment::File { offset, len } => {
+                            let (a, z) = (*offset as usize, (*offset + *len) as usize);
+                            mem.get(a..z).map(|_| mem.slice(a..z)).ok_or_else(|| {
+                                std::io::Error::new(
+                                    std::io::ErrorKind::UnexpectedEof,
+                                    "object shorter than its size",
+                                )
+                            })?
+                        }
+                    });
+                }
+                let body = match parts.len() {
+                    1 => parts.pop().unwrap_or_default(),
+                    _ => {
+                        for p in &parts {
+                            out.extend_from_slice(p);
+                        }
+                        Bytes::from(out)
+                    }
+                };
+                if let Some(c) = &sent {
+                    c.fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                return Ok((full(body), None));
+            }
+        };
         let f = open()?;
         // Small whole files are read right here, from the page cache: a
         // blocking-pool round trip would cost more than the read.

@@ -268,6 +268,27 @@ impl ObjectStore {
         }
     }
 
+    /// Makes the private copy of linked object `h` from `bytes` the caller
+    /// has just read from the link and checked against `h` (no second read).
+    /// Like [`ObjectStore::promote`], not fsynced per object.
+    pub fn promote_from(&self, h: &Hash, bytes: &[u8]) -> Result<(), StoreError> {
+        if self.path(h).exists() {
+            return Ok(());
+        }
+        let (tmp, mut f) = self.create_tmp("promote")?;
+        if let Err(e) = f.write_all(bytes) {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::io(&tmp, e));
+        }
+        drop(f);
+        self.commit(&tmp, h)
+    }
+
+    /// Whether `h` is held only as a link (no private copy yet).
+    pub fn is_linked_only(&self, h: &Hash) -> bool {
+        self.has_links() && !self.path(h).exists() && self.linked_path(h).exists()
+    }
+
     /// Reads a whole object whose bytes are known to match its name: a
     /// private copy as it is, a link only if its bytes hash to `h` now.
     /// `Ok(None)`: not held, or a link that no longer matches.
