@@ -142,16 +142,36 @@ impl ObjectStore {
         use std::os::fd::AsRawFd;
         let dest = self.linked_path(h);
         self.links.store(true, Ordering::Relaxed);
-        let proc_path = format!("/proc/self/fd/{}", src.as_raw_fd());
+        // Linking the open file itself (AT_EMPTY_PATH) needs
+        // CAP_DAC_READ_SEARCH; where that is refused (ENOENT with the
+        // destination's directory present), the /proc/self/fd path is used
+        // from then on. Both link the inode that was read.
+        const UNKNOWN: u8 = 0;
+        const DIRECT: u8 = 1;
+        const VIA_PROC: u8 = 2;
+        static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNKNOWN);
         let link = |dest: &Path| {
-            rustix::fs::linkat(
-                rustix::fs::CWD,
-                proc_path.as_str(),
-                rustix::fs::CWD,
-                dest,
-                rustix::fs::AtFlags::SYMLINK_FOLLOW,
-            )
-            .map_err(io::Error::from)
+            use rustix::fs::{AtFlags, CWD, linkat};
+            let mode = MODE.load(Ordering::Relaxed);
+            if mode != VIA_PROC {
+                match linkat(src, "", CWD, dest, AtFlags::EMPTY_PATH) {
+                    Ok(()) => {
+                        MODE.store(DIRECT, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    Err(e)
+                        if mode == UNKNOWN
+                            && (e == rustix::io::Errno::NOENT || e == rustix::io::Errno::PERM)
+                            && dest.parent().is_some_and(Path::exists) =>
+                    {
+                        MODE.store(VIA_PROC, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(io::Error::from(e)),
+                }
+            }
+            let proc_path = format!("/proc/self/fd/{}", src.as_raw_fd());
+            linkat(CWD, proc_path.as_str(), CWD, dest, AtFlags::SYMLINK_FOLLOW)
+                .map_err(io::Error::from)
         };
         match link(&dest) {
             Ok(()) => Ok(true),
