@@ -269,9 +269,10 @@ async fn respond<S: Service>(
 
     out.clear();
     write_head(out, version, status, &parts.headers, close);
+    // A length the service did not state is the body's, and only for a
+    // response that has one (a 304 or a HEAD answer must not claim 0).
     if !has_length
-        && status != StatusCode::NO_CONTENT
-        && !status.is_informational()
+        && !bodiless
         && let Some(n) = exact
     {
         let _ = write!(out, "content-length: {n}\r\n");

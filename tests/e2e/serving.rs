@@ -195,6 +195,12 @@ async fn ranges_conditionals_and_listings() {
         .await
         .unwrap();
     assert_eq!(r.status(), 304);
+    // A 304 has no body, and must not claim a length of 0 for the file.
+    assert!(
+        r.headers().get("content-length").is_none_or(|v| v != "0"),
+        "{:?}",
+        r.headers()
+    );
     let r = http
         .get(&url)
         .header("If-Modified-Since", &lm)
