@@ -38,7 +38,15 @@ thread_local! {
     /// then only walks the search tree.
     static RECORDS: std::cell::RefCell<RecordCache> =
         std::cell::RefCell::new(rustc_hash::FxHashMap::default());
+    /// Lookups by (database id, address): resolvers send the same client
+    /// subnets (ECS addresses are zero past their prefix) and source
+    /// addresses over and over, and a hit skips the search-tree walk.
+    static ADDRESSES: std::cell::RefCell<rustc_hash::FxHashMap<(u64, bool, u128), Lookup>> =
+        std::cell::RefCell::new(rustc_hash::FxHashMap::default());
 }
+
+/// Addresses remembered per thread before the cache starts over.
+const ADDRESS_CACHE: usize = 65_536;
 
 #[derive(Deserialize, Default)]
 struct Names {
@@ -191,6 +199,25 @@ impl GeoDb {
 
     /// Looks an address up.
     pub fn lookup(&self, ip: IpAddr) -> Lookup {
+        let key = match ip {
+            IpAddr::V4(a) => (self.id, false, u128::from(u32::from(a))),
+            IpAddr::V6(a) => (self.id, true, u128::from(a)),
+        };
+        if let Some(hit) = ADDRESSES.with(|c| c.borrow().get(&key).cloned()) {
+            return hit;
+        }
+        let found = self.lookup_uncached(ip);
+        ADDRESSES.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() >= ADDRESS_CACHE {
+                c.clear();
+            }
+            c.insert(key, found.clone());
+        });
+        found
+    }
+
+    fn lookup_uncached(&self, ip: IpAddr) -> Lookup {
         let Ok(res) = self.reader.lookup(ip) else {
             return Lookup {
                 location: None,
@@ -373,6 +400,38 @@ mod tests {
             l.location.and_then(|l| l.country.clone()).as_deref(),
             Some("GB")
         );
+    }
+
+    /// Lookups are cached per thread by address; a reloaded database must
+    /// answer from its own data, never from the old database's entries.
+    #[test]
+    fn a_reloaded_database_is_not_answered_from_the_old_ones_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = |cc: &str, lat: f64| {
+            let mut g = Writer::new("GeoLite2-City");
+            g.insert(
+                "81.2.69.0".parse().expect("ip"),
+                24,
+                &geoip2_city(lat, -0.1, cc, "EU", "x"),
+            );
+            g
+        };
+        let h = GeoHandle::new(None);
+        let p = write(dir.path(), "a.mmdb", &db("GB", 51.5));
+        assert!(h.reload_if_changed(&p));
+        let ip: IpAddr = "81.2.69.7".parse().expect("ip");
+        let country = |h: &GeoHandle| {
+            h.get()
+                .expect("db")
+                .lookup(ip)
+                .location
+                .and_then(|l| l.country.clone())
+        };
+        assert_eq!(country(&h).as_deref(), Some("GB"));
+        assert_eq!(country(&h).as_deref(), Some("GB"), "cached");
+        let q = write(dir.path(), "b.mmdb", &db("DE", 52.5));
+        assert!(h.reload_if_changed(&q));
+        assert_eq!(country(&h).as_deref(), Some("DE"));
     }
 
     #[test]
