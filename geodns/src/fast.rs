@@ -66,7 +66,7 @@ pub fn serve(
     use std::io::{IoSlice, IoSliceMut};
     use std::os::fd::AsRawFd;
     let fd = sock.as_raw_fd();
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; 4096]).collect();
+    let mut bufs: Vec<[u8; 4096]> = vec![[0u8; 4096]; BATCH];
     let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(512)).collect();
     let mut got: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
     let mut rhdrs = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
@@ -81,8 +81,13 @@ pub fn serve(
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         got.clear();
         {
-            let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
-                bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+            // On the stack: no allocation per batch.
+            let mut it = bufs.iter_mut();
+            let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] = std::array::from_fn(|_| {
+                [IoSliceMut::new(
+                    it.next().map_or(&mut [][..], |b| &mut b[..]),
+                )]
+            });
             match recvmmsg(
                 fd,
                 &mut rhdrs,
@@ -95,7 +100,11 @@ pub fn serve(
                         got.push((r.bytes, r.address.and_then(|a| to_socket_addr(&a))));
                     }
                 }
-                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {
+                    // Idle (the read timed out): hand in what is tallied.
+                    hot.tally.flush(&handler.metrics);
+                    continue;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "udp recvmmsg");
                     continue;
@@ -107,7 +116,7 @@ pub fn serve(
         let conf = handler.runtime.load();
         let views = handler.tracker.views.load();
         let now = std::time::Instant::now();
-        hot.tally.begin(views.len());
+        hot.tally.begin(&handler.metrics, &views);
         for (i, &(n, src)) in got.iter().enumerate() {
             let Some(src) = src else { continue };
             let pkt = &bufs[i][..n];
@@ -122,16 +131,18 @@ pub fn serve(
             }
             general(&sock, &handler, &rt, pkt, src);
         }
-        hot.tally.flush(&handler.metrics, &views);
+        hot.tally.maybe_flush(&handler.metrics, now);
         if replies.is_empty() {
             continue;
         }
-        let slices: Vec<[IoSlice<'_>; 1]> = replies
-            .iter()
-            .map(|(i, _)| [IoSlice::new(&outs[*i])])
-            .collect();
+        let slices: [[IoSlice<'_>; 1]; BATCH] = std::array::from_fn(|k| {
+            [IoSlice::new(
+                replies.get(k).map_or(&[][..], |(i, _)| &outs[*i][..]),
+            )]
+        });
         addrs.clear();
         addrs.extend(replies.iter().map(|(_, a)| Some(*a)));
+        let slices = &slices[..replies.len()];
         if let Err(e) = sendmmsg(fd, &mut shdrs, slices.iter(), &addrs, [], MsgFlags::empty()) {
             tracing::debug!(error = %e, "udp sendmmsg");
         }
@@ -196,23 +207,48 @@ impl Hot {
     }
 }
 
-/// Counts of one batch, added to the shared Prometheus counters once per
-/// batch instead of once per query (shared atomics bounce between cores).
+/// Counts kept by one serving loop and added to the shared Prometheus
+/// counters every [`FLUSH_EVERY`] or [`FLUSH_AFTER`] queries, and when the
+/// socket goes idle (shared atomics bounced between cores on every query).
 #[derive(Default)]
 struct Tally {
     noerror: u64,
-    /// Addresses handed out, by index into the batch's mirror views.
+    /// The mirror views `answers` is indexed by.
+    views: Option<Arc<crate::health::Views>>,
+    /// Addresses handed out, by index into `views`.
     answers: Vec<u64>,
+    last_flush: Option<std::time::Instant>,
     /// Country label -> index into `countries`.
     country_index: rustc_hash::FxHashMap<Box<str>, usize>,
     countries: Vec<(prometheus::IntCounter, u64)>,
     dirty: Vec<usize>,
 }
 
+/// Longest a count waits in a loop's tally under load.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+/// Most queries a tally holds.
+const FLUSH_AFTER: u64 = 1024;
+
 impl Tally {
-    fn begin(&mut self, mirrors: usize) {
+    /// Before a batch: the tally follows the batch's mirror views (a new
+    /// snapshot, at most once a probe round, first flushes the old one's).
+    fn begin(&mut self, m: &crate::metrics::DnsMetrics, views: &Arc<crate::health::Views>) {
+        if self.views.as_ref().is_some_and(|v| Arc::ptr_eq(v, views)) {
+            return;
+        }
+        self.flush(m);
+        self.views = Some(views.clone());
         self.answers.clear();
-        self.answers.resize(mirrors, 0);
+        self.answers.resize(views.len(), 0);
+    }
+    fn maybe_flush(&mut self, m: &crate::metrics::DnsMetrics, now: std::time::Instant) {
+        let due = self
+            .last_flush
+            .is_none_or(|t| now.saturating_duration_since(t) >= FLUSH_EVERY);
+        if due || self.noerror >= FLUSH_AFTER {
+            self.flush(m);
+            self.last_flush = Some(now);
+        }
     }
     fn country(&mut self, m: &crate::metrics::DnsMetrics, c: &str) {
         let i = match self.country_index.get(c) {
@@ -232,11 +268,13 @@ impl Tally {
         }
         self.countries[i].1 += 1;
     }
-    fn flush(&mut self, m: &crate::metrics::DnsMetrics, views: &[select::MirrorView]) {
+    fn flush(&mut self, m: &crate::metrics::DnsMetrics) {
         m.noerror_by(std::mem::take(&mut self.noerror));
-        for (v, n) in views.iter().zip(&mut self.answers) {
-            if *n > 0 {
-                m.answer_by(&v.id, std::mem::take(n));
+        if let Some(views) = &self.views {
+            for (v, n) in views.iter().zip(&mut self.answers) {
+                if *n > 0 {
+                    m.answer_by(&v.id, std::mem::take(n));
+                }
             }
         }
         for i in self.dirty.drain(..) {
