@@ -45,10 +45,49 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         sockopt::set_ip_mtu_discover(&fd, D::OMIT)
             .or_else(|_| sockopt::set_ip_mtu_discover(&fd, D::DONT))?;
     }
+    // Siblings (one socket per serving thread) join the same port; see
+    // `steer_by_cpu`.
+    sockopt::set_socket_reuseport(&fd, true)?;
     bind(&fd, &addr)?;
     let sock = std::net::UdpSocket::from(fd);
     sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
     Ok(sock)
+}
+
+/// Attaches a classic BPF program to `sock`'s `SO_REUSEPORT` group that
+/// hands each datagram to socket `cpu % sockets`, the CPU being the one the
+/// datagram arrived on. With one socket and one thread per CPU, each thread
+/// reads its own queue (no lock or wake-up shared with another thread) and
+/// the load follows the CPUs, however few client flows there are (the
+/// default flow hash can put them all on one socket).
+pub fn steer_by_cpu(sock: &std::net::UdpSocket, sockets: usize) -> std::io::Result<()> {
+    use nix::libc;
+    let ins = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let mut prog = [
+        // A = the current CPU
+        ins(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32,
+        ),
+        // A %= sockets
+        ins(
+            libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K,
+            sockets.max(1) as u32,
+        ),
+        // return A (the socket's index in the group, in bind order)
+        ins(libc::BPF_RET | libc::BPF_A, 0),
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::AttachReusePortCbpf, &fprog)
+        .map_err(std::io::Error::from)
 }
 
 /// Serves one socket on the calling (dedicated) thread until `stop` is set.

@@ -231,18 +231,35 @@ pub async fn start_with(
         // UDP: our per-core loops (fast path for mirror names, hickory's
         // handler for everything else). TCP: hickory-server; a connection
         // that sends nothing (or too slowly) is closed after 5 s.
-        // One socket, read by one thread per core: whichever thread is free
-        // takes the next batch. (A socket per thread with SO_REUSEPORT lets
-        // the kernel hash a few busy client flows onto one thread while the
-        // others idle; measured in BENCHMARKS.md.)
-        let sock = Arc::new(udp);
+        // One socket per thread (one thread per core by default) in one
+        // SO_REUSEPORT group, each datagram steered to the socket of the CPU
+        // it arrived on (`fast::steer_by_cpu`). Where the kernel refuses the
+        // steering program, every thread reads the one socket instead
+        // (whichever is free takes the next batch): the kernel's own flow
+        // hash would put a few busy clients on one thread while others idle.
+        let first = Arc::new(udp);
         let threads = if cfg.udp_threads > 0 {
             cfg.udp_threads
         } else {
             cores()
         };
+        let steered = threads > 1
+            && match fast::steer_by_cpu(&first, threads) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot steer UDP by CPU; the serving threads share one socket");
+                    false
+                }
+            };
         for i in 0..threads {
-            let sock = sock.clone();
+            let sock = if steered && i > 0 {
+                Arc::new(fast::bind_udp(bound).map_err(|source| GeoDnsError::Bind {
+                    addr: bound,
+                    source,
+                })?)
+            } else {
+                first.clone()
+            };
             let (h, rt, stop) = (
                 fast_handler.clone(),
                 tokio::runtime::Handle::current(),
