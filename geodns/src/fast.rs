@@ -590,3 +590,52 @@ fn hot_answer(
     hot.tally.noerror += 1;
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Datagrams sent from a thread pinned to CPU c arrive at socket c of
+    /// the group (c < sockets), and none is lost.
+    #[test]
+    fn datagrams_go_to_the_socket_of_the_cpu_they_arrive_on() {
+        let cpus = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(4);
+        let first = bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = first.local_addr().expect("addr");
+        steer_by_cpu(&first, cpus).expect("attach the steering program");
+        let mut socks = vec![first];
+        for _ in 1..cpus {
+            socks.push(bind_udp(addr).expect("bind a sibling"));
+        }
+        for s in &socks {
+            s.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+                .expect("timeout");
+        }
+        for cpu in 0..cpus {
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    let mut set = rustix::thread::CpuSet::new();
+                    set.set(cpu);
+                    rustix::thread::sched_setaffinity(None, &set).expect("pin");
+                    let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
+                    for i in 0..20u8 {
+                        tx.send_to(&[cpu as u8, i], addr).expect("send");
+                    }
+                });
+            });
+            let mut buf = [0u8; 16];
+            for (k, s) in socks.iter().enumerate() {
+                let mut got = 0;
+                while let Ok(n) = s.recv(&mut buf) {
+                    assert_eq!(n, 2);
+                    assert_eq!(usize::from(buf[0]), cpu, "a datagram from an earlier round");
+                    got += 1;
+                }
+                let want = if k == cpu { 20 } else { 0 };
+                assert_eq!(got, want, "socket {k}, datagrams sent from CPU {cpu}");
+            }
+        }
+    }
+}
