@@ -13,7 +13,8 @@ use std::time::Duration;
 pub struct GeoDnsConfig {
     /// UDP and TCP listen addresses (each is bound for both).
     pub listen: Vec<SocketAddr>,
-    /// Threads reading each UDP socket (0: one per core).
+    /// UDP serving threads per listen address, each with its own socket
+    /// (0: one per core).
     #[serde(default)]
     pub udp_threads: usize,
     /// GeoIP database (MaxMind GeoIP2/GeoLite2 City or DB-IP City lite).
