@@ -81,7 +81,7 @@ pub(crate) async fn serve_conn<S, H, F>(
         let parsed = loop {
             if !buf.is_empty() {
                 match parse(&buf) {
-                    Ok(Some(n)) => break n,
+                    Ok(Some(head)) => break head,
                     Ok(None) if buf.len() >= opts.max_head_bytes => {
                         let _ = reply_error(
                             &stream,
@@ -130,8 +130,9 @@ pub(crate) async fn serve_conn<S, H, F>(
                 Err(_) => return,
             }
         };
-        let head = buf.split_to(parsed).freeze();
-        let next = match request(&head) {
+        let head = buf.split_to(parsed.len).freeze();
+        let built = parsed.simple.map(|h| request(h, &head)).transpose();
+        let next = match built {
             Ok(Some((req, close))) => {
                 match respond(&stream, &mut out, &*service, req, peer, close, &opts).await {
                     Ok(true) => Next::Close,
@@ -164,42 +165,47 @@ pub(crate) async fn serve_conn<S, H, F>(
     }
 }
 
-/// Length of the head if `buf` holds a complete one; an error status for
-/// a malformed one.
-fn parse(buf: &[u8]) -> Result<Option<usize>, StatusCode> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
-        Err(_) => Err(StatusCode::BAD_REQUEST),
-    }
+/// A complete request head, parsed once: what the request is built from
+/// once the head's bytes are frozen (positions are offsets into the head).
+struct Head {
+    len: usize,
+    /// `None`: a request for hyper.
+    simple: Option<SimpleHead>,
 }
 
-/// A request this loop answers, and whether the client asked to close.
-type Simple = (Request<()>, bool);
+struct SimpleHead {
+    method: Method,
+    version: Version,
+    path: std::ops::Range<usize>,
+    headers: Vec<(HeaderName, std::ops::Range<usize>)>,
+    close: bool,
+}
 
-/// Builds the request from a complete head; header values share `head`.
-/// `None`: a request for hyper.
-fn request(head: &Bytes) -> Result<Option<Simple>, StatusCode> {
+/// Parses `buf`: `None` until it holds a complete head; an error status for
+/// a malformed one.
+fn parse(buf: &[u8]) -> Result<Option<Head>, StatusCode> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Request::new(&mut headers);
-    if !matches!(r.parse(head), Ok(httparse::Status::Complete(_))) {
-        return Err(StatusCode::BAD_REQUEST);
-    }
+    let len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        }
+        Err(_) => return Err(StatusCode::BAD_REQUEST),
+    };
+    // Where a slice of `buf` starts (all of httparse's slices are of it).
+    let at = |p: &[u8]| p.as_ptr() as usize - buf.as_ptr() as usize;
     let version = match r.version {
         Some(1) => Version::HTTP_11,
         Some(0) => Version::HTTP_10,
-        _ => return Ok(None),
+        _ => return Ok(Some(Head { len, simple: None })),
     };
     let method = Method::from_bytes(r.method.unwrap_or("").as_bytes())
         .map_err(|_| StatusCode::BAD_REQUEST)?;
-    let path = r.path.ok_or(StatusCode::BAD_REQUEST)?;
-    let uri = http::Uri::from_maybe_shared(head.slice_ref(path.as_bytes()))
-        .map_err(|_| StatusCode::BAD_REQUEST)?;
-    let mut map = HeaderMap::with_capacity(r.headers.len());
+    let path = r.path.ok_or(StatusCode::BAD_REQUEST)?.as_bytes();
     let mut close = version == Version::HTTP_10;
+    let mut out = Vec::with_capacity(r.headers.len());
     for h in r.headers.iter() {
         let name =
             HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| StatusCode::BAD_REQUEST)?;
@@ -208,7 +214,7 @@ fn request(head: &Bytes) -> Result<Option<Simple>, StatusCode> {
             || name == header::UPGRADE
             || (name == header::CONTENT_LENGTH && h.value != b"0")
         {
-            return Ok(None);
+            return Ok(Some(Head { len, simple: None }));
         }
         if name == header::CONNECTION {
             for t in h.value.split(|&b| b == b',') {
@@ -220,16 +226,42 @@ fn request(head: &Bytes) -> Result<Option<Simple>, StatusCode> {
                 }
             }
         }
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
-            .map_err(|_| StatusCode::BAD_REQUEST)?;
+        let v = at(h.value);
+        out.push((name, v..v + h.value.len()));
+    }
+    let p = at(path);
+    Ok(Some(Head {
+        len,
+        simple: Some(SimpleHead {
+            method,
+            version,
+            path: p..p + path.len(),
+            headers: out,
+            close,
+        }),
+    }))
+}
+
+/// A request this loop answers, and whether the client asked to close.
+type Simple = (Request<()>, bool);
+
+/// Builds the request from its parsed head; the URI and header values are
+/// slices of `bytes` (the head, frozen), not copies.
+fn request(h: SimpleHead, bytes: &Bytes) -> Result<Simple, StatusCode> {
+    let uri =
+        http::Uri::from_maybe_shared(bytes.slice(h.path)).map_err(|_| StatusCode::BAD_REQUEST)?;
+    let mut map = HeaderMap::with_capacity(h.headers.len());
+    for (name, v) in h.headers {
+        let value =
+            HeaderValue::from_maybe_shared(bytes.slice(v)).map_err(|_| StatusCode::BAD_REQUEST)?;
         map.append(name, value);
     }
     let mut req = Request::new(());
-    *req.method_mut() = method;
+    *req.method_mut() = h.method;
     *req.uri_mut() = uri;
-    *req.version_mut() = version;
+    *req.version_mut() = h.version;
     *req.headers_mut() = map;
-    Ok(Some((req, close)))
+    Ok((req, h.close))
 }
 
 /// Answers one request; Ok(true) if the connection must close after it.
