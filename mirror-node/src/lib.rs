@@ -8,8 +8,10 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod durable;
 pub mod generation;
 pub mod metrics;
+pub mod rawget;
 pub mod scrub;
 pub mod server;
 pub mod state;
@@ -64,6 +66,9 @@ impl MirrorHandle {
         for t in self.tasks {
             let _ = t.await;
         }
+        // Nothing writes to the store any more: flush, and mark the stop clean.
+        let st = self.state;
+        let _ = tokio::task::spawn_blocking(move || durable::finish(&st)).await;
     }
 }
 
@@ -77,6 +82,12 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
         return Err(MirrorError::NoTrust);
     }
     let state = Arc::new(MirrorState::open(cfg.clone())?);
+    // Before anything is restored or served: objects a crash of the machine
+    // may have left unwritten are re-checked.
+    let s1 = state.clone();
+    let recovered = tokio::task::spawn_blocking(move || durable::recover(&s1))
+        .await
+        .map_err(|e| meridian_serve::StoreError::io(&cfg.state, std::io::Error::other(e)))??;
     let syncer = Arc::new(sync::Syncer::new(state.clone()));
     let s2 = syncer.clone();
     match tokio::task::spawn_blocking(move || s2.restore()).await {
@@ -111,7 +122,11 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
     let mut tasks = vec![
         tokio::spawn(syncer.run(rx.clone())),
         tokio::spawn(scrub::run(state.clone(), rx.clone())),
+        tokio::spawn(durable::run(state.clone(), rx.clone())),
     ];
+    if recovered.damaged > 0 {
+        state.repair.notify_one();
+    }
     // Egress rate and connection count, once a second.
     let st = state.clone();
     let mut stop = rx;

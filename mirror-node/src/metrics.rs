@@ -19,6 +19,8 @@ pub struct MirrorMetrics {
     pub objects_fetched: IntCounter,
     pub verify_failures: IntCounterVec,
     pub served_generation: IntGauge,
+    pub durable_generation: IntGauge,
+    pub flush_failures: IntCounter,
     pub upstream_generation: IntGauge,
     pub generation_lag: IntGauge,
     pub disk_free_bytes: IntGauge,
@@ -95,6 +97,16 @@ impl MirrorMetrics {
                 "Generation being served",
             )
             .expect("metric"),
+            durable_generation: IntGauge::new(
+                "meridian_mirror_durable_generation",
+                "Newest served generation flushed to disk (what a restart after a power loss serves)",
+            )
+            .expect("metric"),
+            flush_failures: IntCounter::new(
+                "meridian_mirror_flush_failures_total",
+                "Failed attempts to flush the store to disk",
+            )
+            .expect("metric"),
             upstream_generation: IntGauge::new(
                 "meridian_mirror_upstream_generation",
                 "Newest generation seen upstream",
@@ -139,11 +151,13 @@ impl MirrorMetrics {
             &m.blobs_patched,
             &m.objects_fetched,
             &m.scrub_failures,
+            &m.flush_failures,
         ] {
             r.register(Box::new(c.clone())).expect("register");
         }
         for g in [
             &m.served_generation,
+            &m.durable_generation,
             &m.upstream_generation,
             &m.generation_lag,
             &m.disk_free_bytes,

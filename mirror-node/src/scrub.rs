@@ -11,6 +11,7 @@ use crate::state::MirrorState;
 use meridian_core::Hash;
 use std::collections::HashSet;
 use std::io::Read;
+use std::path::Path;
 use std::sync::Arc;
 
 /// Re-hashes every object of the served generation; returns the bad ones
@@ -21,31 +22,16 @@ pub fn scrub_once(state: &MirrorState) -> Vec<Hash> {
     };
     let mut objects: HashSet<Hash> = g.nodes.keys().copied().collect();
     objects.extend(g.blobs().map(|(h, _)| h));
-    let qdir = state.cfg.state.join("quarantine");
     let mut bad = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
     for h in objects {
         let path = state.store.path(&h);
-        let Ok(mut f) = std::fs::File::open(&path) else {
+        if !path.exists() {
             continue; // missing: the repair pass fetches it
-        };
-        let mut hasher = blake3::Hasher::new();
-        let ok = loop {
-            match f.read(&mut buf) {
-                Ok(0) => break true,
-                Ok(n) => {
-                    hasher.update(&buf[..n]);
-                }
-                Err(_) => break false,
-            }
-        };
-        let got: Hash = hasher.finalize().into();
-        if !ok || got != h {
+        }
+        if !object_matches(&path, &h, &mut buf) {
             tracing::error!(object = %h, "stored object is damaged; quarantined, will be fetched again");
-            let _ = std::fs::create_dir_all(&qdir);
-            if std::fs::rename(&path, qdir.join(h.to_hex())).is_err() {
-                let _ = std::fs::remove_file(&path);
-            }
+            quarantine(state, &h);
             state.metrics.scrub_failures.inc();
             bad.push(h);
         }
@@ -54,6 +40,35 @@ pub fn scrub_once(state: &MirrorState) -> Vec<Hash> {
         state.repair.notify_one();
     }
     bad
+}
+
+/// Whether the file at `path` hashes to `h` (an unreadable one does not).
+pub fn object_matches(path: &Path, h: &Hash, buf: &mut [u8]) -> bool {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut hasher = blake3::Hasher::new();
+    loop {
+        match f.read(buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+            }
+            Err(_) => return false,
+        }
+    }
+    Hash::from(hasher.finalize()) == *h
+}
+
+/// Moves a damaged object out of the store (into `quarantine/`, for a
+/// post-mortem); the download server answers 503 for it at once.
+pub fn quarantine(state: &MirrorState, h: &Hash) {
+    let qdir = state.cfg.state.join("quarantine");
+    let path = state.store.path(h);
+    let _ = std::fs::create_dir_all(&qdir);
+    if std::fs::rename(&path, qdir.join(h.to_hex())).is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 /// Runs the scrubber every `scrub_interval` until shutdown.

@@ -72,6 +72,8 @@ pub struct Status<'a> {
     pub id: &'a str,
     pub region: &'a str,
     pub generation: u64,
+    /// The newest served generation flushed to disk.
+    pub durable_generation: u64,
     pub root_hash: Option<String>,
     pub expires: Option<i64>,
     pub stale: bool,
@@ -298,6 +300,7 @@ impl MirrorService {
                     id: &st.cfg.id,
                     region: &st.cfg.region,
                     generation: g.as_ref().map(|g| g.number()).unwrap_or(0),
+                    durable_generation: st.durable.load(Ordering::Acquire),
                     root_hash: g.as_ref().map(|g| g.root.hash.to_hex()),
                     expires: g.as_ref().map(|g| g.root.root.expires),
                     stale: st.is_stale(),

@@ -50,6 +50,10 @@ pub struct MirrorState {
     pub repair: Notify,
     /// Tree deltas this mirror synced by, served on to downstream mirrors.
     pub deltas: meridian_serve::readapi::DeltaCache,
+    /// The generation `current` names: served and flushed to disk.
+    pub durable: AtomicU64,
+    /// Wakes the flusher (after a switch or a repair).
+    pub flush: Notify,
 }
 
 impl MirrorState {
@@ -81,6 +85,8 @@ impl MirrorState {
             active: Arc::new(AtomicUsize::new(0)),
             repair: Notify::new(),
             deltas: Default::default(),
+            durable: AtomicU64::new(0),
+            flush: Notify::new(),
         })
     }
 

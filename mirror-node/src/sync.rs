@@ -16,9 +16,10 @@
 //!    prefix and resumes with a Range request; a bad one is discarded,
 //!    counted, and fetched from the next upstream. An upstream that fails
 //!    verification three times is benched for a minute.
-//! 5. **Switch.** `syncfs`, write the root, write `current`, then swap the
-//!    served generation in one atomic pointer store. In-flight downloads hold
-//!    open file handles and finish on the old bytes.
+//! 5. **Switch.** Write the root, then swap the served generation in one
+//!    atomic pointer store. In-flight downloads hold open file handles and
+//!    finish on the old bytes. The flusher ([`crate::durable`]) then makes
+//!    the generation durable and only then names it in `current`.
 
 use crate::generation::{Generation, read_node};
 use crate::state::MirrorState;
@@ -87,7 +88,11 @@ pub struct Upstreams {
     http: reqwest::Client,
     /// Client without an overall timeout, for long-polls.
     poll: reqwest::Client,
+    /// Blob bodies from plain-HTTP upstreams (none with a proxy set).
+    raw: Option<Arc<crate::rawget::Pool>>,
 }
+
+const USER_AGENT: &str = concat!("meridian-mirror/", env!("CARGO_PKG_VERSION"));
 
 const STRIKES_TO_BENCH: u32 = 3;
 const BENCH_FOR: Duration = Duration::from_secs(60);
@@ -103,7 +108,7 @@ impl Upstreams {
                 .connect_timeout(Duration::from_secs(5))
                 .read_timeout(read)
                 .pool_max_idle_per_host(16)
-                .user_agent(concat!("meridian-mirror/", env!("CARGO_PKG_VERSION")))
+                .user_agent(USER_AGENT)
                 .build()
                 .unwrap_or_default()
         };
@@ -112,6 +117,8 @@ impl Upstreams {
             urls,
             http: build(Duration::from_secs(30)),
             poll: build(Duration::from_secs(90)),
+            raw: (!crate::rawget::proxy_configured())
+                .then(|| Arc::new(crate::rawget::Pool::new(USER_AGENT))),
         }
     }
 
@@ -286,6 +293,11 @@ impl Syncer {
             }
         };
         let g = Generation::assemble(&self.state.store, vr, None)?;
+        // `current` is only ever written after a flush.
+        self.state
+            .durable
+            .store(n, std::sync::atomic::Ordering::Release);
+        self.state.metrics.durable_generation.set(n as i64);
         self.install(g);
         self.refresh_store_bytes();
         Ok(Some(n))
@@ -465,7 +477,9 @@ impl Syncer {
             return Ok(());
         }
         tracing::info!(blobs = missing.len(), "repairing the served generation");
-        self.fetch_blobs(missing).await
+        self.fetch_blobs(missing).await?;
+        self.state.flush.notify_one();
+        Ok(())
     }
 
     /// Fetches everything `vr` needs and switches to it.
@@ -591,36 +605,18 @@ impl Syncer {
         }
 
         let total_blobs = blobs.len();
-        let mut written: Vec<Hash> = blobs.iter().map(|w| w.hash).collect();
-        written.extend(new_nodes.keys().copied());
         self.fetch_blobs(blobs).await?;
         let fetched = t0.elapsed();
 
-        // Make everything durable before the switch: a few objects are
-        // fsynced one by one (syncfs would also flush every unrelated dirty
-        // page on the file system); many are flushed with one syncfs.
-        let store_sync = {
-            let state = self.state.clone();
-            tokio::task::spawn_blocking(move || state.store.sync_objects(&written))
-        };
-        store_sync.await.map_err(|e| {
-            SyncError::Store(meridian_serve::StoreError::io(
-                &self.state.cfg.state,
-                std::io::Error::other(e),
-            ))
-        })??;
-
-        let synced = t0.elapsed();
-        // Switch.
+        // Switch: every object is in the store, verified. The flusher makes
+        // the generation durable afterwards (see `crate::durable`); until
+        // then `current` names the previous one.
         write_atomic(&self.state.root_path(generation), &vr.envelope)?;
         let mut all_nodes: HashMap<Hash, Arc<DirNode>> = known.cloned().unwrap_or_default();
         all_nodes.extend(new_nodes);
         let g = Generation::assemble(&self.state.store, vr, Some(&all_nodes))?;
-        write_atomic(
-            &self.state.cfg.state.join("current"),
-            generation.to_string().as_bytes(),
-        )?;
         self.install(g);
+        self.state.flush.notify_one();
         let dt = t0.elapsed();
         self.refresh_store_bytes();
         self.state.metrics.sync_seconds.observe(dt.as_secs_f64());
@@ -634,8 +630,7 @@ impl Syncer {
             delta = delta_done.as_secs_f64(),
             plan = (planned - delta_done).as_secs_f64(),
             fetch = (fetched - planned).as_secs_f64(),
-            fsync = (synced - fetched).as_secs_f64(),
-            switch = (dt - synced).as_secs_f64(),
+            switch = (dt - fetched).as_secs_f64(),
             "sync phases (seconds)"
         );
         tracing::info!(
@@ -840,43 +835,81 @@ impl Syncer {
         Err(SyncError::Object { hash: h, last })
     }
 
+    /// Fetches one blob whole (resuming a partial) from a plain-HTTP
+    /// upstream on one blocking thread (see [`crate::rawget`]); `None` if
+    /// that client does not take the URL or the answer.
+    async fn fetch_blob_raw(&self, url: &str, h: Hash, size: u64) -> Option<Result<(), FetchFail>> {
+        let pool = self.upstreams.raw.clone()?;
+        let target = crate::rawget::Target::parse(url)?;
+        let state = self.state.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            use crate::rawget::Raw;
+            let partial = state.partial_dir.join(h.to_hex());
+            let local = |e: std::io::Error| {
+                Some(FetchFail::Local(meridian_serve::StoreError::io(
+                    &partial, e,
+                )))
+            };
+            let (mut file, mut hasher, have) = open_partial(&partial, size).map_err(local)?;
+            if have < size {
+                let deadline = Instant::now() + Duration::from_secs(60 + size / (256 * 1024));
+                let mut sink = |piece: Option<&[u8]>| -> std::io::Result<()> {
+                    match piece {
+                        Some(b) => {
+                            hasher.update(b);
+                            file.write_all(b)
+                        }
+                        None => {
+                            file.set_len(0)?;
+                            file.seek(std::io::SeekFrom::Start(0))?;
+                            hasher = blake3::Hasher::new();
+                            Ok(())
+                        }
+                    }
+                };
+                let counted = |n: u64| state.metrics.bytes_fetched.inc_by(n);
+                let got = pool.get(&target, have, size, deadline, &mut sink, &counted);
+                match got {
+                    Ok(()) => {}
+                    Err(Raw::Unsupported(why)) => {
+                        tracing::debug!(%why, "blob answer left to the async client");
+                        return Err(None);
+                    }
+                    Err(Raw::Transport(m)) => return Err(Some(FetchFail::Transport(m))),
+                    Err(Raw::Bad(m)) => {
+                        drop(file);
+                        let _ = std::fs::remove_file(&partial);
+                        return Err(Some(FetchFail::Bad(m)));
+                    }
+                    Err(Raw::Local(e)) => return Err(local(e)),
+                }
+            }
+            finish_blob(&state, &partial, file, hasher, h).map_err(Some)
+        });
+        match job.await {
+            Ok(Ok(())) => Some(Ok(())),
+            Ok(Err(Some(e))) => Some(Err(e)),
+            Ok(Err(None)) => None,
+            Err(e) => Some(Err(FetchFail::Local(meridian_serve::StoreError::io(
+                &self.state.partial_dir,
+                std::io::Error::other(e),
+            )))),
+        }
+    }
+
     async fn fetch_blob_from(&self, url: &str, h: Hash, size: u64) -> Result<(), FetchFail> {
+        if let Some(r) = self.fetch_blob_raw(url, h, size).await {
+            return r;
+        }
         let partial = self.state.partial_dir.join(h.to_hex());
         let local =
             |e: std::io::Error| FetchFail::Local(meridian_serve::StoreError::io(&partial, e));
-        // Re-hash a verified-so-far prefix (a prefix is only trusted once the
-        // whole blob hashes right; a bad prefix is discarded with the rest).
         let (mut file, mut hasher, mut have) = {
             let p = partial.clone();
-            tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-                let mut f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&p)?;
-                let len = f.metadata()?.len();
-                let mut hasher = blake3::Hasher::new();
-                if len > size {
-                    f.set_len(0)?;
-                    return Ok((f, hasher, 0));
-                }
-                let mut buf = vec![0u8; (len as usize).min(1 << 20)];
-                let mut done = 0u64;
-                while done < len {
-                    let n = f.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    hasher.update(&buf[..n]);
-                    done += n as u64;
-                }
-                f.seek(std::io::SeekFrom::Start(done))?;
-                Ok((f, hasher, done))
-            })
-            .await
-            .map_err(|e| local(std::io::Error::other(e)))?
-            .map_err(local)?
+            tokio::task::spawn_blocking(move || open_partial(&p, size))
+                .await
+                .map_err(|e| local(std::io::Error::other(e)))?
+                .map_err(local)?
         };
         if have < size {
             let mut req = self.upstreams.http.get(url);
@@ -993,23 +1026,7 @@ impl Syncer {
                 )));
             }
         }
-        let got: Hash = hasher.finalize().into();
-        if got != h {
-            drop(file);
-            let _ = std::fs::remove_file(&partial);
-            return Err(FetchFail::Bad(format!("blob {h} hashed to {got}")));
-        }
-        // Flush this blob now, while other fetches keep the network busy,
-        // so the durability step before the switch has little left to do.
-        tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .map_err(|e| local(std::io::Error::other(e)))?
-            .map_err(local)?;
-        self.state
-            .store
-            .commit(&partial, &h)
-            .map_err(FetchFail::Local)?;
-        Ok(())
+        finish_blob(&self.state, &partial, file, hasher, h)
     }
 
     /// Removes objects neither the served generation nor the previous one
@@ -1019,6 +1036,16 @@ impl Syncer {
         let Some(g) = self.state.served.load_full() else {
             return;
         };
+        if self
+            .state
+            .durable
+            .load(std::sync::atomic::Ordering::Acquire)
+            < g.number()
+        {
+            // `current` still names an older generation, whose objects a
+            // restart after a power loss would need: wait for the flusher.
+            return;
+        }
         let mut keep: HashSet<Hash> = HashSet::new();
         let mut add = |g: &Generation| {
             keep.extend(g.nodes.keys().copied());
@@ -1070,6 +1097,59 @@ impl Syncer {
 }
 
 /// Decodes a tree delta and rebuilds its nodes (blocking: hashing).
+/// Opens (or creates) the partial download of a blob of `size` bytes and
+/// re-hashes the prefix already there (a prefix is only trusted once the
+/// whole blob hashes right; a bad prefix is discarded with the rest).
+/// Returns the file positioned at the end of the prefix, the hasher over
+/// it, and its length.
+fn open_partial(
+    p: &std::path::Path,
+    size: u64,
+) -> std::io::Result<(std::fs::File, blake3::Hasher, u64)> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)?;
+    let len = f.metadata()?.len();
+    let mut hasher = blake3::Hasher::new();
+    if len > size {
+        f.set_len(0)?;
+        return Ok((f, hasher, 0));
+    }
+    let mut buf = vec![0u8; (len as usize).min(1 << 20)];
+    let mut done = 0u64;
+    while done < len {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        done += n as u64;
+    }
+    f.seek(std::io::SeekFrom::Start(done))?;
+    Ok((f, hasher, done))
+}
+
+/// Checks a complete partial download against its hash and commits it to
+/// the store; a mismatch discards it.
+fn finish_blob(
+    state: &MirrorState,
+    partial: &std::path::Path,
+    file: std::fs::File,
+    hasher: blake3::Hasher,
+    h: Hash,
+) -> Result<(), FetchFail> {
+    drop(file);
+    let got: Hash = hasher.finalize().into();
+    if got != h {
+        let _ = std::fs::remove_file(partial);
+        return Err(FetchFail::Bad(format!("blob {h} hashed to {got}")));
+    }
+    state.store.commit(partial, &h).map_err(FetchFail::Local)
+}
+
 fn apply_delta(
     state: &MirrorState,
     served: &Generation,
