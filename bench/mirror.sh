@@ -129,15 +129,19 @@ PY
 du -sh --apparent-size "$R/full" | cut -f1 | sed 's/^/tree size: /'
 rsync --daemon --config="$R/rsyncd.conf" --port=18730 --address=127.0.0.1; sleep 0.5
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
-rsync_full() {
-  drop; local t0 t1; t0=$(date +%s.%N); rsync -a rsync://127.0.0.1:18730/full/ "$R/$1/"; t1=$(date +%s.%N)
+rsync_full() {  # $1: target dir name, then extra rsync options
+  local d=$1; shift
+  drop; local t0 t1; t0=$(date +%s.%N); rsync -a "$@" rsync://127.0.0.1:18730/full/ "$R/$d/"; t1=$(date +%s.%N)
   python3 -c "print(f'{$t1-$t0:.2f}')"
 }
-mirror_full() {  # $1: origin address, $2: state dir name; prints seconds
-  drop; local t0 t1; t0=$(date +%s.%N)
+# Prints the seconds until the mirror serves the generation, and (second
+# word) until the flusher has made it durable on disk.
+mirror_full() {  # $1: origin address, $2: state dir name
+  drop; local t0 t1 t2; t0=$(date +%s.%N)
   $B mirror --id full --upstream "http://$1" --trust "$PK" --state "$R/$2" --listen 127.0.0.1:0 --scrub-interval 0s > "$R/$2.log" 2>&1 & MP=$!; PIDS+=($MP)
-  wait_log "$R/$2.log" "now serving generation"; t1=$(date +%s.%N); kill $MP
-  python3 -c "print(f'{$t1-$t0:.2f}')"
+  wait_log "$R/$2.log" "now serving generation"; t1=$(date +%s.%N)
+  wait_log "$R/$2.log" "is durable"; t2=$(date +%s.%N); kill $MP
+  python3 -c "print(f'{$t1-$t0:.2f} {$t2-$t0:.2f}')"
 }
 # The origin publishes with link snapshots (hash in place) and makes its
 # private copies in the background. Steady state: those copies exist (the
@@ -148,18 +152,21 @@ $B origin --content "$R/full" --state "$R/ostate-full" --key "$S/key" --listen 1
 wait_log "$R/origin-full.log" "listening on"; OA=$(addr_of "$R/origin-full.log" origin)
 wait_log "$R/origin-full.log" "made private copies"
 RS1=$(rsync_full rsync-full1); echo "rsync -a                      $RS1 s"
-MS=$(mirror_full "$OA" m-full); echo "meridian mirror               $MS s (every blob blake3-verified, fsynced, switched atomically)"
+read -r MS MD <<< "$(mirror_full "$OA" m-full)"
+echo "meridian mirror               $MS s serving (every blob blake3-verified, switched atomically); durable on disk at $MD s"
 RS2=$(rsync_full rsync-full2); echo "rsync -a (again)              $RS2 s"
+RSF=$(rsync_full rsync-full3 --fsync); echo "rsync -a --fsync              $RSF s (for the durable figure)"
 RS=$(python3 -c "print(f'{($RS1 + $RS2) / 2:.2f}')")
-echo "ratio meridian/rsync (mean of the two rsync runs): $(python3 -c "print(f'{$MS/$RS:.2f}')")"
+echo "ratio meridian/rsync (mean of the two rsync -a runs): $(python3 -c "print(f'{$MS/$RS:.2f}')"); durable vs rsync --fsync: $(python3 -c "print(f'{$MD/$RSF:.2f}')")"
 kill $OP
 # Cold: the mirror starts the moment the first generation is published,
 # so the origin makes each private copy as the mirror first asks for it.
 $B origin --once --content "$R/full" --state "$R/ostate-cold" --key "$S/key" > /dev/null 2>&1
 $B origin --content "$R/full" --state "$R/ostate-cold" --key "$S/key" --listen 127.0.0.1:0 > "$R/origin-cold.log" 2>&1 & OP=$!; PIDS+=($OP)
 wait_log "$R/origin-cold.log" "listening on"; OA=$(addr_of "$R/origin-cold.log" origin)
-MC=$(mirror_full "$OA" m-cold); echo "meridian mirror, cold origin  $MC s (copies made on first read): ratio $(python3 -c "print(f'{$MC/$RS:.2f}')")"
-rm -rf "$R/rsync-full1" "$R/rsync-full2" "$R/m-full" "$R/m-cold" "$R/ostate-cold"
+read -r MC _ <<< "$(mirror_full "$OA" m-cold)"
+echo "meridian mirror, cold origin  $MC s (copies made on first read): ratio $(python3 -c "print(f'{$MC/$RS:.2f}')")"
+rm -rf "$R/rsync-full1" "$R/rsync-full2" "$R/rsync-full3" "$R/m-full" "$R/m-cold" "$R/ostate-cold"
 kill $OP
 fi
 

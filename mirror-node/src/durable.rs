@@ -179,17 +179,19 @@ pub fn flush(state: &MirrorState) -> Result<u64, StoreError> {
     let from = now_ns();
     let t = std::time::Instant::now();
     state.store.sync_all()?;
-    if n > state.durable.load(Ordering::Acquire) {
+    let before = state.durable.load(Ordering::Acquire);
+    if n > before {
         write_atomic(&state.cfg.state.join("current"), n.to_string().as_bytes())?;
         state.durable.store(n, Ordering::Release);
         state.metrics.durable_generation.set(n as i64);
     }
     write_marker(state, from)?;
-    tracing::debug!(
-        generation = n,
-        seconds = t.elapsed().as_secs_f64(),
-        "flushed; generation {n} is durable"
-    );
+    let seconds = t.elapsed().as_secs_f64();
+    if n > before {
+        tracing::info!(generation = n, seconds, "generation {n} is durable");
+    } else {
+        tracing::debug!(generation = n, seconds, "flushed");
+    }
     Ok(n)
 }
 

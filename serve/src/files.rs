@@ -229,6 +229,20 @@ fn respond_from(
         }
         // The same segments from a second handle on the file, for a server
         // that can send them with sendfile(2) instead of polling the body.
+        // Start reading every segment from disk now (asynchronously), so a
+        // cold file does not wait for readahead window by window while the
+        // sending thread blocks in sendfile.
+        for seg in &segs {
+            if let Segment::File { offset, len } = seg {
+                let ahead = (*len).min(READ_AHEAD_MAX);
+                let _ = rustix::fs::fadvise(
+                    &f,
+                    *offset,
+                    std::num::NonZeroU64::new(ahead),
+                    rustix::fs::Advice::WillNeed,
+                );
+            }
+        }
         let zero_copy = f.try_clone().ok().map(|file| SendFile {
             file,
             segs: segs.clone(),
@@ -316,6 +330,9 @@ fn respond_from(
         }
     }
 }
+
+/// Most of a file body asked of the kernel ahead of sending it.
+const READ_AHEAD_MAX: u64 = 8 << 20;
 
 /// A response body that is a file's segments, attached to the response as
 /// an extension next to the equivalent streaming body: the plain-HTTP
