@@ -14,7 +14,11 @@ cd "$(dirname "$0")/.."
 QUICK=${1:-}
 W=$(mktemp -d /var/tmp/meridian-mbench.XXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.5; rm -rf "$W"; }
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$W/repl/rsyncd.pid" ] && kill "$(cat "$W/repl/rsyncd.pid")" 2>/dev/null
+  sleep 0.5; rm -rf "$W"
+}
 trap cleanup EXIT
 [ -n "${KEEP:-}" ] && trap - EXIT   # KEEP=1: leave the work directory and servers for inspection
 ulimit -n 65536 2>/dev/null || ulimit -n 20000
