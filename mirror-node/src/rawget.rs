@@ -166,7 +166,6 @@ impl Pool {
         // A pooled connection may have been closed by the upstream while
         // idle: one retry on a fresh one if nothing at all came back.
         let mut conn = self.take(&t.authority);
-        let fresh_only = conn.is_none();
         loop {
             let reused = conn.is_some();
             let mut s = match conn.take() {
@@ -180,7 +179,7 @@ impl Pool {
                     }
                     return Ok(());
                 }
-                Err(Exchange::Stale) if reused && !fresh_only => {
+                Err(Exchange::Stale) if reused => {
                     conn = None;
                     continue;
                 }
