@@ -149,14 +149,14 @@ fn recheck_since(state: &MirrorState, since_ns: Option<i128>) -> Result<Recovery
     for h in state.store.list()? {
         let p = state.store.path(&h);
         let Ok(md) = std::fs::metadata(&p) else {
-            continue;
+            continue; // gone since the listing: nothing to check
         };
         let ctime = i128::from(md.ctime()) * 1_000_000_000 + i128::from(md.ctime_nsec());
         if since_ns.is_some_and(|s| ctime < s) {
             continue;
         }
         rec.checked += 1;
-        if !scrub::object_matches(&p, &h, &mut buf) {
+        if scrub::object_matches(&p, &h, &mut buf) == Some(false) {
             scrub::quarantine(state, &h);
             rec.damaged += 1;
         }

@@ -26,10 +26,8 @@ pub fn scrub_once(state: &MirrorState) -> Vec<Hash> {
     let mut buf = vec![0u8; 1 << 20];
     for h in objects {
         let path = state.store.path(&h);
-        if !path.exists() {
-            continue; // missing: the repair pass fetches it
-        }
-        if !object_matches(&path, &h, &mut buf) {
+        // Missing (None): the repair pass fetches it.
+        if object_matches(&path, &h, &mut buf) == Some(false) {
             tracing::error!(object = %h, "stored object is damaged; quarantined, will be fetched again");
             quarantine(state, &h);
             state.metrics.scrub_failures.inc();
@@ -42,11 +40,10 @@ pub fn scrub_once(state: &MirrorState) -> Vec<Hash> {
     bad
 }
 
-/// Whether the file at `path` hashes to `h` (an unreadable one does not).
-pub fn object_matches(path: &Path, h: &Hash, buf: &mut [u8]) -> bool {
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return false;
-    };
+/// Whether the file at `path` hashes to `h` (one that fails to read does
+/// not); `None` if it cannot be opened (missing).
+pub fn object_matches(path: &Path, h: &Hash, buf: &mut [u8]) -> Option<bool> {
+    let mut f = std::fs::File::open(path).ok()?;
     let mut hasher = blake3::Hasher::new();
     loop {
         match f.read(buf) {
@@ -54,10 +51,10 @@ pub fn object_matches(path: &Path, h: &Hash, buf: &mut [u8]) -> bool {
             Ok(n) => {
                 hasher.update(&buf[..n]);
             }
-            Err(_) => return false,
+            Err(_) => return Some(false),
         }
     }
-    Hash::from(hasher.finalize()) == *h
+    Some(Hash::from(hasher.finalize()) == *h)
 }
 
 /// Moves a damaged object out of the store (into `quarantine/`, for a

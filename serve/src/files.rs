@@ -227,8 +227,6 @@ fn respond_from(
             }
             return Ok((full(buf), None));
         }
-        // The same segments from a second handle on the file, for a server
-        // that can send them with sendfile(2) instead of polling the body.
         // Start reading every segment from disk now (asynchronously), so a
         // cold file does not wait for readahead window by window while the
         // sending thread blocks in sendfile.
@@ -243,6 +241,8 @@ fn respond_from(
                 );
             }
         }
+        // The same segments from a second handle on the file, for a server
+        // that can send them with sendfile(2) instead of polling the body.
         let zero_copy = f.try_clone().ok().map(|file| SendFile {
             file,
             segs: segs.clone(),
