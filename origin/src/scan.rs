@@ -13,8 +13,8 @@ use meridian_core::{Entry, EntryKind, Hash, RelPath, resolve_symlink, validate_n
 use meridian_serve::ObjectStore;
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{Read, Seek};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -129,6 +129,11 @@ pub struct ScanOutput {
     pub bytes_hashed: u64,
     /// Thread-seconds spent snapshotting.
     pub hash_seconds: f64,
+    /// Wall seconds from the start of the walk until the last file was
+    /// hashed.
+    pub hash_phase_seconds: f64,
+    /// Wall seconds after that until the last hashed file was linked.
+    pub link_phase_seconds: f64,
     /// Objects newly written to the store.
     pub new_objects: Vec<Hash>,
     /// Directories walked (for the watched-directories gauge).
@@ -273,59 +278,182 @@ fn walk(
     Ok(handed)
 }
 
+/// A file hashed in place, waiting to be linked into the store.
+struct Hashed {
+    work: Work,
+    /// The very inode that was read, while the descriptor budget lasts.
+    file: Option<File>,
+    hash: Hash,
+    seconds: f64,
+}
+
+/// How many hashed files may wait for their link with their descriptor
+/// still open: half the soft descriptor limit, at most 65,536. Files past
+/// that are closed and reopened (and their stat key checked) to be linked.
+fn open_budget() -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(1 << 17);
+    (limit / 2).min(1 << 16) as usize
+}
+
+/// Lowers the calling thread to the lowest CPU priority (nice 19; on Linux
+/// the nice value is per thread). Best effort.
+fn lower_thread_priority() {
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
+}
+
 /// Scans the content directory. Files are hashed by `threads` workers
 /// while the walk is still running.
+///
+/// With link snapshots the hashing and the linking are separate stages:
+/// linking is directory work in the store (about a third of the CPU a
+/// small file costs), so it is kept out of the hashing workers' way. While
+/// files are being hashed, linkers run at the lowest priority and take only
+/// CPU the hashing leaves idle (waits for the disk on a cold tree); once the
+/// last file is hashed, the same number of linkers at normal priority finish
+/// the queue. The scan returns when every file is linked (or skipped): a
+/// generation never names an object the store does not hold.
 pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
+    scan_with_budget(input, open_budget())
+}
+
+/// [`scan`] with at most `budget` hashed files waiting to be linked with
+/// their descriptors open.
+fn scan_with_budget(input: &ScanInput<'_>, budget: usize) -> Result<ScanOutput, ScanError> {
     let mut out = ScanOutput::default();
     let now = SystemTime::now();
+    let t_start = Instant::now();
     type Outcome = (Work, Result<(Hash, bool, StatKey), SkipReason>, f64);
     let results: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
     let disk_error: Mutex<Option<meridian_serve::StoreError>> = Mutex::new(None);
+    let finish = |w: Work, r: Result<(Hash, bool, StatKey), IngestError>, dt: f64| {
+        let r = match r {
+            Ok(x) => Ok(x),
+            Err(IngestError::Skip(reason)) => Err(reason),
+            Err(IngestError::CannotLink) => Err(SkipReason::Unreadable),
+            Err(IngestError::Store(e)) => {
+                if let Ok(mut d) = disk_error.lock() {
+                    d.get_or_insert(e);
+                }
+                Err(SkipReason::Unreadable)
+            }
+        };
+        if let Ok(mut v) = results.lock() {
+            v.push((w, r, dt));
+        }
+    };
+    let threads = input.threads.max(1);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Work>(4096);
     let rx = Mutex::new(rx);
+    let (link_tx, link_rx) = std::sync::mpsc::channel::<Hashed>();
+    let link_rx = Mutex::new(link_rx);
+    let hashing_done = std::sync::atomic::AtomicBool::new(false);
+    let held = std::sync::atomic::AtomicUsize::new(0);
+    // Links one hashed file (a copy where no link can be made).
+    let link_one = |item: Hashed, buf: &mut Vec<u8>| {
+        let t0 = Instant::now();
+        if item.file.is_some() {
+            held.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let w = item.work;
+        let r = match link_hashed(input.store, &w.abs, w.key, item.file, item.hash, buf) {
+            Err(IngestError::CannotLink) => {
+                buf.resize(1 << 20, 0);
+                ingest(input.store, &w.abs, w.key, buf)
+            }
+            r => r,
+        };
+        finish(w, r, item.seconds + t0.elapsed().as_secs_f64());
+    };
+    let linker = |idle: bool| {
+        if idle {
+            lower_thread_priority();
+        }
+        let mut buf = Vec::new();
+        loop {
+            if idle && hashing_done.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let next = link_rx.lock().ok().and_then(|r| r.recv().ok());
+            let Some(item) = next else { break };
+            link_one(item, &mut buf);
+        }
+    };
+    let mut hashed_at = None;
     let handed = std::thread::scope(|s| {
-        for _ in 0..input.threads.max(1) {
-            s.spawn(|| {
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let next = rx.lock().ok().and_then(|r| r.recv().ok());
-                    let Some(w) = next else { break };
-                    let t0 = Instant::now();
-                    let r = match input.snapshot {
-                        Snapshot::Link => match ingest_link(input.store, &w.abs, w.key, &mut buf) {
-                            Err(IngestError::CannotLink) => {
-                                ingest(input.store, &w.abs, w.key, &mut buf)
+        let hashers: Vec<_> = (0..threads)
+            .map(|_| {
+                let link_tx = link_tx.clone();
+                let (rx, finish, held) = (&rx, &finish, &held);
+                s.spawn(move || {
+                    let mut buf = vec![0u8; 1 << 20];
+                    loop {
+                        let next = rx.lock().ok().and_then(|r| r.recv().ok());
+                        let Some(w) = next else { break };
+                        let t0 = Instant::now();
+                        match input.snapshot {
+                            Snapshot::Link => match hash_in_place(&w.abs, w.key, &mut buf) {
+                                Ok((file, hash)) => {
+                                    let keep = held
+                                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                                        < budget;
+                                    if !keep {
+                                        held.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                                    }
+                                    let item = Hashed {
+                                        work: w,
+                                        file: keep.then_some(file),
+                                        hash,
+                                        seconds: t0.elapsed().as_secs_f64(),
+                                    };
+                                    if let Err(back) = link_tx.send(item) {
+                                        link_one(back.0, &mut buf);
+                                    }
+                                }
+                                Err(e) => finish(w, Err(e), t0.elapsed().as_secs_f64()),
+                            },
+                            Snapshot::Copy => {
+                                let r = ingest(input.store, &w.abs, w.key, &mut buf);
+                                finish(w, r, t0.elapsed().as_secs_f64());
                             }
-                            r => r,
-                        },
-                        Snapshot::Copy => ingest(input.store, &w.abs, w.key, &mut buf),
-                    };
-                    let r = match r {
-                        Ok(x) => Ok(x),
-                        Err(IngestError::Skip(reason)) => Err(reason),
-                        Err(IngestError::CannotLink) => Err(SkipReason::Unreadable),
-                        Err(IngestError::Store(e)) => {
-                            if let Ok(mut d) = disk_error.lock() {
-                                d.get_or_insert(e);
-                            }
-                            Err(SkipReason::Unreadable)
                         }
-                    };
-                    if let Ok(mut v) = results.lock() {
-                        v.push((w, r, t0.elapsed().as_secs_f64()));
                     }
-                }
-            });
+                })
+            })
+            .collect();
+        drop(link_tx);
+        if input.snapshot == Snapshot::Link {
+            for _ in 0..threads {
+                s.spawn(|| linker(true));
+            }
         }
         let tx = tx;
-        walk(input, &mut out, now, |w| {
+        let handed = walk(input, &mut out, now, |w| {
             let _ = tx.send(w);
-        })
+        });
+        drop(tx);
+        for h in hashers {
+            let _ = h.join();
+        }
+        hashing_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        hashed_at = Some(t_start.elapsed());
+        if input.snapshot == Snapshot::Link {
+            for _ in 0..threads {
+                s.spawn(|| linker(false));
+            }
+        }
+        handed
     })?;
+    let hashed_at = hashed_at.unwrap_or_default();
+    out.hash_phase_seconds = hashed_at.as_secs_f64();
+    out.link_phase_seconds = (t_start.elapsed() - hashed_at).as_secs_f64();
     tracing::debug!(
         files = handed,
-        seconds = now.elapsed().unwrap_or_default().as_secs_f64(),
-        "walked and hashed"
+        threads,
+        walk_and_hash = out.hash_phase_seconds,
+        link = out.link_phase_seconds,
+        "scan phases (seconds)"
     );
     if let Some(e) = disk_error.into_inner().ok().flatten() {
         return Err(ScanError::Store(e));
@@ -398,18 +526,11 @@ fn open_unchanged(abs: &Path, before: StatKey) -> Result<File, IngestError> {
     Ok(src)
 }
 
-/// Hashes one file where it is and hard-links that same inode into the
-/// store's `linked/` area; returns its hash, whether the object was new, and
-/// the file's stat key after linking (a link bumps the ctime; caching the
-/// new key lets the next scan recognise the file). The file must keep its
-/// inode, size and mtime from before the read to after the link; whatever
-/// slips past that is caught when the link is copied, which hashes again.
-fn ingest_link(
-    store: &ObjectStore,
-    abs: &Path,
-    before: StatKey,
-    buf: &mut [u8],
-) -> Result<(Hash, bool, StatKey), IngestError> {
+/// Hashes one file where it is (the first half of a link snapshot): reads
+/// exactly the size the walk saw and returns the open file, so that the
+/// inode that was read can be linked later even if a rename replaces its
+/// path meanwhile.
+fn hash_in_place(abs: &Path, before: StatKey, buf: &mut [u8]) -> Result<(File, Hash), IngestError> {
     let mut src = open_unchanged(abs, before)?;
     let mut hasher = blake3::Hasher::new();
     let mut read = 0u64;
@@ -428,10 +549,43 @@ fn ingest_link(
     if read != before.size {
         return Err(IngestError::Skip(SkipReason::ChangedWhileHashing));
     }
-    let h: Hash = hasher.finalize().into();
-    let new = store
-        .link_in(&src, &h)
-        .map_err(|_| IngestError::CannotLink)?;
+    Ok((src, hasher.finalize().into()))
+}
+
+/// The second half of a link snapshot: hard-links the inode that hashed to
+/// `h` into the store's `linked/` area. `held` is that inode's open file; a
+/// file closed after hashing (more were waiting than the descriptor budget
+/// allows) is opened again and must still have the walk's stat key, which
+/// no write can leave unchanged. Returns the hash, whether the object was
+/// new, and the file's stat key after linking (a link bumps the ctime;
+/// caching the new key lets the next scan recognise the file). The file
+/// must keep its inode, size and mtime from before the read to after the
+/// link; whatever slips past that is caught when the link is copied, which
+/// hashes again.
+fn link_hashed(
+    store: &ObjectStore,
+    abs: &Path,
+    before: StatKey,
+    held: Option<File>,
+    h: Hash,
+    buf: &mut Vec<u8>,
+) -> Result<(Hash, bool, StatKey), IngestError> {
+    let was_held = held.is_some();
+    let src = match held {
+        Some(f) => f,
+        None => open_unchanged(abs, before)?,
+    };
+    let new = match store.link_in(&src, &h) {
+        Ok(new) => new,
+        // Renamed over or deleted since it was hashed: the inode has no name
+        // left to link, but its bytes are still here; they are copied, and
+        // kept only if they still hash to `h`.
+        Err(_) if was_held && src.metadata().is_ok_and(|m| m.nlink() == 0) => {
+            let new = copy_held(store, src, before.size, h, buf)?;
+            return Ok((h, new, before));
+        }
+        Err(_) => return Err(IngestError::CannotLink),
+    };
     let after = src.metadata().map(|m| StatKey::of(&m)).ok();
     match after {
         Some(k)
@@ -445,6 +599,55 @@ fn ingest_link(
         }
         _ => Err(IngestError::Skip(SkipReason::ChangedWhileHashing)),
     }
+}
+
+/// Copies the bytes of an open file that has lost its last name into the
+/// store as object `h`, checking them against `h` as they are copied.
+/// Returns whether the object was new.
+fn copy_held(
+    store: &ObjectStore,
+    mut src: File,
+    size: u64,
+    h: Hash,
+    buf: &mut Vec<u8>,
+) -> Result<bool, IngestError> {
+    if store.contains(&h) {
+        return Ok(false);
+    }
+    buf.resize(1 << 20, 0);
+    let (tmp, mut dst) = store.create_tmp("held").map_err(IngestError::Store)?;
+    let res = (|| {
+        src.seek(std::io::SeekFrom::Start(0))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut limited = (&mut src).take(size + 1);
+        let mut copied = 0u64;
+        loop {
+            let n = match limited.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            dst.write_all(&buf[..n])?;
+            copied += n as u64;
+        }
+        Ok((copied, Hash::from(hasher.finalize())))
+    })();
+    drop(dst);
+    match res {
+        Ok((n, got)) if n == size && got == h => {}
+        Ok(_) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(IngestError::Skip(SkipReason::ChangedWhileHashing));
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(IngestError::Store(meridian_serve::StoreError::io(&tmp, e)));
+        }
+    }
+    store.commit(&tmp, &h).map_err(IngestError::Store)?;
+    Ok(true)
 }
 
 /// Snapshots one file into the store and returns its hash and whether the
@@ -614,6 +817,118 @@ mod tests {
         let h = out.leaves["f"].hash;
         fs::write(content.join("f"), b"version two!").expect("rewrite");
         assert_eq!(store.read(&h).expect("object"), b"version one");
+    }
+
+    #[test]
+    fn a_hashed_file_is_linked_as_it_was_read_even_if_renamed_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ObjectStore::open(dir.path().join("s")).expect("store");
+        let mut buf = vec![0u8; 4096];
+        let replace = |path: &Path, bytes: &[u8]| {
+            let tmp = path.with_extension("new");
+            fs::write(&tmp, bytes).expect("write");
+            fs::rename(&tmp, path).expect("rename over");
+        };
+        let hashed = |path: &Path, bytes: &[u8], buf: &mut [u8]| {
+            fs::write(path, bytes).expect("write");
+            let key = StatKey::of(&fs::symlink_metadata(path).expect("stat"));
+            let Ok((file, h)) = hash_in_place(path, key, buf) else {
+                panic!("hash failed")
+            };
+            assert_eq!(h, meridian_core::hash_bytes(bytes));
+            (key, file, h)
+        };
+
+        // Held open from hashing to linking: a rename over the path in
+        // between cannot swap the inode; the bytes that were hashed are kept.
+        let a = dir.path().join("a");
+        let (key, file, h) = hashed(&a, b"as published", &mut buf);
+        replace(&a, b"the next version");
+        let mut copy_buf = Vec::new();
+        let Ok((got, true, _)) = link_hashed(&store, &a, key, Some(file), h, &mut copy_buf) else {
+            panic!("link failed")
+        };
+        assert_eq!(got, h);
+        assert!(!store.is_linked_only(&h), "kept as a private copy");
+        assert_eq!(store.read(&h).expect("object"), b"as published");
+        // The same, but edited in place before the rename: the bytes no
+        // longer match what was hashed, so nothing is kept.
+        let (key, file, h) = hashed(&a, b"published, then edited", &mut buf);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&a)
+            .and_then(|mut f| f.write_all(b"P"))
+            .expect("edit in place");
+        replace(&a, b"the next version");
+        assert!(matches!(
+            link_hashed(&store, &a, key, Some(file), h, &mut copy_buf),
+            Err(IngestError::Skip(SkipReason::ChangedWhileHashing))
+        ));
+        assert!(!store.contains(&h));
+
+        // Closed after hashing (the descriptor budget was spent) and renamed
+        // over before the link: caught by the stat key, nothing is linked,
+        // and the file is retried by a later scan.
+        let b = dir.path().join("b");
+        let (key, file, h) = hashed(&b, b"b as hashed", &mut buf);
+        drop(file);
+        replace(&b, b"b replaced");
+        assert!(matches!(
+            link_hashed(&store, &b, key, None, h, &mut copy_buf),
+            Err(IngestError::Skip(SkipReason::ChangedWhileHashing))
+        ));
+        assert!(!store.contains(&h));
+
+        // Closed and untouched: reopened and linked.
+        let c = dir.path().join("c");
+        let (key, file, h) = hashed(&c, b"c stays", &mut buf);
+        drop(file);
+        assert!(matches!(
+            link_hashed(&store, &c, key, None, h, &mut copy_buf),
+            Ok((_, true, _))
+        ));
+        assert_eq!(
+            store.read_verified(&h).expect("read"),
+            Some(b"c stays".to_vec())
+        );
+    }
+
+    #[test]
+    fn files_past_the_descriptor_budget_are_reopened_and_linked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let content = dir.path().join("c");
+        fs::create_dir_all(content.join("sub")).expect("mkdir");
+        let store = ObjectStore::open(dir.path().join("s")).expect("store");
+        let names: Vec<String> = (0..50).map(|i| format!("sub/f{i}")).collect();
+        for n in &names {
+            fs::write(content.join(n), n.repeat(100)).expect("write");
+        }
+        let cache = HashCache::default();
+        let previous = HashMap::new();
+        let out = scan_with_budget(
+            &ScanInput {
+                content: &content,
+                store: &store,
+                cache: &cache,
+                previous: &previous,
+                quiet: Duration::ZERO,
+                threads: 2,
+                snapshot: Snapshot::Link,
+            },
+            0,
+        )
+        .expect("scan");
+        assert!(out.skipped.is_empty(), "{:?}", out.skipped);
+        assert_eq!(out.files_hashed, 50);
+        assert_eq!(store.list_linked().expect("list").len(), 50);
+        for n in &names {
+            let h = out.leaves[n].hash;
+            assert_eq!(h, meridian_core::hash_bytes(n.repeat(100).as_bytes()));
+            assert_eq!(
+                store.read_verified(&h).expect("read"),
+                Some(n.repeat(100).into_bytes())
+            );
+        }
     }
 
     #[test]

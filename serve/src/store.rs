@@ -140,6 +140,7 @@ impl ObjectStore {
     /// refuses links to files the process does not own.
     pub fn link_in(&self, src: &File, h: &Hash) -> io::Result<bool> {
         use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
         let dest = self.linked_path(h);
         self.links.store(true, Ordering::Relaxed);
         // Linking the open file itself (AT_EMPTY_PATH) needs
@@ -159,10 +160,13 @@ impl ObjectStore {
                         MODE.store(DIRECT, Ordering::Relaxed);
                         return Ok(());
                     }
+                    // (Not for a file that has lost its last name: no way
+                    // links that.)
                     Err(e)
                         if mode == UNKNOWN
                             && (e == rustix::io::Errno::NOENT || e == rustix::io::Errno::PERM)
-                            && dest.parent().is_some_and(Path::exists) =>
+                            && dest.parent().is_some_and(Path::exists)
+                            && src.metadata().is_ok_and(|m| m.nlink() > 0) =>
                     {
                         MODE.store(VIA_PROC, Ordering::Relaxed);
                     }
