@@ -13,7 +13,7 @@ B=target/release/meridian
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 python3 bench/gen_tree.py "$W/content" "$N"
 sync   # let the freshly written tree reach the disk before anything is timed
-BYTES=$(du -sb --apparent-size "$W/content" | cut -f1)
+BYTES=$(find "$W/content" -type f -printf '%s\n' | awk '{s += $1} END {printf "%.0f", s}')
 
 echo "== b3sum over the same files (page cache warm)"
 (cd "$W/content" && find . -type f -print0 | xargs -0 cat > /dev/null)

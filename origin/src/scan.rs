@@ -297,10 +297,22 @@ fn open_budget() -> usize {
     (limit / 2).min(1 << 16) as usize
 }
 
-/// Lowers the calling thread to the lowest CPU priority (nice 19; on Linux
-/// the nice value is per thread). Best effort.
+/// Lowers the calling thread to the lowest CPU priority: `SCHED_IDLE`,
+/// which any other runnable thread preempts at once; where that is refused,
+/// nice 19 (on Linux the nice value is per thread). Best effort.
 fn lower_thread_priority() {
-    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
+    use thread_priority::unix::{
+        NormalThreadSchedulePolicy, ThreadSchedulePolicy, set_thread_priority_and_policy,
+        thread_native_id,
+    };
+    let idle = set_thread_priority_and_policy(
+        thread_native_id(),
+        thread_priority::ThreadPriority::Min,
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+    );
+    if idle.is_err() {
+        let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
+    }
 }
 
 /// Scans the content directory. Files are hashed by `threads` workers
@@ -309,10 +321,10 @@ fn lower_thread_priority() {
 /// With link snapshots the hashing and the linking are separate stages:
 /// linking is directory work in the store (about a third of the CPU a
 /// small file costs), so it is kept out of the hashing workers' way. While
-/// files are being hashed, linkers run at the lowest priority and take only
-/// CPU the hashing leaves idle (waits for the disk on a cold tree); once the
-/// last file is hashed, the same number of linkers at normal priority finish
-/// the queue. The scan returns when every file is linked (or skipped): a
+/// files are being hashed, one linker runs at the lowest priority
+/// (`SCHED_IDLE`) and takes only CPU the hashing leaves idle (waits for the
+/// disk on a cold tree); once the last file is hashed, one linker per
+/// hashing thread at normal priority finishes the queue. The scan returns when every file is linked (or skipped): a
 /// generation never names an object the store does not hold.
 pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
     scan_with_budget(input, open_budget())
@@ -424,9 +436,7 @@ fn scan_with_budget(input: &ScanInput<'_>, budget: usize) -> Result<ScanOutput, 
             .collect();
         drop(link_tx);
         if input.snapshot == Snapshot::Link {
-            for _ in 0..threads {
-                s.spawn(|| linker(true));
-            }
+            s.spawn(|| linker(true));
         }
         let tx = tx;
         let handed = walk(input, &mut out, now, |w| {
