@@ -13,10 +13,11 @@ use meridian_core::{Entry, EntryKind, Hash, RelPath, resolve_symlink, validate_n
 use meridian_serve::ObjectStore;
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Seek};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A whole scan failed (the content directory itself is unusable).
@@ -324,8 +325,9 @@ fn lower_thread_priority() {
 /// files are being hashed, one linker runs at the lowest priority
 /// (`SCHED_IDLE`) and takes only CPU the hashing leaves idle (waits for the
 /// disk on a cold tree); once the last file is hashed, one linker per
-/// hashing thread at normal priority finishes the queue. The scan returns when every file is linked (or skipped): a
-/// generation never names an object the store does not hold.
+/// hashing thread at normal priority finishes the queue. The scan returns
+/// when every file is linked (or skipped): a generation never names an
+/// object the store does not hold.
 pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
     scan_with_budget(input, open_budget())
 }
@@ -360,16 +362,16 @@ fn scan_with_budget(input: &ScanInput<'_>, budget: usize) -> Result<ScanOutput, 
     let rx = Mutex::new(rx);
     let (link_tx, link_rx) = std::sync::mpsc::channel::<Hashed>();
     let link_rx = Mutex::new(link_rx);
-    let hashing_done = std::sync::atomic::AtomicBool::new(false);
-    let held = std::sync::atomic::AtomicUsize::new(0);
+    let hashing_done = AtomicBool::new(false);
+    let held = AtomicUsize::new(0);
     // Links one hashed file (a copy where no link can be made).
     let link_one = |item: Hashed, buf: &mut Vec<u8>| {
         let t0 = Instant::now();
         if item.file.is_some() {
-            held.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            held.fetch_sub(1, Ordering::Relaxed);
         }
         let w = item.work;
-        let r = match link_hashed(input.store, &w.abs, w.key, item.file, item.hash, buf) {
+        let r = match link_hashed(input.store, &w.abs, w.key, item.file, item.hash) {
             Err(IngestError::CannotLink) => {
                 buf.resize(1 << 20, 0);
                 ingest(input.store, &w.abs, w.key, buf)
@@ -384,7 +386,7 @@ fn scan_with_budget(input: &ScanInput<'_>, budget: usize) -> Result<ScanOutput, 
         }
         let mut buf = Vec::new();
         loop {
-            if idle && hashing_done.load(std::sync::atomic::Ordering::Relaxed) {
+            if idle && hashing_done.load(Ordering::Relaxed) {
                 break;
             }
             let next = link_rx.lock().ok().and_then(|r| r.recv().ok());
@@ -407,11 +409,9 @@ fn scan_with_budget(input: &ScanInput<'_>, budget: usize) -> Result<ScanOutput, 
                         match input.snapshot {
                             Snapshot::Link => match hash_in_place(&w.abs, w.key, &mut buf) {
                                 Ok((file, hash)) => {
-                                    let keep = held
-                                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                                        < budget;
+                                    let keep = held.fetch_add(1, Ordering::Relaxed) < budget;
                                     if !keep {
-                                        held.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                                        held.fetch_sub(1, Ordering::Relaxed);
                                     }
                                     let item = Hashed {
                                         work: w,
@@ -446,7 +446,7 @@ fn scan_with_budget(input: &ScanInput<'_>, budget: usize) -> Result<ScanOutput, 
         for h in hashers {
             let _ = h.join();
         }
-        hashing_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        hashing_done.store(true, Ordering::Relaxed);
         hashed_at = Some(t_start.elapsed());
         if input.snapshot == Snapshot::Link {
             for _ in 0..threads {
@@ -578,7 +578,6 @@ fn link_hashed(
     before: StatKey,
     held: Option<File>,
     h: Hash,
-    buf: &mut Vec<u8>,
 ) -> Result<(Hash, bool, StatKey), IngestError> {
     let was_held = held.is_some();
     let src = match held {
@@ -591,8 +590,17 @@ fn link_hashed(
         // left to link, but its bytes are still here; they are copied, and
         // kept only if they still hash to `h`.
         Err(_) if was_held && src.metadata().is_ok_and(|m| m.nlink() == 0) => {
-            let new = copy_held(store, src, before.size, h, buf)?;
-            return Ok((h, new, before));
+            if store.contains(&h) {
+                return Ok((h, false, before));
+            }
+            let mut src = src;
+            src.seek(std::io::SeekFrom::Start(0))
+                .map_err(|_| IngestError::Skip(SkipReason::Unreadable))?;
+            return match store.copy_verified(&mut src, &h, before.size + 1, "held") {
+                Ok(true) => Ok((h, true, before)),
+                Ok(false) => Err(IngestError::Skip(SkipReason::ChangedWhileHashing)),
+                Err(e) => Err(IngestError::Store(e)),
+            };
         }
         Err(_) => return Err(IngestError::CannotLink),
     };
@@ -609,55 +617,6 @@ fn link_hashed(
         }
         _ => Err(IngestError::Skip(SkipReason::ChangedWhileHashing)),
     }
-}
-
-/// Copies the bytes of an open file that has lost its last name into the
-/// store as object `h`, checking them against `h` as they are copied.
-/// Returns whether the object was new.
-fn copy_held(
-    store: &ObjectStore,
-    mut src: File,
-    size: u64,
-    h: Hash,
-    buf: &mut Vec<u8>,
-) -> Result<bool, IngestError> {
-    if store.contains(&h) {
-        return Ok(false);
-    }
-    buf.resize(1 << 20, 0);
-    let (tmp, mut dst) = store.create_tmp("held").map_err(IngestError::Store)?;
-    let res = (|| {
-        src.seek(std::io::SeekFrom::Start(0))?;
-        let mut hasher = blake3::Hasher::new();
-        let mut limited = (&mut src).take(size + 1);
-        let mut copied = 0u64;
-        loop {
-            let n = match limited.read(buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            hasher.update(&buf[..n]);
-            dst.write_all(&buf[..n])?;
-            copied += n as u64;
-        }
-        Ok((copied, Hash::from(hasher.finalize())))
-    })();
-    drop(dst);
-    match res {
-        Ok((n, got)) if n == size && got == h => {}
-        Ok(_) => {
-            let _ = fs::remove_file(&tmp);
-            return Err(IngestError::Skip(SkipReason::ChangedWhileHashing));
-        }
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            return Err(IngestError::Store(meridian_serve::StoreError::io(&tmp, e)));
-        }
-    }
-    store.commit(&tmp, &h).map_err(IngestError::Store)?;
-    Ok(true)
 }
 
 /// Snapshots one file into the store and returns its hash and whether the
@@ -854,8 +813,7 @@ mod tests {
         let a = dir.path().join("a");
         let (key, file, h) = hashed(&a, b"as published", &mut buf);
         replace(&a, b"the next version");
-        let mut copy_buf = Vec::new();
-        let Ok((got, true, _)) = link_hashed(&store, &a, key, Some(file), h, &mut copy_buf) else {
+        let Ok((got, true, _)) = link_hashed(&store, &a, key, Some(file), h) else {
             panic!("link failed")
         };
         assert_eq!(got, h);
@@ -867,11 +825,11 @@ mod tests {
         fs::OpenOptions::new()
             .write(true)
             .open(&a)
-            .and_then(|mut f| f.write_all(b"P"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"P"))
             .expect("edit in place");
         replace(&a, b"the next version");
         assert!(matches!(
-            link_hashed(&store, &a, key, Some(file), h, &mut copy_buf),
+            link_hashed(&store, &a, key, Some(file), h),
             Err(IngestError::Skip(SkipReason::ChangedWhileHashing))
         ));
         assert!(!store.contains(&h));
@@ -884,7 +842,7 @@ mod tests {
         drop(file);
         replace(&b, b"b replaced");
         assert!(matches!(
-            link_hashed(&store, &b, key, None, h, &mut copy_buf),
+            link_hashed(&store, &b, key, None, h),
             Err(IngestError::Skip(SkipReason::ChangedWhileHashing))
         ));
         assert!(!store.contains(&h));
@@ -894,7 +852,7 @@ mod tests {
         let (key, file, h) = hashed(&c, b"c stays", &mut buf);
         drop(file);
         assert!(matches!(
-            link_hashed(&store, &c, key, None, h, &mut copy_buf),
+            link_hashed(&store, &c, key, None, h),
             Ok((_, true, _))
         ));
         assert_eq!(

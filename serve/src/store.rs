@@ -216,14 +216,37 @@ impl ObjectStore {
             }
             Err(e) => return Err(StoreError::io(&linked, e)),
         };
-        let (tmp, dst) = self.create_tmp("promote")?;
+        // Bounded by the length now: a file that keeps growing cannot hash
+        // right, and is not copied forever.
+        let limit = src.metadata().map_or(u64::MAX, |m| m.len() + 1);
+        if !self.copy_verified(&mut src, h, limit, "promote")? {
+            let _ = fs::remove_file(&linked);
+            return Ok(Promoted::Withdrawn);
+        }
+        // The link stays until the object is garbage: unlinking would bump
+        // the content file's ctime and make the origin hash it again.
+        Ok(Promoted::Promoted)
+    }
+
+    /// Copies `src` (at most `limit` bytes) into `objects/` as `h`, hashing
+    /// the very bytes it writes, and commits the copy only if they hash to
+    /// `h`: `Ok(false)` (and nothing kept) if they do not. Not fsynced (see
+    /// [`ObjectStore::promote`]).
+    pub fn copy_verified(
+        &self,
+        src: &mut impl io::Read,
+        h: &Hash,
+        limit: u64,
+        label: &str,
+    ) -> Result<bool, StoreError> {
+        let (tmp, dst) = self.create_tmp(label)?;
         let res = (|| {
-            use std::io::Read;
+            let mut src = io::Read::take(&mut *src, limit);
             let mut out = io::BufWriter::with_capacity(1 << 16, &dst);
             let mut hasher = blake3::Hasher::new();
             let mut buf = vec![0u8; 1 << 16];
             loop {
-                let n = match src.read(&mut buf) {
+                let n = match io::Read::read(&mut src, &mut buf) {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -235,22 +258,21 @@ impl ObjectStore {
             out.flush()?;
             Ok(Hash::from(hasher.finalize()))
         })();
-        let got = match res {
-            Ok(g) => g,
+        match res {
+            Ok(got) if got == *h => {
+                drop(dst);
+                self.commit(&tmp, h)?;
+                Ok(true)
+            }
+            Ok(_) => {
+                let _ = fs::remove_file(&tmp);
+                Ok(false)
+            }
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
-                return Err(StoreError::io(&tmp, e));
+                Err(StoreError::io(&tmp, e))
             }
-        };
-        if got != *h {
-            let _ = fs::remove_file(&tmp);
-            let _ = fs::remove_file(&linked);
-            return Ok(Promoted::Withdrawn);
         }
-        self.commit(&tmp, h)?;
-        // The link stays until the object is garbage: unlinking would bump
-        // the content file's ctime and make the origin hash it again.
-        Ok(Promoted::Promoted)
     }
 
     /// A fresh staging path in `tmp/`.
