@@ -206,6 +206,7 @@ fn parse(buf: &[u8]) -> Result<Option<Head>, StatusCode> {
     let path = r.path.ok_or(StatusCode::BAD_REQUEST)?.as_bytes();
     let mut close = version == Version::HTTP_10;
     let mut out = Vec::with_capacity(r.headers.len());
+    let mut hosts = 0;
     for h in r.headers.iter() {
         let name =
             HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| StatusCode::BAD_REQUEST)?;
@@ -216,7 +217,9 @@ fn parse(buf: &[u8]) -> Result<Option<Head>, StatusCode> {
         {
             return Ok(Some(Head { len, simple: None }));
         }
-        if name == header::CONNECTION {
+        if name == header::HOST {
+            hosts += 1;
+        } else if name == header::CONNECTION {
             for t in h.value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
                 if t.eq_ignore_ascii_case(b"close") {
@@ -228,6 +231,9 @@ fn parse(buf: &[u8]) -> Result<Option<Head>, StatusCode> {
         }
         let v = at(h.value);
         out.push((name, v..v + h.value.len()));
+    }
+    if !crate::server::host_count_is_valid(version, hosts) {
+        return Err(StatusCode::BAD_REQUEST);
     }
     let p = at(path);
     Ok(Some(Head {

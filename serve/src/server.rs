@@ -23,6 +23,27 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 /// A request handler.
+/// RFC 9112 section 3.2: an HTTP/1.1 request carries exactly one `Host`
+/// header field, an HTTP/1.0 one at most one; a server answers anything else
+/// with 400.
+pub(crate) fn host_count_is_valid(version: http::Version, hosts: usize) -> bool {
+    hosts == 1 || (hosts == 0 && version == http::Version::HTTP_10)
+}
+
+/// The answer to a request that breaks [`host_count_is_valid`]; the
+/// connection closes after it.
+fn bad_host() -> http::Response<crate::body::Body> {
+    let mut r = crate::files::text(
+        http::StatusCode::BAD_REQUEST,
+        "an HTTP/1.1 request needs exactly one Host header\n",
+    );
+    r.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    r
+}
+
 pub trait Service: Send + Sync + 'static {
     fn call(
         &self,
@@ -244,7 +265,13 @@ async fn accept_loop<S: Service>(
         let svc2 = service.clone();
         let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
             let svc = svc2.clone();
-            async move { Ok::<_, std::convert::Infallible>(svc.call(req.map(|_| ()), peer).await) }
+            async move {
+                let hosts = req.headers().get_all(http::header::HOST).iter().count();
+                if !host_count_is_valid(req.version(), hosts) {
+                    return Ok::<_, std::convert::Infallible>(bad_host());
+                }
+                Ok(svc.call(req.map(|_| ()), peer).await)
+            }
         });
         match &tls {
             None => {

@@ -753,8 +753,23 @@ async fn plain_http_pipelining_http10_hand_off_ranges_and_bad_heads() {
     // Bad heads: garbage is 400, a huge head 431; the connection closes.
     assert!(raw(maddr, "NOT HTTP AT ALL\r\n\r\n").starts_with("HTTP/1.1 400"));
     let huge = format!(
-        "GET /a.txt HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "GET /a.txt HTTP/1.1\r\nHost: m\r\nX-Big: {}\r\n\r\n",
         "a".repeat(40_000)
     );
     assert!(raw(maddr, &huge).starts_with("HTTP/1.1 431"));
+
+    // Host (RFC 9112 section 3.2): an HTTP/1.1 request without one, or any
+    // request with two, is 400 and nothing is served, on the lean loop and
+    // on hyper's (a request with a body) alike; HTTP/1.0 may omit it.
+    for req in [
+        "GET /a.txt HTTP/1.1\r\n\r\n",
+        "GET /a.txt HTTP/1.1\r\nHost: m\r\nHost: n\r\n\r\n",
+        "GET /a.txt HTTP/1.0\r\nHost: m\r\nHost: n\r\n\r\n",
+        "POST /a.txt HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+    ] {
+        let resp = raw(maddr, req);
+        assert!(resp.starts_with("HTTP/1.1 400"), "{req:?}: {resp}");
+        assert!(!resp.contains("hello"), "{req:?}: {resp}");
+    }
+    assert!(raw(maddr, "GET /a.txt HTTP/1.0\r\n\r\n").ends_with("hello"));
 }
