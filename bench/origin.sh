@@ -35,7 +35,7 @@ sed 's/\x1b\[[0-9;]*m//g' "$W/first.log" | grep -E "scan phases|published genera
 python3 - "$W/first.log" "$BYTES" "$B3_1" "$B3_R" <<'PY'
 import re, sys
 log = re.sub(r"\x1b\[[0-9;]*m", "", open(sys.argv[1]).read())
-m = re.search(r"threads=(\d+) walk_and_hash=([0-9.]+) link=([0-9.]+)", log)
+m = re.search(r"threads=(\d+) walk_and_hash=([0-9.eE+-]+) link=([0-9.eE+-]+)", log)
 threads, hashing, link = int(m.group(1)), float(m.group(2)), float(m.group(3))
 per_core = int(sys.argv[2]) / hashing / threads / 1e6
 b3, b3r = float(sys.argv[3]), float(sys.argv[4])
