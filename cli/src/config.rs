@@ -25,13 +25,10 @@ fn set(t: &mut toml::Table, key: &str, v: Option<impl ToString>) {
     }
 }
 
-/// Listen and TLS flags, shared by `origin` and `mirror` (the default
-/// address is each role's own, from its config defaults).
+/// TLS flags, shared by `origin` and `mirror` (each has its own
+/// `--listen`, with its own default).
 #[derive(Debug, Args)]
 struct ListenArgs {
-    /// HTTP listen address [default: origin 127.0.0.1:8080, mirror 127.0.0.1:8081].
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<SocketAddr>,
     /// HTTPS listen address (needs --tls-cert and --tls-key).
     #[arg(long, value_name = "ADDR")]
     listen_tls: Option<SocketAddr>,
@@ -44,8 +41,8 @@ struct ListenArgs {
 }
 
 impl ListenArgs {
-    fn apply(self, t: &mut toml::Table) {
-        set(t, "listen", self.listen);
+    fn apply(self, listen: Option<SocketAddr>, t: &mut toml::Table) {
+        set(t, "listen", listen);
         set(t, "listen_tls", self.listen_tls);
         set(
             t,
@@ -71,8 +68,11 @@ pub struct OriginArgs {
     /// Secret key file written by `meridian keygen` (must be mode 0600).
     #[arg(long = "key", value_name = "FILE")]
     key_file: Option<PathBuf>,
+    /// HTTP listen address [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
     #[command(flatten)]
-    listen: ListenArgs,
+    tls: ListenArgs,
     /// Quiet period before publishing, e.g. `1s`, `500ms` [default: 1s].
     #[arg(long, value_name = "DURATION")]
     quiet: Option<String>,
@@ -106,7 +106,7 @@ impl OriginArgs {
             "key_file",
             self.key_file.map(|p| p.display().to_string()),
         );
-        self.listen.apply(&mut t);
+        self.tls.apply(self.listen, &mut t);
         set(&mut t, "quiet", self.quiet);
         set(&mut t, "expiry", self.expiry);
         set(&mut t, "snapshot", self.snapshot);
@@ -136,10 +136,15 @@ pub struct MirrorArgs {
     /// State directory: objects, verified roots, partial downloads.
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
+    /// HTTP listen address [default: 127.0.0.1:8081].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
     #[command(flatten)]
-    listen: ListenArgs,
-    /// Egress capacity in bytes per second, reported to GeoDNS.
-    #[arg(long, value_name = "BYTES")]
+    tls: ListenArgs,
+    /// Egress capacity in bytes per second (not bits), reported to GeoDNS,
+    /// which steers clients elsewhere near it; e.g. 125000000 for 1 Gbit/s
+    /// [default: 1250000000, 10 Gbit/s].
+    #[arg(long, value_name = "BYTES_PER_SEC")]
     capacity: Option<u64>,
     /// Bearer token that enables the admin API (drain/undrain).
     #[arg(long, value_name = "TOKEN", env = "MERIDIAN_ADMIN_TOKEN")]
@@ -162,6 +167,12 @@ pub struct MirrorArgs {
     /// Close a download whose client stopped reading for this long, e.g. `60s`.
     #[arg(long, value_name = "DURATION")]
     send_timeout: Option<String>,
+    /// Start without the rollback floor: accept the first root an upstream
+    /// offers even if it is older than one this mirror verified before.
+    /// Only for a mirror that lost its record of the highest generation it
+    /// verified (it then refuses every root until started with this).
+    #[arg(long)]
+    accept_lower_generation: bool,
 }
 
 impl MirrorArgs {
@@ -187,7 +198,7 @@ impl MirrorArgs {
             );
         }
         set(&mut t, "state", self.state.map(|p| p.display().to_string()));
-        self.listen.apply(&mut t);
+        self.tls.apply(self.listen, &mut t);
         if let Some(c) = self.capacity {
             t.insert(
                 "capacity_bytes_per_sec".into(),
@@ -200,6 +211,9 @@ impl MirrorArgs {
         set(&mut t, "gc_grace", self.gc_grace);
         set(&mut t, "header_timeout", self.header_timeout);
         set(&mut t, "send_timeout", self.send_timeout);
+        if self.accept_lower_generation {
+            t.insert("accept_lower_generation".into(), toml::Value::Boolean(true));
+        }
         if let Some(r) = self.reserve_free {
             t.insert(
                 "reserve_free_bytes".into(),

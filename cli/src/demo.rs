@@ -498,9 +498,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         content: content.clone(),
         config_dir: config_dir.clone(),
     };
-    let tmp = base.join("network.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&network)?)?;
-    std::fs::rename(&tmp, base.join("network.json"))?;
+    meridian_serve::store::write_atomic(
+        &base.join("network.json"),
+        &serde_json::to_vec_pretty(&network)?,
+    )?;
 
     let port = dns.port();
     let mport = args.mirror_port;

@@ -2,8 +2,6 @@
 
 use anyhow::{Context, bail};
 use meridian_core::SecretKey;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Writes a new secret key (0600) and prints the public key.
@@ -15,9 +13,12 @@ pub fn run(out: &Path, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Generates a key file and returns the key.
+/// Generates a key file and returns the key. The file is written by the
+/// one atomic writer: a fresh temp file created exclusively with mode 0600
+/// (never a planted file or symlink), fsynced, then renamed into place.
 pub fn generate(out: &Path, force: bool) -> anyhow::Result<SecretKey> {
-    if out.exists() && !force {
+    // symlink_metadata: a dangling symlink counts as existing too.
+    if out.symlink_metadata().is_ok() && !force {
         bail!(
             "{} already exists; pass --force to overwrite it",
             out.display()
@@ -26,16 +27,7 @@ pub fn generate(out: &Path, force: bool) -> anyhow::Result<SecretKey> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
     let key = SecretKey::from_seed(seed);
-    let tmp = out.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(key.to_file_text().as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    meridian_serve::store::write_atomic_mode(out, key.to_file_text().as_bytes(), 0o600)
+        .with_context(|| format!("cannot write the key file {}", out.display()))?;
     Ok(key)
 }

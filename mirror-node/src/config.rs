@@ -72,6 +72,12 @@ pub struct MirrorConfig {
     /// stopped reading) closes the connection.
     #[serde(default = "default_send_timeout", with = "humantime_serde")]
     pub send_timeout: Duration,
+    /// Start without a rollback floor: accept the first root an upstream
+    /// offers even if it is older than one this mirror verified before.
+    /// Only for recovering a mirror whose record of the highest generation
+    /// was lost (it then refuses every root and says so).
+    #[serde(default)]
+    pub accept_lower_generation: bool,
 }
 
 fn de_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PublicKey>, D::Error> {
@@ -143,6 +149,7 @@ impl MirrorConfig {
             drain_timeout: default_drain(),
             header_timeout: default_header_timeout(),
             send_timeout: default_send_timeout(),
+            accept_lower_generation: false,
         }
     }
 }

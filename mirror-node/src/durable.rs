@@ -113,8 +113,16 @@ pub struct Recovery {
 pub fn recover(state: &MirrorState) -> Result<Recovery, StoreError> {
     let path = marker_path(state);
     let boot = boot_id();
-    let old = match std::fs::read_to_string(&path) {
-        Ok(t) => Some(Marker::decode(&t)),
+    let old = match std::fs::read(&path) {
+        Ok(bytes) => {
+            // A damaged marker (not text, or not a marker) is a power loss
+            // too: recheck, never refuse to start.
+            let m = std::str::from_utf8(&bytes).ok().and_then(Marker::decode);
+            if m.is_none() {
+                tracing::warn!(path = %path.display(), "the unflushed marker is damaged; treating the last stop as a power loss and re-checking every object");
+            }
+            Some(m)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(StoreError::io(&path, e)),
     };

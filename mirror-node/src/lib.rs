@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod durable;
+pub mod floor;
 pub mod generation;
 pub mod metrics;
 pub mod rawget;

@@ -54,6 +54,9 @@ pub struct MirrorState {
     pub durable: AtomicU64,
     /// Wakes the flusher (after a switch or a repair).
     pub flush: Notify,
+    /// The lowest generation this mirror may still accept (see
+    /// [`crate::floor`]).
+    pub floor: Mutex<crate::floor::Floor>,
 }
 
 impl MirrorState {
@@ -87,6 +90,7 @@ impl MirrorState {
             deltas: Default::default(),
             durable: AtomicU64::new(0),
             flush: Notify::new(),
+            floor: Mutex::default(),
         })
     }
 

@@ -28,6 +28,10 @@ pub enum OriginError {
         "key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
     )]
     KeyPermissions { path: String, mode: u32 },
+    #[error(
+        "key file {path} is owned by uid {owner}, but the origin runs as uid {me}; run `chown {me} {path}` (or run the origin as its owner)"
+    )]
+    KeyOwner { path: String, owner: u32, me: u32 },
     #[error("key file {path}: {source}")]
     KeyFormat {
         path: String,
@@ -43,21 +47,33 @@ pub enum OriginError {
     Watch { path: String, source: notify::Error },
 }
 
-/// Reads the signing key, refusing a file readable by group or others.
+/// Reads the signing key, refusing a file readable by group or others or
+/// owned by another user (who could then replace it). The checks and the
+/// read are on one open descriptor, so the file checked is the file read.
 pub fn load_key(path: &Path) -> Result<SecretKey, OriginError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
     let p = path.display().to_string();
-    let md = std::fs::metadata(path).map_err(|source| OriginError::KeyRead {
+    let read_err = |source| OriginError::KeyRead {
         path: p.clone(),
         source,
-    })?;
+    };
+    let mut f = std::fs::File::open(path).map_err(read_err)?;
+    let md = f.metadata().map_err(read_err)?;
     let mode = md.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(OriginError::KeyPermissions { path: p, mode });
     }
-    let text = std::fs::read_to_string(path).map_err(|source| OriginError::KeyRead {
-        path: p.clone(),
-        source,
-    })?;
+    let me = rustix::process::geteuid().as_raw();
+    if md.uid() != me {
+        return Err(OriginError::KeyOwner {
+            path: p,
+            owner: md.uid(),
+            me,
+        });
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(read_err)?;
     SecretKey::from_file_text(&text).map_err(|source| OriginError::KeyFormat { path: p, source })
 }
 

@@ -449,6 +449,14 @@ async fn after_a_power_loss_the_mirror_restarts_on_the_flushed_generation_and_re
             .trim(),
         g2.to_string()
     );
+
+    // A marker that is not even text (a torn write, say) is a power loss
+    // too: the mirror rechecks and serves, it does not refuse to start.
+    std::fs::write(state.join("unflushed"), b"\xff\xfe\x00boot").unwrap();
+    let (mut m, maddr) = mirror("m", &up, &key, &state, &[]);
+    m.wait_line("unflushed marker is damaged", DEADLINE);
+    wait_generation(&http, maddr, g2).await;
+    assert_eq!(get(&http, maddr, "a.bin").await.1, b);
 }
 
 #[tokio::test]
@@ -721,4 +729,117 @@ async fn a_change_across_many_directories_travels_as_a_delta_down_a_chain() {
             before[i]
         );
     }
+}
+
+/// Total root refusals a mirror has counted.
+async fn verify_failures(http: &reqwest::Client, addr: std::net::SocketAddr) -> Option<f64> {
+    let m = meridian_e2e::metrics_text(http, addr).await?;
+    Some(metric(&m, "meridian_mirror_verify_failures_total"))
+}
+
+#[tokio::test]
+async fn damaged_local_state_never_lowers_the_generation_a_mirror_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("f"), b"one").unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let (_o, oaddr) = origin(dir.path(), "200ms");
+    let client = ReadClient::new(oaddr, key);
+    let g1 = published(&client, &content, 0).await;
+    let old = client.root().await.unwrap();
+    assert_eq!(old.root.generation, g1);
+    std::fs::write(content.join("f"), b"two").unwrap();
+    let g2 = published(&client, &content, g1).await;
+    std::fs::write(content.join("f"), b"three").unwrap();
+    let g3 = published(&client, &content, g2).await;
+
+    // The mirror reaches the newest generation through a proxy that will
+    // later replay the oldest root.
+    let (evil, evil_srv) = Evil::start(oaddr, Mode::Honest).await;
+    let up = [format!("http://{}", evil_srv.local_addr)];
+    let state = dir.path().join("m");
+    let http = http();
+    let (mut m, maddr) = mirror("m", &up, &key, &state, &[]);
+    wait_generation(&http, maddr, g3).await;
+    wait_durable(&http, maddr, &state, g3).await;
+    *evil.fake_root.lock().unwrap() = old.envelope.clone();
+
+    type Damage = (&'static str, fn(&Path));
+    let damages: [Damage; 5] = [
+        ("current is garbage", |s| {
+            std::fs::write(s.join("current"), "garbage").unwrap()
+        }),
+        ("current is 999", |s| {
+            std::fs::write(s.join("current"), "999").unwrap()
+        }),
+        ("current is empty", |s| {
+            std::fs::write(s.join("current"), "").unwrap()
+        }),
+        ("current is deleted", |s| {
+            std::fs::remove_file(s.join("current")).unwrap()
+        }),
+        ("roots/ is removed", |s| {
+            std::fs::write(s.join("current"), "garbage").unwrap();
+            std::fs::remove_dir_all(s.join("roots")).unwrap();
+        }),
+    ];
+    for (what, damage) in damages {
+        m.child.kill().unwrap();
+        m.child.wait().unwrap();
+        damage(&state);
+        evil.set_mode(Mode::FakeRoot);
+        let (m2, maddr) = mirror("m", &up, &key, &state, &[]);
+        m = m2;
+        eventually(
+            &format!("{what}: the mirror to refuse the replayed generation {g1}"),
+            DEADLINE,
+            || async { (verify_failures(&http, maddr).await? > 0.0).then_some(()) },
+        )
+        .await;
+        let s = status(&http, maddr).await.unwrap();
+        assert_ne!(s["generation"].as_u64(), Some(g1), "{what}: {s}");
+        let (code, body) = get(&http, maddr, "f").await;
+        assert_ne!(body, b"one", "{what}: the replayed tree is served");
+        if what.starts_with("roots") {
+            // Nothing to restore: nothing is served until the upstream
+            // offers the recorded generation again.
+            assert_eq!(code, 503, "{what}");
+        } else {
+            assert_eq!((code, body.as_slice()), (200, &b"three"[..]), "{what}");
+        }
+        evil.set_mode(Mode::Honest);
+        wait_generation(&http, maddr, g3).await;
+        assert_eq!(get(&http, maddr, "f").await.1, b"three", "{what}");
+        wait_durable(&http, maddr, &state, g3).await;
+    }
+
+    // Every record of the floor gone, objects still there: the mirror says
+    // so and accepts nothing, not even the real newest root, until an
+    // operator passes --accept-lower-generation.
+    m.child.kill().unwrap();
+    m.child.wait().unwrap();
+    for f in ["current", "highest"] {
+        std::fs::remove_file(state.join(f)).unwrap();
+    }
+    std::fs::remove_dir_all(state.join("roots")).unwrap();
+    let (mut m, maddr) = mirror("m", &up, &key, &state, &[]);
+    m.wait_line("--accept-lower-generation", DEADLINE);
+    eventually("the mirror to refuse every root", DEADLINE, || async {
+        (verify_failures(&http, maddr).await? > 0.0).then_some(())
+    })
+    .await;
+    let s = status(&http, maddr).await.unwrap();
+    assert_eq!(s["generation"].as_u64(), Some(0), "{s}");
+    assert!(
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--accept-lower-generation")),
+        "{s}"
+    );
+    m.child.kill().unwrap();
+    m.child.wait().unwrap();
+    let (_m, maddr) = mirror("m", &up, &key, &state, &["--accept-lower-generation"]);
+    wait_generation(&http, maddr, g3).await;
+    assert_eq!(get(&http, maddr, "f").await.1, b"three");
 }

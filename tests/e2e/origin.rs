@@ -224,6 +224,64 @@ fn refuses_a_key_readable_by_others() {
     assert!(!status.success());
     origin.drain();
     origin.wait_line("readable by group or others", Duration::from_secs(5));
+
+    // 0600 but owned by another user, who could replace it: refused too.
+    std::fs::set_permissions(
+        dir.path().join("key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(dir.path().join("key"), Some(65534), None).unwrap();
+    let mut origin = start_origin(dir.path(), &[]);
+    let status = origin.wait_exit(DEADLINE).expect("origin exits");
+    assert!(!status.success());
+    origin.drain();
+    origin.wait_line("is owned by uid 65534", Duration::from_secs(5));
+}
+
+#[test]
+fn keygen_never_writes_the_secret_through_a_planted_temp_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    // An attacker's world-writable file, and the temp names keygen used to
+    // use: one a symlink to it, one a plain 0644 file.
+    let bait = dir.path().join("attacker");
+    std::fs::write(&bait, b"").unwrap();
+    std::fs::set_permissions(&bait, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::os::unix::fs::symlink(&bait, dir.path().join("k.tmp")).unwrap();
+    keygen(&key);
+    assert_eq!(
+        std::fs::read(&bait).unwrap(),
+        b"",
+        "secret written through the symlink"
+    );
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(
+        std::fs::read_to_string(&key).unwrap().contains("secret"),
+        "not a key file"
+    );
+
+    let key2 = dir.path().join("k2");
+    std::fs::write(dir.path().join("k2.tmp"), b"").unwrap();
+    std::fs::set_permissions(
+        dir.path().join("k2.tmp"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    keygen(&key2);
+    let mode = std::fs::metadata(&key2).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the key took a planted file's mode");
+    // A second keygen without --force refuses, and leaves the key alone.
+    let before = std::fs::read(&key2).unwrap();
+    let out = std::process::Command::new(meridian_e2e::meridian_bin())
+        .args(["keygen", "--out", key2.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    assert_eq!(std::fs::read(&key2).unwrap(), before);
 }
 
 #[tokio::test]
