@@ -19,7 +19,7 @@ use crate::zone::ZoneData;
 use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
 use hickory_proto::rr::rdata::{A, AAAA};
-use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -232,12 +232,18 @@ impl RequestHandler for GeoHandler {
         let owner = original_qname(raw).unwrap_or_else(|| qname_lower.clone());
         let qtype = query.query_type();
 
-        let Some(zone) = rt
-            .zones
-            .iter()
-            .filter(|z| z.apex.zone_of(&qname_lower))
-            .max_by_key(|z| z.apex.num_labels())
-        else {
+        // Only class IN is served (RFC 1035 §3.2.4): CH, NONE and ANY are
+        // refused like a name outside our zones, with the question, class
+        // included, echoed. The fast path only ever takes IN.
+        let zone = (query.query_class() == DNSClass::IN)
+            .then(|| {
+                rt.zones
+                    .iter()
+                    .filter(|z| z.apex.zone_of(&qname_lower))
+                    .max_by_key(|z| z.apex.num_labels())
+            })
+            .flatten();
+        let Some(zone) = zone else {
             self.metrics.rcode("REFUSED");
             let mut m = meta;
             m.response_code = ResponseCode::Refused;

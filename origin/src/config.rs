@@ -90,7 +90,35 @@ fn default_max_conn() -> usize {
     16_384
 }
 
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error(
+        "expiry ({expiry}) must be at least {MIN_SIGNED_LIFE:?} longer than resign_before ({resign_before}): otherwise every generation is due for re-signing as soon as it is signed, and the origin re-signs and pushes a new generation to every mirror over and over. Raise expiry (--expiry) or lower resign_before"
+    )]
+    ResignAfterExpiry {
+        expiry: String,
+        resign_before: String,
+    },
+}
+
+/// Least time between signing a generation and it falling due for
+/// re-signing.
+pub const MIN_SIGNED_LIFE: Duration = Duration::from_secs(60);
+
 impl OriginConfig {
+    /// Checks the settings against each other (serde checks each alone).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.expiry < self.resign_before + MIN_SIGNED_LIFE {
+            return Err(ConfigError::ResignAfterExpiry {
+                expiry: humantime::format_duration(self.expiry).to_string(),
+                resign_before: humantime::format_duration(self.resign_before).to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// A config with defaults for everything but the three paths.
     pub fn new(content: PathBuf, state: PathBuf, key_file: PathBuf) -> Self {
         OriginConfig {

@@ -53,6 +53,8 @@ pub enum PublishError {
     },
     #[error("stored directory node {0} is missing or damaged; the state directory is corrupt")]
     BadNode(Hash),
+    #[error("origin configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// What a publish did.
@@ -172,6 +174,7 @@ fn same_file_system(a: &Path, b: &Path) -> bool {
 impl Publisher {
     /// Opens the state directory and recovers the newest complete generation.
     pub fn open(cfg: OriginConfig, key: SecretKey) -> Result<Self, PublishError> {
+        cfg.validate()?;
         std::fs::create_dir_all(&cfg.state).map_err(state_err(&cfg.state))?;
         let store = ObjectStore::open(cfg.state.clone())?;
         let roots_dir = cfg.state.join("roots");

@@ -2,7 +2,7 @@
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
-use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use meridian_e2e::{Proc, eventually};
 use meridian_geodns::mmdb::{Writer, dbip_city, geoip2_city};
 use std::net::{IpAddr, SocketAddr};
@@ -306,6 +306,16 @@ async fn protocol_basics_over_udp_and_tcp() {
                 .response_code,
             ResponseCode::Refused
         );
+        // Classes other than IN are not served: REFUSED, not an IN answer,
+        // with the question's class echoed.
+        for class in [DNSClass::CH, DNSClass::ANY, DNSClass::NONE] {
+            let mut m = ask("dl.meridian.test.", RecordType::A);
+            m.queries[0].set_query_class(class);
+            let r = get(m).await;
+            assert_eq!(r.metadata.response_code, ResponseCode::Refused, "{class:?}");
+            assert!(r.answers.is_empty() && !r.metadata.authoritative, "{class:?}");
+            assert_eq!(r.queries[0].query_class(), class);
+        }
         // Case is echoed.
         let r = get(ask("Dl.MeRiDiAn.TeSt.", RecordType::A)).await;
         assert_eq!(r.queries[0].name().to_ascii(), "Dl.MeRiDiAn.TeSt.");
@@ -321,6 +331,28 @@ async fn protocol_basics_over_udp_and_tcp() {
         // AAAA gets IPv6 mirrors only.
         let r = get(ask("dl.meridian.test.", RecordType::AAAA)).await;
         assert_eq!(a_records(&r), vec!["fd00::1".parse::<IpAddr>().unwrap()]);
+    }
+    // The same class rule as dig asks it, over UDP and TCP.
+    for transport in ["+notcp", "+tcp"] {
+        let out = std::process::Command::new("dig")
+            .args([
+                &format!("@{}", dns.addr.ip()),
+                "-p",
+                &dns.addr.port().to_string(),
+                "dl.meridian.test",
+                "A",
+                "-c",
+                "CH",
+                transport,
+                "+tries=1",
+                "+time=2",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("status: REFUSED"), "{transport}: {text}");
+        assert!(text.contains("dl.meridian.test.\t\tCH\tA"), "{transport}: {text}");
+        assert!(!text.contains("ANSWER SECTION"), "{transport}: {text}");
     }
 }
 

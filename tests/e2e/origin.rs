@@ -240,6 +240,23 @@ fn refuses_a_key_readable_by_others() {
 }
 
 #[test]
+fn an_expiry_shorter_than_resign_before_is_refused_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("content")).unwrap();
+    keygen(&dir.path().join("key"));
+    let mut args = meridian_e2e::origin_args(dir.path(), "state", "200ms");
+    args.extend(["--expiry".into(), "1d".into()]);
+    let mut origin = Proc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let status = origin.wait_exit(DEADLINE).expect("origin exits");
+    assert!(!status.success());
+    origin.drain();
+    let line = origin.wait_line("resign_before", Duration::from_secs(5));
+    assert!(line.contains("expiry (1day)") && line.contains("resign_before (3days)"), "{line}");
+    // Nothing was signed.
+    assert!(!dir.path().join("state/roots").exists() || std::fs::read_dir(dir.path().join("state/roots")).unwrap().next().is_none());
+}
+
+#[test]
 fn keygen_never_writes_the_secret_through_a_planted_temp_file() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
