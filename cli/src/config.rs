@@ -149,9 +149,13 @@ pub struct MirrorArgs {
     /// Bearer token that enables the admin API (drain/undrain).
     #[arg(long, value_name = "TOKEN", env = "MERIDIAN_ADMIN_TOKEN")]
     admin_token: Option<String>,
-    /// Re-verify all stored blobs this often, e.g. `1h`; `0s` disables.
+    /// Start a pass that re-verifies every served object this often, e.g.
+    /// `24h` (the first starts at boot); `0s` disables [default: 24h].
     #[arg(long, value_name = "DURATION")]
     scrub_interval: Option<String>,
+    /// Most bytes per second a scrub pass reads [default: 33554432, 32 MiB/s].
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    scrub_rate: Option<u64>,
     /// Fallback poll interval / long-poll length, e.g. `30s`.
     #[arg(long, value_name = "DURATION")]
     poll_interval: Option<String>,
@@ -207,6 +211,12 @@ impl MirrorArgs {
         }
         set(&mut t, "admin_token", self.admin_token);
         set(&mut t, "scrub_interval", self.scrub_interval);
+        if let Some(r) = self.scrub_rate {
+            t.insert(
+                "scrub_bytes_per_sec".into(),
+                toml::Value::Integer(r.min(i64::MAX as u64) as i64),
+            );
+        }
         set(&mut t, "poll_interval", self.poll_interval);
         set(&mut t, "gc_grace", self.gc_grace);
         set(&mut t, "header_timeout", self.header_timeout);

@@ -52,10 +52,14 @@ pub struct MirrorConfig {
     /// Bearer token for the admin API (drain/undrain). No token: admin API off.
     #[serde(default)]
     pub admin_token: Option<String>,
-    /// Re-verify every served blob this often (0: never). A blob that no
-    /// longer matches its hash is quarantined and fetched again.
+    /// Start a scrub pass (re-verify every served object) this often; the
+    /// first starts at boot (0: never scrub). An object that no longer
+    /// matches its hash is quarantined and fetched again.
     #[serde(default = "default_scrub", with = "humantime_serde")]
     pub scrub_interval: Duration,
+    /// Most bytes per second a scrub pass reads.
+    #[serde(default = "default_scrub_rate")]
+    pub scrub_bytes_per_sec: u64,
     /// Keep this much disk free; a sync that would eat into it is refused.
     #[serde(default = "default_reserve")]
     pub reserve_free_bytes: u64,
@@ -108,6 +112,9 @@ fn default_grace() -> Duration {
 fn default_scrub() -> Duration {
     Duration::from_secs(24 * 3600)
 }
+fn default_scrub_rate() -> u64 {
+    32 << 20
+}
 fn default_reserve() -> u64 {
     64 << 20
 }
@@ -144,6 +151,7 @@ impl MirrorConfig {
             refuse_expired: false,
             admin_token: None,
             scrub_interval: default_scrub(),
+            scrub_bytes_per_sec: default_scrub_rate(),
             reserve_free_bytes: default_reserve(),
             max_connections: default_max_conn(),
             drain_timeout: default_drain(),

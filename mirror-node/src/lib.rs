@@ -17,6 +17,7 @@ pub mod scrub;
 pub mod server;
 pub mod state;
 pub mod sync;
+pub mod verified;
 
 pub use config::MirrorConfig;
 pub use state::MirrorState;

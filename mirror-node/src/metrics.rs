@@ -134,7 +134,7 @@ impl MirrorMetrics {
             .expect("metric"),
             scrub_failures: IntCounter::new(
                 "meridian_mirror_scrub_failures_total",
-                "Stored blobs found damaged by the scrubber and quarantined",
+                "Stored objects found damaged (by the scrubber, or by a download's check) and quarantined",
             )
             .expect("metric"),
             draining: IntGauge::new("meridian_mirror_draining", "1 while draining")

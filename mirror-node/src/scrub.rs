@@ -1,65 +1,81 @@
-//! The scrubber: the periodic check that catches damage on this mirror's own
-//! disk (bit rot, or someone editing a blob in place). Every blob and node of
-//! the served generation is re-hashed; one that no longer matches is
-//! quarantined (moved to `quarantine/`), which makes the download server
+//! The scrubber: the continuous check that catches damage on this mirror's
+//! own disk that no file-system change reveals (bit rot, a bad sector). It
+//! starts at boot and re-hashes every blob and node of the served
+//! generation, at most `scrub_bytes_per_sec`, then waits until
+//! `scrub_interval` has passed since the pass began and starts again. An
+//! object that matches is remembered as verified (its downloads are then
+//! sent without another check, see [`crate::verified`]); one that does not
+//! is quarantined (moved to `quarantine/`), which makes the download server
 //! answer 503 for it at once, and the syncer is woken to fetch a good copy.
-//!
-//! In addition every download checks the blob's size against the manifest
-//! before sending a byte, so truncation is caught on read.
 
 use crate::state::MirrorState;
 use meridian_core::Hash;
 use std::collections::HashSet;
-use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// Re-hashes every object of the served generation; returns the bad ones
-/// (already quarantined).
-pub fn scrub_once(state: &MirrorState) -> Vec<Hash> {
+/// What one object's check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scrubbed {
+    /// Matched; this many bytes were read.
+    Good(u64),
+    /// Did not match (quarantined); this many bytes were read.
+    Bad(u64),
+    /// Not in the store (the repair pass fetches it).
+    Missing,
+}
+
+/// Re-hashes one stored object; quarantines it if it does not match.
+pub fn scrub_object(state: &MirrorState, h: &Hash, buf: &mut [u8]) -> Scrubbed {
+    let Ok(f) = std::fs::File::open(state.store.path(h)) else {
+        return Scrubbed::Missing;
+    };
+    let Ok(md) = f.metadata() else {
+        return Scrubbed::Missing;
+    };
+    let stamp = crate::verified::Stamp::of(&md);
+    if crate::verified::hashes_to(&f, h, buf) {
+        state.verified.remember(*h, stamp);
+        Scrubbed::Good(md.len())
+    } else {
+        tracing::error!(object = %h, "stored object is damaged; quarantined, will be fetched again");
+        state.damaged(h);
+        Scrubbed::Bad(md.len())
+    }
+}
+
+/// Every object of the served generation (nodes and blobs), once each.
+fn served_objects(state: &MirrorState) -> Vec<Hash> {
     let Some(g) = state.served.load_full() else {
         return Vec::new();
     };
     let mut objects: HashSet<Hash> = g.nodes.keys().copied().collect();
     objects.extend(g.blobs().map(|(h, _)| h));
-    let mut bad = Vec::new();
+    objects.into_iter().collect()
+}
+
+/// Re-hashes every object of the served generation at once, unbudgeted;
+/// returns the bad ones (already quarantined).
+pub fn scrub_once(state: &MirrorState) -> Vec<Hash> {
     let mut buf = vec![0u8; 1 << 20];
-    for h in objects {
-        let path = state.store.path(&h);
-        // Missing (None): the repair pass fetches it.
-        if object_matches(&path, &h, &mut buf) == Some(false) {
-            tracing::error!(object = %h, "stored object is damaged; quarantined, will be fetched again");
-            quarantine(state, &h);
-            state.metrics.scrub_failures.inc();
-            bad.push(h);
-        }
-    }
-    if !bad.is_empty() {
-        state.repair.notify_one();
-    }
-    bad
+    served_objects(state)
+        .into_iter()
+        .filter(|h| matches!(scrub_object(state, h, &mut buf), Scrubbed::Bad(_)))
+        .collect()
 }
 
 /// Whether the file at `path` hashes to `h` (one that fails to read does
 /// not); `None` if it cannot be opened (missing).
 pub fn object_matches(path: &Path, h: &Hash, buf: &mut [u8]) -> Option<bool> {
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut hasher = blake3::Hasher::new();
-    loop {
-        match f.read(buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                hasher.update(&buf[..n]);
-            }
-            Err(_) => return Some(false),
-        }
-    }
-    Some(Hash::from(hasher.finalize()) == *h)
+    let f = std::fs::File::open(path).ok()?;
+    Some(crate::verified::hashes_to(&f, h, buf))
 }
 
 /// Moves a damaged object out of the store (into `quarantine/`, for a
 /// post-mortem); the download server answers 503 for it at once.
 pub fn quarantine(state: &MirrorState, h: &Hash) {
+    state.verified.forget(h);
     let qdir = state.cfg.state.join("quarantine");
     let path = state.store.path(h);
     let _ = std::fs::create_dir_all(&qdir);
@@ -68,18 +84,66 @@ pub fn quarantine(state: &MirrorState, h: &Hash) {
     }
 }
 
-/// Runs the scrubber every `scrub_interval` until shutdown.
+/// Objects hashed per blocking task: small objects are batched so a pass
+/// over a million of them is not a million task hand-offs.
+const BATCH_BYTES: u64 = 8 << 20;
+
+/// Scrubs continuously from boot until shutdown (`scrub_interval` 0: off).
 pub async fn run(state: Arc<MirrorState>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let every = state.cfg.scrub_interval;
+    let rate = state.cfg.scrub_bytes_per_sec.max(1);
     if every.is_zero() {
         return;
     }
     loop {
+        let began = Instant::now();
+        let (mut checked, mut bytes, mut bad) = (0u64, 0u64, 0u64);
+        let s = state.clone();
+        let mut todo = tokio::task::spawn_blocking(move || served_objects(&s))
+            .await
+            .unwrap_or_default();
+        while !todo.is_empty() {
+            // One batch on the blocking pool, then a pause that keeps the
+            // pass at the budgeted rate.
+            let s = state.clone();
+            let (rest, done) = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut done = (0u64, 0u64, 0u64);
+                while let Some(h) = todo.pop() {
+                    match scrub_object(&s, &h, &mut buf) {
+                        Scrubbed::Good(n) => done = (done.0 + 1, done.1 + n, done.2),
+                        Scrubbed::Bad(n) => done = (done.0 + 1, done.1 + n, done.2 + 1),
+                        Scrubbed::Missing => s.repair.notify_one(),
+                    }
+                    if done.1 >= BATCH_BYTES {
+                        break;
+                    }
+                }
+                (todo, done)
+            })
+            .await
+            .unwrap_or_default();
+            todo = rest;
+            checked += done.0;
+            bytes += done.1;
+            bad += done.2;
+            let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
+            let wait = due.saturating_sub(began.elapsed());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+        tracing::info!(
+            objects = checked,
+            bytes,
+            damaged = bad,
+            seconds = began.elapsed().as_secs_f64(),
+            "scrub pass complete"
+        );
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(every.saturating_sub(began.elapsed()).max(Duration::from_secs(1))) => {}
             _ = shutdown.changed() => return,
         }
-        let s = state.clone();
-        let _ = tokio::task::spawn_blocking(move || scrub_once(&s)).await;
     }
 }

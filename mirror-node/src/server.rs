@@ -238,7 +238,6 @@ impl MirrorService {
             None => not_found(),
             Some(Resolved::File(_)) if wants_dir => not_found(),
             Some(Resolved::File(e)) => {
-                let obj = self.state.store.path(&e.hash);
                 let name = norm.rsplit('/').next().unwrap_or(&norm);
                 let meta = FileMeta {
                     len: e.size,
@@ -247,26 +246,7 @@ impl MirrorService {
                     content_type: content_type(name),
                     cache_control: "public, max-age=60",
                 };
-                // The object must be present with the manifest's size (a
-                // quarantined or truncated blob is never served). The file
-                // opened here is the one the body is read from.
-                let file = match std::fs::File::open(&obj) {
-                    Ok(f) if f.metadata().is_ok_and(|md| md.len() == e.size) => f,
-                    _ => {
-                        self.state.repair.notify_one();
-                        return text(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "file temporarily unavailable on this mirror; try another\n",
-                        );
-                    }
-                };
-                let mut r = files::respond(
-                    req.method(),
-                    req.headers(),
-                    &meta,
-                    move || Ok(file),
-                    Some(self.state.egress_total.clone()),
-                );
+                let mut r = self.send_object(req, &meta).await;
                 r.headers_mut()
                     .insert("x-meridian-generation", generation_header(g.number()));
                 r
@@ -288,6 +268,78 @@ impl MirrorService {
                 listing(req, &canonical, node, g.number())
             }
         }
+    }
+
+    /// Answers for a stored object, sending only bytes checked against
+    /// `meta.hash` since the file last changed (see [`crate::verified`]).
+    /// An object missing, of the wrong size or found damaged is treated
+    /// alike: quarantined, the syncer woken to fetch it again, 503 now.
+    async fn send_object(&self, req: &Request<()>, meta: &FileMeta) -> Response<Body> {
+        let st = &self.state;
+        let h = meta.hash;
+        let unavailable = || {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "file temporarily unavailable on this mirror; try another\n",
+            )
+        };
+        // The file opened here is the one the body is read from.
+        let opened =
+            std::fs::File::open(st.store.path(&h)).and_then(|f| f.metadata().map(|md| (f, md)));
+        let (file, md) = match opened {
+            Ok((f, md)) if md.len() == meta.len => (f, md),
+            Ok(_) => {
+                tracing::error!(object = %h, "stored object has the wrong size; quarantined, will be fetched again");
+                st.damaged(&h);
+                return unavailable();
+            }
+            Err(_) => {
+                st.repair.notify_one();
+                return unavailable();
+            }
+        };
+        let stamp = crate::verified::Stamp::of(&md);
+        let sent = Some(st.egress_total.clone());
+        let (method, headers) = (req.method(), req.headers());
+        if *method == Method::HEAD || st.verified.is_verified(&h, stamp) {
+            return files::respond(method, headers, meta, move || Ok(file), sent);
+        }
+        if meta.len <= files::INLINE_MAX {
+            // Small: read and hash in memory, then send those very bytes.
+            let mut buf = Vec::with_capacity(meta.len as usize);
+            let read =
+                std::io::Read::read_to_end(&mut std::io::Read::take(&file, meta.len + 1), &mut buf);
+            if read.is_err() || meridian_core::hash_bytes(&buf) != h {
+                tracing::error!(object = %h, "stored object does not match its hash; quarantined, will be fetched again");
+                st.damaged(&h);
+                return unavailable();
+            }
+            st.verified.remember(h, stamp);
+            return files::respond_bytes(method, headers, meta, bytes::Bytes::from(buf), sent);
+        }
+        if headers.contains_key(header::RANGE) {
+            // Part of a large object: one whole check first.
+            if !st.verified.check_whole(h, &file, stamp).await {
+                tracing::error!(object = %h, "stored object does not match its hash; quarantined, will be fetched again");
+                st.damaged(&h);
+                return unavailable();
+            }
+            return files::respond(method, headers, meta, move || Ok(file), sent);
+        }
+        // A whole large object: hashed as it streams, cut if bad.
+        let state = self.state.clone();
+        let check = meridian_serve::body::StreamCheck {
+            expected: h,
+            verdict: Box::new(move |ok| {
+                if ok {
+                    state.verified.remember(h, stamp);
+                } else {
+                    tracing::error!(object = %h, "stored object does not match its hash; download cut, object quarantined, will be fetched again");
+                    state.damaged(&h);
+                }
+            }),
+        };
+        files::respond_checked(method, headers, meta, file, check, sent)
     }
 
     fn control(&self, req: &Request<()>, rest: &str) -> Response<Body> {

@@ -57,6 +57,8 @@ pub struct MirrorState {
     /// The lowest generation this mirror may still accept (see
     /// [`crate::floor`]).
     pub floor: Mutex<crate::floor::Floor>,
+    /// Objects checked against their names since they last changed.
+    pub verified: Arc<crate::verified::Verified>,
 }
 
 impl MirrorState {
@@ -91,6 +93,7 @@ impl MirrorState {
             durable: AtomicU64::new(0),
             flush: Notify::new(),
             floor: Mutex::default(),
+            verified: Arc::default(),
         })
     }
 
@@ -119,6 +122,16 @@ impl MirrorState {
     pub fn set_draining(&self, on: bool) {
         self.draining.store(on, Ordering::Relaxed);
         self.metrics.draining.set(i64::from(on));
+    }
+
+    /// A stored object found damaged (wrong size, wrong bytes): it is
+    /// quarantined, forgotten as verified, counted, and the syncer is woken
+    /// to fetch it again. A deleted object takes the same path on its
+    /// first read.
+    pub fn damaged(&self, h: &meridian_core::Hash) {
+        crate::scrub::quarantine(self, h);
+        self.metrics.scrub_failures.inc();
+        self.repair.notify_one();
     }
 
     /// Whether the served generation has expired.

@@ -41,6 +41,43 @@ pub enum Segment {
 /// rather than a silent short response, so the client sees a broken
 /// transfer, not bad data. `sent`, if given, counts body bytes (egress).
 pub fn segments(file: std::fs::File, segs: Vec<Segment>, sent: Option<Arc<AtomicU64>>) -> Body {
+    segments_checked(file, segs, sent, None)
+}
+
+/// A whole-file body to be hashed as it streams. The chunk that completes
+/// the file is held back until the hash of everything read matches
+/// `expected`; on a mismatch (or a short file) the body ends with an error
+/// instead, so the connection closes short of its length and the client
+/// never receives a complete wrong body.
+pub struct StreamCheck {
+    pub expected: meridian_core::Hash,
+    /// Called once, on the blocking pool, with the verdict (true: the bytes
+    /// matched). Not called if the download is abandoned first.
+    pub verdict: Box<dyn FnOnce(bool) + Send + Sync>,
+}
+
+impl std::fmt::Debug for StreamCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamCheck")
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`StreamCheck`] under way.
+struct Checking {
+    hasher: blake3::Hasher,
+    check: StreamCheck,
+}
+
+/// [`segments`], hashing the file as it streams when `check` is given (the
+/// segments must then be the whole file, once).
+pub fn segments_checked(
+    file: std::fs::File,
+    segs: Vec<Segment>,
+    sent: Option<Arc<AtomicU64>>,
+    check: Option<StreamCheck>,
+) -> Body {
     SegmentBody {
         file: Some(file),
         segs: segs.into(),
@@ -48,18 +85,68 @@ pub fn segments(file: std::fs::File, segs: Vec<Segment>, sent: Option<Arc<Atomic
         sent,
         chunk: MIN_CHUNK,
         handed_out: None,
+        checking: check.map(|check| {
+            Box::new(Checking {
+                hasher: blake3::Hasher::new(),
+                check,
+            })
+        }),
     }
     .boxed()
 }
 
 type ReadResult = (std::fs::File, std::io::Result<Bytes>);
+type CheckedRead = (std::fs::File, std::io::Result<Bytes>, Option<Box<Checking>>);
+
+/// A read, then the check's step over its bytes (the verdict after the
+/// last one).
+fn read_checked(
+    file: std::fs::File,
+    offset: u64,
+    len: usize,
+    reserved: u64,
+    checking: Option<Box<Checking>>,
+    last: bool,
+) -> CheckedRead {
+    let (file, res) = read_at(file, offset, len, reserved);
+    let Some(mut c) = checking else {
+        return (file, res, None);
+    };
+    match res {
+        Ok(b) => {
+            c.hasher.update(&b);
+            if !last {
+                return (file, Ok(b), Some(c));
+            }
+            let ok = meridian_core::Hash::from(c.hasher.finalize()) == c.check.expected;
+            (c.check.verdict)(ok);
+            if ok {
+                (file, Ok(b), None)
+            } else {
+                (
+                    file,
+                    Err(std::io::Error::other(
+                        "stored object does not match its hash; download cut",
+                    )),
+                    None,
+                )
+            }
+        }
+        Err(e) => {
+            (c.check.verdict)(false);
+            (file, Err(e), None)
+        }
+    }
+}
 
 struct SegmentBody {
     /// The file, when no read is in flight.
     file: Option<std::fs::File>,
     segs: std::collections::VecDeque<Segment>,
-    pending: Option<tokio::task::JoinHandle<ReadResult>>,
+    pending: Option<tokio::task::JoinHandle<CheckedRead>>,
     sent: Option<Arc<AtomicU64>>,
+    /// The hash check of a whole-file body, between reads.
+    checking: Option<Box<Checking>>,
     /// Current chunk size: doubles (up to [`CHUNK`]) while the connection
     /// asks for the next chunk quickly, halves (down to [`MIN_CHUNK`]) when
     /// it is slow. A stalled download then pins at most one small chunk,
@@ -152,13 +239,14 @@ impl hyper::body::Body for SegmentBody {
         let this = &mut *self;
         loop {
             if let Some(h) = this.pending.as_mut() {
-                let (file, res) = match std::pin::Pin::new(h).poll(cx) {
+                let (file, res, checking) = match std::pin::Pin::new(h).poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(x)) => x,
                     Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(std::io::Error::other(e)))),
                 };
                 this.pending = None;
                 this.file = Some(file);
+                this.checking = checking;
                 this.handed_out = Some(std::time::Instant::now());
                 return Poll::Ready(Some(res.map(|b| {
                     if let Some(c) = &this.sent {
@@ -199,8 +287,10 @@ impl hyper::body::Body for SegmentBody {
                     let at = *offset;
                     *offset += want;
                     *len -= want;
+                    let last = *len == 0 && this.segs.len() == 1;
+                    let checking = this.checking.take();
                     this.pending = Some(tokio::task::spawn_blocking(move || {
-                        read_at(file, at, want as usize, reserved)
+                        read_checked(file, at, want as usize, reserved, checking, last)
                     }));
                 }
             }

@@ -2,7 +2,7 @@
 //! (single, suffix, multi as `multipart/byteranges`), 416, `ETag` and
 //! `Repr-Digest`. Shared by the mirror's download server and the read API.
 
-use crate::body::{Body, Segment, empty, full, segments};
+use crate::body::{Body, Segment, StreamCheck, empty, full, segments, segments_checked};
 use crate::range::{self, RangeResponse};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -68,6 +68,9 @@ enum Source<F> {
     File(F),
     /// Bytes already in memory (and already verified).
     Memory(Bytes),
+    /// A file not yet verified: its body is hashed as it streams (see
+    /// [`StreamCheck`]), and never sent with sendfile.
+    Checked(F, StreamCheck),
 }
 
 /// Builds the response for `method` with `headers` on a file. `open` is
@@ -80,6 +83,28 @@ pub fn respond(
     sent: Option<Arc<AtomicU64>>,
 ) -> Response<Body> {
     respond_from(method, headers, meta, Source::File(open), sent)
+}
+
+/// [`respond`] for a file whose bytes are not yet known to match
+/// `meta.hash`: a whole-file body is hashed as it streams and cut if it
+/// does not match. The caller must have verified the file before asking
+/// for a range of it: a response that would send part of an unchecked file
+/// is refused (503) instead.
+pub fn respond_checked(
+    method: &Method,
+    headers: &HeaderMap,
+    meta: &FileMeta,
+    file: std::fs::File,
+    check: StreamCheck,
+    sent: Option<Arc<AtomicU64>>,
+) -> Response<Body> {
+    respond_from(
+        method,
+        headers,
+        meta,
+        Source::Checked(move || Ok(file), check),
+        sent,
+    )
 }
 
 /// [`respond`] for an object held in memory (`bytes.len() == meta.len`).
@@ -176,6 +201,18 @@ fn respond_from(
         }
         let open = match source {
             Source::File(open) => open,
+            Source::Checked(open, check) => {
+                let whole = matches!(segs.as_slice(), [Segment::File { offset: 0, len }] if *len == meta.len);
+                if !whole {
+                    return Err(std::io::Error::other(
+                        "part of an object not yet verified was asked for",
+                    ));
+                }
+                return Ok((
+                    segments_checked(open()?, segs, sent.clone(), Some(check)),
+                    None,
+                ));
+            }
             Source::Memory(mem) => {
                 let mut out = Vec::new();
                 let mut parts = Vec::with_capacity(segs.len());
@@ -326,7 +363,10 @@ fn respond_from(
         Ok(Err(_)) => internal_error(),
         Err(e) => {
             tracing::error!(hash = %meta.hash, error = %e, "cannot open object for serving");
-            text(StatusCode::INTERNAL_SERVER_ERROR, "object unavailable\n")
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "object temporarily unavailable; try again or another mirror\n",
+            )
         }
     }
 }

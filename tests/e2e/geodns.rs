@@ -313,7 +313,10 @@ async fn protocol_basics_over_udp_and_tcp() {
             m.queries[0].set_query_class(class);
             let r = get(m).await;
             assert_eq!(r.metadata.response_code, ResponseCode::Refused, "{class:?}");
-            assert!(r.answers.is_empty() && !r.metadata.authoritative, "{class:?}");
+            assert!(
+                r.answers.is_empty() && !r.metadata.authoritative,
+                "{class:?}"
+            );
             assert_eq!(r.queries[0].query_class(), class);
         }
         // Case is echoed.
@@ -351,7 +354,10 @@ async fn protocol_basics_over_udp_and_tcp() {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("status: REFUSED"), "{transport}: {text}");
-        assert!(text.contains("dl.meridian.test.\t\tCH\tA"), "{transport}: {text}");
+        assert!(
+            text.contains("dl.meridian.test.\t\tCH\tA"),
+            "{transport}: {text}"
+        );
         assert!(!text.contains("ANSWER SECTION"), "{transport}: {text}");
     }
 }

@@ -843,3 +843,161 @@ async fn damaged_local_state_never_lowers_the_generation_a_mirror_accepts() {
     wait_generation(&http, maddr, g3).await;
     assert_eq!(get(&http, maddr, "f").await.1, b"three");
 }
+
+/// Overwrites a mirror's stored object for `data` (the mirror keeps its
+/// objects read-only; the test runs as root, like an intruder or a bad
+/// disk would).
+fn damage_object(state: &Path, data: &[u8], with: &[u8]) {
+    let store = meridian_serve::ObjectStore::open(state.to_path_buf()).unwrap();
+    let p = store.path(&meridian_core::hash_bytes(data));
+    std::fs::write(&p, with).unwrap();
+}
+
+#[tokio::test]
+async fn damaged_objects_are_never_served_and_are_repaired_on_first_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    let small = noise(10_000, 11);
+    let big = noise(3_000_000, 12);
+    let cut = noise(200_000, 13);
+    let ranged = noise(1_000_000, 14);
+    let files = [
+        ("small.txt", &small),
+        ("big.bin", &big),
+        ("cut.bin", &cut),
+        ("ranged.bin", &ranged),
+    ];
+    for (f, d) in files {
+        std::fs::write(content.join(f), d).unwrap();
+    }
+    let key = keygen(&dir.path().join("key"));
+    let (_o, oaddr) = origin(dir.path(), "200ms");
+    let client = ReadClient::new(oaddr, key);
+    let g = published(&client, &content, 0).await;
+    let state = dir.path().join("m");
+    let http = http();
+    // No scrubber: the download path alone must catch the damage.
+    let (_m, maddr) = mirror(
+        "m",
+        &[format!("http://{oaddr}")],
+        &key,
+        &state,
+        &["--scrub-interval", "0s"],
+    );
+    wait_generation(&http, maddr, g).await;
+    // Served once (and so remembered as checked) before the damage.
+    for (f, d) in files {
+        assert_eq!(get(&http, maddr, f).await, (200, d.clone()), "{f}");
+    }
+
+    // Same size, other bytes; and a truncation.
+    let flip = |d: &[u8]| {
+        let mut b = d.to_vec();
+        let i = b.len() / 2;
+        b[i] ^= 0xFF;
+        b
+    };
+    damage_object(&state, &small, &flip(&small));
+    damage_object(&state, &big, &flip(&big));
+    damage_object(&state, &ranged, &flip(&ranged));
+    damage_object(&state, &cut, &cut[..100_000]);
+
+    // A small object is checked in memory: refused before a byte is sent.
+    assert_eq!(get(&http, maddr, "small.txt").await.0, 503);
+    // So is a truncated one.
+    assert_eq!(get(&http, maddr, "cut.bin").await.0, 503);
+    // A range of a damaged large object: refused too.
+    let r = http
+        .get(format!("http://{maddr}/ranged.bin"))
+        .header("range", "bytes=0-99")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    // The whole large object, with curl: the body is cut short of its
+    // length (curl: exit 18, partial file), never completed wrong.
+    let out_file = dir.path().join("big.out");
+    let curl = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            out_file.to_str().unwrap(),
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("http://{maddr}/big.bin"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "200");
+    assert_eq!(
+        curl.status.code(),
+        Some(18),
+        "curl: {}",
+        String::from_utf8_lossy(&curl.stderr)
+    );
+    let got = std::fs::read(&out_file).unwrap_or_default();
+    assert!(got.len() < big.len(), "a complete body was sent");
+
+    // Every one is repaired within seconds, no scrub needed, and every
+    // answer on the way is a refusal or the right bytes.
+    for (f, d) in files {
+        eventually(
+            &format!("{f} to be served right again"),
+            DEADLINE,
+            || async {
+                let r = http.get(format!("http://{maddr}/{f}")).send().await.ok()?;
+                let code = r.status().as_u16();
+                let body = r.bytes().await.ok();
+                if code == 200 {
+                    if let Some(b) = &body {
+                        assert_eq!(b.len(), d.len(), "{f}: a wrong body completed");
+                        assert!(b.as_ref() == d.as_slice(), "{f}: wrong bytes served");
+                    }
+                } else {
+                    assert_eq!(code, 503, "{f}");
+                }
+                (body.as_deref() == Some(d.as_slice())).then_some(())
+            },
+        )
+        .await;
+    }
+    let m = meridian_e2e::metrics_text(&http, maddr).await.unwrap();
+    assert!(
+        metric(&m, "meridian_mirror_scrub_failures_total") >= 4.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn the_scrubber_starts_at_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    let data = noise(500_000, 21);
+    std::fs::write(content.join("d.bin"), &data).unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let (_o, oaddr) = origin(dir.path(), "200ms");
+    let client = ReadClient::new(oaddr, key);
+    let g = published(&client, &content, 0).await;
+    let state = dir.path().join("m");
+    let http = http();
+    let up = [format!("http://{oaddr}")];
+    let (mut m, maddr) = mirror("m", &up, &key, &state, &["--scrub-interval", "1h"]);
+    wait_generation(&http, maddr, g).await;
+    m.child.kill().unwrap();
+    m.child.wait().unwrap();
+    let mut bad = data.clone();
+    bad[1] ^= 1;
+    damage_object(&state, &data, &bad);
+    // Nobody downloads it: the scrub's first pass, at boot, finds it.
+    let (_m, maddr) = mirror("m", &up, &key, &state, &["--scrub-interval", "1h"]);
+    let hex = meridian_core::hash_bytes(&data).to_hex();
+    eventually(
+        "the boot scrub to quarantine the damage",
+        DEADLINE,
+        || async { state.join("quarantine").join(&hex).exists().then_some(()) },
+    )
+    .await;
+    assert_eq!(get(&http, maddr, "d.bin").await.1, data);
+}

@@ -251,9 +251,18 @@ fn an_expiry_shorter_than_resign_before_is_refused_naming_both() {
     assert!(!status.success());
     origin.drain();
     let line = origin.wait_line("resign_before", Duration::from_secs(5));
-    assert!(line.contains("expiry (1day)") && line.contains("resign_before (3days)"), "{line}");
+    assert!(
+        line.contains("expiry (1day)") && line.contains("resign_before (3days)"),
+        "{line}"
+    );
     // Nothing was signed.
-    assert!(!dir.path().join("state/roots").exists() || std::fs::read_dir(dir.path().join("state/roots")).unwrap().next().is_none());
+    assert!(
+        !dir.path().join("state/roots").exists()
+            || std::fs::read_dir(dir.path().join("state/roots"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
 }
 
 #[test]
