@@ -42,7 +42,7 @@ head -c $((1024 * 1024)) /dev/urandom > "$S/content/medium.bin"
 $B origin --once --content "$S/content" --state "$S/ostate" --key "$S/key" > /dev/null 2>&1
 $B origin --content "$S/content" --state "$S/ostate" --key "$S/key" --listen 127.0.0.1:0 > "$S/origin.log" 2>&1 & PIDS+=($!)
 wait_log "$S/origin.log" "listening on"; OADDR=$(addr_of "$S/origin.log" origin)
-$B mirror --id bench --upstream "http://$OADDR" --trust "$PK" --state "$S/mstate" --listen 127.0.0.1:18090 --scrub-interval 0s > "$S/mirror.log" 2>&1 & MPID=$!; PIDS+=($MPID)
+$B mirror --id bench --upstream "http://$OADDR" --trust "$PK" --state "$S/mstate" --listen 127.0.0.1:18090 --scrub-interval 0s --max-connections-per-client 0 > "$S/mirror.log" 2>&1 & MPID=$!; PIDS+=($MPID)
 for _ in $(seq 1200); do [ "$(gen_of 127.0.0.1:18090 2>/dev/null || echo 0)" -ge 1 ] && break; sleep 0.25; done
 cat > "$S/nginx.conf" <<NGINX
 user root;

@@ -25,10 +25,14 @@ fn set(t: &mut toml::Table, key: &str, v: Option<impl ToString>) {
     }
 }
 
-/// TLS flags, shared by `origin` and `mirror` (each has its own
-/// `--listen`, with its own default).
+/// TLS and connection-cap flags, shared by `origin` and `mirror` (each
+/// has its own `--listen`, with its own default).
 #[derive(Debug, Args)]
 struct ListenArgs {
+    /// Most connections at once from one client (an IPv4 address or an
+    /// IPv6 /64); 0 for no cap [default: 256].
+    #[arg(long, value_name = "N")]
+    max_connections_per_client: Option<u64>,
     /// HTTPS listen address (needs --tls-cert and --tls-key).
     #[arg(long, value_name = "ADDR")]
     listen_tls: Option<SocketAddr>,
@@ -43,6 +47,12 @@ struct ListenArgs {
 impl ListenArgs {
     fn apply(self, listen: Option<SocketAddr>, t: &mut toml::Table) {
         set(t, "listen", listen);
+        if let Some(n) = self.max_connections_per_client {
+            t.insert(
+                "max_connections_per_client".into(),
+                toml::Value::Integer(n.min(i64::MAX as u64) as i64),
+            );
+        }
         set(t, "listen_tls", self.listen_tls);
         set(
             t,

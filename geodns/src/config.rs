@@ -17,6 +17,14 @@ pub struct GeoDnsConfig {
     /// (0: one per core).
     #[serde(default)]
     pub udp_threads: usize,
+    /// Most DNS-over-TCP connections at once (kept below the descriptor
+    /// limit whatever is set here).
+    #[serde(default = "default_tcp_max")]
+    pub tcp_max_connections: usize,
+    /// Most DNS-over-TCP connections at once from one client (an IPv4
+    /// address or an IPv6 /64); 0: no cap.
+    #[serde(default = "default_tcp_per_client")]
+    pub tcp_max_connections_per_client: usize,
     /// GeoIP database (MaxMind GeoIP2/GeoLite2 City or DB-IP City lite).
     #[serde(default)]
     pub geoip: Option<PathBuf>,
@@ -39,6 +47,13 @@ pub struct GeoDnsConfig {
     /// Admin HTTP endpoint (metrics, mirror state, force down/drain).
     #[serde(default)]
     pub admin: Option<Admin>,
+}
+
+fn default_tcp_max() -> usize {
+    4096
+}
+fn default_tcp_per_client() -> usize {
+    16
 }
 
 /// One authoritative zone.

@@ -212,20 +212,15 @@ fn general(
             if req.metadata.message_type == hickory_server::proto::op::MessageType::Response {
                 return;
             }
-            let h = UdpReply {
-                sock: sock.clone(),
-                dst: src,
-            };
-            let _ = rt.block_on(handler.handle_request::<_, TokioTime>(&req, h));
+            let out = Collected::udp();
+            let _ = rt.block_on(handler.handle_request::<_, TokioTime>(&req, out.clone()));
+            if let Some(b) = out.take() {
+                let _ = sock.send_to(&b, src);
+            }
         }
         Err(_) => {
-            // Header readable (n >= 12) but the rest is not: FORMERR.
-            let mut r = [0u8; 12];
-            r[..2].copy_from_slice(&pkt[..2]);
-            r[2] = 0x80 | (pkt[2] & 0x79); // QR, opcode and RD copied
-            r[3] = 1; // FORMERR
             handler.metrics.rcode("FORMERR");
-            let _ = sock.send_to(&r, src);
+            let _ = sock.send_to(&wire::formerr_reply(pkt), src);
         }
     }
 }
@@ -359,15 +354,34 @@ fn with_ranked<R>(
     })
 }
 
-/// Sends hickory-built responses on our socket (the general path).
+/// Takes a hickory-built response, encoded: for UDP within the client's
+/// EDNS payload size (512 bytes at least; hickory truncates past it), for
+/// TCP within a 64 KiB message. The caller sends it.
 #[derive(Clone)]
-struct UdpReply {
-    sock: Arc<std::net::UdpSocket>,
-    dst: SocketAddr,
+pub(crate) struct Collected {
+    /// Most bytes, or 0 for the client's UDP payload size.
+    max: u16,
+    out: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+impl Collected {
+    pub(crate) fn udp() -> Self {
+        Self::new(0)
+    }
+    pub(crate) fn new(max: u16) -> Self {
+        Collected {
+            max,
+            out: Arc::default(),
+        }
+    }
+    /// The encoded response, if one was sent.
+    pub(crate) fn take(&self) -> Option<Vec<u8>> {
+        self.out.lock().ok()?.take()
+    }
 }
 
 #[async_trait::async_trait]
-impl ResponseHandler for UdpReply {
+impl ResponseHandler for Collected {
     async fn send_response<'a>(
         &mut self,
         response: MessageResponse<
@@ -379,20 +393,23 @@ impl ResponseHandler for UdpReply {
             impl Iterator<Item = &'a hickory_server::proto::rr::Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, hickory_server::net::NetError> {
-        let max = response
-            .edns()
-            .map(|e| e.max_payload())
-            .unwrap_or(512)
-            .max(512);
+        let max = match self.max {
+            0 => response
+                .edns()
+                .map(|e| e.max_payload())
+                .unwrap_or(512)
+                .max(512),
+            m => m,
+        };
         let mut buf = Vec::with_capacity(512);
         let mut enc = BinEncoder::new(&mut buf);
         enc.set_max_size(max);
         let info = response
             .destructive_emit(&mut enc)
             .map_err(hickory_server::net::NetError::from)?;
-        self.sock
-            .send_to(&buf, self.dst)
-            .map_err(hickory_server::net::NetError::from)?;
+        if let Ok(mut o) = self.out.lock() {
+            *o = Some(buf);
+        }
         Ok(info)
     }
 }

@@ -19,6 +19,7 @@ pub mod health;
 pub mod metrics;
 pub mod mmdb;
 pub mod select;
+pub mod tcp;
 pub mod wire;
 pub mod zone;
 
@@ -128,7 +129,6 @@ pub struct GeoDnsHandle {
     pub tracker: Arc<health::Tracker>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    server: hickory_server::Server<dns::GeoHandler>,
     admin: Option<meridian_serve::ServerHandle>,
     udp_stop: Arc<std::sync::atomic::AtomicBool>,
     udp_threads: Vec<std::thread::JoinHandle<()>>,
@@ -151,7 +151,6 @@ impl GeoDnsHandle {
         for t in std::mem::take(&mut self.udp_threads) {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
-        let _ = self.server.shutdown_gracefully().await;
         if let Some(a) = self.admin {
             a.shutdown().await;
         }
@@ -215,8 +214,11 @@ pub async fn start_with(
         tracker.clone(),
         metrics.clone(),
     );
-    let fast_handler = Arc::new(handler.clone());
-    let mut server = hickory_server::Server::new(handler);
+    let handler = Arc::new(handler);
+    let tcp_limits = tcp::fit_to_descriptors(meridian_serve::limits::ConnLimits {
+        total: cfg.tcp_max_connections,
+        per_client: cfg.tcp_max_connections_per_client,
+    });
     let mut dns_addrs = Vec::new();
     let (tx, rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -229,8 +231,8 @@ pub async fn start_with(
             source,
         })?;
         // UDP: our per-core loops (fast path for mirror names, hickory's
-        // handler for everything else). TCP: hickory-server; a connection
-        // that sends nothing (or too slowly) is closed after 5 s.
+        // handler for everything else). TCP: our accept loop and the same
+        // handler (`tcp`).
         // One socket per thread (one thread per core by default) in one
         // SO_REUSEPORT group, each datagram steered to the socket of the CPU
         // it arrived on (`fast::steer_by_cpu`). Where the kernel refuses the
@@ -261,7 +263,7 @@ pub async fn start_with(
                 first.clone()
             };
             let (h, rt, stop) = (
-                fast_handler.clone(),
+                handler.clone(),
                 tokio::runtime::Handle::current(),
                 udp_stop.clone(),
             );
@@ -274,7 +276,12 @@ pub async fn start_with(
                 })?;
             udp_threads.push(t);
         }
-        server.register_listener(tcp, Duration::from_secs(5), 65_535);
+        tasks.push(tokio::spawn(tcp::serve(
+            tcp,
+            handler.clone(),
+            tcp_limits,
+            rx.clone(),
+        )));
         tracing::info!("geodns listening on {bound} (udp+tcp)");
         dns_addrs.push(bound);
     }
@@ -368,7 +375,6 @@ pub async fn start_with(
         tracker,
         shutdown: tx,
         tasks,
-        server,
         admin,
     })
 }

@@ -26,6 +26,8 @@ pub struct DnsMetrics {
     answers: IntCounterVec,
     pub mirror_up: IntGaugeVec,
     pub mirror_in_service: IntGaugeVec,
+    /// TCP connections closed at once because a connection cap was reached.
+    pub tcp_refused: IntCounter,
 }
 
 impl DnsMetrics {
@@ -74,8 +76,16 @@ impl DnsMetrics {
                 &["mirror"],
             )
             .expect("metric"),
+            tcp_refused: IntCounter::new(
+                "meridian_geodns_tcp_refused_total",
+                "DNS-over-TCP connections closed at once: a cap in all or per client was reached",
+            )
+            .expect("metric"),
             registry: Registry::new(),
         };
+        m.registry
+            .register(Box::new(m.tcp_refused.clone()))
+            .expect("register");
         for c in [&m.rcodes, &m.countries, &m.answers] {
             m.registry.register(Box::new(c.clone())).expect("register");
         }

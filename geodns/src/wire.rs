@@ -9,6 +9,16 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+/// The FORMERR reply to a message whose header (12 bytes or more) is
+/// readable but whose rest is not: the id, opcode and RD copied, QR set.
+pub fn formerr_reply(pkt: &[u8]) -> [u8; 12] {
+    let mut r = [0u8; 12];
+    r[..2].copy_from_slice(&pkt[..2]);
+    r[2] = 0x80 | (pkt[2] & 0x79);
+    r[3] = 1; // FORMERR
+    r
+}
+
 /// EDNS as the client sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EdnsInfo {

@@ -66,6 +66,12 @@ pub struct MirrorConfig {
     /// Most connections at once.
     #[serde(default = "default_max_conn")]
     pub max_connections: usize,
+    /// Most connections at once from one client (an IPv4 address or an
+    /// IPv6 /64); 0: no cap. Past it, new connections from that client are
+    /// closed: one host cannot take every slot, nor pin the kernel's send
+    /// buffers with downloads it never reads.
+    #[serde(default = "default_per_client")]
+    pub max_connections_per_client: usize,
     /// On SIGTERM or drain-and-exit, wait at most this long for downloads.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -118,6 +124,9 @@ fn default_scrub_rate() -> u64 {
 fn default_reserve() -> u64 {
     64 << 20
 }
+fn default_per_client() -> usize {
+    meridian_serve::server::DEFAULT_PER_CLIENT
+}
 fn default_max_conn() -> usize {
     16_384
 }
@@ -154,6 +163,7 @@ impl MirrorConfig {
             scrub_bytes_per_sec: default_scrub_rate(),
             reserve_free_bytes: default_reserve(),
             max_connections: default_max_conn(),
+            max_connections_per_client: default_per_client(),
             drain_timeout: default_drain(),
             header_timeout: default_header_timeout(),
             send_timeout: default_send_timeout(),

@@ -104,6 +104,7 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
     let service = Arc::new(server::MirrorService::new(state.clone()));
     let opts = ServerOptions {
         max_connections: cfg.max_connections,
+        max_connections_per_client: cfg.max_connections_per_client,
         header_timeout: cfg.header_timeout,
         drain_timeout: cfg.drain_timeout,
         send_timeout: cfg.send_timeout,

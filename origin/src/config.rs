@@ -60,6 +60,12 @@ pub struct OriginConfig {
     /// Most connections at once.
     #[serde(default = "default_max_conn")]
     pub max_connections: usize,
+    /// Most connections at once from one client (an IPv4 address or an
+    /// IPv6 /64); 0: no cap. Past it, new connections from that client are
+    /// closed: one host cannot take every slot, nor pin the kernel's send
+    /// buffers with downloads it never reads.
+    #[serde(default = "default_per_client")]
+    pub max_connections_per_client: usize,
 }
 
 fn default_listen() -> SocketAddr {
@@ -85,6 +91,9 @@ fn default_retain_age() -> Duration {
 }
 fn default_gc_grace() -> Duration {
     Duration::from_secs(600)
+}
+fn default_per_client() -> usize {
+    meridian_serve::server::DEFAULT_PER_CLIENT
 }
 fn default_max_conn() -> usize {
     16_384
@@ -139,6 +148,7 @@ impl OriginConfig {
             hash_threads: 0,
             snapshot: crate::scan::Snapshot::default(),
             max_connections: default_max_conn(),
+            max_connections_per_client: default_per_client(),
         }
     }
 

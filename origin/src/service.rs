@@ -218,6 +218,7 @@ impl Origin {
         });
         let opts = ServerOptions {
             max_connections: cfg.max_connections,
+            max_connections_per_client: cfg.max_connections_per_client,
             ..ServerOptions::default()
         };
         let listen = meridian_serve::Listen {

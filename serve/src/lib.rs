@@ -11,6 +11,7 @@
 
 pub mod body;
 pub mod files;
+pub mod limits;
 mod plain;
 pub mod range;
 pub mod readapi;

@@ -428,6 +428,7 @@ async fn write_all(stream: &TcpStream, mut data: &[u8], timeout: Duration) -> io
 }
 
 async fn writable(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
+    let timeout = crate::limits::send_timeout(timeout);
     match tokio::time::timeout(timeout, stream.writable()).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(

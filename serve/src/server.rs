@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 /// A request handler.
 /// RFC 9112 section 3.2: an HTTP/1.1 request carries exactly one `Host`
@@ -56,6 +56,10 @@ pub trait Service: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct ServerOptions {
     pub max_connections: usize,
+    /// Most connections open at once from one client (an IPv4 address or
+    /// an IPv6 /64); 0: no cap. Bounds what one host can pin: slots, and
+    /// the kernel's send buffers of downloads it does not read.
+    pub max_connections_per_client: usize,
     pub header_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub drain_timeout: Duration,
@@ -72,6 +76,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             max_connections: 16_384,
+            max_connections_per_client: DEFAULT_PER_CLIENT,
             header_timeout: Duration::from_secs(20),
             tls_handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
@@ -81,6 +86,9 @@ impl Default for ServerOptions {
         }
     }
 }
+
+/// Default cap on connections from one client.
+pub const DEFAULT_PER_CLIENT: usize = 256;
 
 impl std::fmt::Debug for ServerOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -226,7 +234,12 @@ async fn accept_loop<S: Service>(
     active: Arc<AtomicUsize>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(opts.max_connections));
+    let admission = crate::limits::Admission::new(crate::limits::ConnLimits {
+        total: opts.max_connections,
+        per_client: opts.max_connections_per_client,
+    });
+    let mut accept_errors = crate::limits::AcceptErrors::new("http");
+    crate::limits::watch_tcp_memory();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let tls = opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -242,18 +255,22 @@ async fn accept_loop<S: Service>(
             _ = shutdown.changed() => break,
         };
         let (stream, peer) = match accepted {
-            Ok(x) => x,
+            Ok(x) => {
+                accept_errors.accepted();
+                x
+            }
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                accept_errors.failed(&e).await;
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "connection limit reached, closing");
-            drop(stream);
-            continue;
+        let permit = match admission.try_admit(peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::debug!(%peer, ?why, "connection cap reached, closing");
+                drop(stream);
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let send_timeout = opts.send_timeout;
@@ -355,7 +372,7 @@ impl<S> SendTimeout<S> {
                 Poll::Ready(v)
             }
             Poll::Pending => {
-                let timeout = self.timeout;
+                let timeout = crate::limits::send_timeout(self.timeout);
                 let sleep = self
                     .stalled
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));

@@ -66,6 +66,11 @@ struct Dns {
 }
 
 async fn start(dbip: bool, extra_records: &str) -> Dns {
+    start_under(dbip, extra_records, &[]).await
+}
+
+/// [`start`], with the binary run under `wrapper` (e.g. `prlimit ...`).
+async fn start_under(dbip: bool, extra_records: &str, wrapper: &[&str]) -> Dns {
     let dir = tempfile::tempdir().unwrap();
     write_db(&dir.path().join("city.mmdb"), dbip);
     let healthy = fake_status("ok").await;
@@ -122,7 +127,17 @@ status_url = "http://{garbage}/.meridian/status"
     );
     let path = dir.path().join("geodns.toml");
     std::fs::write(&path, cfg).unwrap();
-    let mut p = Proc::spawn(&["geodns", "--config", path.to_str().unwrap()], &[]);
+    let args = ["geodns", "--config", path.to_str().unwrap()];
+    let mut p = match wrapper.split_first() {
+        None => Proc::spawn(&args, &[]),
+        Some((prog, rest)) => {
+            let bin = meridian_e2e::meridian_bin();
+            let mut all: Vec<&str> = rest.to_vec();
+            all.push(bin.to_str().unwrap());
+            all.extend(args);
+            Proc::spawn_cmd(prog, &all)
+        }
+    };
     let addr = p.listening("geodns");
     let admin = p.listening("geodns admin");
     let dns = Dns {
@@ -545,6 +560,66 @@ async fn idle_and_slow_tcp_connections_are_closed() {
             .await
             .is_some()
     );
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[tokio::test]
+async fn a_flood_of_stalled_tcp_connections_at_the_descriptor_limit_neither_spins_nor_starves() {
+    let dns = start_under(false, "", &["prlimit", "--nofile=1024"]).await;
+    let pid = dns._p.child.id();
+    // 1,100 connections that never send a byte, from one host: more than
+    // the process has descriptors.
+    let mut stalled = Vec::new();
+    for _ in 0..1100 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.5.1:0".parse().unwrap()).unwrap();
+        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), s.connect(dns.addr)).await {
+            stalled.push(c);
+        }
+    }
+    let cpu0 = cpu_seconds(pid);
+    let t0 = std::time::Instant::now();
+    // Every TCP query from other clients is answered meanwhile.
+    let mut answered = 0;
+    for _ in 0..32 {
+        let m = query("dl.meridian.test.", RecordType::A, None);
+        if tokio::time::timeout(Duration::from_secs(3), dns.tcp(&m))
+            .await
+            .is_ok()
+        {
+            answered += 1;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed())).await;
+    let spent = cpu_seconds(pid) - cpu0;
+    let wall = t0.elapsed().as_secs_f64();
+    assert_eq!(answered, 32, "TCP queries answered under the flood");
+    assert!(
+        spent < 0.25 * wall,
+        "GeoDNS used {spent:.2} CPU seconds in {wall:.2} s while flooded"
+    );
+    let m = reqwest::Client::new()
+        .get(format!("http://{}/metrics", dns.admin))
+        .bearer_auth("t0k")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        meridian_e2e::metric(&m, "meridian_geodns_tcp_refused_total") >= 1000.0,
+        "{m}"
+    );
+    drop(stalled);
 }
 
 #[tokio::test]

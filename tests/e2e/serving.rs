@@ -300,9 +300,16 @@ async fn ten_thousand_idle_connections_and_a_slowloris_do_not_starve_it() {
             .unwrap()
     };
     let before = rss();
+    // From 50 addresses (200 each, under the per-client cap).
     let mut idle = Vec::with_capacity(10_000);
-    for _ in 0..10_000 {
-        idle.push(tokio::net::TcpStream::connect(maddr).await.unwrap());
+    for i in 0..10_000u32 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(std::net::SocketAddr::from((
+            [127, 2, 0, (i / 200 + 1) as u8],
+            0,
+        )))
+        .unwrap();
+        idle.push(s.connect(maddr).await.unwrap());
     }
     // A slowloris: a request head trickled a byte at a time never completes.
     let mut slow = tokio::net::TcpStream::connect(maddr).await.unwrap();
@@ -772,4 +779,54 @@ async fn plain_http_pipelining_http10_hand_off_ranges_and_bad_heads() {
         assert!(!resp.contains("hello"), "{req:?}: {resp}");
     }
     assert!(raw(maddr, "GET /a.txt HTTP/1.0\r\n\r\n").ends_with("hello"));
+}
+
+#[tokio::test]
+async fn clients_that_never_read_a_large_download_cannot_crowd_out_real_ones() {
+    let big: Vec<u8> = (0..24_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let net = net(&[("big.iso", &big)]).await;
+    let (_m, maddr) = net
+        .synced_mirror(&["--max-connections-per-client", "32"])
+        .await;
+    let http = reqwest::Client::new();
+    // 2,000 connections from one host, each asking for the large file and
+    // never reading a byte of it.
+    let mut hogs = Vec::new();
+    for _ in 0..2000 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.6.1:0".parse().unwrap()).unwrap();
+        let Ok(Ok(mut c)) = tokio::time::timeout(Duration::from_secs(2), s.connect(maddr)).await
+        else {
+            continue;
+        };
+        use tokio::io::AsyncWriteExt;
+        let _ = c
+            .write_all(b"GET /big.iso HTTP/1.1\r\nHost: m\r\n\r\n")
+            .await;
+        hogs.push(c);
+    }
+    // The mirror holds at most the cap of them open.
+    let s = status(&http, maddr).await.unwrap();
+    let open = s["active_connections"].as_u64().unwrap();
+    eventually("the hogs beyond the cap to be closed", DEADLINE, || async {
+        let s = status(&http, maddr).await?;
+        (s["active_connections"].as_u64()? <= 34).then_some(())
+    })
+    .await;
+    // A real download with Connection: close completes, byte for byte.
+    let out = net.path("big.out");
+    let curl = std::process::Command::new("curl")
+        .args(["-sS", "-H", "Connection: close", "--max-time", "60", "-o"])
+        .arg(&out)
+        .arg(format!("http://{maddr}/big.iso"))
+        .output()
+        .unwrap();
+    assert!(
+        curl.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&curl.stderr)
+    );
+    assert!(std::fs::read(&out).unwrap() == big, "download differs");
+    eprintln!("open connections after 2,000 hogs: {open}");
+    drop(hogs);
 }
