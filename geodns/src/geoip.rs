@@ -56,10 +56,41 @@ struct Names {
     code: Option<String>,
 }
 
+/// A coordinate stored as a double (MaxMind) or as a single-precision
+/// float (the real DB-IP lite files); the decoder refuses one where the
+/// other is asked for, so either is taken as it comes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Coord(f64);
+
+impl<'de> Deserialize<'de> for Coord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Coord;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a coordinate (float or double)")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Coord, E> {
+                Ok(Coord(v))
+            }
+            fn visit_f32<E>(self, v: f32) -> Result<Coord, E> {
+                Ok(Coord(f64::from(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Coord, E> {
+                Ok(Coord(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Coord, E> {
+                Ok(Coord(v as f64))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[derive(Deserialize, Default)]
 struct GeoLocation {
-    latitude: Option<f64>,
-    longitude: Option<f64>,
+    latitude: Option<Coord>,
+    longitude: Option<Coord>,
 }
 
 /// Both layouts at once; whichever fields are present decide.
@@ -74,9 +105,9 @@ struct Record {
     continent: Option<Names>,
     // DB-IP lite, ip-location-db layout
     #[serde(default)]
-    latitude: Option<f64>,
+    latitude: Option<Coord>,
     #[serde(default)]
-    longitude: Option<f64>,
+    longitude: Option<Coord>,
     #[serde(default)]
     country_code: Option<String>,
 }
@@ -263,8 +294,8 @@ fn to_location(r: Record) -> Option<Location> {
             }),
             _,
             _,
-        ) => (*a, *b),
-        (_, Some(a), Some(b)) => (a, b),
+        ) => (a.0, b.0),
+        (_, Some(a), Some(b)) => (a.0, b.0),
         _ => return None,
     };
     if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
@@ -287,7 +318,34 @@ fn to_location(r: Record) -> Option<Location> {
     })
 }
 
-/// The database in use, replaced atomically on reload.
+/// The databases in use: `geoip` (any family) and, optionally, `geoip_v6`
+/// (asked first for IPv6 clients; DB-IP lite ships its IPv4 and IPv6 data
+/// as two files). Each is replaced atomically on reload.
+#[derive(Debug)]
+pub struct GeoSet {
+    pub main: GeoHandle,
+    pub v6: GeoHandle,
+}
+
+impl GeoSet {
+    /// The first database (in the client's family's order) that locates
+    /// `ip`, and its answer.
+    pub fn locate(&self, ip: IpAddr) -> Option<Lookup> {
+        let v6 = matches!(ip, IpAddr::V6(a) if a.to_ipv4_mapped().is_none());
+        let order = if v6 {
+            [&self.v6, &self.main]
+        } else {
+            [&self.main, &self.v6]
+        };
+        order
+            .into_iter()
+            .filter_map(|h| h.get())
+            .map(|db| db.lookup(ip))
+            .find(|l| l.location.is_some())
+    }
+}
+
+/// One database in use, replaced atomically on reload.
 #[derive(Debug)]
 pub struct GeoHandle {
     current: arc_swap::ArcSwapOption<GeoDb>,

