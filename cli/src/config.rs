@@ -192,6 +192,11 @@ pub struct MirrorArgs {
 impl MirrorArgs {
     pub fn into_config(self) -> anyhow::Result<meridian_mirror::MirrorConfig> {
         let mut t = load_table(self.config.as_ref())?;
+        if let Some(p) = &self.config
+            && t.contains_key("admin_token")
+        {
+            meridian_serve::auth::warn_if_readable(p, "admin_token");
+        }
         set(&mut t, "id", self.id);
         set(&mut t, "region", self.region);
         if !self.upstreams.is_empty() {

@@ -41,18 +41,7 @@ struct MirrorReport<'a> {
 
 impl Service for AdminService {
     async fn call(&self, req: http::Request<()>, _peer: SocketAddr) -> Response<Body> {
-        let authed = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| {
-                t.len() == self.token.len()
-                    && t.bytes()
-                        .zip(self.token.bytes())
-                        .fold(0u8, |a, (x, y)| a | (x ^ y))
-                        == 0
-            });
+        let authed = meridian_serve::auth::bearer_matches(req.headers(), &self.token);
         if !authed {
             return text(StatusCode::UNAUTHORIZED, "bearer token required\n");
         }

@@ -341,6 +341,9 @@ impl GeoDnsConfig {
             source,
         })?;
         cfg.validate()?;
+        if cfg.admin.is_some() {
+            meridian_serve::auth::warn_if_readable(path, "the admin token");
+        }
         Ok(cfg)
     }
 
@@ -352,6 +355,10 @@ impl GeoDnsConfig {
         }
         if self.zones.is_empty() {
             return bad("zones: at least one zone".into());
+        }
+        if let Some(a) = &self.admin {
+            meridian_serve::auth::check_token(&a.token)
+                .map_err(|e| ConfigError::Invalid(format!("admin.token: {e}")))?;
         }
         for z in &self.zones {
             if hickory_proto::rr::Name::from_ascii(&z.name).is_err() {

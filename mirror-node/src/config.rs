@@ -140,7 +140,33 @@ fn default_header_timeout() -> Duration {
     Duration::from_secs(20)
 }
 
+/// A mirror configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("mirror needs at least one upstream (--upstream URL, or upstreams = [...])")]
+    NoUpstream,
+    #[error("mirror needs at least one trusted key (--trust ed25519:..., or trust = [...])")]
+    NoTrust,
+    #[error("admin_token: {0}")]
+    Token(&'static str),
+}
+
 impl MirrorConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstreams.is_empty() {
+            return Err(ConfigError::NoUpstream);
+        }
+        if self.trust.is_empty() {
+            return Err(ConfigError::NoTrust);
+        }
+        if let Some(t) = &self.admin_token {
+            meridian_serve::auth::check_token(t).map_err(ConfigError::Token)?;
+        }
+        Ok(())
+    }
+
     /// Defaults for everything but identity, upstreams, trust and state.
     pub fn new(id: &str, upstreams: Vec<String>, trust: Vec<PublicKey>, state: PathBuf) -> Self {
         MirrorConfig {

@@ -33,10 +33,8 @@ use tokio::sync::watch;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MirrorError {
-    #[error("mirror needs at least one upstream")]
-    NoUpstream,
-    #[error("mirror needs at least one trusted key (--trust ed25519:...)")]
-    NoTrust,
+    #[error("mirror configuration: {0}")]
+    Config(#[from] config::ConfigError),
     #[error(transparent)]
     Store(#[from] meridian_serve::StoreError),
     #[error(transparent)]
@@ -77,12 +75,7 @@ impl MirrorHandle {
 /// Starts a mirror: restores the last served generation, starts syncing,
 /// scrubbing and serving.
 pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
-    if cfg.upstreams.is_empty() {
-        return Err(MirrorError::NoUpstream);
-    }
-    if cfg.trust.is_empty() {
-        return Err(MirrorError::NoTrust);
-    }
+    cfg.validate()?;
     let state = Arc::new(MirrorState::open(cfg.clone())?);
     // Before anything is restored or served: objects a crash of the machine
     // may have left unwritten are re-checked.

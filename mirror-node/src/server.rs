@@ -393,12 +393,7 @@ impl MirrorService {
                         "admin API disabled (no admin_token configured)\n",
                     );
                 };
-                let given = req
-                    .headers()
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "));
-                if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+                if !meridian_serve::auth::bearer_matches(req.headers(), token) {
                     return text(StatusCode::UNAUTHORIZED, "bad or missing bearer token\n");
                 }
                 let on = rest == "admin/drain";
@@ -409,10 +404,6 @@ impl MirrorService {
             _ => not_found(),
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn not_found() -> Response<Body> {

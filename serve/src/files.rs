@@ -156,7 +156,24 @@ fn respond_from(
         h.insert(BLAKE3_HEADER.clone(), value(tag_bytes.slice(1..65)));
     }
 
-    // Conditional requests (RFC 9110 §13.2.2 order).
+    // Conditional requests (RFC 9110 §13.2.2 order). If-Match compares
+    // strongly; it, or else If-Unmodified-Since, failing is 412.
+    let precondition_failed = match headers.get(header::IF_MATCH).map(|v| v.to_str()) {
+        Some(Ok(im)) => !etag_matches(im, tag, false),
+        Some(Err(_)) => true,
+        None => headers
+            .get(header::IF_UNMODIFIED_SINCE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+            .is_some_and(|ius| UNIX_EPOCH + Duration::from_secs(meta.mtime.max(0) as u64) > ius),
+    };
+    if precondition_failed {
+        return b
+            .status(StatusCode::PRECONDITION_FAILED)
+            .header(header::CONTENT_LENGTH, 0)
+            .body(empty())
+            .unwrap_or_else(|_| internal_error());
+    }
     let inm = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok());

@@ -9,6 +9,7 @@
 //!   mirror can feed other mirrors exactly as the origin does.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod body;
 pub mod files;
 pub mod limits;

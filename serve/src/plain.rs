@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 /// Most header lines a request may have.
-const MAX_HEADERS: usize = 64;
+const MAX_HEADERS: usize = 100;
 /// Read buffer: allocated when a request starts arriving, released while
 /// the connection is idle.
 const READ_CHUNK: usize = 4096;

@@ -384,6 +384,10 @@ impl ObjectStore {
     /// files are created read-only ([`ObjectStore::create_tmp`]), so objects
     /// are read-only without a chmod per object.
     pub fn commit(&self, tmp: &Path, h: &Hash) -> Result<(), StoreError> {
+        use std::os::unix::fs::PermissionsExt;
+        // Every object is read-only, whoever wrote it.
+        fs::set_permissions(tmp, fs::Permissions::from_mode(0o444))
+            .map_err(|e| StoreError::io(tmp, e))?;
         let dest = self.path(h);
         let parent = dest.parent().unwrap_or(&self.root);
         match fs::rename(tmp, &dest) {

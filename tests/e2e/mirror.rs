@@ -886,9 +886,17 @@ async fn damaged_objects_are_never_served_and_are_repaired_on_first_read() {
         &["--scrub-interval", "0s"],
     );
     wait_generation(&http, maddr, g).await;
-    // Served once (and so remembered as checked) before the damage.
+    // Served once (and so remembered as checked) before the damage. Every
+    // object is read-only on disk.
+    let store = meridian_serve::ObjectStore::open(state.clone()).unwrap();
     for (f, d) in files {
         assert_eq!(get(&http, maddr, f).await, (200, d.clone()), "{f}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(store.path(&meridian_core::hash_bytes(d)))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o444, "{f}: object mode {mode:o}");
     }
 
     // Same size, other bytes; and a truncation.

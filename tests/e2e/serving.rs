@@ -224,6 +224,34 @@ async fn ranges_conditionals_and_listings() {
         .await
         .unwrap();
     assert_eq!(r.status(), 206);
+    // If-Match (strong): a non-matching tag, or a weak one, is 412 with no
+    // body; the right tag or `*` is served.
+    for (tag, want) in [
+        ("\"stale\"", 412),
+        (&*format!("W/{etag}"), 412),
+        (&*etag, 200),
+        ("*", 200),
+        (&*format!("\"x\", {etag}"), 200),
+    ] {
+        let r = http.get(&url).header("If-Match", tag).send().await.unwrap();
+        assert_eq!(r.status(), want, "If-Match: {tag}");
+        if want == 412 {
+            assert!(r.bytes().await.unwrap().is_empty());
+        }
+    }
+    let r = http
+        .get(&url)
+        .header("If-Unmodified-Since", "Thu, 01 Jan 1970 00:00:00 GMT")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 412, "modified since then");
+    // Up to 100 header lines are fine, as in common servers.
+    let mut req = http.get(&url);
+    for i in 0..90 {
+        req = req.header(format!("x-extra-{i}"), "1");
+    }
+    assert_eq!(req.send().await.unwrap().status(), 200);
     // HEAD.
     let r = http.head(&url).send().await.unwrap();
     assert_eq!(r.headers()["content-length"], "10000");
@@ -524,12 +552,37 @@ async fn drain_needs_the_token_and_shows_in_status() {
             .status(),
         200
     );
-    http.post(format!("http://{maddr}/.meridian/admin/undrain"))
-        .bearer_auth("s3cret")
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    let r = http
+        .post(format!("http://{maddr}/.meridian/admin/undrain"))
+        .header("authorization", "bearer s3cret")
         .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), 200);
     assert_eq!(status(&http, maddr).await.unwrap()["draining"], false);
+
+    // An empty token is refused at start, naming the setting and the fix.
+    let mut m = meridian_e2e::Proc::spawn(
+        &[
+            "mirror",
+            "--id",
+            "m2",
+            "--upstream",
+            &format!("http://{}", net.origin),
+            "--trust",
+            &net.key.to_string(),
+            "--state",
+            net.path("m2").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[("MERIDIAN_ADMIN_TOKEN", "")],
+    );
+    let status = m.wait_exit(DEADLINE).expect("mirror exits");
+    assert!(!status.success());
+    m.drain();
+    m.wait_line("admin token is empty", Duration::from_secs(5));
 }
 
 #[tokio::test]
