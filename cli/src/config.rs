@@ -96,6 +96,11 @@ pub struct OriginArgs {
     /// Scan and publish once (if anything changed), print a summary and exit.
     #[arg(long)]
     pub once: bool,
+    /// Check the configuration (with the key file and content directory),
+    /// print a summary and exit: 0 if it would start, 1 with the reason if
+    /// not.
+    #[arg(long)]
+    pub check: bool,
 }
 
 impl OriginArgs {
@@ -187,6 +192,10 @@ pub struct MirrorArgs {
     /// verified (it then refuses every root until started with this).
     #[arg(long)]
     accept_lower_generation: bool,
+    /// Check the configuration, print a summary and exit: 0 if it would
+    /// start, 1 with the reason if not.
+    #[arg(long)]
+    pub check: bool,
 }
 
 impl MirrorArgs {

@@ -1,6 +1,7 @@
 //! `meridian`: one binary, one subcommand per role.
 #![forbid(unsafe_code)]
 
+mod check;
 mod config;
 mod demo;
 mod keygen;
@@ -10,7 +11,13 @@ use std::path::PathBuf;
 
 /// Meridian: a geo-distributed download mirror network with signed content.
 #[derive(Debug, Parser)]
-#[command(name = "meridian", version, about, long_about = None)]
+#[command(
+    name = "meridian",
+    version,
+    about,
+    long_about = None,
+    after_help = "Environment:\n  MERIDIAN_LOG  what to log, as a tracing filter: a level (error, warn, info, debug,\n                trace) and per-module overrides, e.g. `info,meridian_mirror=debug`\n                [default: info]\n  NO_COLOR      set to log without colours (they are off anyway when stderr is\n                not a terminal)\n\nLogs go to stderr. See `meridian <command> --help` for each command."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,28 +46,55 @@ enum Command {
         /// TOML config (see deploy/geodns.toml). Reloaded on SIGHUP and on change.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Check the config (and open its GeoIP databases), print a summary
+        /// and exit: 0 if it would start, 1 with the reason if not.
+        #[arg(long)]
+        check: bool,
     },
     /// Run a whole demo network on this machine until Ctrl-C.
     Demo(demo::DemoArgs),
 }
 
 fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hickory_server=warn"));
+    // Colours only for a person at a terminal: never in a log file, a pipe
+    // or the journal, and never with NO_COLOR set.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole cause, without a backtrace: what
+            // failed, on which input, and (in the message) what to do.
+            eprintln!(
+                "meridian: error: {}",
+                meridian_serve::describe_chain(e.chain())
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Keygen { out, force } => keygen::run(&out, force),
         Command::Origin(args) => {
             init_logging();
-            let once = args.once;
+            let (once, check) = (args.once, args.check);
             let cfg = args.into_config()?;
+            if check {
+                return check::origin(&cfg);
+            }
             if once {
                 return publish_once(cfg);
             }
@@ -68,11 +102,18 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Mirror(args) => {
             init_logging();
+            let check = args.check;
             let cfg = args.into_config()?;
+            if check {
+                return check::mirror(&cfg);
+            }
             runtime()?.block_on(run_mirror(cfg))
         }
-        Command::Geodns { config } => {
+        Command::Geodns { config, check } => {
             init_logging();
+            if check {
+                return check::geodns(&config);
+            }
             runtime()?.block_on(async {
                 let h = meridian_geodns::start(config).await?;
                 shutdown_signal().await;

@@ -125,11 +125,11 @@ impl Tracker {
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| meridian_serve::describe(&e))?;
         if !r.status().is_success() {
-            return Err(format!("HTTP {}", r.status()));
+            return Err(format!("{url}: HTTP {}", r.status()));
         }
-        let body = r.bytes().await.map_err(|e| e.to_string())?;
+        let body = r.bytes().await.map_err(|e| meridian_serve::describe(&e))?;
         if body.len() > 64 * 1024 {
             return Err("status document too large".into());
         }

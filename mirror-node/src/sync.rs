@@ -182,7 +182,7 @@ impl Upstreams {
             .timeout(timeout + Duration::from_secs(10))
             .send()
             .await
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|e| meridian_serve::describe(&e))?;
         match r.status().as_u16() {
             200 => Ok(Some(read_capped(r, meridian_core::MAX_ROOT_BYTES).await?)),
             204 => Ok(None),
@@ -204,9 +204,9 @@ impl Upstreams {
         let r = req
             .send()
             .await
-            .map_err(|e| FetchFail::Transport(e.to_string()))?;
+            .map_err(|e| FetchFail::Transport(meridian_serve::describe(&e)))?;
         if !r.status().is_success() {
-            return Err(FetchFail::Transport(format!("HTTP {}", r.status())));
+            return Err(FetchFail::Transport(format!("{url}: HTTP {}", r.status())));
         }
         Ok(r)
     }
@@ -219,7 +219,7 @@ impl Upstreams {
             .get(&url)
             .send()
             .await
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|e| meridian_serve::describe(&e))?;
         match r.status().as_u16() {
             200 => Ok(Some(read_capped(r, meridian_core::MAX_ROOT_BYTES).await?)),
             404 => Ok(None),
@@ -231,7 +231,7 @@ impl Upstreams {
 /// Reads a whole small body, refusing more than `cap` bytes.
 async fn read_capped(mut r: reqwest::Response, cap: u64) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
-    while let Some(chunk) = r.chunk().await.map_err(|e| e.to_string())? {
+    while let Some(chunk) = r.chunk().await.map_err(|e| meridian_serve::describe(&e))? {
         if out.len() as u64 + chunk.len() as u64 > cap {
             return Err(format!("response larger than {cap} bytes"));
         }
@@ -410,7 +410,13 @@ impl Syncer {
                     backoff = Duration::from_millis(250);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "sync failed; still serving generation {}", self.state.served_generation());
+                    let error = meridian_serve::describe(&e);
+                    match self.state.served_generation() {
+                        0 => {
+                            tracing::warn!(%error, "sync failed; nothing is served yet (this mirror has never synced a generation)")
+                        }
+                        n => tracing::warn!(%error, "sync failed; still serving generation {n}"),
+                    }
                     self.state
                         .metrics
                         .syncs
@@ -418,7 +424,7 @@ impl Syncer {
                         .inc();
                     self.state.set_status(|s| {
                         s.state = "error".into();
-                        s.last_error = Some(e.to_string());
+                        s.last_error = Some(error);
                     });
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}

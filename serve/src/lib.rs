@@ -26,6 +26,34 @@ pub use server::{
 };
 pub use store::{ObjectStore, Promoted, StoreError};
 
+/// One line for an error and everything that caused it, outermost first
+/// (`error sending request for url (…): client error (Connect): tcp
+/// connect error: Connection refused (os error 111)`), so that a refused
+/// connection, a timeout, a TLS failure and an HTTP status read apart in
+/// logs and status documents. A cause whose text the line already holds is
+/// not repeated.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    describe_chain(std::iter::successors(Some(e), |e| e.source()))
+}
+
+/// [`describe`] for a chain already walked (e.g. `anyhow::Error::chain`).
+pub fn describe_chain<'a>(
+    chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> String {
+    let mut out = String::new();
+    for e in chain {
+        let t = e.to_string();
+        if out.contains(&t) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&t);
+    }
+    out
+}
+
 /// Seconds since the Unix epoch, now.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()

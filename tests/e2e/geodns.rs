@@ -49,6 +49,10 @@ async fn fake_status(kind: &'static str) -> SocketAddr {
                         return;
                     }
                     "garbage" => "{\"this is\": not json".to_owned(),
+                    "503" => {
+                        let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                        return;
+                    }
                     _ => "{\"generation\": 1, \"draining\": false, \"egress_bytes_per_sec\": 0, \"capacity_bytes_per_sec\": 1000}".to_owned(),
                 };
                 let _ = s.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).as_bytes()).await;
@@ -66,11 +70,17 @@ struct Dns {
 }
 
 async fn start(dbip: bool, extra_records: &str) -> Dns {
-    start_under(dbip, extra_records, &[]).await
+    start_under(dbip, extra_records, "", &[]).await
 }
 
-/// [`start`], with the binary run under `wrapper` (e.g. `prlimit ...`).
-async fn start_under(dbip: bool, extra_records: &str, wrapper: &[&str]) -> Dns {
+/// [`start`] with more `[[mirrors]]`, and the binary run under `wrapper`
+/// (e.g. `prlimit ...`).
+async fn start_under(
+    dbip: bool,
+    extra_records: &str,
+    extra_mirrors: &str,
+    wrapper: &[&str],
+) -> Dns {
     let dir = tempfile::tempdir().unwrap();
     write_db(&dir.path().join("city.mmdb"), dbip);
     let healthy = fake_status("ok").await;
@@ -121,6 +131,7 @@ latitude = 39.0
 longitude = -77.5
 ipv4 = ["127.0.10.3"]
 status_url = "http://{garbage}/.meridian/status"
+{extra_mirrors}
 "#,
         db = dir.path().join("city.mmdb").display(),
         extra = extra_records
@@ -573,7 +584,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 #[tokio::test]
 async fn a_flood_of_stalled_tcp_connections_at_the_descriptor_limit_neither_spins_nor_starves() {
-    let dns = start_under(false, "", &["prlimit", "--nofile=1024"]).await;
+    let dns = start_under(false, "", "", &["prlimit", "--nofile=1024"]).await;
     let pid = dns._p.child.id();
     // 1,100 connections that never send a byte, from one host: more than
     // the process has descriptors.
@@ -620,6 +631,61 @@ async fn a_flood_of_stalled_tcp_connections_at_the_descriptor_limit_neither_spin
         "{m}"
     );
     drop(stalled);
+}
+
+#[tokio::test]
+async fn probe_errors_name_their_cause() {
+    // A refused port, a status endpoint that answers 503, and (from the
+    // common set-up) one that hangs and one that sends garbage.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let unavailable = fake_status("503").await;
+    let mirrors = format!(
+        r#"
+[[mirrors]]
+id = "refused"
+latitude = 0.0
+longitude = 0.0
+ipv4 = ["127.0.10.7"]
+status_url = "http://{closed}/.meridian/status"
+[[mirrors]]
+id = "unavailable"
+latitude = 0.0
+longitude = 1.0
+ipv4 = ["127.0.10.8"]
+status_url = "http://{unavailable}/.meridian/status"
+"#
+    );
+    let dns = start_under(false, "", &mirrors, &[]).await;
+    let http = reqwest::Client::new();
+    let errors = || async {
+        let r = http
+            .get(format!("http://{}/mirrors", dns.admin))
+            .bearer_auth("t0k")
+            .send()
+            .await
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
+        let err = |id: &str| {
+            v.as_array()?.iter().find(|m| m["id"] == id)?["last_error"]
+                .as_str()
+                .map(str::to_owned)
+        };
+        Some((
+            err("saopaulo-hangs")?,
+            err("ashburn-garbage")?,
+            err("refused")?,
+            err("unavailable")?,
+        ))
+    };
+    let (hang, garbage, refused, unavailable) =
+        eventually("probe errors", Duration::from_secs(20), errors).await;
+    assert!(hang.contains("timed out"), "{hang}");
+    assert!(garbage.contains("not the expected JSON"), "{garbage}");
+    assert!(refused.contains("Connection refused"), "{refused}");
+    assert!(unavailable.contains("HTTP 503"), "{unavailable}");
 }
 
 #[tokio::test]
