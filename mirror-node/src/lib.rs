@@ -12,6 +12,7 @@ pub mod durable;
 pub mod floor;
 pub mod generation;
 pub mod metrics;
+pub mod progress;
 pub mod rawget;
 pub mod scrub;
 pub mod server;

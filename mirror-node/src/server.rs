@@ -85,6 +85,8 @@ pub struct Status<'a> {
     pub egress_bytes_per_sec: u64,
     pub capacity_bytes_per_sec: u64,
     pub draining: bool,
+    /// The sync under way: files and bytes done and in all.
+    pub sync_progress: Option<crate::progress::SyncProgress>,
 }
 
 /// Percent-decodes and normalises a request path. `.` and empty segments
@@ -226,10 +228,13 @@ impl MirrorService {
             );
         }
         let Some(g) = self.state.served.load_full() else {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "this mirror has not synced a generation yet\n",
-            );
+            let msg = match self.state.progress.get() {
+                Some(p) => format!(
+                    "this mirror has not synced a generation yet; its first sync is under way ({p}); try again soon or another mirror\n"
+                ),
+                None => "this mirror has not synced a generation yet; try again soon or another mirror\n".to_owned(),
+            };
+            return text(StatusCode::SERVICE_UNAVAILABLE, msg);
         };
         let Some((norm, wants_dir)) = normalise(path) else {
             return text(StatusCode::BAD_REQUEST, "invalid path\n");
@@ -364,6 +369,7 @@ impl MirrorService {
                     egress_bytes_per_sec: st.egress_rate.load(Ordering::Relaxed),
                     capacity_bytes_per_sec: st.cfg.capacity_bytes_per_sec,
                     draining: st.is_draining(),
+                    sync_progress: st.progress.get(),
                 };
                 json(StatusCode::OK, &status)
             }

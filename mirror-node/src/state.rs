@@ -59,6 +59,8 @@ pub struct MirrorState {
     pub floor: Mutex<crate::floor::Floor>,
     /// Objects checked against their names since they last changed.
     pub verified: Arc<crate::verified::Verified>,
+    /// How far the sync under way has got.
+    pub progress: crate::progress::Progress,
 }
 
 impl MirrorState {
@@ -94,6 +96,7 @@ impl MirrorState {
             flush: Notify::new(),
             floor: Mutex::default(),
             verified: Arc::default(),
+            progress: Default::default(),
         })
     }
 

@@ -688,7 +688,31 @@ impl Syncer {
         }
 
         let total_blobs = blobs.len();
-        self.fetch_blobs(blobs).await?;
+        let total_bytes: u64 = blobs.iter().map(|w| w.size).sum();
+        let progress = &self.state.progress;
+        progress.start(generation, total_blobs as u64, total_bytes, partial);
+        struct Finish<'a>(&'a crate::progress::Progress);
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                self.0.finish();
+            }
+        }
+        let _finish = Finish(progress);
+        {
+            // A long sync says how far it has got, at a steady interval.
+            let fetch = self.fetch_blobs(blobs);
+            tokio::pin!(fetch);
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + crate::progress::LOG_EVERY,
+                crate::progress::LOG_EVERY,
+            );
+            loop {
+                tokio::select! {
+                    r = &mut fetch => break r?,
+                    _ = tick.tick() => progress.log(),
+                }
+            }
+        }
         let fetched = t0.elapsed();
 
         // Switch: every object is in the store, verified. The flusher makes
@@ -726,10 +750,17 @@ impl Syncer {
     }
 
     async fn fetch_blobs(&self, blobs: Vec<Want>) -> Result<(), SyncError> {
-        let results = futures_util::stream::iter(blobs.into_iter().map(|w| self.fetch_blob(w)))
-            .buffer_unordered(self.state.cfg.parallel_fetches.max(1))
-            .collect::<Vec<_>>()
-            .await;
+        let results = futures_util::stream::iter(blobs.into_iter().map(|w| async move {
+            let size = w.size;
+            let r = self.fetch_blob(w).await;
+            if r.is_ok() {
+                self.state.progress.blob_done(size);
+            }
+            r
+        }))
+        .buffer_unordered(self.state.cfg.parallel_fetches.max(1))
+        .collect::<Vec<_>>()
+        .await;
         for r in results {
             r?;
         }

@@ -1009,3 +1009,57 @@ async fn the_scrubber_starts_at_boot() {
     .await;
     assert_eq!(get(&http, maddr, "d.bin").await.1, data);
 }
+
+#[tokio::test]
+async fn a_long_first_sync_shows_its_progress_in_the_log_the_status_and_the_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    for i in 0..3 {
+        std::fs::write(
+            content.join(format!("small{i}.bin")),
+            noise(1_000_000, 40 + i),
+        )
+        .unwrap();
+    }
+    std::fs::write(content.join("big.bin"), noise(8_000_000, 50)).unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let (_o, oaddr) = origin(dir.path(), "200ms");
+    let client = ReadClient::new(oaddr, key);
+    let g = published(&client, &content, 0).await;
+    // Through an upstream that sends 64 KiB every 50 ms per download.
+    let (_evil, evil_srv) = Evil::start(oaddr, Mode::Slow).await;
+    let http = http();
+    let (mut m, maddr) = mirror(
+        "m",
+        &[format!("http://{}", evil_srv.local_addr)],
+        &key,
+        &dir.path().join("m"),
+        &[],
+    );
+    let p = eventually("the small files to be in", DEADLINE, || async {
+        let s = status(&http, maddr).await?;
+        let p = s["sync_progress"].clone();
+        (p["files_done"].as_u64()? >= 3).then_some(p)
+    })
+    .await;
+    assert_eq!(p["generation"].as_u64(), Some(g));
+    assert_eq!(p["files_total"].as_u64(), Some(4));
+    assert_eq!(p["bytes_total"].as_u64(), Some(11_000_000));
+    assert!(p["bytes_done"].as_u64().unwrap() >= 3_000_000, "{p}");
+    let (code, body) = get(&http, maddr, "small0.bin").await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("first sync is under way") && body.contains("3 of 4 files"),
+        "{body}"
+    );
+    let line = m.wait_line("of 4 files, ", DEADLINE);
+    assert!(
+        line.contains("MB/s") && line.contains("left") && line.contains("eta_seconds"),
+        "{line}"
+    );
+    wait_generation(&http, maddr, g).await;
+    let s = status(&http, maddr).await.unwrap();
+    assert!(s["sync_progress"].is_null(), "{s}");
+}
