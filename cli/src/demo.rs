@@ -47,6 +47,11 @@ pub struct DemoArgs {
     /// Size of the large demo file in MiB.
     #[arg(long, default_value_t = 100)]
     pub big_file_mib: u64,
+    /// A part that dies is reported and started again after this long
+    /// (e.g. `5s`); `0s` only reports it (to restart it yourself, run the
+    /// command its log names).
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    pub restart_after: String,
 }
 
 /// One demo region.
@@ -212,22 +217,51 @@ fn write_pattern(path: &Path, len: u64, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Children(Vec<(String, Child)>);
+/// One part of the network, as started.
+struct Kid {
+    name: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Child,
+}
+
+struct Children(Vec<Kid>);
+
+fn start_child(name: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .env("NO_COLOR", "1")
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))
+}
 
 impl Children {
     fn spawn(&mut self, name: &str, args: &[String], logs: &Path) -> anyhow::Result<PathBuf> {
         let log = logs.join(format!("{name}.log"));
-        let f = std::fs::File::create(&log)?;
-        let child = Command::new(std::env::current_exe()?)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .env("NO_COLOR", "1")
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        self.0.push((name.to_owned(), child));
+        let _ = std::fs::remove_file(&log);
+        let child = start_child(name, args, &log)?;
+        self.0.push(Kid {
+            name: name.to_owned(),
+            args: args.to_vec(),
+            log: log.clone(),
+            child,
+        });
         Ok(log)
+    }
+
+    fn pids(&self) -> BTreeMap<String, u32> {
+        self.0
+            .iter()
+            .map(|k| (k.name.clone(), k.child.id()))
+            .collect()
     }
 
     /// Waits for `what listening on ADDR` in a child's log.
@@ -247,8 +281,8 @@ impl Children {
             {
                 return Ok(addr);
             }
-            if let Some((_, c)) = self.0.iter_mut().find(|(n, _)| n == name)
-                && let Ok(Some(status)) = c.try_wait()
+            if let Some(k) = self.0.iter_mut().find(|k| k.name == name)
+                && let Ok(Some(status)) = k.child.try_wait()
             {
                 bail!(
                     "{name} exited ({status}) before listening; its log ({}) ends with:\n{}",
@@ -266,25 +300,85 @@ impl Children {
         }
     }
 
+    /// Reports every part that exited since the last call, and restarts
+    /// the ones due (`restart_after` after their death; never for zero).
+    /// Returns whether any pid changed.
+    fn supervise(&mut self, dead: &mut BTreeMap<String, Instant>, restart_after: Duration) -> bool {
+        let mut changed = false;
+        for k in &mut self.0 {
+            if dead.contains_key(&k.name) {
+                continue;
+            }
+            if let Ok(Some(status)) = k.child.try_wait() {
+                let tail_of_log = tail(&std::fs::read_to_string(&k.log).unwrap_or_default(), 3);
+                if restart_after.is_zero() {
+                    eprintln!(
+                        "demo: {} (pid {}) exited ({status}); not restarting it (--restart-after 0s). Its log, {}, ends with:\n{tail_of_log}\nStart it again with: {} {}",
+                        k.name,
+                        k.child.id(),
+                        k.log.display(),
+                        std::env::current_exe()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default(),
+                        k.args.join(" ")
+                    );
+                } else {
+                    eprintln!(
+                        "demo: {} (pid {}) exited ({status}); restarting it in {}. Its log, {}, ends with:\n{tail_of_log}",
+                        k.name,
+                        k.child.id(),
+                        humantime::format_duration(restart_after),
+                        k.log.display()
+                    );
+                }
+                dead.insert(k.name.clone(), Instant::now() + restart_after);
+            }
+        }
+        if restart_after.is_zero() {
+            return false;
+        }
+        let now = Instant::now();
+        for k in &mut self.0 {
+            if dead.get(&k.name).is_some_and(|due| *due <= now) {
+                match start_child(&k.name, &k.args, &k.log) {
+                    Ok(c) => {
+                        eprintln!("demo: restarted {} (pid {})", k.name, c.id());
+                        k.child = c;
+                        dead.remove(&k.name);
+                        changed = true;
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "demo: cannot restart {}: {e:#}; trying again in {}",
+                            k.name,
+                            humantime::format_duration(restart_after)
+                        );
+                        dead.insert(k.name.clone(), now + restart_after);
+                    }
+                }
+            }
+        }
+        changed
+    }
+
     fn stop(&mut self) {
-        for (_, c) in &self.0 {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(c.id() as i32).expect("child pid"),
-                rustix::process::Signal::TERM,
-            );
+        for k in &self.0 {
+            if let Some(pid) = rustix::process::Pid::from_raw(k.child.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(15);
-        for (name, c) in &mut self.0 {
+        for k in &mut self.0 {
             while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
+                if let Ok(Some(_)) = k.child.try_wait() {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            if let Ok(None) = c.try_wait() {
-                eprintln!("{name} did not stop in time; killing it");
-                let _ = c.kill();
-                let _ = c.wait();
+            if let Ok(None) = k.child.try_wait() {
+                eprintln!("{} did not stop in time; killing it", k.name);
+                let _ = k.child.kill();
+                let _ = k.child.wait();
             }
         }
     }
@@ -319,30 +413,76 @@ fn check_bindable(addr: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
-/// Rewrites `listen = ...` in a config with the address actually bound, so
-/// a restarted process (after port 0) comes back where the others expect it.
-fn pin_listen(cfg: &Path, addr: SocketAddr) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(cfg)?;
-    let out: Vec<String> = text
-        .lines()
-        .map(|l| {
-            if l.starts_with("listen = ") {
-                format!("listen = \"{addr}\"")
+/// Writes a component's config: a comment line, then `table` as TOML
+/// (serialized, so every value is quoted and escaped as TOML wants).
+fn write_config(path: &Path, table: &toml::Table) -> anyhow::Result<()> {
+    let text = format!(
+        "# Written by `meridian demo`. See deploy/{} for every option.\n{}",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .map(|n| if n.starts_with("mirror") {
+                "mirror.toml"
             } else {
-                l.to_owned()
-            }
-        })
-        .collect();
-    std::fs::write(cfg, out.join("\n") + "\n")?;
-    Ok(())
+                n
+            })
+            .unwrap_or("README"),
+        toml::to_string(table)?
+    );
+    // Owner-only: the mirror and GeoDNS configs hold the admin token.
+    meridian_serve::store::write_atomic_mode(path, text.as_bytes(), 0o600)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn q(s: &str) -> String {
-    format!("{s:?}")
+/// Sets `listen` in a config to the address actually bound, so a
+/// restarted process (after port 0) comes back where the others expect it.
+fn pin_listen(path: &Path, table: &mut toml::Table, addr: SocketAddr) -> anyhow::Result<()> {
+    table.insert("listen".into(), addr.to_string().into());
+    write_config(path, table)
+}
+
+fn s(v: impl ToString) -> toml::Value {
+    toml::Value::String(v.to_string())
+}
+
+/// Waits until every mirror serves `path` (the demo content is in the
+/// generation they serve), so the tour's first download works.
+fn wait_served(mirrors: &BTreeMap<String, SocketAddr>, path: &str) -> anyhow::Result<()> {
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (name, addr) in mirrors {
+        loop {
+            let ok = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2))
+                .and_then(|mut c| {
+                    c.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    c.write_all(
+                        format!("HEAD {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+                            .as_bytes(),
+                    )?;
+                    let mut head = [0u8; 12];
+                    c.read_exact(&mut head)?;
+                    Ok(head.ends_with(b" 200"))
+                })
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("mirror {name} ({addr}) did not serve {path} within 60 s; see its log");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
 }
 
 /// Runs the demo until Ctrl-C or SIGTERM.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let restart_after = humantime::parse_duration(&args.restart_after).with_context(|| {
+        format!(
+            "--restart-after {:?} is not a duration (e.g. `5s`, or `0s` to only report)",
+            args.restart_after
+        )
+    })?;
     let (base, _temp) = match &args.dir {
         Some(d) => (d.clone(), None),
         None => {
@@ -381,16 +521,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     // Origin.
     let origin_cfg = config_dir.join("origin.toml");
-    std::fs::write(
-        &origin_cfg,
-        format!(
-            "# Written by `meridian demo`. See deploy/origin.toml for every option.\ncontent = {}\nstate = {}\nkey_file = {}\nlisten = \"127.0.0.1:{}\"\nquiet = \"500ms\"\n",
-            q(&content.display().to_string()),
-            q(&base.join("origin-state").display().to_string()),
-            q(&key_file.display().to_string()),
-            args.origin_port
-        ),
-    )?;
+    let mut table = toml::Table::new();
+    table.insert("content".into(), s(content.display()));
+    table.insert("state".into(), s(base.join("origin-state").display()));
+    table.insert("key_file".into(), s(key_file.display()));
+    table.insert("listen".into(), s(SocketAddr::new(lo, args.origin_port)));
+    table.insert("quiet".into(), s("500ms"));
+    write_config(&origin_cfg, &table)?;
     let log = kids.spawn(
         "origin",
         &[
@@ -401,7 +538,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &logs,
     )?;
     let origin = kids.wait_listening("origin", &log, "origin")?;
-    pin_listen(&origin_cfg, origin)?;
+    pin_listen(&origin_cfg, &mut table, origin)?;
 
     // Mirrors: sa-east pulls from us-east first (a second tier), then the origin.
     let admin_token = {
@@ -418,30 +555,30 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             upstreams.insert(0, format!("http://{us}"));
         }
         let cfg = config_dir.join(format!("mirror-{}.toml", r.name));
-        std::fs::write(
-            &cfg,
-            format!(
-                "# Written by `meridian demo`. See deploy/mirror.toml for every option.\nid = {}\nregion = {}\nupstreams = [{}]\ntrust = [{}]\nstate = {}\nlisten = \"{}:{}\"\nadmin_token = {}\npoll_interval = \"10s\"\nscrub_interval = {}\nreserve_free_bytes = 16777216\n",
-                q(r.name),
-                q(r.name),
-                upstreams
-                    .iter()
-                    .map(|u| q(u))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                q(&public_key.to_string()),
-                q(&base
-                    .join(format!("mirror-{}", r.name))
-                    .display()
-                    .to_string()),
-                r.addr,
-                args.mirror_port,
-                q(&admin_token),
-                q(&args.scrub_interval),
-            ),
-        )?;
+        let mut table = toml::Table::new();
+        table.insert("id".into(), s(r.name));
+        table.insert("region".into(), s(r.name));
+        table.insert(
+            "upstreams".into(),
+            toml::Value::Array(upstreams.iter().map(s).collect()),
+        );
+        table.insert("trust".into(), toml::Value::Array(vec![s(public_key)]));
+        table.insert(
+            "state".into(),
+            s(base.join(format!("mirror-{}", r.name)).display()),
+        );
+        table.insert(
+            "listen".into(),
+            s(SocketAddr::new(IpAddr::V4(r.addr), args.mirror_port)),
+        );
+        table.insert("admin_token".into(), s(&admin_token));
+        table.insert("poll_interval".into(), s("10s"));
+        table.insert("scrub_interval".into(), s(&args.scrub_interval));
+        table.insert("reserve_free_bytes".into(), toml::Value::Integer(16 << 20));
+        write_config(&cfg, &table)?;
+        let name = format!("mirror-{}", r.name);
         let log = kids.spawn(
-            &format!("mirror-{}", r.name),
+            &name,
             &[
                 "mirror".into(),
                 "--config".into(),
@@ -449,32 +586,65 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             ],
             &logs,
         )?;
-        let addr = kids.wait_listening(&format!("mirror-{}", r.name), &log, "mirror")?;
-        pin_listen(&cfg, addr)?;
+        let addr = kids.wait_listening(&name, &log, "mirror")?;
+        pin_listen(&cfg, &mut table, addr)?;
         mirrors.insert(r.name.to_owned(), addr);
     }
 
     // GeoDNS.
-    let mut g = format!(
-        "# Written by `meridian demo`. See deploy/geodns.toml for every option.\nlisten = [\"127.0.0.1:{}\"]\ngeoip = {}\norigin_health_url = \"http://{origin}/.meridian/health\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\ntoken = {}\n\n[selection]\nanswers = 2\nttl = \"30s\"\nttl_changing = \"5s\"\n\n[health]\ninterval = \"1s\"\ntimeout = \"500ms\"\nup_after = 2\ndown_after = 2\n\n[[zones]]\nname = \"meridian.test\"\ndynamic = [\"dl\"]\nns = [\"ns1.meridian.test.\"]\nrecords = [\n  {{ name = \"ns1\", type = \"A\", value = \"127.0.0.1\" }},\n  {{ name = \"www\", type = \"CNAME\", value = \"dl.meridian.test.\" }},\n  {{ name = \"@\", type = \"TXT\", value = \"Meridian demo zone\" }},\n]\n",
-        args.dns_port,
-        q(&geoip.display().to_string()),
-        args.admin_port,
-        q(&admin_token),
+    let mut table: toml::Table = toml::from_str(
+        r#"
+origin_health_url = ""
+[selection]
+answers = 2
+ttl = "30s"
+ttl_changing = "5s"
+[health]
+interval = "1s"
+timeout = "500ms"
+up_after = 2
+down_after = 2
+[[zones]]
+name = "meridian.test"
+dynamic = ["dl"]
+ns = ["ns1.meridian.test."]
+records = [
+  { name = "ns1", type = "A", value = "127.0.0.1" },
+  { name = "www", type = "CNAME", value = "dl.meridian.test." },
+  { name = "@", type = "TXT", value = "Meridian demo zone" },
+]
+"#,
+    )?;
+    table.insert(
+        "listen".into(),
+        toml::Value::Array(vec![s(SocketAddr::new(lo, args.dns_port))]),
     );
+    table.insert("geoip".into(), s(geoip.display()));
+    table.insert(
+        "origin_health_url".into(),
+        s(format!("http://{origin}/.meridian/health")),
+    );
+    let mut admin = toml::Table::new();
+    admin.insert("listen".into(), s(SocketAddr::new(lo, args.admin_port)));
+    admin.insert("token".into(), s(&admin_token));
+    table.insert("admin".into(), toml::Value::Table(admin));
+    let mut list = Vec::new();
     for r in &REGIONS {
-        let addr = mirrors[r.name];
-        g.push_str(&format!(
-            "\n[[mirrors]]\nid = {}\nregion = {}\nlatitude = {}\nlongitude = {}\nipv4 = [\"{}\"]\nstatus_url = \"http://{addr}/.meridian/status\"\n",
-            q(r.name),
-            q(r.name),
-            r.lat,
-            r.lon,
-            r.addr
-        ));
+        let mut m = toml::Table::new();
+        m.insert("id".into(), s(r.name));
+        m.insert("region".into(), s(r.name));
+        m.insert("latitude".into(), toml::Value::Float(r.lat));
+        m.insert("longitude".into(), toml::Value::Float(r.lon));
+        m.insert("ipv4".into(), toml::Value::Array(vec![s(r.addr)]));
+        m.insert(
+            "status_url".into(),
+            s(format!("http://{}/.meridian/status", mirrors[r.name])),
+        );
+        list.push(toml::Value::Table(m));
     }
+    table.insert("mirrors".into(), toml::Value::Array(list));
     let geodns_cfg = config_dir.join("geodns.toml");
-    std::fs::write(&geodns_cfg, g)?;
+    write_config(&geodns_cfg, &table)?;
     let log = kids.spawn(
         "geodns",
         &[
@@ -494,14 +664,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         admin,
         admin_token: admin_token.clone(),
         mirrors: mirrors.clone(),
-        pids: kids.0.iter().map(|(n, c)| (n.clone(), c.id())).collect(),
+        pids: kids.pids(),
         content: content.clone(),
         config_dir: config_dir.clone(),
     };
-    meridian_serve::store::write_atomic(
-        &base.join("network.json"),
-        &serde_json::to_vec_pretty(&network)?,
-    )?;
+    // The content is in every mirror's generation before the network is
+    // announced: the tour's first download works.
+    wait_served(&mirrors, "/README.txt")?;
+    let network_json = base.join("network.json");
+    meridian_serve::store::write_atomic(&network_json, &serde_json::to_vec_pretty(&network)?)?;
 
     let port = dns.port();
     let mport = args.mirror_port;
@@ -565,9 +736,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("Press Ctrl-C to stop everything.");
     let _ = std::io::stdout().flush();
 
-    // Run until a signal, or until a child dies unexpectedly? Children may be
-    // killed on purpose (failover tests); the demo keeps going.
-    crate::shutdown_signal().await;
+    // Run until a signal. A part that dies is reported, and restarted after
+    // --restart-after (network.json then names its new pid).
+    let mut dead = BTreeMap::new();
+    let mut network = network;
+    let stop = crate::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        if kids.supervise(&mut dead, restart_after) {
+            network.pids = kids.pids();
+            meridian_serve::store::write_atomic(
+                &network_json,
+                &serde_json::to_vec_pretty(&network)?,
+            )?;
+        }
+    }
     println!("stopping ...");
     kids.stop();
     Ok(())

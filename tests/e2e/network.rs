@@ -507,3 +507,36 @@ async fn continuous_downloads_while_files_change_never_mix_generations() {
     );
     assert!(versions_seen.len() >= 2, "the downloads did span a change");
 }
+
+#[tokio::test]
+async fn the_demo_is_up_with_its_content_and_restarts_a_part_that_dies() {
+    let mut demo = Demo::start(&["--restart-after", "1s"]);
+    let http = http();
+    // "Up" means the content is served: no waiting for a first download.
+    let readme = std::fs::read(demo.content().join("README.txt")).unwrap();
+    for (region, ..) in REGIONS {
+        let (code, b) = body(&http, format!("http://{}/README.txt", demo.mirror(region)))
+            .await
+            .unwrap();
+        assert_eq!((code, b), (200, readme.clone()), "{region}");
+    }
+    let old = demo.pid("origin");
+    signal(old, "KILL");
+    let line = demo.proc.wait_line("exited", DEADLINE);
+    assert!(
+        line.contains("origin") && line.contains("restarting it in 1s"),
+        "{line}"
+    );
+    demo.proc.wait_line("restarted origin", DEADLINE);
+    let path = demo.dir.path().join("network.json");
+    let new = eventually("network.json to name the new pid", DEADLINE, || async {
+        let net: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+        let pid = net["pids"]["origin"].as_u64()? as i32;
+        (pid != old).then_some(pid)
+    })
+    .await;
+    assert!(std::path::Path::new(&format!("/proc/{new}")).exists());
+    // Back where it was, publishing again.
+    std::fs::write(demo.content().join("after.txt"), b"back").unwrap();
+    all_serve(&demo, &http, "after.txt", b"back").await;
+}

@@ -429,6 +429,11 @@ impl Demo {
             "--big-file-mib",
             "0",
         ];
+        // The tests kill and restart parts themselves, unless they ask
+        // the demo to.
+        if !extra.contains(&"--restart-after") {
+            args.extend(["--restart-after", "0s"]);
+        }
         args.extend_from_slice(extra);
         let mut proc = Proc::spawn(&args, &[]);
         let path = dir.path().join("network.json");
