@@ -60,6 +60,7 @@ impl MirrorHandle {
     /// (up to the drain timeout), then stops syncing.
     pub async fn shutdown(self) {
         self.state.set_draining(true);
+        self.state.stopping.send_replace(true);
         for s in self.servers {
             s.shutdown().await;
         }

@@ -46,6 +46,9 @@ impl MirrorService {
 }
 
 impl Published for MirrorService {
+    fn stopping(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.state.stopping.subscribe())
+    }
     fn latest(&self) -> Option<Arc<VerifiedRoot>> {
         self.state
             .served
@@ -188,8 +191,8 @@ fn class_index(status: StatusCode) -> usize {
 }
 
 impl Service for MirrorService {
-    async fn call(&self, req: Request<()>, _peer: SocketAddr) -> Response<Body> {
-        let resp = self.route(&req).await;
+    async fn call(&self, req: Request<()>, peer: SocketAddr) -> Response<Body> {
+        let resp = self.route(&req, peer).await;
         let (requests, bytes) = &self.by_class[class_index(resp.status())];
         requests.inc();
         if req.method() != Method::HEAD
@@ -206,11 +209,18 @@ impl Service for MirrorService {
 }
 
 impl MirrorService {
-    async fn route(&self, req: &Request<()>) -> Response<Body> {
+    async fn route(&self, req: &Request<()>, peer: SocketAddr) -> Response<Body> {
         let path = req.uri().path();
         if let Some(rest) = path.strip_prefix(readapi::PREFIX) {
-            return readapi::handle(self, req.method(), rest, req.uri().query(), req.headers())
-                .await;
+            return readapi::handle(
+                self,
+                req.method(),
+                rest,
+                req.uri().query(),
+                req.headers(),
+                peer.ip(),
+            )
+            .await;
         }
         if let Some(rest) = path.strip_prefix("/.meridian/") {
             return self.control(req, rest);

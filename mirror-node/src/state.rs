@@ -61,6 +61,9 @@ pub struct MirrorState {
     pub verified: Arc<crate::verified::Verified>,
     /// How far the sync under way has got.
     pub progress: crate::progress::Progress,
+    /// True once shutdown begins: long-polls of downstream mirrors are
+    /// answered at once instead of holding the drain.
+    pub stopping: watch::Sender<bool>,
 }
 
 impl MirrorState {
@@ -97,6 +100,7 @@ impl MirrorState {
             floor: Mutex::default(),
             verified: Arc::default(),
             progress: Default::default(),
+            stopping: watch::channel(false).0,
         })
     }
 

@@ -81,11 +81,16 @@ pub fn load_key(path: &Path) -> Result<SecretKey, OriginError> {
 #[derive(Debug, Clone)]
 pub struct Origin {
     shared: Arc<Shared>,
+    /// True once shutdown begins (long-polls are answered at once).
+    stopping: tokio_watch::Receiver<bool>,
 }
 
 impl Published for Origin {
     fn latest(&self) -> Option<Arc<VerifiedRoot>> {
         self.shared.latest.load_full()
+    }
+    fn stopping(&self) -> Option<tokio_watch::Receiver<bool>> {
+        Some(self.stopping.clone())
     }
     fn root_envelope(&self, generation: u64) -> Option<Vec<u8>> {
         std::fs::read(self.shared.root_path(generation)).ok()
@@ -109,15 +114,22 @@ impl Published for Origin {
 }
 
 impl Service for Origin {
-    async fn call(&self, req: http::Request<()>, _peer: SocketAddr) -> Response<Body> {
+    async fn call(&self, req: http::Request<()>, peer: SocketAddr) -> Response<Body> {
         let path = req.uri().path();
         if let Some(rest) = path.strip_prefix(readapi::PREFIX) {
             let waiting = rest == "wait";
             if waiting {
                 self.shared.metrics.waiters.inc();
             }
-            let resp =
-                readapi::handle(self, req.method(), rest, req.uri().query(), req.headers()).await;
+            let resp = readapi::handle(
+                self,
+                req.method(),
+                rest,
+                req.uri().query(),
+                req.headers(),
+                peer.ip(),
+            )
+            .await;
             if waiting {
                 self.shared.metrics.waiters.dec();
             }
@@ -213,8 +225,10 @@ impl Origin {
         })
         .await;
 
+        let (tx, rx) = tokio_watch::channel(false);
         let origin = Arc::new(Origin {
             shared: shared.clone(),
+            stopping: rx.clone(),
         });
         let opts = ServerOptions {
             max_connections: cfg.max_connections,
@@ -231,7 +245,6 @@ impl Origin {
         let http_addr = servers[0].local_addr;
         let https_addr = servers.get(1).map(|s| s.local_addr);
 
-        let (tx, rx) = tokio_watch::channel(false);
         tokio::spawn(promote_loop(shared.clone(), rx.clone()));
         let publish_loop = tokio::spawn(publish_loop(publisher, cfg, signal, rx, watcher));
         Ok(OriginHandle {

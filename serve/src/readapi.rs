@@ -47,6 +47,12 @@ pub trait Published: Send + Sync + 'static {
     fn deltas(&self) -> Option<&DeltaCache> {
         None
     }
+    /// Turns true when the node starts shutting down: every long-poll is
+    /// answered at once (the newest root, or 204), so the drain does not
+    /// wait out their timeouts.
+    fn stopping(&self) -> Option<watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// The most recent tree deltas, by the trees they connect. A delta is
@@ -90,13 +96,71 @@ impl DeltaCache {
 
 /// Largest blob (base or target) a patch is computed for.
 pub const PATCH_MAX_BYTES: u64 = 64 << 20;
-/// Deltas and patches are CPU work on the blocking pool; at most this many
-/// run at once, so a crowd of mirrors cannot starve downloads.
-const DIFF_WORKERS: usize = 2;
+/// Deltas and patches are CPU work: at most [`DIFF_WORKERS`] run at once.
+/// A request waits for its turn only if it finds a place in the queue
+/// ([`DIFF_QUEUE`] in all, [`DIFF_QUEUE_PER_CLIENT`] per client: a mirror
+/// syncing many changed files keeps its parallel patches), and for at most
+/// [`DIFF_WAIT`]; otherwise it is answered 503 at once (the mirror then
+/// fetches the object whole). So a crowd asking for distinct pairs costs
+/// one core and one patch's memory, and cannot queue without bound.
+const DIFF_WORKERS: usize = 1;
+const DIFF_QUEUE: usize = 64;
+const DIFF_QUEUE_PER_CLIENT: usize = 16;
+const DIFF_WAIT: Duration = Duration::from_secs(10);
 
 fn diff_permits() -> &'static tokio::sync::Semaphore {
     static S: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
     S.get_or_init(|| tokio::sync::Semaphore::new(DIFF_WORKERS))
+}
+
+fn diff_places() -> &'static std::sync::Arc<crate::limits::Admission> {
+    static S: std::sync::OnceLock<std::sync::Arc<crate::limits::Admission>> =
+        std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        crate::limits::Admission::new(crate::limits::ConnLimits {
+            total: DIFF_QUEUE,
+            per_client: DIFF_QUEUE_PER_CLIENT,
+        })
+    })
+}
+
+/// A turn to compute a delta or patch for `peer`, or the 503 to send.
+async fn diff_turn(
+    peer: std::net::IpAddr,
+    what: &str,
+) -> Result<(crate::limits::Permit, tokio::sync::SemaphorePermit<'static>), Response<Body>> {
+    let place = diff_places().try_admit(peer).map_err(|_| busy(what))?;
+    match tokio::time::timeout(DIFF_WAIT, diff_permits().acquire()).await {
+        Ok(Ok(turn)) => Ok((place, turn)),
+        _ => Err(busy(what)),
+    }
+}
+
+/// Long-polls held at once in all, and per client: they hold a connection
+/// each for up to [`MAX_WAIT`], so they get a bounded share and the rest
+/// of the connections stay for downloads.
+pub const MAX_LONG_POLLS: usize = 1024;
+pub const MAX_LONG_POLLS_PER_CLIENT: usize = 8;
+
+fn long_poll_places() -> &'static std::sync::Arc<crate::limits::Admission> {
+    static S: std::sync::OnceLock<std::sync::Arc<crate::limits::Admission>> =
+        std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        crate::limits::Admission::new(crate::limits::ConnLimits {
+            total: MAX_LONG_POLLS,
+            per_client: MAX_LONG_POLLS_PER_CLIENT,
+        })
+    })
+}
+
+fn busy(what: &str) -> Response<Body> {
+    let mut r = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{what}: this node is busy with others; retry later, or fetch the object whole\n"),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, http::HeaderValue::from_static("5"));
+    r
 }
 
 /// Makes sure an object that is only hard-linked (an origin's hashed-in-
@@ -160,6 +224,7 @@ pub async fn handle<P: Published>(
     rest: &str,
     query: Option<&str>,
     headers: &HeaderMap,
+    peer: std::net::IpAddr,
 ) -> Response<Body> {
     if *method != Method::GET && *method != Method::HEAD {
         return text(
@@ -168,7 +233,7 @@ pub async fn handle<P: Published>(
         );
     }
     let latest_gen = node.latest().map(|r| r.root.generation).unwrap_or(0);
-    let mut resp = route(node, method, rest, query, headers).await;
+    let mut resp = route(node, method, rest, query, headers, peer).await;
     resp.headers_mut()
         .insert("x-meridian-generation", latest_gen.into());
     resp
@@ -180,6 +245,7 @@ async fn route<P: Published>(
     rest: &str,
     query: Option<&str>,
     headers: &HeaderMap,
+    peer: std::net::IpAddr,
 ) -> Response<Body> {
     if rest == "root" {
         return match node.latest() {
@@ -275,9 +341,9 @@ async fn route<P: Published>(
             node.count_object_bytes(b.len() as u64);
             return binary_response(b, "application/x-meridian-delta", method);
         }
-        let _permit = match diff_permits().acquire().await {
-            Ok(p) => p,
-            Err(_) => return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        let _turn = match diff_turn(peer, "delta").await {
+            Ok(t) => t,
+            Err(r) => return r,
         };
         let store = node.store();
         let t0 = std::time::Instant::now();
@@ -315,9 +381,9 @@ async fn route<P: Published>(
                 "no patch: an object is not held here or is too large\n",
             );
         }
-        let _permit = match diff_permits().acquire().await {
-            Ok(p) => p,
-            Err(_) => return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        let _turn = match diff_turn(peer, "patch").await {
+            Ok(t) => t,
+            Err(r) => return r,
         };
         // Both versions are read whole anyway: a linked object is checked
         // against its hash in memory instead of being copied first.
@@ -350,20 +416,42 @@ async fn route<P: Published>(
                 _ => {}
             }
         }
+        let no_news = || {
+            Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(crate::body::empty())
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, ""))
+        };
+        if let Some(r) = node.latest().filter(|r| r.root.generation > after) {
+            return envelope_response(r.envelope.clone(), method);
+        }
+        let Ok(_place) = long_poll_places().try_admit(peer) else {
+            return busy("wait");
+        };
         let mut rx = node.subscribe();
+        let mut stopping = node.stopping();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(r) = node.latest().filter(|r| r.root.generation > after) {
                 return envelope_response(r.envelope.clone(), method);
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) | Err(_) => {
-                    return Response::builder()
-                        .status(StatusCode::NO_CONTENT)
-                        .body(crate::body::empty())
-                        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, ""));
+            if stopping.as_ref().is_some_and(|s| *s.borrow()) {
+                return no_news();
+            }
+            let stop = async {
+                match stopping.as_mut() {
+                    Some(s) => {
+                        let _ = s.wait_for(|v| *v).await;
+                    }
+                    None => std::future::pending().await,
                 }
+            };
+            tokio::select! {
+                r = tokio::time::timeout_at(deadline, rx.changed()) => match r {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) | Err(_) => return no_news(),
+                },
+                _ = stop => continue,
             }
         }
     }

@@ -717,3 +717,134 @@ async fn old_generations_and_their_blobs_are_collected_after_retention_and_grace
         .unwrap_or(0);
     assert!(removed >= 1, "{metrics}");
 }
+
+/// A long-poll for the next generation after `g`, from `src`.
+async fn long_poll(base: &str, g: u64, src: &str) -> reqwest::Response {
+    let http = reqwest::Client::builder()
+        .local_address(src.parse::<std::net::IpAddr>().unwrap())
+        .timeout(Duration::from_secs(90))
+        .build()
+        .unwrap();
+    http.get(format!("{base}/wait?after={g}&timeout=60"))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn long_polls_are_capped_per_client_and_answered_at_once_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let mut origin = start_origin(dir.path(), &[]);
+    let client = ReadClient::new(origin.listening("origin"), key);
+    let g = converge(&client, &content, 0).await;
+    // One host holds at most 8 long-polls; the rest are refused at once
+    // with Retry-After, not queued.
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let base = client.base.clone();
+        held.push(tokio::spawn(async move {
+            long_poll(&base, g, &format!("127.0.7.{}", i / 8 + 1)).await
+        }));
+    }
+    // Wait until the origin holds them all (its waiters gauge).
+    eventually("8 long-polls to be held", DEADLINE, || async {
+        let m = client
+            .http
+            .get(format!("{}/../metrics", client.base))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (meridian_e2e::metric(&m, "meridian_origin_waiters") >= 8.0).then_some(())
+    })
+    .await;
+    let r = long_poll(&client.base, g, "127.0.7.1").await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "5");
+    // Another host still gets its long-poll.
+    let base = client.base.clone();
+    held.push(tokio::spawn(async move {
+        long_poll(&base, g, "127.0.7.2").await
+    }));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !held.last().unwrap().is_finished(),
+        "other hosts are not capped"
+    );
+
+    // SIGTERM: every long-poll is answered at once (no news: 204) and the
+    // origin exits promptly, instead of waiting out their 60 s.
+    let t0 = std::time::Instant::now();
+    meridian_e2e::signal(origin.child.id() as i32, "TERM");
+    for h in held {
+        let r = tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .expect("a long-poll answered within 5 s of SIGTERM")
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    let status = origin
+        .wait_exit(Duration::from_secs(10))
+        .expect("origin exits");
+    assert!(status.success());
+    let took = t0.elapsed();
+    eprintln!(
+        "origin stopped {:.2} s after SIGTERM with 9 long-polls open",
+        took.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test]
+async fn patches_are_computed_one_at_a_time_and_a_crowd_is_turned_away_not_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    let mut hashes = Vec::new();
+    for i in 0..8u32 {
+        let data: Vec<u8> = (0..4_000_000u32)
+            .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i * 7919) >> 13) as u8)
+            .collect();
+        let p = content.join(format!("v{i}.bin"));
+        std::fs::write(&p, &data).unwrap();
+        hashes.push(hash_file(&p));
+    }
+    let key = keygen(&dir.path().join("key"));
+    let mut origin = start_origin(dir.path(), &[]);
+    let client = ReadClient::new(origin.listening("origin"), key);
+    converge(&client, &content, 0).await;
+    // 24 distinct pairs at once, from one client.
+    let mut asks = Vec::new();
+    for (a, b) in (0..8)
+        .flat_map(|a| (0..8).map(move |b| (a, b)))
+        .filter(|(a, b)| a != b)
+        .take(24)
+    {
+        let url = format!("{}/patch/{}/{}", client.base, hashes[a], hashes[b]);
+        let http = client.http.clone();
+        asks.push(tokio::spawn(async move {
+            let r = http.get(url).send().await.unwrap();
+            let code = r.status().as_u16();
+            let retry = r.headers().get("retry-after").is_some();
+            let _ = r.bytes().await;
+            (code, retry)
+        }));
+    }
+    let mut served = 0;
+    let mut refused = 0;
+    for a in asks {
+        match a.await.unwrap() {
+            (200, _) => served += 1,
+            (503, true) => refused += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    eprintln!("patches: {served} computed, {refused} turned away");
+    assert!(served >= 1, "nothing was computed");
+    assert!(refused >= 1, "every patch was queued and computed");
+}
