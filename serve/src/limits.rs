@@ -44,6 +44,7 @@ pub struct Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         self.admission.total.fetch_sub(1, Ordering::AcqRel);
+        crate::memory::closed();
         if self.admission.limits.per_client > 0
             && let Ok(mut m) = self.admission.per_client.lock()
             && let Some(n) = m.get_mut(&self.client)
@@ -93,6 +94,7 @@ impl Admission {
                 (cap == 0 || n < cap).then_some(n + 1)
             })
             .map_err(|_| Refusal::Total)?;
+        crate::memory::opened();
         let client = client_key(ip);
         if self.limits.per_client > 0 {
             let admitted = self.per_client.lock().is_ok_and(|mut m| {
@@ -106,6 +108,7 @@ impl Admission {
             });
             if !admitted {
                 self.total.fetch_sub(1, Ordering::AcqRel);
+                crate::memory::closed();
                 return Err(Refusal::PerClient);
             }
         }
@@ -213,7 +216,9 @@ pub fn watch_tcp_memory() {
     PRESSURE_WATCH.get_or_init(|| {
         tokio::spawn(async {
             let mut was = false;
+            let mut peak = 0;
             loop {
+                crate::memory::after_flood(&mut peak);
                 let now = tokio::task::spawn_blocking(read_pressure)
                     .await
                     .ok()

@@ -883,3 +883,65 @@ async fn clients_that_never_read_a_large_download_cannot_crowd_out_real_ones() {
     eprintln!("open connections after 2,000 hogs: {open}");
     drop(hogs);
 }
+
+#[tokio::test]
+async fn memory_taken_by_a_flood_of_downloads_is_given_back_after_it() {
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    let net = net(&[("medium.bin", &data)]).await;
+    let (m, maddr) = net.synced_mirror(&[]).await;
+    let pid = m.child.id();
+    let rss = || -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(format!("http://{maddr}/medium.bin"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let before = rss();
+    // 4,000 downloads at once from 20 hosts, each read a little, held for
+    // a moment, then dropped.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut flood = Vec::new();
+    for i in 0..4000u32 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from(([127, 3, 1, (i / 200 + 1) as u8], 0)))
+            .unwrap();
+        let mut c = s.connect(maddr).await.unwrap();
+        c.write_all(b"GET /medium.bin HTTP/1.1\r\nHost: m\r\n\r\n")
+            .await
+            .unwrap();
+        flood.push(c);
+    }
+    for c in flood.iter_mut() {
+        let mut b = [0u8; 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.read(&mut b)).await;
+    }
+    let during = rss();
+    drop(flood);
+    eprintln!("mirror RSS: {before} kB before, {during} kB during the flood");
+    assert!(
+        during > before + 10_000,
+        "the flood took no memory ({before} -> {during} kB): not a test"
+    );
+    let after = eventually(
+        "the flood's memory to be given back",
+        Duration::from_secs(20),
+        || async {
+            let now = rss();
+            (now < before + (during - before) / 2).then_some(now)
+        },
+    )
+    .await;
+    eprintln!("mirror RSS after the flood: {after} kB");
+}
