@@ -859,14 +859,17 @@ async fn damaged_objects_are_never_served_and_are_repaired_on_first_read() {
     let content = dir.path().join("content");
     std::fs::create_dir_all(&content).unwrap();
     let small = noise(10_000, 11);
-    let big = noise(3_000_000, 12);
+    // Past the size from which whole downloads are checked as they stream.
+    let big = noise(70 << 20, 12);
     let cut = noise(200_000, 13);
     let ranged = noise(1_000_000, 14);
+    let mid = noise(3_000_000, 15);
     let files = [
         ("small.txt", &small),
         ("big.bin", &big),
         ("cut.bin", &cut),
         ("ranged.bin", &ranged),
+        ("mid.bin", &mid),
     ];
     for (f, d) in files {
         std::fs::write(content.join(f), d).unwrap();
@@ -890,7 +893,8 @@ async fn damaged_objects_are_never_served_and_are_repaired_on_first_read() {
     // object is read-only on disk.
     let store = meridian_serve::ObjectStore::open(state.clone()).unwrap();
     for (f, d) in files {
-        assert_eq!(get(&http, maddr, f).await, (200, d.clone()), "{f}");
+        let (code, body) = get(&http, maddr, f).await;
+        assert!(code == 200 && body == *d, "{f}: {code}");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(store.path(&meridian_core::hash_bytes(d)))
             .unwrap()
@@ -909,6 +913,7 @@ async fn damaged_objects_are_never_served_and_are_repaired_on_first_read() {
     damage_object(&state, &small, &flip(&small));
     damage_object(&state, &big, &flip(&big));
     damage_object(&state, &ranged, &flip(&ranged));
+    damage_object(&state, &mid, &flip(&mid));
     damage_object(&state, &cut, &cut[..100_000]);
 
     // A small object is checked in memory: refused before a byte is sent.
@@ -923,6 +928,8 @@ async fn damaged_objects_are_never_served_and_are_repaired_on_first_read() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
+    // A whole object of a few MB is checked before its first byte: 503.
+    assert_eq!(get(&http, maddr, "mid.bin").await.0, 503);
     // The whole large object, with curl: the body is cut short of its
     // length (curl: exit 18, partial file), never completed wrong.
     let out_file = dir.path().join("big.out");
