@@ -848,3 +848,48 @@ async fn patches_are_computed_one_at_a_time_and_a_crowd_is_turned_away_not_queue
     assert!(served >= 1, "nothing was computed");
     assert!(refused >= 1, "every patch was queued and computed");
 }
+
+/// `meridian ARGS`, its exit status and output.
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(meridian_e2e::meridian_bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn check_validates_each_config_and_help_names_each_default() {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let (ok, out) = cli(&["mirror", "--config", deploy.join("mirror.toml").to_str().unwrap(), "--check"]);
+    assert!(ok && out.contains("mirror configuration OK"), "{out}");
+    // A broken one names the cause, in one line, without a backtrace.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("geodns.toml");
+    std::fs::write(&bad, "listen = [\"127.0.0.1:0\"]\nzones = []\nmirrors = []\n").unwrap();
+    let (ok, out) = cli(&["geodns", "--config", bad.to_str().unwrap(), "--check"]);
+    assert!(!ok && out.contains("meridian: error:") && out.contains("at least one zone"), "{out}");
+    assert!(!out.contains("stack backtrace"), "{out}");
+    let empty_token = dir.path().join("m.toml");
+    std::fs::write(
+        &empty_token,
+        "id = \"m\"\nupstreams = [\"http://127.0.0.1:1\"]\ntrust = [\"ed25519:0000000000000000000000000000000000000000000000000000000000000000\"]\nstate = \"/tmp/x\"\nadmin_token = \"\"\n",
+    )
+    .unwrap();
+    let (ok, out) = cli(&["mirror", "--config", empty_token.to_str().unwrap(), "--check"]);
+    assert!(!ok && out.contains("admin token is empty"), "{out}");
+    // Each role's --help gives its own listen default; the top one explains
+    // MERIDIAN_LOG.
+    let (_, o) = cli(&["origin", "--help"]);
+    assert!(o.contains("[default: 127.0.0.1:8080]") && !o.contains("8081"), "{o}");
+    let (_, m) = cli(&["mirror", "--help"]);
+    assert!(m.contains("[default: 127.0.0.1:8081]") && m.contains("bytes per second"), "{m}");
+    let (_, top) = cli(&["--help"]);
+    assert!(top.contains("MERIDIAN_LOG"), "{top}");
+}
