@@ -269,12 +269,19 @@ struct Want {
 pub struct Syncer {
     pub state: Arc<MirrorState>,
     pub upstreams: Upstreams,
+    /// A repair was asked for (`state.repair`): done between steps, never
+    /// by dropping a step whose writers are still running.
+    repair_due: std::sync::atomic::AtomicBool,
 }
 
 impl Syncer {
     pub fn new(state: Arc<MirrorState>) -> Self {
         let upstreams = Upstreams::new(state.cfg.upstreams.clone());
-        Syncer { state, upstreams }
+        Syncer {
+            state,
+            upstreams,
+            repair_due: Default::default(),
+        }
     }
 
     /// Loads the generation served before a restart, if any, and
@@ -400,10 +407,19 @@ impl Syncer {
         let mut backoff = Duration::from_millis(250);
         let mut gc_due = Instant::now() + self.state.cfg.gc_grace;
         loop {
-            let step = tokio::select! {
-                r = self.step() => r,
-                _ = self.state.repair.notified() => self.repair().await,
-                _ = shutdown.changed() => return,
+            // A repair asked for while waiting for a root ends the wait; one
+            // asked for during a sync waits for the sync to finish (its
+            // fetches own their partial files until they end).
+            let step = if self
+                .repair_due
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
+            {
+                self.repair().await
+            } else {
+                tokio::select! {
+                    r = self.step() => r,
+                    _ = shutdown.changed() => return,
+                }
             };
             match step {
                 Ok(()) => {
@@ -452,7 +468,14 @@ impl Syncer {
                 .cfg
                 .poll_interval
                 .clamp(Duration::from_secs(1), Duration::from_secs(55));
-            match self.upstreams.wait(i, after, timeout).await {
+            let waited = tokio::select! {
+                r = self.upstreams.wait(i, after, timeout) => r,
+                _ = self.state.repair.notified() => {
+                    self.repair_due.store(true, std::sync::atomic::Ordering::Release);
+                    return Ok(());
+                }
+            };
+            match waited {
                 Ok(None) => {
                     // Up to date with this upstream.
                     self.state.set_status(|s| {
@@ -1226,6 +1249,14 @@ fn open_partial(
         .create(true)
         .truncate(false)
         .open(p)?;
+    // One writer per partial download, in this process or another: the
+    // lock is held until the writer commits or gives up (drops the file).
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!("{} is being written by another download ({e})", p.display()),
+        )
+    })?;
     let len = f.metadata()?.len();
     let mut hasher = blake3::Hasher::new();
     if len > size {
@@ -1255,13 +1286,16 @@ fn finish_blob(
     hasher: blake3::Hasher,
     h: Hash,
 ) -> Result<(), FetchFail> {
-    drop(file);
     let got: Hash = hasher.finalize().into();
     if got != h {
         let _ = std::fs::remove_file(partial);
         return Err(FetchFail::Bad(format!("blob {h} hashed to {got}")));
     }
-    state.store.commit(partial, &h).map_err(FetchFail::Local)
+    // Renamed while this writer still holds the partial's lock, so no
+    // other writer can open it between the check and the rename.
+    let r = state.store.commit(partial, &h).map_err(FetchFail::Local);
+    drop(file);
+    r
 }
 
 fn apply_delta(
@@ -1418,4 +1452,27 @@ fn paired<'a>(
         let was = old.get(i).filter(|o| o.name == e.name);
         (e, was)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_writers_can_never_share_a_partial_download() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("partial");
+        let (mut first, _, _) = open_partial(&p, 10).expect("first writer");
+        first.write_all(b"abc").expect("write");
+        let second = open_partial(&p, 10);
+        assert!(
+            matches!(&second, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a second writer opened a partial that is being written"
+        );
+        // Once the first writer is done, the download resumes from its
+        // prefix.
+        drop(first);
+        let (_, _, have) = open_partial(&p, 10).expect("resumed");
+        assert_eq!(have, 3);
+    }
 }

@@ -1029,50 +1029,41 @@ status_url = "http://127.0.0.1:18053/status"
         },
     )
     .await;
-    for transport in ["+notcp", "+tcp"] {
+    // (dig arguments, record type, first address, ECS scope answered).
+    let cases: [(&[&str], &str, &str, Option<&str>); 5] = [
         // IPv6 source addresses, placed by the real IPv6 file.
-        for (src, want) in [(LONDON6, "fd00::2"), (JAKARTA6, "fd00::1")] {
-            let out = dig(&["-b", src, "dl.meridian.test", "AAAA", transport]);
-            assert_eq!(
-                first(&out, "AAAA").as_deref(),
-                Some(want),
-                "{src} {transport}: {out}"
-            );
-        }
+        (&["-b", LONDON6], "AAAA", "fd00::2", None),
+        (&["-b", JAKARTA6], "AAAA", "fd00::1", None),
         // IPv6 Client Subnet: steered, and the scope is the prefix of the
         // database network that decided (/48 for this London block).
-        let out = dig(&[
-            "+subnet=2a00:1450:4009::/48",
-            "dl.meridian.test",
+        (
+            &["+subnet=2a00:1450:4009::/48"],
             "AAAA",
-            transport,
-        ]);
-        assert_eq!(
-            first(&out, "AAAA").as_deref(),
-            Some("fd00::2"),
-            "{transport}: {out}"
-        );
-        assert!(
-            out.contains("CLIENT-SUBNET: 2a00:1450:4009::/48/48"),
-            "{transport}: {out}"
-        );
+            "fd00::2",
+            Some("2a00:1450:4009::/48/48"),
+        ),
         // IPv4 Client Subnet, placed by the real IPv4 file (London /24).
-        let out = dig(&["+subnet=81.2.69.0/24", "dl.meridian.test", "A", transport]);
-        assert_eq!(
-            first(&out, "A").as_deref(),
-            Some("127.0.10.2"),
-            "{transport}: {out}"
-        );
-        assert!(
-            out.contains("CLIENT-SUBNET: 81.2.69.0/24/24"),
-            "{transport}: {out}"
-        );
-        let out = dig(&["+subnet=36.68.0.0/24", "dl.meridian.test", "A", transport]);
-        assert_eq!(
-            first(&out, "A").as_deref(),
-            Some("127.0.10.1"),
-            "{transport}: {out}"
-        );
+        (
+            &["+subnet=81.2.69.0/24"],
+            "A",
+            "127.0.10.2",
+            Some("81.2.69.0/24/24"),
+        ),
+        (&["+subnet=36.68.0.0/24"], "A", "127.0.10.1", None),
+    ];
+    for transport in ["+notcp", "+tcp"] {
+        for (args, t, want, scope) in cases {
+            let mut a = args.to_vec();
+            a.extend(["dl.meridian.test", t, transport]);
+            let out = dig(&a);
+            assert_eq!(first(&out, t).as_deref(), Some(want), "{a:?}: {out}");
+            if let Some(scope) = scope {
+                assert!(
+                    out.contains(&format!("CLIENT-SUBNET: {scope}")),
+                    "{a:?}: {out}"
+                );
+            }
+        }
     }
     let _ = status_srv.child.kill();
     let _ = p.child.kill();

@@ -979,7 +979,7 @@ async fn damaged_objects_are_never_served_and_are_repaired_on_first_read() {
     }
     let m = meridian_e2e::metrics_text(&http, maddr).await.unwrap();
     assert!(
-        metric(&m, "meridian_mirror_scrub_failures_total") >= 4.0,
+        metric(&m, "meridian_mirror_scrub_failures_total") >= 5.0,
         "{m}"
     );
 }

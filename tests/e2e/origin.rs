@@ -867,14 +867,26 @@ fn cli(args: &[&str]) -> (bool, String) {
 #[test]
 fn check_validates_each_config_and_help_names_each_default() {
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    let (ok, out) = cli(&["mirror", "--config", deploy.join("mirror.toml").to_str().unwrap(), "--check"]);
+    let (ok, out) = cli(&[
+        "mirror",
+        "--config",
+        deploy.join("mirror.toml").to_str().unwrap(),
+        "--check",
+    ]);
     assert!(ok && out.contains("mirror configuration OK"), "{out}");
     // A broken one names the cause, in one line, without a backtrace.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("geodns.toml");
-    std::fs::write(&bad, "listen = [\"127.0.0.1:0\"]\nzones = []\nmirrors = []\n").unwrap();
+    std::fs::write(
+        &bad,
+        "listen = [\"127.0.0.1:0\"]\nzones = []\nmirrors = []\n",
+    )
+    .unwrap();
     let (ok, out) = cli(&["geodns", "--config", bad.to_str().unwrap(), "--check"]);
-    assert!(!ok && out.contains("meridian: error:") && out.contains("at least one zone"), "{out}");
+    assert!(
+        !ok && out.contains("meridian: error:") && out.contains("at least one zone"),
+        "{out}"
+    );
     assert!(!out.contains("stack backtrace"), "{out}");
     let empty_token = dir.path().join("m.toml");
     std::fs::write(
@@ -882,14 +894,25 @@ fn check_validates_each_config_and_help_names_each_default() {
         "id = \"m\"\nupstreams = [\"http://127.0.0.1:1\"]\ntrust = [\"ed25519:0000000000000000000000000000000000000000000000000000000000000000\"]\nstate = \"/tmp/x\"\nadmin_token = \"\"\n",
     )
     .unwrap();
-    let (ok, out) = cli(&["mirror", "--config", empty_token.to_str().unwrap(), "--check"]);
+    let (ok, out) = cli(&[
+        "mirror",
+        "--config",
+        empty_token.to_str().unwrap(),
+        "--check",
+    ]);
     assert!(!ok && out.contains("admin token is empty"), "{out}");
     // Each role's --help gives its own listen default; the top one explains
     // MERIDIAN_LOG.
     let (_, o) = cli(&["origin", "--help"]);
-    assert!(o.contains("[default: 127.0.0.1:8080]") && !o.contains("8081"), "{o}");
+    assert!(
+        o.contains("[default: 127.0.0.1:8080]") && !o.contains("8081"),
+        "{o}"
+    );
     let (_, m) = cli(&["mirror", "--help"]);
-    assert!(m.contains("[default: 127.0.0.1:8081]") && m.contains("bytes per second"), "{m}");
+    assert!(
+        m.contains("[default: 127.0.0.1:8081]") && m.contains("bytes per second"),
+        "{m}"
+    );
     let (_, top) = cli(&["--help"]);
     assert!(top.contains("MERIDIAN_LOG"), "{top}");
 }
