@@ -64,20 +64,7 @@ impl Default for ProbeState {
     }
 }
 
-#[derive(Deserialize)]
-struct StatusDoc {
-    generation: u64,
-    #[serde(default)]
-    upstream_generation: u64,
-    #[serde(default)]
-    draining: bool,
-    #[serde(default)]
-    stale: bool,
-    #[serde(default)]
-    egress_bytes_per_sec: u64,
-    #[serde(default)]
-    capacity_bytes_per_sec: u64,
-}
+use meridian_serve::status::MirrorStatus as StatusDoc;
 
 /// The shared health picture.
 #[derive(Debug)]

@@ -3,47 +3,12 @@
 //! mirror answers before its first generation, and the progress log line a
 //! long sync writes every [`LOG_EVERY`].
 
-use serde::Serialize;
+pub use meridian_serve::status::SyncProgress;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A long sync logs its progress this often.
 pub const LOG_EVERY: Duration = Duration::from_secs(5);
-
-/// A sync under way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct SyncProgress {
-    pub generation: u64,
-    pub files_done: u64,
-    pub files_total: u64,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-}
-
-impl SyncProgress {
-    /// `57%` of the bytes (100% of nothing).
-    pub fn percent(&self) -> u64 {
-        (self.bytes_done.saturating_mul(100))
-            .checked_div(self.bytes_total)
-            .unwrap_or(100)
-            .min(100)
-    }
-}
-
-impl std::fmt::Display for SyncProgress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "generation {}: {} of {} files, {} of {} bytes ({}%)",
-            self.generation,
-            self.files_done,
-            self.files_total,
-            self.bytes_done,
-            self.bytes_total,
-            self.percent()
-        )
-    }
-}
 
 /// The progress of the sync under way, if any.
 #[derive(Debug, Default)]

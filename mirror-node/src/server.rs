@@ -73,29 +73,6 @@ impl Published for MirrorService {
     }
 }
 
-/// The status document GeoDNS probes.
-#[derive(Debug, Serialize)]
-pub struct Status<'a> {
-    pub id: &'a str,
-    pub region: &'a str,
-    pub generation: u64,
-    /// The newest served generation flushed to disk.
-    pub durable_generation: u64,
-    pub root_hash: Option<String>,
-    pub expires: Option<i64>,
-    pub stale: bool,
-    pub upstream_generation: u64,
-    pub last_sync: Option<i64>,
-    pub sync_state: String,
-    pub last_error: Option<String>,
-    pub active_connections: usize,
-    pub egress_bytes_per_sec: u64,
-    pub capacity_bytes_per_sec: u64,
-    pub draining: bool,
-    /// The sync under way: files and bytes done and in all.
-    pub sync_progress: Option<crate::progress::SyncProgress>,
-}
-
 /// Percent-decodes and normalises a request path. `.` and empty segments
 /// are dropped, `..` pops a segment (never above the root), and every
 /// remaining name must be a valid published name: NUL, control characters,
@@ -370,9 +347,9 @@ impl MirrorService {
             (&Method::GET, "status") => {
                 let s = st.status();
                 let g = st.served.load_full();
-                let status = Status {
-                    id: &st.cfg.id,
-                    region: &st.cfg.region,
+                let status = meridian_serve::status::MirrorStatus {
+                    id: st.cfg.id.clone(),
+                    region: st.cfg.region.clone(),
                     generation: g.as_ref().map(|g| g.number()).unwrap_or(0),
                     durable_generation: st.durable.load(Ordering::Acquire),
                     root_hash: g.as_ref().map(|g| g.root.hash.to_hex()),
@@ -382,7 +359,7 @@ impl MirrorService {
                     last_sync: s.last_success,
                     sync_state: s.state,
                     last_error: s.last_error,
-                    active_connections: st.active.load(Ordering::Relaxed),
+                    active_connections: st.active.load(Ordering::Relaxed) as u64,
                     egress_bytes_per_sec: st.egress_rate.load(Ordering::Relaxed),
                     capacity_bytes_per_sec: st.cfg.capacity_bytes_per_sec,
                     draining: st.is_draining(),

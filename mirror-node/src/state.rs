@@ -6,17 +6,16 @@ use crate::metrics::MirrorMetrics;
 use arc_swap::ArcSwapOption;
 use meridian_core::{TrustedKeys, Verifier};
 use meridian_serve::ObjectStore;
-use serde::Serialize;
+pub use meridian_serve::status::SyncState;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, watch};
 
 /// What the syncer is doing, for the status endpoint.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct SyncStatus {
-    /// `starting`, `idle`, `syncing` or `error`.
-    pub state: String,
+    pub state: SyncState,
     /// The last sync error, if the last attempt failed.
     pub last_error: Option<String>,
     /// Unix time of the last successful sync (or check that found nothing new).
@@ -85,10 +84,7 @@ impl MirrorState {
             served: ArcSwapOption::empty(),
             notify,
             metrics: MirrorMetrics::new(),
-            status: Mutex::new(SyncStatus {
-                state: "starting".into(),
-                ..Default::default()
-            }),
+            status: Mutex::new(SyncStatus::default()),
             draining: AtomicBool::new(false),
             egress_total: Arc::new(AtomicU64::new(0)),
             egress_rate: AtomicU64::new(0),

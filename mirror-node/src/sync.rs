@@ -439,7 +439,7 @@ impl Syncer {
                         .with_label_values(&[e.label()])
                         .inc();
                     self.state.set_status(|s| {
-                        s.state = "error".into();
+                        s.state = crate::state::SyncState::Error;
                         s.last_error = Some(error);
                     });
                     tokio::select! {
@@ -479,7 +479,7 @@ impl Syncer {
                 Ok(None) => {
                     // Up to date with this upstream.
                     self.state.set_status(|s| {
-                        s.state = "idle".into();
+                        s.state = crate::state::SyncState::Idle;
                         s.last_error = None;
                         s.last_success = Some(unix_now());
                         s.upstream_generation = s.upstream_generation.max(after);
@@ -592,7 +592,8 @@ impl Syncer {
     pub async fn sync_to(&self, vr: VerifiedRoot, preferred: usize) -> Result<(), SyncError> {
         let t0 = Instant::now();
         let generation = vr.root.generation;
-        self.state.set_status(|s| s.state = "syncing".into());
+        self.state
+            .set_status(|s| s.state = crate::state::SyncState::Syncing);
         tracing::info!(generation, upstream = %self.upstreams.url(preferred), "syncing");
         let served = self.state.served.load_full();
         let known = served.as_ref().map(|g| &g.nodes);
@@ -752,7 +753,7 @@ impl Syncer {
         self.state.metrics.sync_seconds.observe(dt.as_secs_f64());
         self.state.metrics.syncs.with_label_values(&["ok"]).inc();
         self.state.set_status(|s| {
-            s.state = "idle".into();
+            s.state = crate::state::SyncState::Idle;
             s.last_error = None;
             s.last_success = Some(unix_now());
         });

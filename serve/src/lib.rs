@@ -19,6 +19,7 @@ mod plain;
 pub mod range;
 pub mod readapi;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod tls;
 

@@ -31,6 +31,17 @@ fn write_db(path: &Path, dbip: bool) {
     std::fs::write(path, w.build()).unwrap();
 }
 
+/// A healthy mirror's status document, as the mirror writes it (the one
+/// status type).
+fn healthy_status() -> String {
+    serde_json::to_string(&meridian_serve::status::MirrorStatus {
+        generation: 1,
+        capacity_bytes_per_sec: 1000,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 /// A status endpoint that answers like a healthy mirror, or misbehaves.
 async fn fake_status(kind: &'static str) -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -53,7 +64,7 @@ async fn fake_status(kind: &'static str) -> SocketAddr {
                         let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
                         return;
                     }
-                    _ => "{\"generation\": 1, \"draining\": false, \"egress_bytes_per_sec\": 0, \"capacity_bytes_per_sec\": 1000}".to_owned(),
+                    _ => healthy_status(),
                 };
                 let _ = s.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).as_bytes()).await;
             });
@@ -939,11 +950,7 @@ async fn real_dbip_files_steer_v4_and_v6_clients_over_udp_and_tcp_with_honest_sc
     let ns = Netns::new(&[&format!("{LONDON6}/128"), &format!("{JAKARTA6}/128")]);
     let dir = tempfile::tempdir().unwrap();
     // A healthy mirror status, served inside the namespace.
-    std::fs::write(
-        dir.path().join("status"),
-        r#"{"generation": 1, "draining": false, "egress_bytes_per_sec": 0, "capacity_bytes_per_sec": 1000}"#,
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("status"), healthy_status()).unwrap();
     let www = dir.path().to_str().unwrap().to_owned();
     let mut status_srv = Proc::spawn_cmd(
         "ip",

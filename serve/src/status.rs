@@ -1,0 +1,141 @@
+//! The status document a mirror publishes at `GET /.meridian/status`: one
+//! type, written by the mirror and read by GeoDNS (and by anything else
+//! that watches mirrors, tests included). Readers take what they know:
+//! every field but `generation` has a default, so an older or newer mirror
+//! still parses.
+
+use serde::{Deserialize, Serialize};
+
+/// What a mirror reports about itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MirrorStatus {
+    /// The mirror's name and region label, from its config.
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub region: String,
+    /// The served generation (0: none yet).
+    pub generation: u64,
+    /// The newest served generation flushed to disk.
+    #[serde(default)]
+    pub durable_generation: u64,
+    #[serde(default)]
+    pub root_hash: Option<String>,
+    /// When the served generation expires (Unix seconds).
+    #[serde(default)]
+    pub expires: Option<i64>,
+    /// The served generation has expired.
+    #[serde(default)]
+    pub stale: bool,
+    /// The newest generation seen at any upstream.
+    #[serde(default)]
+    pub upstream_generation: u64,
+    /// Unix time of the last successful sync or up-to-date check.
+    #[serde(default)]
+    pub last_sync: Option<i64>,
+    #[serde(default)]
+    pub sync_state: SyncState,
+    /// The last sync error, with its whole cause, while `sync_state` is
+    /// `error`.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Open client connections.
+    #[serde(default)]
+    pub active_connections: u64,
+    /// Body bytes sent per second (smoothed over about 2 s).
+    #[serde(default)]
+    pub egress_bytes_per_sec: u64,
+    /// Configured egress capacity, bytes per second.
+    #[serde(default)]
+    pub capacity_bytes_per_sec: u64,
+    /// Set by SIGTERM or the drain admin call: give it no new clients.
+    #[serde(default)]
+    pub draining: bool,
+    /// The sync under way, if any.
+    #[serde(default)]
+    pub sync_progress: Option<SyncProgress>,
+}
+
+/// What the syncer is doing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncState {
+    #[default]
+    Starting,
+    Idle,
+    Syncing,
+    Error,
+}
+
+/// How far a sync has got: the blobs it has to fetch, done and in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncProgress {
+    pub generation: u64,
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+impl SyncProgress {
+    /// `57` for 57% of the bytes (100 for nothing to fetch).
+    pub fn percent(&self) -> u64 {
+        (self.bytes_done.saturating_mul(100))
+            .checked_div(self.bytes_total)
+            .unwrap_or(100)
+            .min(100)
+    }
+}
+
+impl std::fmt::Display for SyncProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "generation {}: {} of {} files, {} of {} bytes ({}%)",
+            self.generation,
+            self.files_done,
+            self.files_total,
+            self.bytes_done,
+            self.bytes_total,
+            self.percent()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_a_sparse_document_still_parses() {
+        let s = MirrorStatus {
+            id: "m".into(),
+            generation: 7,
+            sync_state: SyncState::Syncing,
+            sync_progress: Some(SyncProgress {
+                generation: 8,
+                files_done: 1,
+                files_total: 4,
+                bytes_done: 400,
+                bytes_total: 1000,
+            }),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&s).expect("json");
+        assert!(text.contains("\"sync_state\":\"syncing\""), "{text}");
+        assert_eq!(
+            serde_json::from_str::<MirrorStatus>(&text).expect("parse"),
+            s
+        );
+        let sparse: MirrorStatus =
+            serde_json::from_str(r#"{"generation": 3, "unknown": 1}"#).expect("sparse");
+        assert_eq!(
+            (sparse.generation, sparse.sync_state),
+            (3, SyncState::Starting)
+        );
+        assert!(
+            serde_json::from_str::<MirrorStatus>("{}").is_err(),
+            "generation is required"
+        );
+    }
+}
