@@ -33,6 +33,17 @@ struct ListenArgs {
     /// IPv6 /64); 0 for no cap [default: 256].
     #[arg(long, value_name = "N")]
     max_connections_per_client: Option<u64>,
+    /// Time allowed to send a request head (slowloris guard) [default: 20s].
+    #[arg(long, value_name = "DURATION")]
+    header_timeout: Option<String>,
+    /// Close a connection whose client stopped reading for this long
+    /// [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    send_timeout: Option<String>,
+    /// On SIGTERM, wait at most this long for responses in flight
+    /// [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    drain_timeout: Option<String>,
     /// HTTPS listen address (needs --tls-cert and --tls-key).
     #[arg(long, value_name = "ADDR")]
     listen_tls: Option<SocketAddr>,
@@ -47,6 +58,9 @@ struct ListenArgs {
 impl ListenArgs {
     fn apply(self, listen: Option<SocketAddr>, t: &mut toml::Table) {
         set(t, "listen", listen);
+        set(t, "header_timeout", self.header_timeout);
+        set(t, "send_timeout", self.send_timeout);
+        set(t, "drain_timeout", self.drain_timeout);
         if let Some(n) = self.max_connections_per_client {
             t.insert(
                 "max_connections_per_client".into(),
@@ -180,12 +194,6 @@ pub struct MirrorArgs {
     /// Bytes of disk to keep free; a sync that would eat into them is refused.
     #[arg(long, value_name = "BYTES")]
     reserve_free: Option<u64>,
-    /// Time allowed to send a request head (slowloris guard), e.g. `20s`.
-    #[arg(long, value_name = "DURATION")]
-    header_timeout: Option<String>,
-    /// Close a download whose client stopped reading for this long, e.g. `60s`.
-    #[arg(long, value_name = "DURATION")]
-    send_timeout: Option<String>,
     /// Start without the rollback floor: accept the first root an upstream
     /// offers even if it is older than one this mirror verified before.
     /// Only for a mirror that lost its record of the highest generation it
@@ -243,8 +251,6 @@ impl MirrorArgs {
         }
         set(&mut t, "poll_interval", self.poll_interval);
         set(&mut t, "gc_grace", self.gc_grace);
-        set(&mut t, "header_timeout", self.header_timeout);
-        set(&mut t, "send_timeout", self.send_timeout);
         if self.accept_lower_generation {
             t.insert("accept_lower_generation".into(), toml::Value::Boolean(true));
         }

@@ -64,23 +64,32 @@ pub struct MirrorConfig {
     #[serde(default = "default_reserve")]
     pub reserve_free_bytes: u64,
     /// Most connections at once.
-    #[serde(default = "default_max_conn")]
+    #[serde(default = "meridian_serve::service::defaults::max_connections")]
     pub max_connections: usize,
     /// Most connections at once from one client (an IPv4 address or an
     /// IPv6 /64); 0: no cap. Past it, new connections from that client are
     /// closed: one host cannot take every slot, nor pin the kernel's send
     /// buffers with downloads it never reads.
-    #[serde(default = "default_per_client")]
+    #[serde(default = "meridian_serve::service::defaults::max_connections_per_client")]
     pub max_connections_per_client: usize,
     /// On SIGTERM or drain-and-exit, wait at most this long for downloads.
-    #[serde(default = "default_drain", with = "humantime_serde")]
+    #[serde(
+        default = "meridian_serve::service::defaults::drain_timeout",
+        with = "humantime_serde"
+    )]
     pub drain_timeout: Duration,
     /// Time allowed to receive a request head.
-    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "meridian_serve::service::defaults::header_timeout",
+        with = "humantime_serde"
+    )]
     pub header_timeout: Duration,
     /// A response write that makes no progress for this long (the client
     /// stopped reading) closes the connection.
-    #[serde(default = "default_send_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "meridian_serve::service::defaults::send_timeout",
+        with = "humantime_serde"
+    )]
     pub send_timeout: Duration,
     /// Start without a rollback floor: accept the first root an upstream
     /// offers even if it is older than one this mirror verified before.
@@ -124,21 +133,6 @@ fn default_scrub_rate() -> u64 {
 fn default_reserve() -> u64 {
     64 << 20
 }
-fn default_per_client() -> usize {
-    meridian_serve::server::DEFAULT_PER_CLIENT
-}
-fn default_max_conn() -> usize {
-    16_384
-}
-fn default_drain() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_send_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_header_timeout() -> Duration {
-    Duration::from_secs(20)
-}
 
 /// A mirror configuration that cannot work.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +147,17 @@ pub enum ConfigError {
 }
 
 impl MirrorConfig {
+    /// The listener limits this config sets.
+    pub fn server_options(&self) -> meridian_serve::ServerOptions {
+        meridian_serve::ServerOptions::with_limits(
+            self.max_connections,
+            self.max_connections_per_client,
+            self.header_timeout,
+            self.send_timeout,
+            self.drain_timeout,
+        )
+    }
+
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.upstreams.is_empty() {
@@ -188,11 +193,12 @@ impl MirrorConfig {
             scrub_interval: default_scrub(),
             scrub_bytes_per_sec: default_scrub_rate(),
             reserve_free_bytes: default_reserve(),
-            max_connections: default_max_conn(),
-            max_connections_per_client: default_per_client(),
-            drain_timeout: default_drain(),
-            header_timeout: default_header_timeout(),
-            send_timeout: default_send_timeout(),
+            max_connections: meridian_serve::service::defaults::max_connections(),
+            max_connections_per_client:
+                meridian_serve::service::defaults::max_connections_per_client(),
+            drain_timeout: meridian_serve::service::defaults::drain_timeout(),
+            header_timeout: meridian_serve::service::defaults::header_timeout(),
+            send_timeout: meridian_serve::service::defaults::send_timeout(),
             accept_lower_generation: false,
         }
     }

@@ -23,7 +23,7 @@ pub mod verified;
 pub use config::MirrorConfig;
 pub use state::MirrorState;
 
-use meridian_serve::{ServerHandle, ServerOptions};
+use meridian_serve::ServerHandle;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -97,14 +97,7 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
     }
 
     let service = Arc::new(server::MirrorService::new(state.clone()));
-    let opts = ServerOptions {
-        max_connections: cfg.max_connections,
-        max_connections_per_client: cfg.max_connections_per_client,
-        header_timeout: cfg.header_timeout,
-        drain_timeout: cfg.drain_timeout,
-        send_timeout: cfg.send_timeout,
-        ..ServerOptions::default()
-    };
+    let opts = cfg.server_options();
     let listen = meridian_serve::Listen {
         http: cfg.listen,
         https: cfg.listen_tls,

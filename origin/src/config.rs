@@ -58,14 +58,33 @@ pub struct OriginConfig {
     #[serde(default)]
     pub snapshot: crate::scan::Snapshot,
     /// Most connections at once.
-    #[serde(default = "default_max_conn")]
+    #[serde(default = "meridian_serve::service::defaults::max_connections")]
     pub max_connections: usize,
     /// Most connections at once from one client (an IPv4 address or an
     /// IPv6 /64); 0: no cap. Past it, new connections from that client are
     /// closed: one host cannot take every slot, nor pin the kernel's send
     /// buffers with downloads it never reads.
-    #[serde(default = "default_per_client")]
+    #[serde(default = "meridian_serve::service::defaults::max_connections_per_client")]
     pub max_connections_per_client: usize,
+    /// On SIGTERM, wait at most this long for responses in flight.
+    #[serde(
+        default = "meridian_serve::service::defaults::drain_timeout",
+        with = "humantime_serde"
+    )]
+    pub drain_timeout: Duration,
+    /// Time allowed to receive a request head.
+    #[serde(
+        default = "meridian_serve::service::defaults::header_timeout",
+        with = "humantime_serde"
+    )]
+    pub header_timeout: Duration,
+    /// A response write that makes no progress for this long (the client
+    /// stopped reading) closes the connection.
+    #[serde(
+        default = "meridian_serve::service::defaults::send_timeout",
+        with = "humantime_serde"
+    )]
+    pub send_timeout: Duration,
 }
 
 fn default_listen() -> SocketAddr {
@@ -91,12 +110,6 @@ fn default_retain_age() -> Duration {
 }
 fn default_gc_grace() -> Duration {
     Duration::from_secs(600)
-}
-fn default_per_client() -> usize {
-    meridian_serve::server::DEFAULT_PER_CLIENT
-}
-fn default_max_conn() -> usize {
-    16_384
 }
 
 /// A configuration that cannot work.
@@ -147,9 +160,24 @@ impl OriginConfig {
             gc_grace: default_gc_grace(),
             hash_threads: 0,
             snapshot: crate::scan::Snapshot::default(),
-            max_connections: default_max_conn(),
-            max_connections_per_client: default_per_client(),
+            max_connections: meridian_serve::service::defaults::max_connections(),
+            max_connections_per_client:
+                meridian_serve::service::defaults::max_connections_per_client(),
+            drain_timeout: meridian_serve::service::defaults::drain_timeout(),
+            header_timeout: meridian_serve::service::defaults::header_timeout(),
+            send_timeout: meridian_serve::service::defaults::send_timeout(),
         }
+    }
+
+    /// The listener limits this config sets.
+    pub fn server_options(&self) -> meridian_serve::ServerOptions {
+        meridian_serve::ServerOptions::with_limits(
+            self.max_connections,
+            self.max_connections_per_client,
+            self.header_timeout,
+            self.send_timeout,
+            self.drain_timeout,
+        )
     }
 
     /// Hashing threads to use.

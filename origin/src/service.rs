@@ -7,7 +7,7 @@ use http::{Method, Response, StatusCode};
 use meridian_core::{SecretKey, VerifiedRoot};
 use meridian_serve::files::text;
 use meridian_serve::readapi::{self, Published};
-use meridian_serve::{Body, ObjectStore, Promoted, ServerHandle, ServerOptions, Service, full};
+use meridian_serve::{Body, ObjectStore, Promoted, ServerHandle, Service, full};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -230,11 +230,7 @@ impl Origin {
             shared: shared.clone(),
             stopping: rx.clone(),
         });
-        let opts = ServerOptions {
-            max_connections: cfg.max_connections,
-            max_connections_per_client: cfg.max_connections_per_client,
-            ..ServerOptions::default()
-        };
+        let opts = cfg.server_options();
         let listen = meridian_serve::Listen {
             http: cfg.listen,
             https: cfg.listen_tls,

@@ -19,14 +19,14 @@ mod plain;
 pub mod range;
 pub mod readapi;
 pub mod server;
+pub mod service;
 pub mod status;
 pub mod store;
 pub mod tls;
 
 pub use body::{Body, empty, full};
-pub use server::{
-    Listen, ListenError, ServerHandle, ServerOptions, Service, bind, serve, serve_listeners,
-};
+pub use server::{Listen, ListenError, ServerHandle, bind, serve, serve_listeners};
+pub use service::{ServerOptions, Service};
 pub use store::{ObjectStore, Promoted, StoreError};
 
 /// One line for an error and everything that caused it, outermost first

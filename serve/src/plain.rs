@@ -18,7 +18,7 @@
 
 use crate::body::Segment;
 use crate::files::SendFile;
-use crate::server::{ServerOptions, Service};
+use crate::service::{ServerOptions, Service};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Version};
@@ -232,7 +232,7 @@ fn parse(buf: &[u8]) -> Result<Option<Head>, StatusCode> {
         let v = at(h.value);
         out.push((name, v..v + h.value.len()));
     }
-    if !crate::server::host_count_is_valid(version, hosts) {
+    if !crate::service::host_count_is_valid(version, hosts) {
         return Err(StatusCode::BAD_REQUEST);
     }
     let p = at(path);

@@ -10,10 +10,10 @@
 //! * Shutdown stops accepting, lets in-flight responses finish up to
 //!   `drain_timeout`, then closes what is left.
 
-use crate::body::Body;
+use crate::service::{ServerOptions, Service, bad_host, host_count_is_valid};
+use hyper::Request;
 use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,84 +21,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-
-/// A request handler.
-/// RFC 9112 section 3.2: an HTTP/1.1 request carries exactly one `Host`
-/// header field, an HTTP/1.0 one at most one; a server answers anything else
-/// with 400.
-pub(crate) fn host_count_is_valid(version: http::Version, hosts: usize) -> bool {
-    hosts == 1 || (hosts == 0 && version == http::Version::HTTP_10)
-}
-
-/// The answer to a request that breaks [`host_count_is_valid`]; the
-/// connection closes after it.
-fn bad_host() -> http::Response<crate::body::Body> {
-    let mut r = crate::files::text(
-        http::StatusCode::BAD_REQUEST,
-        "an HTTP/1.1 request needs exactly one Host header\n",
-    );
-    r.headers_mut().insert(
-        http::header::CONNECTION,
-        http::HeaderValue::from_static("close"),
-    );
-    r
-}
-
-pub trait Service: Send + Sync + 'static {
-    fn call(
-        &self,
-        req: Request<()>,
-        peer: SocketAddr,
-    ) -> impl Future<Output = Response<Body>> + Send;
-}
-
-/// Limits and TLS for one listener.
-#[derive(Clone)]
-pub struct ServerOptions {
-    pub max_connections: usize,
-    /// Most connections open at once from one client (an IPv4 address or
-    /// an IPv6 /64); 0: no cap. Bounds what one host can pin: slots, and
-    /// the kernel's send buffers of downloads it does not read.
-    pub max_connections_per_client: usize,
-    pub header_timeout: Duration,
-    pub tls_handshake_timeout: Duration,
-    pub drain_timeout: Duration,
-    /// Maximum size of a request head (request line plus headers).
-    pub max_head_bytes: usize,
-    /// A response write that makes no progress for this long closes the
-    /// connection (a client that stops reading must not hold a slot forever;
-    /// nginx's `send_timeout`).
-    pub send_timeout: Duration,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-}
-
-impl Default for ServerOptions {
-    fn default() -> Self {
-        ServerOptions {
-            max_connections: 16_384,
-            max_connections_per_client: DEFAULT_PER_CLIENT,
-            header_timeout: Duration::from_secs(20),
-            tls_handshake_timeout: Duration::from_secs(10),
-            drain_timeout: Duration::from_secs(30),
-            max_head_bytes: 16 * 1024,
-            send_timeout: Duration::from_secs(60),
-            tls: None,
-        }
-    }
-}
-
-/// Default cap on connections from one client.
-pub const DEFAULT_PER_CLIENT: usize = 256;
-
-impl std::fmt::Debug for ServerOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerOptions")
-            .field("max_connections", &self.max_connections)
-            .field("header_timeout", &self.header_timeout)
-            .field("tls", &self.tls.is_some())
-            .finish()
-    }
-}
 
 /// A running server.
 #[derive(Debug)]
@@ -116,10 +38,6 @@ impl ServerHandle {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.done.await;
-    }
-    /// Connections open right now.
-    pub fn active_connections(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
     }
 }
 
@@ -340,9 +258,6 @@ async fn accept_loop<S: Service>(
     drop(listener);
     let _ = tokio::time::timeout(opts.drain_timeout, graceful.shutdown()).await;
 }
-
-/// Executor type hyper needs for some builders; re-exported for callers.
-pub type Executor = TokioExecutor;
 
 /// Fails a write (or flush) that has been stuck for longer than `timeout`.
 struct SendTimeout<S> {

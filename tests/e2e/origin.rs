@@ -916,3 +916,26 @@ fn check_validates_each_config_and_help_names_each_default() {
     let (_, top) = cli(&["--help"]);
     assert!(top.contains("MERIDIAN_LOG"), "{top}");
 }
+
+#[tokio::test]
+async fn the_origin_honours_its_listener_timeouts() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("content")).unwrap();
+    keygen(&dir.path().join("key"));
+    let mut args = meridian_e2e::origin_args(dir.path(), "state", "200ms");
+    args.extend(["--header-timeout".into(), "1s".into()]);
+    let mut origin = Proc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let addr = origin.listening("origin");
+    // A connection that never sends a request head is closed after the
+    // configured 1 s, not the default 20 s.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let mut b = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut b)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "still open after 5 s: {r:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
