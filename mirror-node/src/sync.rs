@@ -228,6 +228,23 @@ impl Upstreams {
     }
 }
 
+/// The one timeout rule for moving `size` bytes from an upstream: a minute,
+/// plus a second per 256 KiB (an upstream trickling a byte at a time must
+/// not pin a sync forever, and a large blob over a slow link still fits).
+fn transfer_timeout(size: u64) -> Duration {
+    Duration::from_secs(60 + size / (256 * 1024))
+}
+
+/// What [`Syncer::try_each`] does when an upstream fails for want of the
+/// thing (a transport error, a 404).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnMissing {
+    /// Ask the next upstream.
+    Next,
+    /// Stop asking (the thing is optional, e.g. a patch).
+    Stop,
+}
+
 /// Reads a whole small body, refusing more than `cap` bytes.
 async fn read_capped(mut r: reqwest::Response, cap: u64) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
@@ -799,10 +816,8 @@ impl Syncer {
                 last: format!("declared node size {size} over the limit"),
             });
         }
-        let mut last = String::from("no upstream");
-        for i in self.upstreams.order() {
-            let url = self.upstreams.api(i, &format!("objects/{h}"));
-            let res = async {
+        let got = self
+            .try_each(&format!("objects/{h}"), OnMissing::Next, |url| async move {
                 let r = self.upstreams.get_ok(&url, None).await?;
                 let b = read_capped(r, size).await.map_err(FetchFail::Bad)?;
                 if b.len() as u64 != size || hash_bytes(&b) != h {
@@ -811,22 +826,14 @@ impl Syncer {
                     )));
                 }
                 Ok(b)
-            }
-            .await;
-            match res {
-                Ok(b) => {
-                    self.state.metrics.bytes_fetched.inc_by(b.len() as u64);
-                    self.state
-                        .metrics
-                        .manifest_bytes_fetched
-                        .inc_by(b.len() as u64);
-                    self.state.metrics.objects_fetched.inc();
-                    return Ok(b);
-                }
-                Err(e) => last = self.note_failure(i, &url, e)?,
-            }
-        }
-        Err(SyncError::Object { hash: h, last })
+            })
+            .await?;
+        let b = got.map_err(|last| SyncError::Object { hash: h, last })?;
+        let m = &self.state.metrics;
+        m.bytes_fetched.inc_by(b.len() as u64);
+        m.manifest_bytes_fetched.inc_by(b.len() as u64);
+        m.objects_fetched.inc();
+        Ok(b)
     }
 
     /// Fetches the delta from the served tree to `to` and rebuilds every
@@ -839,47 +846,43 @@ impl Syncer {
         to: Hash,
     ) -> Result<HashMap<Hash, Arc<DirNode>>, SyncError> {
         let from = served.root.root.tree;
-        for i in self.upstreams.order() {
-            let url = self.upstreams.api(i, &format!("delta/{from}/{to}"));
-            let got = async {
-                let r = self.upstreams.get_ok(&url, None).await?;
-                let bytes = read_capped(r, meridian_core::delta::MAX_DELTA_BYTES)
-                    .await
-                    .map_err(FetchFail::Transport)?;
-                self.state.metrics.bytes_fetched.inc_by(bytes.len() as u64);
-                self.state
-                    .metrics
-                    .manifest_bytes_fetched
-                    .inc_by(bytes.len() as u64);
-                let state = self.state.clone();
+        let got = self
+            .try_each(&format!("delta/{from}/{to}"), OnMissing::Next, |url| {
                 let served = served.clone();
-                let t0 = Instant::now();
-                let bytes = bytes::Bytes::from(bytes);
-                let b2 = bytes.clone();
-                let nodes =
-                    tokio::task::spawn_blocking(move || apply_delta(&state, &served, to, &b2))
+                async move {
+                    let r = self.upstreams.get_ok(&url, None).await?;
+                    let bytes = read_capped(r, meridian_core::delta::MAX_DELTA_BYTES)
                         .await
-                        .map_err(|e| FetchFail::Transport(e.to_string()))??;
-                tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "tree delta applied");
-                // Verified (every node it rebuilds matched its hash): pass it on.
-                self.state.deltas.insert(from, to, bytes);
-                Ok(nodes)
-            }
-            .await;
-            match got {
-                Ok(nodes) => {
-                    tracing::debug!(nodes = nodes.len(), %url, "applied tree delta");
-                    return Ok(nodes);
+                        .map_err(FetchFail::Transport)?;
+                    self.state.metrics.bytes_fetched.inc_by(bytes.len() as u64);
+                    self.state
+                        .metrics
+                        .manifest_bytes_fetched
+                        .inc_by(bytes.len() as u64);
+                    let state = self.state.clone();
+                    let t0 = Instant::now();
+                    let bytes = bytes::Bytes::from(bytes);
+                    let b2 = bytes.clone();
+                    let nodes =
+                        tokio::task::spawn_blocking(move || apply_delta(&state, &served, to, &b2))
+                            .await
+                            .map_err(|e| FetchFail::Transport(e.to_string()))??;
+                    tracing::debug!(
+                        seconds = t0.elapsed().as_secs_f64(),
+                        nodes = nodes.len(),
+                        %url,
+                        "tree delta applied"
+                    );
+                    // Verified (every node it rebuilds matched its hash): pass it on.
+                    self.state.deltas.insert(from, to, bytes);
+                    Ok(nodes)
                 }
-                Err(FetchFail::Transport(m)) => {
-                    tracing::debug!(%url, error = %m, "no tree delta; fetching nodes by hash");
-                }
-                Err(e) => {
-                    self.note_failure(i, &url, e)?;
-                }
-            }
-        }
-        Ok(HashMap::new())
+            })
+            .await?;
+        Ok(got.unwrap_or_else(|last| {
+            tracing::debug!(error = %last, "no tree delta; fetching nodes by hash");
+            HashMap::new()
+        }))
     }
 
     /// Rebuilds blob `h` from a patch against the local blob `base`, into a
@@ -891,7 +894,7 @@ impl Syncer {
         size: u64,
         base: Hash,
     ) -> Result<(), FetchFail> {
-        let timeout = Duration::from_secs(60 + size / (256 * 1024));
+        let timeout = transfer_timeout(size);
         let r = self.upstreams.get_ok(url, Some(timeout)).await?;
         // A patch is never longer than its literal bytes plus op headers.
         let cap = size + size / 16 + 4096;
@@ -901,6 +904,37 @@ impl Syncer {
         tokio::task::spawn_blocking(move || rebuild_from_patch(&store, &patch, base, h, size))
             .await
             .map_err(|e| FetchFail::Transport(e.to_string()))?
+    }
+
+    /// The one way upstreams are tried in turn: `attempt(url)` for `path`
+    /// on each upstream in order (benched ones last) until one succeeds.
+    /// Bad data counts against that upstream (and strikes it) and the next
+    /// is asked; a transport failure asks the next or stops, as `missing`
+    /// says; a local failure (the store) ends the whole try. `Ok(Err(last))`:
+    /// no upstream delivered, with the last failure.
+    async fn try_each<T, F, Fut>(
+        &self,
+        path: &str,
+        missing: OnMissing,
+        mut attempt: F,
+    ) -> Result<Result<T, String>, SyncError>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, FetchFail>>,
+    {
+        let mut last = String::from("no upstream");
+        for i in self.upstreams.order() {
+            let url = self.upstreams.api(i, path);
+            match attempt(url.clone()).await {
+                Ok(v) => return Ok(Ok(v)),
+                Err(FetchFail::Transport(m)) if missing == OnMissing::Stop => {
+                    tracing::debug!(%url, error = %m, "not there; not asking further");
+                    return Ok(Err(format!("{url}: {m}")));
+                }
+                Err(e) => last = self.note_failure(i, &url, e)?,
+            }
+        }
+        Ok(Err(last))
     }
 
     /// Counts a verification failure against upstream `i` and strikes it.
@@ -940,37 +974,25 @@ impl Syncer {
             return Ok(());
         }
         if let Some(base) = base {
-            for i in self.upstreams.order() {
-                let url = self.upstreams.api(i, &format!("patch/{base}/{h}"));
-                match self.fetch_patch_from(&url, h, size, base).await {
-                    Ok(()) => {
-                        self.state.metrics.objects_fetched.inc();
-                        self.state.metrics.blobs_patched.inc();
-                        return Ok(());
-                    }
-                    Err(FetchFail::Transport(m)) => {
-                        // No patch there (too large, base gone): fetch whole.
-                        tracing::debug!(%url, error = %m, "no patch; fetching the blob whole");
-                        break;
-                    }
-                    Err(e) => {
-                        self.note_failure(i, &url, e)?;
-                    }
-                }
+            let patched = self
+                .try_each(&format!("patch/{base}/{h}"), OnMissing::Stop, |url| async move {
+                    self.fetch_patch_from(&url, h, size, base).await
+                })
+                .await?;
+            if patched.is_ok() {
+                self.state.metrics.objects_fetched.inc();
+                self.state.metrics.blobs_patched.inc();
+                return Ok(());
             }
+            // No patch there (too large, base gone): fetch the blob whole.
         }
-        let mut last = String::from("no upstream");
-        for i in self.upstreams.order() {
-            let url = self.upstreams.api(i, &format!("objects/{h}"));
-            match self.fetch_blob_from(&url, h, size).await {
-                Ok(()) => {
-                    self.state.metrics.objects_fetched.inc();
-                    return Ok(());
-                }
-                Err(e) => last = self.note_failure(i, &url, e)?,
-            }
-        }
-        Err(SyncError::Object { hash: h, last })
+        self.try_each(&format!("objects/{h}"), OnMissing::Next, |url| async move {
+            self.fetch_blob_from(&url, h, size).await
+        })
+        .await?
+        .map_err(|last| SyncError::Object { hash: h, last })?;
+        self.state.metrics.objects_fetched.inc();
+        Ok(())
     }
 
     /// Fetches one blob whole (resuming a partial) from a plain-HTTP
@@ -990,7 +1012,7 @@ impl Syncer {
             };
             let (mut file, mut hasher, have) = open_partial(&partial, size).map_err(local)?;
             if have < size {
-                let deadline = Instant::now() + Duration::from_secs(60 + size / (256 * 1024));
+                let deadline = Instant::now() + transfer_timeout(size);
                 let mut sink = |piece: Option<&[u8]>| -> std::io::Result<()> {
                     match piece {
                         Some(b) => {
@@ -1056,7 +1078,7 @@ impl Syncer {
             }
             // Bound the whole transfer too: an upstream trickling a byte at a
             // time must not pin the sync forever.
-            let deadline = Duration::from_secs(60 + size / (256 * 1024));
+            let deadline = transfer_timeout(size);
             let resp = req
                 .timeout(deadline)
                 .send()
