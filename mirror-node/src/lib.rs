@@ -9,15 +9,19 @@
 
 pub mod config;
 pub mod durable;
+mod fetch;
 pub mod floor;
+mod gc;
 pub mod generation;
 pub mod metrics;
 pub mod progress;
 pub mod rawget;
+mod restore;
 pub mod scrub;
 pub mod server;
 pub mod state;
 pub mod sync;
+mod upstreams;
 pub mod verified;
 
 pub use config::MirrorConfig;

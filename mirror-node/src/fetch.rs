@@ -1,0 +1,702 @@
+//! Fetching what a sync needs, each object verified before it enters the
+//! store: directory nodes into memory, tree deltas (nodes rebuilt and
+//! hash-checked), blob patches against the local old version, and whole
+//! blobs streamed to `partial/<hash>` (resumable, one writer each) through
+//! `rawget` or reqwest. Upstreams are tried in turn by one helper,
+//! [`Syncer::try_each`]; the blocking parts (partial files, patch and delta
+//! application) run on the blocking pool.
+
+use crate::generation::Generation;
+use crate::state::MirrorState;
+use crate::sync::{SyncError, Syncer};
+use crate::upstreams::{FetchFail, read_capped, transfer_timeout};
+use futures_util::StreamExt;
+use meridian_core::{DirNode, Hash, hash_bytes};
+use std::collections::HashMap;
+use std::io::{Read, Seek, Write};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What [`Syncer::try_each`] does when an upstream fails for want of the
+/// thing (a transport error, a 404).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnMissing {
+    /// Ask the next upstream.
+    Next,
+    /// Stop asking (the thing is optional, e.g. a patch).
+    Stop,
+}
+
+/// Smallest blob worth a patch: below this a whole fetch costs about the same.
+pub(crate) const PATCH_MIN: u64 = 4096;
+
+/// One blob the plan needs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Want {
+    pub(crate) hash: Hash,
+    pub(crate) size: u64,
+    /// The blob at the same path in the served generation, held locally: a
+    /// patch against it is tried first.
+    pub(crate) base: Option<Hash>,
+}
+
+impl Syncer {
+    pub(crate) async fn fetch_blobs(&self, blobs: Vec<Want>) -> Result<(), SyncError> {
+        let results = futures_util::stream::iter(blobs.into_iter().map(|w| async move {
+            let size = w.size;
+            let r = self.fetch_blob(w).await;
+            if r.is_ok() {
+                self.state.progress.blob_done(size);
+            }
+            r
+        }))
+        .buffer_unordered(self.state.cfg.parallel_fetches.max(1))
+        .collect::<Vec<_>>()
+        .await;
+        for r in results {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Fetches a small object (a directory node) into memory, verified.
+    pub(crate) async fn fetch_small(&self, h: Hash, size: u64) -> Result<Vec<u8>, SyncError> {
+        if size > meridian_core::MAX_NODE_BYTES {
+            return Err(SyncError::Object {
+                hash: h,
+                last: format!("declared node size {size} over the limit"),
+            });
+        }
+        let got = self
+            .try_each(&format!("objects/{h}"), OnMissing::Next, |url| async move {
+                let r = self.upstreams.get_ok(&url, None).await?;
+                let b = read_capped(r, size).await.map_err(FetchFail::Bad)?;
+                if b.len() as u64 != size || hash_bytes(&b) != h {
+                    return Err(FetchFail::Bad(format!(
+                        "node {h} does not match its hash or size"
+                    )));
+                }
+                Ok(b)
+            })
+            .await?;
+        let b = got.map_err(|last| SyncError::Object { hash: h, last })?;
+        let m = &self.state.metrics;
+        m.bytes_fetched.inc_by(b.len() as u64);
+        m.manifest_bytes_fetched.inc_by(b.len() as u64);
+        m.objects_fetched.inc();
+        Ok(b)
+    }
+
+    /// Fetches the delta from the served tree to `to` and rebuilds every
+    /// node it describes, each checked against its hash and stored. An
+    /// upstream without the delta, or with a bad one, leaves an empty map:
+    /// the plan then fetches nodes by hash.
+    pub(crate) async fn fetch_delta(
+        &self,
+        served: Arc<Generation>,
+        to: Hash,
+    ) -> Result<HashMap<Hash, Arc<DirNode>>, SyncError> {
+        let from = served.root.root.tree;
+        let got = self
+            .try_each(&format!("delta/{from}/{to}"), OnMissing::Next, |url| {
+                let served = served.clone();
+                async move {
+                    let r = self.upstreams.get_ok(&url, None).await?;
+                    let bytes = read_capped(r, meridian_core::delta::MAX_DELTA_BYTES)
+                        .await
+                        .map_err(FetchFail::Transport)?;
+                    self.state.metrics.bytes_fetched.inc_by(bytes.len() as u64);
+                    self.state
+                        .metrics
+                        .manifest_bytes_fetched
+                        .inc_by(bytes.len() as u64);
+                    let state = self.state.clone();
+                    let t0 = Instant::now();
+                    let bytes = bytes::Bytes::from(bytes);
+                    let b2 = bytes.clone();
+                    let nodes =
+                        tokio::task::spawn_blocking(move || apply_delta(&state, &served, to, &b2))
+                            .await
+                            .map_err(|e| FetchFail::Transport(e.to_string()))??;
+                    tracing::debug!(
+                        seconds = t0.elapsed().as_secs_f64(),
+                        nodes = nodes.len(),
+                        %url,
+                        "tree delta applied"
+                    );
+                    // Verified (every node it rebuilds matched its hash): pass it on.
+                    self.state.deltas.insert(from, to, bytes);
+                    Ok(nodes)
+                }
+            })
+            .await?;
+        Ok(got.unwrap_or_else(|last| {
+            tracing::debug!(error = %last, "no tree delta; fetching nodes by hash");
+            HashMap::new()
+        }))
+    }
+
+    /// Rebuilds blob `h` from a patch against the local blob `base`, into a
+    /// staging file, hashing as it writes; commits only on a hash match.
+    pub(crate) async fn fetch_patch_from(
+        &self,
+        url: &str,
+        h: Hash,
+        size: u64,
+        base: Hash,
+    ) -> Result<(), FetchFail> {
+        let timeout = transfer_timeout(size);
+        let r = self.upstreams.get_ok(url, Some(timeout)).await?;
+        // A patch is never longer than its literal bytes plus op headers.
+        let cap = size + size / 16 + 4096;
+        let patch = read_capped(r, cap).await.map_err(FetchFail::Bad)?;
+        self.state.metrics.bytes_fetched.inc_by(patch.len() as u64);
+        let store = self.state.clone();
+        tokio::task::spawn_blocking(move || rebuild_from_patch(&store, &patch, base, h, size))
+            .await
+            .map_err(|e| FetchFail::Transport(e.to_string()))?
+    }
+
+    /// The one way upstreams are tried in turn: `attempt(url)` for `path`
+    /// on each upstream in order (benched ones last) until one succeeds.
+    /// Bad data counts against that upstream (and strikes it) and the next
+    /// is asked; a transport failure asks the next or stops, as `missing`
+    /// says; a local failure (the store) ends the whole try. `Ok(Err(last))`:
+    /// no upstream delivered, with the last failure.
+    pub(crate) async fn try_each<T, F, Fut>(
+        &self,
+        path: &str,
+        missing: OnMissing,
+        mut attempt: F,
+    ) -> Result<Result<T, String>, SyncError>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, FetchFail>>,
+    {
+        let mut last = String::from("no upstream");
+        for i in self.upstreams.order() {
+            let url = self.upstreams.api(i, path);
+            match attempt(url.clone()).await {
+                Ok(v) => return Ok(Ok(v)),
+                Err(FetchFail::Transport(m)) if missing == OnMissing::Stop => {
+                    tracing::debug!(%url, error = %m, "not there; not asking further");
+                    return Ok(Err(format!("{url}: {m}")));
+                }
+                Err(e) => last = self.note_failure(i, &url, e)?,
+            }
+        }
+        Ok(Err(last))
+    }
+
+    /// Counts a verification failure against upstream `i` and strikes it.
+    pub(crate) fn penalise(&self, i: usize) {
+        self.state
+            .metrics
+            .verify_failures
+            .with_label_values(&[self.upstreams.url(i)])
+            .inc();
+        self.upstreams.strike(i);
+    }
+
+    pub(crate) fn note_failure(
+        &self,
+        i: usize,
+        url: &str,
+        e: FetchFail,
+    ) -> Result<String, SyncError> {
+        match e {
+            FetchFail::Transport(m) => {
+                tracing::debug!(%url, error = %m, "fetch failed; trying the next upstream");
+                Ok(format!("{url}: {m}"))
+            }
+            FetchFail::Bad(m) => {
+                tracing::warn!(%url, error = %m, "upstream sent bad data; discarded");
+                self.penalise(i);
+                Ok(format!("{url}: {m}"))
+            }
+            FetchFail::Local(e) => Err(SyncError::Store(e)),
+        }
+    }
+
+    /// Fetches one blob into the store, verified: as a patch against the
+    /// old version when there is one, else whole, resuming a partial.
+    pub(crate) async fn fetch_blob(&self, want: Want) -> Result<(), SyncError> {
+        let Want {
+            hash: h,
+            size,
+            base,
+        } = want;
+        if self.state.store.contains(&h) {
+            return Ok(());
+        }
+        if let Some(base) = base {
+            let patched = self
+                .try_each(
+                    &format!("patch/{base}/{h}"),
+                    OnMissing::Stop,
+                    |url| async move { self.fetch_patch_from(&url, h, size, base).await },
+                )
+                .await?;
+            if patched.is_ok() {
+                self.state.metrics.objects_fetched.inc();
+                self.state.metrics.blobs_patched.inc();
+                return Ok(());
+            }
+            // No patch there (too large, base gone): fetch the blob whole.
+        }
+        self.try_each(&format!("objects/{h}"), OnMissing::Next, |url| async move {
+            self.fetch_blob_from(&url, h, size).await
+        })
+        .await?
+        .map_err(|last| SyncError::Object { hash: h, last })?;
+        self.state.metrics.objects_fetched.inc();
+        Ok(())
+    }
+
+    /// Fetches one blob whole (resuming a partial) from a plain-HTTP
+    /// upstream on one blocking thread (see [`crate::rawget`]); `None` if
+    /// that client does not take the URL or the answer.
+    pub(crate) async fn fetch_blob_raw(
+        &self,
+        url: &str,
+        h: Hash,
+        size: u64,
+    ) -> Option<Result<(), FetchFail>> {
+        let pool = self.upstreams.raw.clone()?;
+        let target = crate::rawget::Target::parse(url)?;
+        let state = self.state.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            use crate::rawget::Raw;
+            let partial = state.partial_dir.join(h.to_hex());
+            let local = |e: std::io::Error| {
+                Some(FetchFail::Local(meridian_serve::StoreError::io(
+                    &partial, e,
+                )))
+            };
+            let (mut file, mut hasher, have) = open_partial(&partial, size).map_err(local)?;
+            if have < size {
+                let deadline = Instant::now() + transfer_timeout(size);
+                let mut sink = |piece: Option<&[u8]>| -> std::io::Result<()> {
+                    match piece {
+                        Some(b) => {
+                            hasher.update(b);
+                            file.write_all(b)
+                        }
+                        None => {
+                            file.set_len(0)?;
+                            file.seek(std::io::SeekFrom::Start(0))?;
+                            hasher = blake3::Hasher::new();
+                            Ok(())
+                        }
+                    }
+                };
+                let counted = |n: u64| state.metrics.bytes_fetched.inc_by(n);
+                let got = pool.get(&target, have, size, deadline, &mut sink, &counted);
+                match got {
+                    Ok(()) => {}
+                    Err(Raw::Unsupported(why)) => {
+                        tracing::debug!(%why, "blob answer left to the async client");
+                        return Err(None);
+                    }
+                    Err(Raw::Transport(m)) => return Err(Some(FetchFail::Transport(m))),
+                    Err(Raw::Bad(m)) => {
+                        drop(file);
+                        let _ = std::fs::remove_file(&partial);
+                        return Err(Some(FetchFail::Bad(m)));
+                    }
+                    Err(Raw::Local(e)) => return Err(local(e)),
+                }
+            }
+            finish_blob(&state, &partial, file, hasher, h).map_err(Some)
+        });
+        match job.await {
+            Ok(Ok(())) => Some(Ok(())),
+            Ok(Err(Some(e))) => Some(Err(e)),
+            Ok(Err(None)) => None,
+            Err(e) => Some(Err(FetchFail::Local(meridian_serve::StoreError::io(
+                &self.state.partial_dir,
+                std::io::Error::other(e),
+            )))),
+        }
+    }
+
+    pub(crate) async fn fetch_blob_from(
+        &self,
+        url: &str,
+        h: Hash,
+        size: u64,
+    ) -> Result<(), FetchFail> {
+        if let Some(r) = self.fetch_blob_raw(url, h, size).await {
+            return r;
+        }
+        let partial = self.state.partial_dir.join(h.to_hex());
+        let local =
+            |e: std::io::Error| FetchFail::Local(meridian_serve::StoreError::io(&partial, e));
+        let (mut file, mut hasher, mut have) = {
+            let p = partial.clone();
+            tokio::task::spawn_blocking(move || open_partial(&p, size))
+                .await
+                .map_err(|e| local(std::io::Error::other(e)))?
+                .map_err(local)?
+        };
+        if have < size {
+            let mut req = self.upstreams.http.get(url);
+            if have > 0 {
+                req = req.header("Range", format!("bytes={have}-"));
+            }
+            // Bound the whole transfer too: an upstream trickling a byte at a
+            // time must not pin the sync forever.
+            let deadline = transfer_timeout(size);
+            let resp = req
+                .timeout(deadline)
+                .send()
+                .await
+                .map_err(|e| FetchFail::Transport(e.to_string()))?;
+            match resp.status().as_u16() {
+                206 if have > 0 => {
+                    let ok = resp
+                        .headers()
+                        .get("content-range")
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.starts_with(&format!("bytes {have}-")));
+                    if !ok {
+                        return Err(FetchFail::Bad(
+                            "Content-Range does not match the requested resume point".into(),
+                        ));
+                    }
+                }
+                200 => {
+                    if have > 0 {
+                        file.set_len(0).map_err(local)?;
+                        file.seek(std::io::SeekFrom::Start(0)).map_err(local)?;
+                        hasher = blake3::Hasher::new();
+                        have = 0;
+                    }
+                }
+                s => return Err(FetchFail::Transport(format!("HTTP {s}"))),
+            }
+            let mut stream = resp.bytes_stream();
+            // Bytes are gathered into blocks and each block is hashed and
+            // written on the blocking pool, off the runtime threads. The
+            // prefix written so far always matches `have`, so a transfer cut
+            // anywhere can resume.
+            const BLOCK: usize = 1 << 20;
+            let block_cap = ((size - have) as usize).min(BLOCK);
+            let mut block: Vec<u8> = Vec::with_capacity(block_cap);
+            let mut io = Some((file, hasher));
+            let flush = |io: &mut Option<(std::fs::File, blake3::Hasher)>, block: Vec<u8>| {
+                let (mut f, mut h) = io
+                    .take()
+                    .ok_or_else(|| local(std::io::Error::other("writer lost")))?;
+                Ok::<_, FetchFail>(tokio::task::spawn_blocking(move || {
+                    h.update(&block);
+                    let r = f.write_all(&block);
+                    (f, h, r)
+                }))
+            };
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| {
+                    FetchFail::Transport(format!("after {have} of {size} bytes: {e}"))
+                });
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Keep the verified-length prefix: write what arrived.
+                        if !block.is_empty() {
+                            let (f, h, r) = flush(&mut io, std::mem::take(&mut block))?
+                                .await
+                                .map_err(|e| local(std::io::Error::other(e)))?;
+                            r.map_err(local)?;
+                            drop((f, h));
+                        }
+                        return Err(e);
+                    }
+                };
+                if have + block.len() as u64 + chunk.len() as u64 > size {
+                    drop(io);
+                    let _ = std::fs::remove_file(&partial);
+                    return Err(FetchFail::Bad(format!(
+                        "upstream sent more than the declared {size} bytes"
+                    )));
+                }
+                block.extend_from_slice(&chunk);
+                self.state.metrics.bytes_fetched.inc_by(chunk.len() as u64);
+                if block.len() >= BLOCK {
+                    let n = block.len() as u64;
+                    let (f, h, r) = flush(
+                        &mut io,
+                        std::mem::replace(&mut block, Vec::with_capacity(block_cap)),
+                    )?
+                    .await
+                    .map_err(|e| local(std::io::Error::other(e)))?;
+                    r.map_err(local)?;
+                    io = Some((f, h));
+                    have += n;
+                }
+            }
+            if !block.is_empty() {
+                let n = block.len() as u64;
+                let (f, h, r) = flush(&mut io, block)?
+                    .await
+                    .map_err(|e| local(std::io::Error::other(e)))?;
+                r.map_err(local)?;
+                io = Some((f, h));
+                have += n;
+            }
+            let Some((f, h)) = io else {
+                return Err(local(std::io::Error::other("writer lost")));
+            };
+            file = f;
+            hasher = h;
+            if have < size {
+                return Err(FetchFail::Transport(format!(
+                    "truncated: {have} of {size} bytes; will resume"
+                )));
+            }
+        }
+        finish_blob(&self.state, &partial, file, hasher, h)
+    }
+}
+
+/// Decodes a tree delta and rebuilds its nodes (blocking: hashing).
+/// Opens (or creates) the partial download of a blob of `size` bytes and
+/// re-hashes the prefix already there (a prefix is only trusted once the
+/// whole blob hashes right; a bad prefix is discarded with the rest).
+/// Returns the file positioned at the end of the prefix, the hasher over
+/// it, and its length.
+pub(crate) fn open_partial(
+    p: &std::path::Path,
+    size: u64,
+) -> std::io::Result<(std::fs::File, blake3::Hasher, u64)> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)?;
+    // One writer per partial download, in this process or another: the
+    // lock is held until the writer commits or gives up (drops the file).
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!("{} is being written by another download ({e})", p.display()),
+        )
+    })?;
+    let len = f.metadata()?.len();
+    let mut hasher = blake3::Hasher::new();
+    if len > size {
+        f.set_len(0)?;
+        return Ok((f, hasher, 0));
+    }
+    let mut buf = vec![0u8; (len as usize).min(1 << 20)];
+    let mut done = 0u64;
+    while done < len {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        done += n as u64;
+    }
+    f.seek(std::io::SeekFrom::Start(done))?;
+    Ok((f, hasher, done))
+}
+
+/// Checks a complete partial download against its hash and commits it to
+/// the store; a mismatch discards it.
+pub(crate) fn finish_blob(
+    state: &MirrorState,
+    partial: &std::path::Path,
+    file: std::fs::File,
+    hasher: blake3::Hasher,
+    h: Hash,
+) -> Result<(), FetchFail> {
+    let got: Hash = hasher.finalize().into();
+    if got != h {
+        let _ = std::fs::remove_file(partial);
+        return Err(FetchFail::Bad(format!("blob {h} hashed to {got}")));
+    }
+    // Renamed while this writer still holds the partial's lock, so no
+    // other writer can open it between the check and the rename.
+    let r = state.store.commit(partial, &h).map_err(FetchFail::Local);
+    drop(file);
+    r
+}
+
+pub(crate) fn apply_delta(
+    state: &MirrorState,
+    served: &Generation,
+    to: Hash,
+    bytes: &[u8],
+) -> Result<HashMap<Hash, Arc<DirNode>>, FetchFail> {
+    let bad = |m: String| FetchFail::Bad(format!("tree delta: {m}"));
+    let d = meridian_core::TreeDelta::decode(bytes).map_err(|e| bad(e.to_string()))?;
+    if d.from != served.root.root.tree || d.to != to {
+        return Err(bad("it connects other trees than asked".into()));
+    }
+    let mut out: HashMap<Hash, Arc<DirNode>> = HashMap::with_capacity(d.nodes.len());
+    // Edits of nodes the mirror holds are independent: rebuilt (merge,
+    // encode, hash, store) on a few threads at once. An edit whose base is
+    // another rebuilt node (rare) waits for the sequential pass below.
+    let apply_one = |edit: &meridian_core::delta::NodeEdit, base: Option<&DirNode>| {
+        let (node, enc) = edit.apply(base).map_err(|e| bad(e.to_string()))?;
+        state
+            .store
+            .put_bytes(&edit.hash, &enc)
+            .map_err(FetchFail::Local)?;
+        Ok::<_, FetchFail>((edit.hash, Arc::new(node)))
+    };
+    let (independent, dependent): (Vec<_>, Vec<_>) = d
+        .nodes
+        .iter()
+        .partition(|e| e.base.as_ref().is_none_or(|b| served.nodes.contains_key(b)));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(independent.len().div_ceil(16).max(1));
+    let chunk = independent.len().div_ceil(threads).max(1);
+    type Rebuilt = Result<Vec<(Hash, Arc<DirNode>)>, FetchFail>;
+    let results: Vec<Rebuilt> = std::thread::scope(|s| {
+        let workers: Vec<_> = independent
+            .chunks(chunk)
+            .map(|edits| {
+                s.spawn(move || {
+                    edits
+                        .iter()
+                        .map(|e| {
+                            let base = e.base.as_ref().and_then(|b| served.nodes.get(b));
+                            apply_one(e, base.map(|b| &**b))
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    for r in results {
+        out.extend(r?);
+    }
+    for edit in dependent {
+        let base = match &edit.base {
+            Some(b) => Some(
+                out.get(b)
+                    .or_else(|| served.nodes.get(b))
+                    .cloned()
+                    .ok_or_else(|| bad(format!("base node {b} is not held here")))?,
+            ),
+            None => None,
+        };
+        let (h, node) = apply_one(edit, base.as_deref())?;
+        out.insert(h, node);
+    }
+    if !out.contains_key(&to) {
+        return Err(bad("it does not rebuild the top node".into()));
+    }
+    Ok(out)
+}
+
+/// Applies a blob patch against a local base into a staging file (blocking).
+pub(crate) fn rebuild_from_patch(
+    state: &MirrorState,
+    patch: &[u8],
+    base: Hash,
+    h: Hash,
+    size: u64,
+) -> Result<(), FetchFail> {
+    use meridian_core::patch::{PatchOp, PatchReader};
+    use std::os::unix::fs::FileExt;
+    let bad = |m: String| FetchFail::Bad(format!("patch for {h}: {m}"));
+    let base_file = state.store.open_object(&base).map_err(FetchFail::Local)?;
+    let base_len = base_file
+        .metadata()
+        .map_err(|e| FetchFail::Local(meridian_serve::StoreError::io(state.store.path(&base), e)))?
+        .len();
+    let mut r = PatchReader::new(patch, base_len).map_err(|e| bad(e.to_string()))?;
+    let hdr = r.header();
+    if hdr.base != base || hdr.target != h || hdr.target_size != size {
+        return Err(bad("its header names other blobs or another size".into()));
+    }
+    let (tmp, f) = state.store.create_tmp("patch").map_err(FetchFail::Local)?;
+    let local = |e: std::io::Error| FetchFail::Local(meridian_serve::StoreError::io(&tmp, e));
+    let result = (|| {
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, f);
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 16];
+        while let Some(op) = r.next_op().map_err(|e| bad(e.to_string()))? {
+            match op {
+                PatchOp::Data(d) => {
+                    hasher.update(d);
+                    out.write_all(d).map_err(local)?;
+                }
+                PatchOp::Copy { mut offset, len } => {
+                    let mut left = len as usize;
+                    while left > 0 {
+                        let n = left.min(buf.len());
+                        base_file
+                            .read_exact_at(&mut buf[..n], offset)
+                            .map_err(local)?;
+                        hasher.update(&buf[..n]);
+                        out.write_all(&buf[..n]).map_err(local)?;
+                        offset += n as u64;
+                        left -= n;
+                    }
+                }
+            }
+        }
+        out.flush().map_err(local)?;
+        let got: Hash = hasher.finalize().into();
+        if got != h {
+            return Err(bad(format!("rebuilt bytes hash to {got}")));
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => state.store.commit(&tmp, &h).map_err(FetchFail::Local),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Each entry of `new` with the entry of the same name in `old`, by one
+/// merge of the two sorted lists (no search per entry).
+pub(crate) fn paired<'a>(
+    new: &'a DirNode,
+    old: Option<&'a DirNode>,
+) -> impl Iterator<Item = (&'a meridian_core::Entry, Option<&'a meridian_core::Entry>)> + 'a {
+    let old: &[meridian_core::Entry] = old.map_or(&[], |o| &o.entries);
+    let mut i = 0;
+    new.entries.iter().map(move |e| {
+        while i < old.len() && old[i].name.as_bytes() < e.name.as_bytes() {
+            i += 1;
+        }
+        let was = old.get(i).filter(|o| o.name == e.name);
+        (e, was)
+    })
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_writers_can_never_share_a_partial_download() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("partial");
+        let (mut first, _, _) = open_partial(&p, 10).expect("first writer");
+        first.write_all(b"abc").expect("write");
+        let second = open_partial(&p, 10);
+        assert!(
+            matches!(&second, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a second writer opened a partial that is being written"
+        );
+        // Once the first writer is done, the download resumes from its
+        // prefix.
+        drop(first);
+        let (_, _, have) = open_partial(&p, 10).expect("resumed");
+        assert_eq!(have, 3);
+    }
+}
