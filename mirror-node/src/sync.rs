@@ -84,6 +84,19 @@ impl SyncError {
     }
 }
 
+/// Runs blocking work (file-system calls, O(tree) walks) on the blocking
+/// pool, never on a runtime thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, SyncError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        SyncError::Store(meridian_serve::StoreError::io(
+            "blocking task",
+            std::io::Error::other(e),
+        ))
+    })
+}
+
 /// The sync engine for one mirror.
 #[derive(Debug)]
 pub struct Syncer {
@@ -115,21 +128,34 @@ impl Syncer {
         m.generation_lag.set(up.saturating_sub(n) as i64);
     }
 
-    /// Recomputes the bytes-served gauge (O(tree); after the switch, not
-    /// before it).
-    pub(crate) fn refresh_store_bytes(&self) {
-        let Some(g) = self.state.served.load_full() else {
-            return;
-        };
-        let mut seen = HashSet::new();
-        let bytes: u64 = g
-            .blobs()
-            .filter(|(h, _)| seen.insert(*h))
-            .map(|(_, s)| s)
-            .sum();
-        self.state.metrics.store_bytes.set(bytes as i64);
+    /// The bytes-served gauge recomputed on the blocking pool (O(tree);
+    /// after the switch, not before it), not waited for.
+    fn refresh_store_bytes_in_background(&self) {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || refresh_store_bytes(&state));
     }
 
+    /// Recomputes the bytes-served gauge (blocking: O(tree)).
+    pub(crate) fn refresh_store_bytes(&self) {
+        refresh_store_bytes(&self.state)
+    }
+}
+
+/// The bytes-served gauge from the served tree (O(tree); blocking).
+fn refresh_store_bytes(state: &MirrorState) {
+    let Some(g) = state.served.load_full() else {
+        return;
+    };
+    let mut seen = HashSet::new();
+    let bytes: u64 = g
+        .blobs()
+        .filter(|(h, _)| seen.insert(*h))
+        .map(|(_, s)| s)
+        .sum();
+    state.metrics.store_bytes.set(bytes as i64);
+}
+
+impl Syncer {
     /// Runs until `shutdown` fires.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(250);
@@ -296,17 +322,19 @@ impl Syncer {
         let Some(g) = self.state.served.load_full() else {
             return Ok(());
         };
-        let missing: Vec<Want> = {
+        let state = self.state.clone();
+        let missing: Vec<Want> = blocking(move || {
             let mut seen = HashSet::new();
             g.blobs()
-                .filter(|(h, _)| seen.insert(*h) && !self.state.store.contains(h))
+                .filter(|(h, _)| seen.insert(*h) && !state.store.contains(h))
                 .map(|(hash, size)| Want {
                     hash,
                     size,
                     base: None,
                 })
                 .collect()
-        };
+        })
+        .await?;
         if missing.is_empty() {
             return Ok(());
         }
@@ -417,18 +445,25 @@ impl Syncer {
         }
 
         let planned = t0.elapsed();
-        // Space check before fetching a byte of blob data.
-        let partial: u64 = blobs
-            .iter()
-            .filter_map(|w| std::fs::metadata(self.state.partial_dir.join(w.hash.to_hex())).ok())
-            .map(|m| m.len())
-            .sum();
+        // Space check before fetching a byte of blob data (one stat per
+        // blob, on the blocking pool).
+        let (partial, free, blobs) = {
+            let state = self.state.clone();
+            blocking(move || {
+                let partial: u64 = blobs
+                    .iter()
+                    .filter_map(|w| std::fs::metadata(state.partial_dir.join(w.hash.to_hex())).ok())
+                    .map(|m| m.len())
+                    .sum();
+                state.store.free_bytes().map(|free| (partial, free, blobs))
+            })
+            .await??
+        };
         let needed: u64 = blobs
             .iter()
             .map(|w| w.size)
             .sum::<u64>()
             .saturating_sub(partial);
-        let free = self.state.store.free_bytes()?;
         self.state.metrics.disk_free_bytes.set(free as i64);
         let reserve = self.state.cfg.reserve_free_bytes;
         if needed.saturating_add(reserve) > free {
@@ -470,14 +505,20 @@ impl Syncer {
         // Switch: every object is in the store, verified. The flusher makes
         // the generation durable afterwards (see `crate::durable`); until
         // then `current` names the previous one.
-        write_atomic(&self.state.root_path(generation), &vr.envelope)?;
+        // The root file (fsynced) and the new tree, O(tree), on the blocking
+        // pool; then the one pointer store.
         let mut all_nodes: HashMap<Hash, Arc<DirNode>> = known.cloned().unwrap_or_default();
         all_nodes.extend(new_nodes);
-        let g = Generation::assemble(&self.state.store, vr, Some(&all_nodes))?;
+        let state = self.state.clone();
+        let g = blocking(move || -> Result<Generation, SyncError> {
+            write_atomic(&state.root_path(generation), &vr.envelope)?;
+            Ok(Generation::assemble(&state.store, vr, Some(&all_nodes))?)
+        })
+        .await??;
         self.install(g);
         self.state.flush.notify_one();
         let dt = t0.elapsed();
-        self.refresh_store_bytes();
+        self.refresh_store_bytes_in_background();
         self.state.metrics.sync_seconds.observe(dt.as_secs_f64());
         self.state.metrics.syncs.with_label_values(&["ok"]).inc();
         self.state.set_status(|s| {
