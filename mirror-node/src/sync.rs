@@ -515,6 +515,9 @@ impl Syncer {
             Ok(Generation::assemble(&state.store, vr, Some(&all_nodes))?)
         })
         .await??;
+        // Nothing is left to fetch: the progress ends as the new generation
+        // is served, not after.
+        drop(_finish);
         self.install(g);
         self.state.flush.notify_one();
         let dt = t0.elapsed();
