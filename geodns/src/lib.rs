@@ -3,25 +3,25 @@
 //! not overloaded.
 //!
 //! * [`geoip`]: MaxMind GeoIP2/GeoLite2 and DB-IP City lookups, hot reload.
-//! * [`select`]: the pure selection function.
-//! * [`health`]: active probes of each mirror's status endpoint.
-//! * [`dns`]: the request handler; [`wire`]: strict ECS validation.
-//! * [`admin`]: metrics, mirror state, operator overrides.
+//! * `select`: the pure selection function.
+//! * `health`: active probes of each mirror's status endpoint.
+//! * `dns`: the request handler; `wire`: strict ECS validation.
+//! * `admin`: metrics, mirror state, operator overrides.
 //! * [`mmdb`]: a MaxMind DB writer (the demo's database, the tests' databases).
 #![forbid(unsafe_code)]
 
-pub mod admin;
+mod admin;
 pub mod config;
-pub mod dns;
-pub mod fast;
+mod dns;
+mod fast;
 pub mod geoip;
-pub mod health;
-pub mod metrics;
+mod health;
+mod metrics;
 pub mod mmdb;
-pub mod select;
-pub mod tcp;
-pub mod wire;
-pub mod zone;
+mod select;
+mod tcp;
+mod wire;
+mod zone;
 
 use arc_swap::ArcSwap;
 use config::GeoDnsConfig;

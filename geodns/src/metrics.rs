@@ -126,9 +126,6 @@ impl DnsMetrics {
     pub fn rcode(&self, c: &str) {
         self.cached(0, &self.rcodes, c, 1);
     }
-    pub fn rcode_noerror(&self) {
-        self.noerror.inc();
-    }
     pub fn country(&self, c: &str) {
         self.cached(1, &self.countries, c, 1);
     }

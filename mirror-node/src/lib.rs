@@ -3,29 +3,31 @@
 //! A mirror pulls each generation from its upstreams (the origin or other
 //! mirrors), verifies every byte against the signed manifest, switches to
 //! the new generation in one atomic step and serves downloads.
-//! See [`sync`] for the pull side, [`server`] for the serving side and
-//! [`scrub`] for how damage on the mirror's own disk is caught.
+//! `sync` is the pull side, `server` the serving side, and `verified` and
+//! `scrub` are how damage on the mirror's own disk is caught. The public
+//! surface is [`start`], [`MirrorConfig`], [`MirrorHandle`] and
+//! [`MirrorError`].
 #![forbid(unsafe_code)]
 
 pub mod config;
-pub mod durable;
+mod durable;
 mod fetch;
-pub mod floor;
+mod floor;
 mod gc;
-pub mod generation;
-pub mod metrics;
-pub mod progress;
-pub mod rawget;
+mod generation;
+mod metrics;
+mod progress;
+mod rawget;
 mod restore;
-pub mod scrub;
-pub mod server;
-pub mod state;
-pub mod sync;
+mod scrub;
+mod server;
+mod state;
+mod sync;
 mod upstreams;
-pub mod verified;
+mod verified;
 
 pub use config::MirrorConfig;
-pub use state::MirrorState;
+use state::MirrorState;
 
 use meridian_serve::ServerHandle;
 use std::net::SocketAddr;
@@ -51,7 +53,7 @@ pub enum MirrorError {
 /// A running mirror.
 #[derive(Debug)]
 pub struct MirrorHandle {
-    pub state: Arc<MirrorState>,
+    state: Arc<MirrorState>,
     pub http_addr: SocketAddr,
     pub https_addr: Option<SocketAddr>,
     servers: Vec<ServerHandle>,

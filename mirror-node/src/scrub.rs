@@ -55,16 +55,6 @@ fn served_objects(state: &MirrorState) -> Vec<Hash> {
     objects.into_iter().collect()
 }
 
-/// Re-hashes every object of the served generation at once, unbudgeted;
-/// returns the bad ones (already quarantined).
-pub fn scrub_once(state: &MirrorState) -> Vec<Hash> {
-    let mut buf = vec![0u8; 1 << 20];
-    served_objects(state)
-        .into_iter()
-        .filter(|h| matches!(scrub_object(state, h, &mut buf), Scrubbed::Bad(_)))
-        .collect()
-}
-
 /// Whether the file at `path` hashes to `h` (one that fails to read does
 /// not); `None` if it cannot be opened (missing).
 pub fn object_matches(path: &Path, h: &Hash, buf: &mut [u8]) -> Option<bool> {

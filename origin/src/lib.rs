@@ -13,13 +13,13 @@
 //! new), and a new scan is scheduled.
 #![forbid(unsafe_code)]
 
-pub mod cache;
+mod cache;
 pub mod config;
-pub mod metrics;
-pub mod publisher;
+mod metrics;
+mod publisher;
 pub mod scan;
 pub mod service;
-pub mod watcher;
+mod watcher;
 
 pub use config::OriginConfig;
 pub use publisher::{PublishError, PublishOutcome, Publisher};

@@ -5,7 +5,7 @@
 //! that served 5,000 slow downloads stayed at ~60 MB resident afterwards
 //! (16 MB before), for good, while `malloc_trim(0)` brought it back to
 //! ~24 MB. So once the open connections fall well below their recent peak,
-//! the heap is trimmed once ([`after_flood`], called once a second by the
+//! the heap is trimmed once (`after_flood`, called once a second by the
 //! watch task in [`crate::limits`]). A trim walks the arenas (a few ms),
 //! which is why it waits for a flood to end rather than running on a
 //! timer.
