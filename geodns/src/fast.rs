@@ -99,7 +99,7 @@ pub fn serve(
     sock: Arc<std::net::UdpSocket>,
     handler: Arc<GeoHandler>,
     rt: tokio::runtime::Handle,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: meridian_serve::shutdown::Stopping,
 ) {
     use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
     use std::io::{IoSlice, IoSliceMut};
@@ -117,7 +117,7 @@ pub fn serve(
         rng: handler.random(),
         tally: Tally::default(),
     };
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+    while !stop.is_set() {
         got.clear();
         {
             // On the stack: no allocation per batch.

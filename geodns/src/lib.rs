@@ -30,7 +30,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// Why GeoDNS could not start.
 #[derive(Debug, thiserror::Error)]
@@ -127,10 +126,9 @@ pub struct GeoDnsHandle {
     pub dns_addrs: Vec<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub tracker: Arc<health::Tracker>,
-    shutdown: watch::Sender<bool>,
+    shutdown: meridian_serve::shutdown::Shutdown,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     admin: Option<meridian_serve::ServerHandle>,
-    udp_stop: Arc<std::sync::atomic::AtomicBool>,
     udp_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -145,9 +143,7 @@ impl std::fmt::Debug for GeoDnsHandle {
 
 impl GeoDnsHandle {
     pub async fn shutdown(mut self) {
-        let _ = self.shutdown.send(true);
-        self.udp_stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shutdown.trigger();
         for t in std::mem::take(&mut self.udp_threads) {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
@@ -226,9 +222,9 @@ pub async fn start_with(
         per_client: cfg.tcp_max_connections_per_client,
     });
     let mut dns_addrs = Vec::new();
-    let (tx, rx) = watch::channel(false);
+    let tx = meridian_serve::shutdown::Shutdown::new();
+    let rx = tx.subscribe();
     let mut tasks = Vec::new();
-    let udp_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut udp_threads = Vec::new();
     for addr in &cfg.listen {
         let (udp, tcp) = bind_pair(*addr)?;
@@ -271,7 +267,7 @@ pub async fn start_with(
             let (h, rt, stop) = (
                 handler.clone(),
                 tokio::runtime::Handle::current(),
-                udp_stop.clone(),
+                rx.clone(),
             );
             let t = std::thread::Builder::new()
                 .name(format!("geodns-udp-{i}"))
@@ -313,7 +309,7 @@ pub async fn start_with(
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(cfg.health.interval) => {}
-                    _ = stop.changed() => return,
+                    _ = stop.wait() => return,
                 }
             }
         }));
@@ -326,7 +322,7 @@ pub async fn start_with(
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.changed() => return,
+                    _ = stop.wait() => return,
                 }
                 let (g, p) = (geo.clone(), path.clone());
                 let _ = tokio::task::spawn_blocking(move || {
@@ -348,7 +344,7 @@ pub async fn start_with(
                 let by_signal = tokio::select! {
                     _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => false,
-                    _ = stop.changed() => return,
+                    _ = stop.wait() => return,
                 };
                 let now = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
                 if !by_signal && now == seen {
@@ -379,7 +375,6 @@ pub async fn start_with(
         None => None,
     };
     Ok(GeoDnsHandle {
-        udp_stop,
         udp_threads,
         admin_addr: admin.as_ref().map(|a| a.local_addr),
         dns_addrs,

@@ -13,11 +13,11 @@ use hickory_server::net::runtime::TokioTime;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler};
 use meridian_serve::limits::{AcceptErrors, Admission, ConnLimits, Permit};
+use meridian_serve::shutdown::Stopping;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 
 /// A connection that completes no message (or does not take its reply)
 /// within this long is closed.
@@ -52,14 +52,14 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     handler: Arc<GeoHandler>,
     limits: ConnLimits,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Stopping,
 ) {
     let admission = Admission::new(limits);
     let mut errors = AcceptErrors::new("geodns tcp");
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         };
         let (stream, peer) = match accepted {
             Ok(x) => {
@@ -89,7 +89,7 @@ async fn connection(
     peer: SocketAddr,
     handler: Arc<GeoHandler>,
     _permit: Permit,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Stopping,
 ) {
     let _ = stream.set_nodelay(true);
     loop {
@@ -105,7 +105,7 @@ async fn connection(
                 Ok(Ok(m)) => m,
                 _ => return,
             },
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         };
         let Some(reply) = answer(&handler, msg, peer).await else {
             continue;

@@ -35,7 +35,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::watch;
 
 /// Inode change times are taken from a coarse clock; objects changed this
 /// long before a flush started are still re-checked.
@@ -205,13 +204,13 @@ pub fn flush(state: &MirrorState) -> Result<u64, StoreError> {
 
 /// The flusher: flushes after every switch or repair (`state.flush`), and
 /// retries a failed flush every second.
-pub async fn run(state: Arc<MirrorState>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(state: Arc<MirrorState>, mut shutdown: meridian_serve::shutdown::Stopping) {
     let mut failing = false;
     loop {
         if !failing {
             tokio::select! {
                 _ = state.flush.notified() => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.wait() => return,
             }
         }
         let s = state.clone();
@@ -224,7 +223,7 @@ pub async fn run(state: Arc<MirrorState>, mut shutdown: watch::Receiver<bool>) {
         if failing {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.wait() => return,
             }
         }
     }

@@ -34,7 +34,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// Why the mirror could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +56,7 @@ pub struct MirrorHandle {
     pub http_addr: SocketAddr,
     pub https_addr: Option<SocketAddr>,
     servers: Vec<ServerHandle>,
-    shutdown: watch::Sender<bool>,
+    shutdown: meridian_serve::shutdown::Shutdown,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -66,11 +65,11 @@ impl MirrorHandle {
     /// (up to the drain timeout), then stops syncing.
     pub async fn shutdown(self) {
         self.state.set_draining(true);
-        self.state.stopping.send_replace(true);
+        self.state.stopping.trigger();
         for s in self.servers {
             s.shutdown().await;
         }
-        let _ = self.shutdown.send(true);
+        self.shutdown.trigger();
         for t in self.tasks {
             let _ = t.await;
         }
@@ -115,7 +114,8 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
     let https_addr = servers.get(1).map(|s| s.local_addr);
     let actives: Vec<_> = servers.iter().map(|s| s.active.clone()).collect();
 
-    let (tx, rx) = watch::channel(false);
+    let tx = meridian_serve::shutdown::Shutdown::new();
+    let rx = tx.subscribe();
     let mut tasks = vec![
         tokio::spawn(syncer.run(rx.clone())),
         tokio::spawn(scrub::run(state.clone(), rx.clone())),
@@ -133,7 +133,7 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => return,
+                _ = stop.wait() => return,
             }
             let now = st.egress_total.load(Ordering::Relaxed);
             rate = 0.5 * rate + 0.5 * (now - last) as f64;

@@ -79,7 +79,7 @@ pub fn quarantine(state: &MirrorState, h: &Hash) {
 const BATCH_BYTES: u64 = 8 << 20;
 
 /// Scrubs continuously from boot until shutdown (`scrub_interval` 0: off).
-pub async fn run(state: Arc<MirrorState>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(state: Arc<MirrorState>, mut shutdown: meridian_serve::shutdown::Stopping) {
     let every = state.cfg.scrub_interval;
     let rate = state.cfg.scrub_bytes_per_sec.max(1);
     if every.is_zero() {
@@ -121,7 +121,7 @@ pub async fn run(state: Arc<MirrorState>, mut shutdown: tokio::sync::watch::Rece
             let wait = due.saturating_sub(began.elapsed());
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.wait() => return,
             }
         }
         tracing::info!(
@@ -133,7 +133,7 @@ pub async fn run(state: Arc<MirrorState>, mut shutdown: tokio::sync::watch::Rece
         );
         tokio::select! {
             _ = tokio::time::sleep(every.saturating_sub(began.elapsed()).max(Duration::from_secs(1))) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait() => return,
         }
     }
 }

@@ -50,7 +50,7 @@ impl MirrorService {
 }
 
 impl Published for MirrorService {
-    fn stopping(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+    fn stopping(&self) -> Option<meridian_serve::shutdown::Stopping> {
         Some(self.state.stopping.subscribe())
     }
     fn latest(&self) -> Option<Arc<VerifiedRoot>> {

@@ -62,7 +62,7 @@ pub struct MirrorState {
     pub progress: crate::progress::Progress,
     /// True once shutdown begins: long-polls of downstream mirrors are
     /// answered at once instead of holding the drain.
-    pub stopping: watch::Sender<bool>,
+    pub stopping: meridian_serve::shutdown::Shutdown,
 }
 
 impl MirrorState {
@@ -96,7 +96,7 @@ impl MirrorState {
             floor: Mutex::default(),
             verified: Arc::default(),
             progress: Default::default(),
-            stopping: watch::channel(false).0,
+            stopping: Default::default(),
         })
     }
 

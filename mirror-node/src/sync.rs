@@ -157,7 +157,7 @@ fn refresh_store_bytes(state: &MirrorState) {
 
 impl Syncer {
     /// Runs until `shutdown` fires.
-    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, mut shutdown: meridian_serve::shutdown::Stopping) {
         let mut backoff = Duration::from_millis(250);
         let mut gc_due = Instant::now() + self.state.cfg.gc_grace;
         loop {
@@ -172,7 +172,7 @@ impl Syncer {
             } else {
                 tokio::select! {
                     r = self.step() => r,
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.wait() => return,
                 }
             };
             match step {
@@ -198,7 +198,7 @@ impl Syncer {
                     });
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => return,
+                        _ = shutdown.wait() => return,
                     }
                     backoff =
                         (backoff * 2).min(self.state.cfg.poll_interval.max(Duration::from_secs(1)));

@@ -7,13 +7,13 @@ use http::{Method, Response, StatusCode};
 use meridian_core::{SecretKey, VerifiedRoot};
 use meridian_serve::files::text;
 use meridian_serve::readapi::{self, Published};
+use meridian_serve::shutdown::{Shutdown, Stopping};
 use meridian_serve::{Body, ObjectStore, Promoted, ServerHandle, Service, full};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch as tokio_watch;
 
 /// Why the origin could not start.
 #[derive(Debug, thiserror::Error)]
@@ -82,14 +82,14 @@ pub fn load_key(path: &Path) -> Result<SecretKey, OriginError> {
 pub struct Origin {
     shared: Arc<Shared>,
     /// True once shutdown begins (long-polls are answered at once).
-    stopping: tokio_watch::Receiver<bool>,
+    stopping: Stopping,
 }
 
 impl Published for Origin {
     fn latest(&self) -> Option<Arc<VerifiedRoot>> {
         self.shared.latest.load_full()
     }
-    fn stopping(&self) -> Option<tokio_watch::Receiver<bool>> {
+    fn stopping(&self) -> Option<Stopping> {
         Some(self.stopping.clone())
     }
     fn root_envelope(&self, generation: u64) -> Option<Vec<u8>> {
@@ -98,7 +98,7 @@ impl Published for Origin {
     fn store(&self) -> &ObjectStore {
         &self.shared.store
     }
-    fn subscribe(&self) -> tokio_watch::Receiver<u64> {
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.shared.notify.subscribe()
     }
     fn deltas(&self) -> Option<&meridian_serve::readapi::DeltaCache> {
@@ -175,7 +175,7 @@ pub struct OriginHandle {
     pub https_addr: Option<SocketAddr>,
     pub public_key: meridian_core::PublicKey,
     servers: Vec<ServerHandle>,
-    shutdown: tokio_watch::Sender<bool>,
+    shutdown: Shutdown,
     publish_loop: tokio::task::JoinHandle<()>,
     shared: Arc<Shared>,
 }
@@ -187,7 +187,7 @@ impl OriginHandle {
     }
     /// Stops publishing and serving.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.trigger();
         let _ = self.publish_loop.await;
         for s in self.servers {
             s.shutdown().await;
@@ -225,7 +225,8 @@ impl Origin {
         })
         .await;
 
-        let (tx, rx) = tokio_watch::channel(false);
+        let tx = Shutdown::new();
+        let rx = tx.subscribe();
         let origin = Arc::new(Origin {
             shared: shared.clone(),
             stopping: rx.clone(),
@@ -260,7 +261,7 @@ impl Origin {
 /// (a full listing, to finish what a restart interrupted), then after each
 /// publish only the objects that publish added. Until then such an object
 /// is copied on its first read.
-async fn promote_loop(shared: Arc<Shared>, mut shutdown: tokio_watch::Receiver<bool>) {
+async fn promote_loop(shared: Arc<Shared>, mut shutdown: Stopping) {
     let mut generations = shared.notify.subscribe();
     let mut first = true;
     loop {
@@ -270,12 +271,12 @@ async fn promote_loop(shared: Arc<Shared>, mut shutdown: tokio_watch::Receiver<b
         let _ = tokio::task::spawn_blocking(move || promote_linked(&s, &stop, full)).await;
         tokio::select! {
             r = generations.changed() => if r.is_err() { return },
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait() => return,
         }
     }
 }
 
-fn promote_linked(shared: &Shared, stop: &tokio_watch::Receiver<bool>, full: bool) {
+fn promote_linked(shared: &Shared, stop: &Stopping, full: bool) {
     let queued = shared
         .to_promote
         .lock()
@@ -291,7 +292,7 @@ fn promote_linked(shared: &Shared, stop: &tokio_watch::Receiver<bool>, full: boo
     };
     let (mut copied, mut withdrawn) = (0u64, 0u64);
     for h in linked {
-        if *stop.borrow() {
+        if stop.is_set() {
             break;
         }
         // Mirrors fetching right now get the disk: while objects were served
@@ -351,7 +352,7 @@ async fn publish_loop(
     mut publisher: Publisher,
     cfg: OriginConfig,
     signal: Arc<ChangeSignal>,
-    mut shutdown: tokio_watch::Receiver<bool>,
+    mut shutdown: Stopping,
     _watcher: notify::RecommendedWatcher,
 ) {
     // Settling files are retried after one quiet period; failed publishes
@@ -392,14 +393,14 @@ async fn publish_loop(
                 gc_at = publisher.gc_next().map(tokio::time::Instant::from_std);
                 continue;
             }
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait() => return,
         }
         // Debounce: wait until nothing changed for a whole quiet period.
         loop {
             let seen = signal.count();
             tokio::select! {
                 _ = tokio::time::sleep(cfg.quiet) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.wait() => return,
             }
             if signal.count() == seen {
                 break;

@@ -20,6 +20,7 @@ pub mod range;
 pub mod readapi;
 pub mod server;
 pub mod service;
+pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod tls;

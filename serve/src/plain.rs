@@ -30,7 +30,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 /// Most header lines a request may have.
 const MAX_HEADERS: usize = 100;
@@ -57,7 +56,7 @@ pub(crate) async fn serve_conn<S, H, F>(
     peer: SocketAddr,
     service: Arc<S>,
     opts: ServerOptions,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: crate::shutdown::Stopping,
     hyper_conn: H,
 ) where
     S: Service,
@@ -102,7 +101,7 @@ pub(crate) async fn serve_conn<S, H, F>(
             if buf.is_empty() {
                 // Idle: hold no buffer while waiting.
                 buf = BytesMut::new();
-                if *shutdown.borrow() {
+                if shutdown.is_set() {
                     return;
                 }
             }
@@ -120,7 +119,7 @@ pub(crate) async fn serve_conn<S, H, F>(
                     }
                     return;
                 }
-                _ = shutdown.changed(), if buf.is_empty() => return,
+                _ = shutdown.wait(), if buf.is_empty() => return,
             }
             buf.reserve(READ_CHUNK);
             match stream.try_read_buf(&mut buf) {
@@ -147,7 +146,7 @@ pub(crate) async fn serve_conn<S, H, F>(
             }
         };
         match next {
-            Next::KeepAlive if *shutdown.borrow() => return,
+            Next::KeepAlive if shutdown.is_set() => return,
             Next::KeepAlive => {
                 if out.capacity() > 4 * COALESCE {
                     out = Vec::new();

@@ -50,7 +50,7 @@ pub trait Published: Send + Sync + 'static {
     /// Turns true when the node starts shutting down: every long-poll is
     /// answered at once (the newest root, or 204), so the drain does not
     /// wait out their timeouts.
-    fn stopping(&self) -> Option<watch::Receiver<bool>> {
+    fn stopping(&self) -> Option<crate::shutdown::Stopping> {
         None
     }
 }
@@ -435,14 +435,12 @@ async fn route<P: Published>(
             if let Some(r) = node.latest().filter(|r| r.root.generation > after) {
                 return envelope_response(r.envelope.clone(), method);
             }
-            if stopping.as_ref().is_some_and(|s| *s.borrow()) {
+            if stopping.as_ref().is_some_and(|s| s.is_set()) {
                 return no_news();
             }
             let stop = async {
                 match stopping.as_mut() {
-                    Some(s) => {
-                        let _ = s.wait_for(|v| *v).await;
-                    }
+                    Some(s) => s.wait().await,
                     None => std::future::pending().await,
                 }
             };

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 /// A running server.
 #[derive(Debug)]
@@ -28,7 +27,7 @@ pub struct ServerHandle {
     pub local_addr: SocketAddr,
     /// Connections open right now.
     pub active: Arc<AtomicUsize>,
-    shutdown: watch::Sender<bool>,
+    shutdown: crate::shutdown::Shutdown,
     done: tokio::task::JoinHandle<()>,
 }
 
@@ -36,7 +35,7 @@ impl ServerHandle {
     /// Stops accepting, drains in-flight requests (up to the drain timeout)
     /// and returns when every connection is closed.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.trigger();
         let _ = self.done.await;
     }
 }
@@ -135,8 +134,14 @@ pub fn serve<S: Service>(
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let active = Arc::new(AtomicUsize::new(0));
-    let (tx, rx) = watch::channel(false);
-    let done = tokio::spawn(accept_loop(listener, opts, service, active.clone(), rx));
+    let tx = crate::shutdown::Shutdown::new();
+    let done = tokio::spawn(accept_loop(
+        listener,
+        opts,
+        service,
+        active.clone(),
+        tx.subscribe(),
+    ));
     ServerHandle {
         local_addr,
         active,
@@ -150,7 +155,7 @@ async fn accept_loop<S: Service>(
     opts: ServerOptions,
     service: Arc<S>,
     active: Arc<AtomicUsize>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: crate::shutdown::Stopping,
 ) {
     let admission = crate::limits::Admission::new(crate::limits::ConnLimits {
         total: opts.max_connections,
@@ -170,7 +175,7 @@ async fn accept_loop<S: Service>(
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = shutdown.changed() => break,
+            _ = shutdown.wait() => break,
         };
         let (stream, peer) = match accepted {
             Ok(x) => {
