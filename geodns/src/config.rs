@@ -2,6 +2,8 @@
 //! when the file changes; a config that fails validation is refused and the
 //! running one stays.
 
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, NS, TXT};
+use hickory_proto::rr::{Name, RData, RecordType};
 use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -148,6 +150,47 @@ pub struct StaticRecord {
 }
 fn default_static_ttl() -> u32 {
     3600
+}
+
+impl StaticRecord {
+    /// The record this entry stands for: its type and data (the zone
+    /// builder and config validation both go through this).
+    pub fn parse(&self) -> Result<(RecordType, RData), String> {
+        let r = self;
+        let name = |s: &str| Name::from_ascii(s.trim()).map_err(|e| format!("bad name {s:?}: {e}"));
+        Ok(match r.rtype.to_ascii_uppercase().as_str() {
+            "A" => (
+                RecordType::A,
+                RData::A(A(r
+                    .value
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("bad IPv4 {:?}: {e}", r.value))?)),
+            ),
+            "AAAA" => (
+                RecordType::AAAA,
+                RData::AAAA(AAAA(
+                    r.value
+                        .trim()
+                        .parse()
+                        .map_err(|e| format!("bad IPv6 {:?}: {e}", r.value))?,
+                )),
+            ),
+            "CNAME" => (RecordType::CNAME, RData::CNAME(CNAME(name(&r.value)?))),
+            "NS" => (RecordType::NS, RData::NS(NS(name(&r.value)?))),
+            "TXT" => (RecordType::TXT, RData::TXT(TXT::new(vec![r.value.clone()]))),
+            "MX" => {
+                let (pref, host) = r
+                    .value
+                    .trim()
+                    .split_once(' ')
+                    .ok_or("MX value is `PREFERENCE NAME`")?;
+                let pref: u16 = pref.parse().map_err(|_| "MX preference must be a number")?;
+                (RecordType::MX, RData::MX(MX::new(pref, name(host)?)))
+            }
+            other => return Err(format!("unsupported static record type {other}")),
+        })
+    }
 }
 
 /// One mirror.
@@ -368,7 +411,7 @@ impl GeoDnsConfig {
                 return bad(format!("zone {}: needs at least one ns", z.name));
             }
             for r in &z.records {
-                crate::zone::parse_static(r).map_err(|e| {
+                r.parse().map_err(|e| {
                     ConfigError::Invalid(format!("zone {} record {}: {e}", z.name, r.name))
                 })?;
             }

@@ -1,9 +1,9 @@
 //! Zone data built from config: SOA and NS at the apex, static records,
 //! and the dynamic (mirror) names.
 
-use crate::config::{StaticRecord, Zone};
-use hickory_proto::rr::rdata::{self, A, AAAA, CNAME, MX, NS, SOA, TXT};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use crate::config::Zone;
+use hickory_proto::rr::rdata::{self, SOA};
+use hickory_proto::rr::{Name, RData, Record};
 use std::collections::{HashMap, HashSet};
 
 /// One zone, ready to answer from.
@@ -20,43 +20,6 @@ pub struct ZoneData {
     pub records: HashMap<Name, Vec<Record>>,
     /// Names that exist only as ancestors of others (empty non-terminals).
     pub ents: HashSet<Name>,
-}
-
-/// Parses a static record's value.
-pub fn parse_static(r: &StaticRecord) -> Result<(RecordType, RData), String> {
-    let name = |s: &str| Name::from_ascii(s.trim()).map_err(|e| format!("bad name {s:?}: {e}"));
-    Ok(match r.rtype.to_ascii_uppercase().as_str() {
-        "A" => (
-            RecordType::A,
-            RData::A(A(r
-                .value
-                .trim()
-                .parse()
-                .map_err(|e| format!("bad IPv4 {:?}: {e}", r.value))?)),
-        ),
-        "AAAA" => (
-            RecordType::AAAA,
-            RData::AAAA(AAAA(
-                r.value
-                    .trim()
-                    .parse()
-                    .map_err(|e| format!("bad IPv6 {:?}: {e}", r.value))?,
-            )),
-        ),
-        "CNAME" => (RecordType::CNAME, RData::CNAME(CNAME(name(&r.value)?))),
-        "NS" => (RecordType::NS, RData::NS(NS(name(&r.value)?))),
-        "TXT" => (RecordType::TXT, RData::TXT(TXT::new(vec![r.value.clone()]))),
-        "MX" => {
-            let (pref, host) = r
-                .value
-                .trim()
-                .split_once(' ')
-                .ok_or("MX value is `PREFERENCE NAME`")?;
-            let pref: u16 = pref.parse().map_err(|_| "MX preference must be a number")?;
-            (RecordType::MX, RData::MX(MX::new(pref, name(host)?)))
-        }
-        other => return Err(format!("unsupported static record type {other}")),
-    })
 }
 
 fn fqdn(rel: &str, apex: &Name) -> Result<Name, String> {
@@ -109,7 +72,7 @@ impl ZoneData {
             if !apex.zone_of(&owner) {
                 return Err(format!("record {} is outside zone {}", r.name, apex));
             }
-            let (_, rd) = parse_static(r)?;
+            let (_, rd) = r.parse()?;
             records
                 .entry(owner.clone())
                 .or_default()
