@@ -183,26 +183,25 @@ pub fn check(state: &MirrorState, vr: &VerifiedRoot) -> Result<(), BelowFloor> {
 }
 
 /// Raises the floor to a root that just verified (blocking: writes and
-/// fsyncs `highest`). A root at or below the floor changes nothing.
+/// fsyncs `highest`). A root at or below the floor changes nothing. The
+/// lock is held through the write, so records can never land out of order.
 pub fn raise(state: &MirrorState, vr: &VerifiedRoot) -> Result<(), StoreError> {
     let n = vr.root.generation;
-    let above = match state.floor.lock() {
-        Ok(f) => match &*f {
-            Floor::Known { generation, .. } => n > *generation,
-            Floor::Lost(_) => true,
-        },
-        Err(_) => true,
+    let Ok(mut floor) = state.floor.lock() else {
+        return Ok(());
+    };
+    let above = match &*floor {
+        Floor::Known { generation, .. } => n > *generation,
+        Floor::Lost(_) => true,
     };
     if !above {
         return Ok(());
     }
     write_highest(&state.cfg.state, n, &vr.hash)?;
-    if let Ok(mut f) = state.floor.lock() {
-        *f = Floor::Known {
-            generation: n,
-            hash: Some(vr.hash),
-        };
-    }
+    *floor = Floor::Known {
+        generation: n,
+        hash: Some(vr.hash),
+    };
     Ok(())
 }
 

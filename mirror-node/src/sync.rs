@@ -278,14 +278,16 @@ impl Syncer {
             upstream: upstream.clone(),
             source,
         })?;
-        // Recorded before anything is fetched for it: from here on, no
-        // older root is accepted, across restarts and damage to `current`.
+        // Recorded while the sync fetches (two fsyncs are not on its
+        // critical path): from here on, no older root is accepted, across
+        // restarts and damage to `current`. Should the machine stop before
+        // the record is on disk, the retained roots still give the floor.
         let (s, v) = (self.state.clone(), vr.clone());
-        tokio::task::spawn_blocking(move || crate::floor::raise(&s, &v))
-            .await
-            .map_err(|e| {
-                meridian_serve::StoreError::io(&self.state.cfg.state, std::io::Error::other(e))
-            })??;
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::floor::raise(&s, &v) {
+                tracing::error!(error = %e, "cannot record the rollback floor in `highest`; the retained roots still hold it");
+            }
+        });
         self.state
             .set_status(|s| s.upstream_generation = s.upstream_generation.max(vr.root.generation));
         self.state
