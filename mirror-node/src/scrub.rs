@@ -39,8 +39,7 @@ pub fn scrub_object(state: &MirrorState, h: &Hash, buf: &mut [u8]) -> Scrubbed {
         state.verified.remember(*h, stamp);
         Scrubbed::Good(md.len())
     } else {
-        tracing::error!(object = %h, "stored object is damaged; quarantined, will be fetched again");
-        state.damaged(h);
+        state.damaged(h, "does not match its hash (scrub)");
         Scrubbed::Bad(md.len())
     }
 }

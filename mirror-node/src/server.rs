@@ -285,8 +285,7 @@ impl MirrorService {
         let (file, md) = match opened {
             Ok((f, md)) if md.len() == meta.len => (f, md),
             Ok(_) => {
-                tracing::error!(object = %h, "stored object has the wrong size; quarantined, will be fetched again");
-                st.damaged(&h);
+                st.damaged(&h, "has the wrong size");
                 return unavailable();
             }
             Err(_) => {
@@ -306,8 +305,7 @@ impl MirrorService {
             let read =
                 std::io::Read::read_to_end(&mut std::io::Read::take(&file, meta.len + 1), &mut buf);
             if read.is_err() || meridian_core::hash_bytes(&buf) != h {
-                tracing::error!(object = %h, "stored object does not match its hash; quarantined, will be fetched again");
-                st.damaged(&h);
+                st.damaged(&h, "does not match its hash");
                 return unavailable();
             }
             st.verified.remember(h, stamp);
@@ -318,8 +316,7 @@ impl MirrorService {
             // milliseconds: one whole check first, shared by every request
             // for it meanwhile, then `sendfile` as usual.
             if !st.verified.check_whole(h, &file, stamp).await {
-                tracing::error!(object = %h, "stored object does not match its hash; quarantined, will be fetched again");
-                st.damaged(&h);
+                st.damaged(&h, "does not match its hash");
                 return unavailable();
             }
             return files::respond(method, headers, meta, move || Ok(file), sent);
@@ -333,8 +330,7 @@ impl MirrorService {
                 if ok {
                     state.verified.remember(h, stamp);
                 } else {
-                    tracing::error!(object = %h, "stored object does not match its hash; download cut, object quarantined, will be fetched again");
-                    state.damaged(&h);
+                    state.damaged(&h, "does not match its hash (download cut)");
                 }
             }),
         };

@@ -131,7 +131,8 @@ impl MirrorState {
     /// quarantined, forgotten as verified, counted, and the syncer is woken
     /// to fetch it again. A deleted object takes the same path on its
     /// first read.
-    pub fn damaged(&self, h: &meridian_core::Hash) {
+    pub fn damaged(&self, h: &meridian_core::Hash, why: &str) {
+        tracing::error!(object = %h, "stored object {why}; quarantined, will be fetched again");
         crate::scrub::quarantine(self, h);
         self.metrics.scrub_failures.inc();
         self.repair.notify_one();
