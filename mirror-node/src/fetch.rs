@@ -12,8 +12,9 @@ use crate::sync::{SyncError, Syncer};
 use crate::upstreams::{FetchFail, read_capped, transfer_timeout};
 use futures_util::StreamExt;
 use meridian_core::{DirNode, Hash, hash_bytes};
+use meridian_serve::{ObjectWriter, StoreError};
 use std::collections::HashMap;
-use std::io::{Read, Seek, Write};
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -267,27 +268,20 @@ impl Syncer {
         let state = self.state.clone();
         let job = tokio::task::spawn_blocking(move || {
             use crate::rawget::Raw;
-            let partial = state.partial_dir.join(h.to_hex());
-            let local = |e: std::io::Error| {
-                Some(FetchFail::Local(meridian_serve::StoreError::io(
-                    &partial, e,
-                )))
+            let mut w = state
+                .store
+                .resume(&h, size)
+                .map_err(|e| Some(FetchFail::Local(e)))?;
+            let local = |w: &ObjectWriter, e: std::io::Error| {
+                Some(FetchFail::Local(StoreError::io(w.staged_path(), e)))
             };
-            let (mut file, mut hasher, have) = open_partial(&partial, size).map_err(local)?;
-            if have < size {
+            if w.written() < size {
                 let deadline = Instant::now() + transfer_timeout(size);
+                let have = w.written();
                 let mut sink = |piece: Option<&[u8]>| -> std::io::Result<()> {
                     match piece {
-                        Some(b) => {
-                            hasher.update(b);
-                            file.write_all(b)
-                        }
-                        None => {
-                            file.set_len(0)?;
-                            file.seek(std::io::SeekFrom::Start(0))?;
-                            hasher = blake3::Hasher::new();
-                            Ok(())
-                        }
+                        Some(b) => w.write_all(b),
+                        None => w.restart(),
                     }
                 };
                 let counted = |n: u64| state.metrics.bytes_fetched.inc_by(n);
@@ -300,21 +294,20 @@ impl Syncer {
                     }
                     Err(Raw::Transport(m)) => return Err(Some(FetchFail::Transport(m))),
                     Err(Raw::Bad(m)) => {
-                        drop(file);
-                        let _ = std::fs::remove_file(&partial);
+                        let _ = w.restart();
                         return Err(Some(FetchFail::Bad(m)));
                     }
-                    Err(Raw::Local(e)) => return Err(local(e)),
+                    Err(Raw::Local(e)) => return Err(local(&w, e)),
                 }
             }
-            finish_blob(&state, &partial, file, hasher, h).map_err(Some)
+            finish_blob(w).map_err(Some)
         });
         match job.await {
             Ok(Ok(())) => Some(Ok(())),
             Ok(Err(Some(e))) => Some(Err(e)),
             Ok(Err(None)) => None,
-            Err(e) => Some(Err(FetchFail::Local(meridian_serve::StoreError::io(
-                &self.state.partial_dir,
+            Err(e) => Some(Err(FetchFail::Local(StoreError::io(
+                self.state.store.path(&h),
                 std::io::Error::other(e),
             )))),
         }
@@ -329,16 +322,19 @@ impl Syncer {
         if let Some(r) = self.fetch_blob_raw(url, h, size).await {
             return r;
         }
-        let partial = self.state.partial_dir.join(h.to_hex());
-        let local =
-            |e: std::io::Error| FetchFail::Local(meridian_serve::StoreError::io(&partial, e));
-        let (mut file, mut hasher, mut have) = {
-            let p = partial.clone();
-            tokio::task::spawn_blocking(move || open_partial(&p, size))
-                .await
-                .map_err(|e| local(std::io::Error::other(e)))?
-                .map_err(local)?
-        };
+        let store = self.state.store.clone();
+        let mut w = tokio::task::spawn_blocking(move || store.resume(&h, size))
+            .await
+            .map_err(|e| {
+                FetchFail::Local(StoreError::io(
+                    self.state.store.path(&h),
+                    std::io::Error::other(e),
+                ))
+            })?
+            .map_err(FetchFail::Local)?;
+        let staged = w.staged_path().to_path_buf();
+        let local = |e: std::io::Error| FetchFail::Local(StoreError::io(&staged, e));
+        let mut have = w.written();
         if have < size {
             let mut req = self.upstreams.http.get(url);
             if have > 0 {
@@ -367,31 +363,28 @@ impl Syncer {
                 }
                 200 => {
                     if have > 0 {
-                        file.set_len(0).map_err(local)?;
-                        file.seek(std::io::SeekFrom::Start(0)).map_err(local)?;
-                        hasher = blake3::Hasher::new();
+                        w.restart().map_err(local)?;
                         have = 0;
                     }
                 }
                 s => return Err(FetchFail::Transport(format!("HTTP {s}"))),
             }
             let mut stream = resp.bytes_stream();
-            // Bytes are gathered into blocks and each block is hashed and
-            // written on the blocking pool, off the runtime threads. The
+            // Bytes are gathered into blocks and each block is written (and
+            // so hashed) on the blocking pool, off the runtime threads. The
             // prefix written so far always matches `have`, so a transfer cut
             // anywhere can resume.
             const BLOCK: usize = 1 << 20;
             let block_cap = ((size - have) as usize).min(BLOCK);
             let mut block: Vec<u8> = Vec::with_capacity(block_cap);
-            let mut io = Some((file, hasher));
-            let flush = |io: &mut Option<(std::fs::File, blake3::Hasher)>, block: Vec<u8>| {
-                let (mut f, mut h) = io
+            let mut slot = Some(w);
+            let flush = |slot: &mut Option<ObjectWriter>, block: Vec<u8>| {
+                let mut w = slot
                     .take()
                     .ok_or_else(|| local(std::io::Error::other("writer lost")))?;
                 Ok::<_, FetchFail>(tokio::task::spawn_blocking(move || {
-                    h.update(&block);
-                    let r = f.write_all(&block);
-                    (f, h, r)
+                    let r = w.write_all(&block);
+                    (w, r)
                 }))
             };
             while let Some(chunk) = stream.next().await {
@@ -403,18 +396,18 @@ impl Syncer {
                     Err(e) => {
                         // Keep the verified-length prefix: write what arrived.
                         if !block.is_empty() {
-                            let (f, h, r) = flush(&mut io, std::mem::take(&mut block))?
+                            let (_, r) = flush(&mut slot, std::mem::take(&mut block))?
                                 .await
                                 .map_err(|e| local(std::io::Error::other(e)))?;
                             r.map_err(local)?;
-                            drop((f, h));
                         }
                         return Err(e);
                     }
                 };
                 if have + block.len() as u64 + chunk.len() as u64 > size {
-                    drop(io);
-                    let _ = std::fs::remove_file(&partial);
+                    if let Some(mut w) = slot.take() {
+                        let _ = w.restart();
+                    }
                     return Err(FetchFail::Bad(format!(
                         "upstream sent more than the declared {size} bytes"
                     )));
@@ -423,106 +416,54 @@ impl Syncer {
                 self.state.metrics.bytes_fetched.inc_by(chunk.len() as u64);
                 if block.len() >= BLOCK {
                     let n = block.len() as u64;
-                    let (f, h, r) = flush(
-                        &mut io,
+                    let (w, r) = flush(
+                        &mut slot,
                         std::mem::replace(&mut block, Vec::with_capacity(block_cap)),
                     )?
                     .await
                     .map_err(|e| local(std::io::Error::other(e)))?;
                     r.map_err(local)?;
-                    io = Some((f, h));
+                    slot = Some(w);
                     have += n;
                 }
             }
             if !block.is_empty() {
                 let n = block.len() as u64;
-                let (f, h, r) = flush(&mut io, block)?
+                let (w, r) = flush(&mut slot, block)?
                     .await
                     .map_err(|e| local(std::io::Error::other(e)))?;
                 r.map_err(local)?;
-                io = Some((f, h));
+                slot = Some(w);
                 have += n;
             }
-            let Some((f, h)) = io else {
-                return Err(local(std::io::Error::other("writer lost")));
-            };
-            file = f;
-            hasher = h;
+            w = slot.ok_or_else(|| local(std::io::Error::other("writer lost")))?;
             if have < size {
                 return Err(FetchFail::Transport(format!(
                     "truncated: {have} of {size} bytes; will resume"
                 )));
             }
         }
-        finish_blob(&self.state, &partial, file, hasher, h)
+        tokio::task::spawn_blocking(move || finish_blob(w))
+            .await
+            .map_err(|e| local(std::io::Error::other(e)))?
+    }
+}
+
+/// Commits a complete download through its writer: a mismatch (the bytes
+/// do not hash to the blob's name) discards it and counts against the
+/// upstream that sent it.
+pub(crate) fn finish_blob(w: ObjectWriter) -> Result<(), FetchFail> {
+    match w.commit() {
+        Ok(_) => Ok(()),
+        Err(StoreError::HashMismatch { expected, actual }) => Err(FetchFail::Bad(format!(
+            "blob {expected} hashed to {actual}"
+        ))),
+        Err(e @ StoreError::SizeMismatch { .. }) => Err(FetchFail::Bad(e.to_string())),
+        Err(e) => Err(FetchFail::Local(e)),
     }
 }
 
 /// Decodes a tree delta and rebuilds its nodes (blocking: hashing).
-/// Opens (or creates) the partial download of a blob of `size` bytes and
-/// re-hashes the prefix already there (a prefix is only trusted once the
-/// whole blob hashes right; a bad prefix is discarded with the rest).
-/// Returns the file positioned at the end of the prefix, the hasher over
-/// it, and its length.
-pub(crate) fn open_partial(
-    p: &std::path::Path,
-    size: u64,
-) -> std::io::Result<(std::fs::File, blake3::Hasher, u64)> {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(p)?;
-    // One writer per partial download, in this process or another: the
-    // lock is held until the writer commits or gives up (drops the file).
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::WouldBlock,
-            format!("{} is being written by another download ({e})", p.display()),
-        )
-    })?;
-    let len = f.metadata()?.len();
-    let mut hasher = blake3::Hasher::new();
-    if len > size {
-        f.set_len(0)?;
-        return Ok((f, hasher, 0));
-    }
-    let mut buf = vec![0u8; (len as usize).min(1 << 20)];
-    let mut done = 0u64;
-    while done < len {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        done += n as u64;
-    }
-    f.seek(std::io::SeekFrom::Start(done))?;
-    Ok((f, hasher, done))
-}
-
-/// Checks a complete partial download against its hash and commits it to
-/// the store; a mismatch discards it.
-pub(crate) fn finish_blob(
-    state: &MirrorState,
-    partial: &std::path::Path,
-    file: std::fs::File,
-    hasher: blake3::Hasher,
-    h: Hash,
-) -> Result<(), FetchFail> {
-    let got: Hash = hasher.finalize().into();
-    if got != h {
-        let _ = std::fs::remove_file(partial);
-        return Err(FetchFail::Bad(format!("blob {h} hashed to {got}")));
-    }
-    // Renamed while this writer still holds the partial's lock, so no
-    // other writer can open it between the check and the rename.
-    let r = state.store.commit(partial, &h).map_err(FetchFail::Local);
-    drop(file);
-    r
-}
-
 pub(crate) fn apply_delta(
     state: &MirrorState,
     served: &Generation,
@@ -619,46 +560,40 @@ pub(crate) fn rebuild_from_patch(
     if hdr.base != base || hdr.target != h || hdr.target_size != size {
         return Err(bad("its header names other blobs or another size".into()));
     }
-    let (tmp, f) = state.store.create_tmp("patch").map_err(FetchFail::Local)?;
-    let local = |e: std::io::Error| FetchFail::Local(meridian_serve::StoreError::io(&tmp, e));
-    let result = (|| {
-        let mut out = std::io::BufWriter::with_capacity(1 << 16, f);
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 16];
-        while let Some(op) = r.next_op().map_err(|e| bad(e.to_string()))? {
-            match op {
-                PatchOp::Data(d) => {
-                    hasher.update(d);
-                    out.write_all(d).map_err(local)?;
-                }
-                PatchOp::Copy { mut offset, len } => {
-                    let mut left = len as usize;
-                    while left > 0 {
-                        let n = left.min(buf.len());
-                        base_file
-                            .read_exact_at(&mut buf[..n], offset)
-                            .map_err(local)?;
-                        hasher.update(&buf[..n]);
-                        out.write_all(&buf[..n]).map_err(local)?;
-                        offset += n as u64;
-                        left -= n;
-                    }
+    let w = state.store.writer(&h, size).map_err(FetchFail::Local)?;
+    let staged = w.staged_path().to_path_buf();
+    let local = |e: std::io::Error| FetchFail::Local(StoreError::io(&staged, e));
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, w);
+    let mut buf = vec![0u8; 1 << 16];
+    let too_long = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            bad("it rebuilds more bytes than the blob has".into())
+        } else {
+            local(e)
+        }
+    };
+    while let Some(op) = r.next_op().map_err(|e| bad(e.to_string()))? {
+        match op {
+            PatchOp::Data(d) => out.write_all(d).map_err(too_long)?,
+            PatchOp::Copy { mut offset, len } => {
+                let mut left = len as usize;
+                while left > 0 {
+                    let n = left.min(buf.len());
+                    base_file
+                        .read_exact_at(&mut buf[..n], offset)
+                        .map_err(local)?;
+                    out.write_all(&buf[..n]).map_err(too_long)?;
+                    offset += n as u64;
+                    left -= n;
                 }
             }
         }
-        out.flush().map_err(local)?;
-        let got: Hash = hasher.finalize().into();
-        if got != h {
-            return Err(bad(format!("rebuilt bytes hash to {got}")));
-        }
-        Ok(())
-    })();
-    match result {
-        Ok(()) => state.store.commit(&tmp, &h).map_err(FetchFail::Local),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
+    }
+    let w = out.into_inner().map_err(|e| too_long(e.into_error()))?;
+    match w.commit() {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_mismatch() => Err(bad(format!("rebuilt bytes do not match: {e}"))),
+        Err(e) => Err(FetchFail::Local(e)),
     }
 }
 
@@ -677,26 +612,4 @@ pub(crate) fn paired<'a>(
         let was = old.get(i).filter(|o| o.name == e.name);
         (e, was)
     })
-}
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn two_writers_can_never_share_a_partial_download() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("partial");
-        let (mut first, _, _) = open_partial(&p, 10).expect("first writer");
-        first.write_all(b"abc").expect("write");
-        let second = open_partial(&p, 10);
-        assert!(
-            matches!(&second, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-            "a second writer opened a partial that is being written"
-        );
-        // Once the first writer is done, the download resumes from its
-        // prefix.
-        drop(first);
-        let (_, _, have) = open_partial(&p, 10).expect("resumed");
-        assert_eq!(have, 3);
-    }
 }

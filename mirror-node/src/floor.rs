@@ -146,9 +146,7 @@ pub fn establish(state: &MirrorState, retained: &[VerifiedRoot]) -> Floor {
 }
 
 fn store_has_objects(state: &MirrorState) -> bool {
-    std::fs::read_dir(state.store.root().join("objects"))
-        .map(|mut rd| rd.next().is_some())
-        .unwrap_or(false)
+    state.store.holds_any()
 }
 
 fn write_highest(state_dir: &Path, generation: u64, hash: &Hash) -> Result<(), StoreError> {

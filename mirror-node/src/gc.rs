@@ -54,6 +54,16 @@ impl Syncer {
                 removed += 1;
             }
         }
+        // Partial downloads of blobs nothing served needs (a sync that
+        // moved on, an upstream that withdrew a generation), idle for the
+        // grace period.
+        let partials = self
+            .state
+            .store
+            .remove_stale_partials(|h| keep.contains(h), grace);
+        if partials > 0 {
+            tracing::info!(partials, "removed stale partial downloads");
+        }
         // Old roots: keep the served one and its predecessor.
         if let Ok(rd) = std::fs::read_dir(&self.state.roots_dir) {
             for e in rd.flatten() {

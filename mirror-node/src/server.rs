@@ -62,7 +62,8 @@ impl Published for MirrorService {
     fn root_envelope(&self, generation: u64) -> Option<Vec<u8>> {
         std::fs::read(self.state.root_path(generation)).ok()
     }
-    fn store(&self) -> &ObjectStore {
+    type Objects = ObjectStore;
+    fn objects(&self) -> &Arc<ObjectStore> {
         &self.state.store
     }
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {

@@ -28,10 +28,9 @@ pub struct SyncStatus {
 #[derive(Debug)]
 pub struct MirrorState {
     pub cfg: MirrorConfig,
-    pub store: ObjectStore,
+    pub store: Arc<ObjectStore>,
     pub verifier: Verifier,
     pub roots_dir: PathBuf,
-    pub partial_dir: PathBuf,
     /// The generation being served; replaced in one atomic step.
     pub served: ArcSwapOption<Generation>,
     /// Announces the served generation number (read API long-poll).
@@ -68,19 +67,16 @@ pub struct MirrorState {
 impl MirrorState {
     /// Opens the state directory (objects, roots, partial downloads).
     pub fn open(cfg: MirrorConfig) -> Result<Self, meridian_serve::StoreError> {
-        let store = ObjectStore::open(cfg.state.clone())?;
+        let store = Arc::new(ObjectStore::open(cfg.state.clone())?);
         let roots_dir = cfg.state.join("roots");
-        let partial_dir = cfg.state.join("partial");
-        for d in [&roots_dir, &partial_dir] {
-            std::fs::create_dir_all(d).map_err(|e| meridian_serve::StoreError::io(d, e))?;
-        }
+        std::fs::create_dir_all(&roots_dir)
+            .map_err(|e| meridian_serve::StoreError::io(&roots_dir, e))?;
         let (notify, _) = watch::channel(0);
         Ok(MirrorState {
             verifier: Verifier::new(TrustedKeys::new(cfg.trust.iter().copied())),
             cfg,
             store,
             roots_dir,
-            partial_dir,
             served: ArcSwapOption::empty(),
             notify,
             metrics: MirrorMetrics::new(),

@@ -454,8 +454,7 @@ impl Syncer {
             blocking(move || {
                 let partial: u64 = blobs
                     .iter()
-                    .filter_map(|w| std::fs::metadata(state.partial_dir.join(w.hash.to_hex())).ok())
-                    .map(|m| m.len())
+                    .filter_map(|w| state.store.partial_len(&w.hash))
                     .sum();
                 state.store.free_bytes().map(|free| (partial, free, blobs))
             })

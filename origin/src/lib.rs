@@ -15,6 +15,7 @@
 
 mod cache;
 pub mod config;
+mod linked;
 mod metrics;
 mod publisher;
 pub mod scan;

@@ -16,6 +16,7 @@
 
 use crate::cache::HashCache;
 use crate::config::OriginConfig;
+use crate::linked::LinkedStore;
 use crate::metrics::OriginMetrics;
 use crate::scan::{ScanInput, Snapshot, scan};
 use arc_swap::ArcSwapOption;
@@ -24,7 +25,7 @@ use meridian_core::{
     TrustedKeys, VerifiedRoot, Verifier,
 };
 use meridian_serve::store::write_atomic;
-use meridian_serve::{ObjectStore, StoreError, unix_now};
+use meridian_serve::{StoreError, unix_now};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -71,7 +72,7 @@ pub enum PublishOutcome {
 /// State the HTTP service reads while the publisher writes.
 #[derive(Debug)]
 pub struct Shared {
-    pub store: ObjectStore,
+    pub store: Arc<LinkedStore>,
     pub roots_dir: PathBuf,
     pub latest: ArcSwapOption<VerifiedRoot>,
     pub notify: watch::Sender<u64>,
@@ -132,7 +133,7 @@ fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
 
 /// Every (path, leaf entry) of a stored tree; also records node hashes.
 pub fn walk_tree(
-    store: &ObjectStore,
+    store: &LinkedStore,
     tree: Hash,
     mut on_node: impl FnMut(Hash) -> bool,
     mut on_leaf: impl FnMut(&str, &Entry),
@@ -176,7 +177,7 @@ impl Publisher {
     pub fn open(cfg: OriginConfig, key: SecretKey) -> Result<Self, PublishError> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.state).map_err(state_err(&cfg.state))?;
-        let store = ObjectStore::open(cfg.state.clone())?;
+        let store = Arc::new(LinkedStore::open(&cfg.state)?);
         let roots_dir = cfg.state.join("roots");
         std::fs::create_dir_all(&roots_dir).map_err(state_err(&roots_dir))?;
         let verifier = Verifier::new(TrustedKeys::new([key.public()]));
@@ -373,7 +374,7 @@ impl Publisher {
         let mut written = out.new_objects.clone();
         for (h, bytes) in &built.nodes {
             if !self.shared.store.contains(h) {
-                self.shared.store.put_bytes(h, bytes)?;
+                self.shared.store.objects.put_bytes(h, bytes)?;
                 written.push(*h);
             }
         }

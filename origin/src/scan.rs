@@ -9,8 +9,8 @@
 //! before and after, and is retried on a later scan.
 
 use crate::cache::{HashCache, StatKey};
+use crate::linked::LinkedStore;
 use meridian_core::{Entry, EntryKind, Hash, RelPath, resolve_symlink, validate_name};
-use meridian_serve::ObjectStore;
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{Read, Seek};
@@ -90,7 +90,7 @@ impl SkipReason {
 /// Inputs of a scan.
 pub struct ScanInput<'a> {
     pub content: &'a Path,
-    pub store: &'a ObjectStore,
+    pub store: &'a LinkedStore,
     pub cache: &'a HashCache,
     /// Leaf entries (files and symlinks) of the previous generation by path,
     /// carried forward for files that cannot be read right now.
@@ -566,7 +566,7 @@ fn hash_in_place(abs: &Path, before: StatKey, buf: &mut [u8]) -> Result<(File, H
 /// link; whatever slips past that is caught when the link is copied, which
 /// hashes again.
 fn link_hashed(
-    store: &ObjectStore,
+    store: &LinkedStore,
     abs: &Path,
     before: StatKey,
     held: Option<File>,
@@ -589,7 +589,7 @@ fn link_hashed(
             let mut src = src;
             src.seek(std::io::SeekFrom::Start(0))
                 .map_err(|_| IngestError::Skip(SkipReason::Unreadable))?;
-            return match store.copy_verified(&mut src, &h, before.size + 1, "held") {
+            return match store.objects.copy_verified(&mut src, &h, before.size) {
                 Ok(true) => Ok((h, true, before)),
                 Ok(false) => Err(IngestError::Skip(SkipReason::ChangedWhileHashing)),
                 Err(e) => Err(IngestError::Store(e)),
@@ -615,77 +615,50 @@ fn link_hashed(
 /// Snapshots one file into the store and returns its hash and whether the
 /// object was new. The hash is of the snapshot's bytes.
 fn ingest(
-    store: &ObjectStore,
+    store: &LinkedStore,
     abs: &Path,
     before: StatKey,
     buf: &mut [u8],
 ) -> Result<(Hash, bool, StatKey), IngestError> {
     let mut src = open_unchanged(abs, before)?;
-    let (tmp, dst) = store.create_tmp("ingest").map_err(IngestError::Store)?;
-    let cleanup = |e: IngestError| {
-        let _ = fs::remove_file(&tmp);
-        e
-    };
-    // Snapshot first (a reflink where the file system can; else an in-kernel
-    // copy_file_range via io::copy), then hash the snapshot itself: the hash
-    // is of the bytes that will be served, whatever the source does next.
-    if rustix::fs::ioctl_ficlone(&dst, &src).is_err() {
-        let mut limited = (&mut src).take(before.size + 1);
-        let mut w = &dst;
-        match std::io::copy(&mut limited, &mut w) {
-            Ok(n) if n == before.size => {}
-            Ok(_) => return Err(cleanup(IngestError::Skip(SkipReason::ChangedWhileHashing))),
-            Err(e) if e.raw_os_error() == Some(28) => {
-                return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(
-                    &tmp, e,
-                ))));
-            }
-            Err(_) => return Err(cleanup(IngestError::Skip(SkipReason::Unreadable))),
+    let store_err = |e| IngestError::Store(e);
+    let mut w = store
+        .objects
+        .unnamed_writer(before.size)
+        .map_err(store_err)?;
+    // Snapshot first (a reflink where the file system can, else an
+    // in-kernel copy), then hash the snapshot itself: the hash is of the
+    // bytes that will be served, whatever the source does next.
+    match w.snapshot_from(&mut src, before.size + 1, buf) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(28) => {
+            return Err(store_err(meridian_serve::StoreError::io(
+                w.staged_path(),
+                e,
+            )));
         }
+        Err(_) => return Err(IngestError::Skip(SkipReason::Unreadable)),
     }
-    let mut hasher = blake3::Hasher::new();
-    let mut written = 0u64;
-    let mut r = &dst;
-    r.seek(std::io::SeekFrom::Start(0))
-        .map_err(|e| cleanup(IngestError::Store(meridian_serve::StoreError::io(&tmp, e))))?;
-    loop {
-        let n = match r.read(buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(cleanup(IngestError::Store(meridian_serve::StoreError::io(
-                    &tmp, e,
-                ))));
-            }
-        };
-        hasher.update(&buf[..n]);
-        written += n as u64;
-    }
-    drop(dst);
     let after = fs::symlink_metadata(abs).map(|m| StatKey::of(&m)).ok();
-    if after != Some(before) || written != before.size {
-        return Err(cleanup(IngestError::Skip(SkipReason::ChangedWhileHashing)));
+    if after != Some(before) || w.written() != before.size {
+        return Err(IngestError::Skip(SkipReason::ChangedWhileHashing));
     }
-    let h: Hash = hasher.finalize().into();
+    let h = w.digest();
     if store.contains(&h) {
-        let _ = fs::remove_file(&tmp);
         return Ok((h, false, before));
     }
-    store
-        .commit(&tmp, &h)
-        .map_err(|e| cleanup(IngestError::Store(e)))?;
+    let h = w.commit().map_err(store_err)?;
     Ok((h, true, before))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meridian_serve::Promoted;
+    use crate::linked::Promoted;
 
     fn scan_dir(
         content: &Path,
-        store: &ObjectStore,
+        store: &LinkedStore,
         prev: &HashMap<String, Entry>,
         quiet: Duration,
     ) -> ScanOutput {
@@ -694,7 +667,7 @@ mod tests {
 
     fn scan_mode(
         content: &Path,
-        store: &ObjectStore,
+        store: &LinkedStore,
         prev: &HashMap<String, Entry>,
         quiet: Duration,
         snapshot: Snapshot,
@@ -717,7 +690,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let content = dir.path().join("c");
         fs::create_dir_all(&content).expect("mkdir");
-        let store = ObjectStore::open(dir.path().join("s")).expect("store");
+        let store = LinkedStore::open(&dir.path().join("s")).expect("store");
         let f = content.join("f");
         fs::write(&f, b"new bytes").expect("write");
         let old = Entry::file("f", 3, Hash([1; 32]), false, 0);
@@ -742,7 +715,7 @@ mod tests {
     #[test]
     fn a_file_that_changes_between_stat_and_copy_is_not_snapshotted() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = ObjectStore::open(dir.path().join("s")).expect("store");
+        let store = LinkedStore::open(&dir.path().join("s")).expect("store");
         let f = dir.path().join("f");
         fs::write(&f, b"before").expect("write");
         let before = StatKey::of(&fs::symlink_metadata(&f).expect("stat"));
@@ -773,7 +746,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let content = dir.path().join("c");
         fs::create_dir_all(&content).expect("mkdir");
-        let store = ObjectStore::open(dir.path().join("s")).expect("store");
+        let store = LinkedStore::open(&dir.path().join("s")).expect("store");
         fs::write(content.join("f"), b"version one").expect("write");
         let out = scan_dir(&content, &store, &HashMap::new(), Duration::ZERO);
         let h = out.leaves["f"].hash;
@@ -784,7 +757,7 @@ mod tests {
     #[test]
     fn a_hashed_file_is_linked_as_it_was_read_even_if_renamed_over() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = ObjectStore::open(dir.path().join("s")).expect("store");
+        let store = LinkedStore::open(&dir.path().join("s")).expect("store");
         let mut buf = vec![0u8; 4096];
         let replace = |path: &Path, bytes: &[u8]| {
             let tmp = path.with_extension("new");
@@ -859,7 +832,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let content = dir.path().join("c");
         fs::create_dir_all(content.join("sub")).expect("mkdir");
-        let store = ObjectStore::open(dir.path().join("s")).expect("store");
+        let store = LinkedStore::open(&dir.path().join("s")).expect("store");
         let names: Vec<String> = (0..50).map(|i| format!("sub/f{i}")).collect();
         for n in &names {
             fs::write(content.join(n), n.repeat(100)).expect("write");
@@ -897,7 +870,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let content = dir.path().join("c");
         fs::create_dir_all(&content).expect("mkdir");
-        let store = ObjectStore::open(dir.path().join("s")).expect("store");
+        let store = LinkedStore::open(&dir.path().join("s")).expect("store");
         fs::write(content.join("kept"), b"stays as published").expect("write");
         fs::write(content.join("edited"), b"first version").expect("write");
         let out = scan_mode(
@@ -937,7 +910,7 @@ mod tests {
         );
         assert!(!store.contains(&edited));
         // An untouched one becomes a private copy, immune to later edits.
-        assert_eq!(store.promote(&kept).expect("promote"), Promoted::Promoted);
+        assert_eq!(store.promote(&kept).expect("promote"), Promoted::Copied);
         fs::write(content.join("kept"), b"edited after the copy").expect("rewrite");
         assert_eq!(store.read(&kept).expect("copy"), b"stays as published");
         assert_eq!(store.promote(&kept).expect("again"), Promoted::Present);

@@ -1,6 +1,7 @@
 //! Running the origin: key loading, the publish loop and the HTTP service.
 
 use crate::config::OriginConfig;
+use crate::linked::{LinkedStore, Promoted};
 use crate::publisher::{PublishError, PublishOutcome, Publisher, Shared};
 use crate::watcher::{ChangeSignal, watch};
 use http::{Method, Response, StatusCode};
@@ -8,7 +9,7 @@ use meridian_core::{SecretKey, VerifiedRoot};
 use meridian_serve::files::text;
 use meridian_serve::readapi::{self, Published};
 use meridian_serve::shutdown::{Shutdown, Stopping};
-use meridian_serve::{Body, ObjectStore, Promoted, ServerHandle, Service, full};
+use meridian_serve::{Body, ServerHandle, Service, full};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -95,7 +96,8 @@ impl Published for Origin {
     fn root_envelope(&self, generation: u64) -> Option<Vec<u8>> {
         std::fs::read(self.shared.root_path(generation)).ok()
     }
-    fn store(&self) -> &ObjectStore {
+    type Objects = LinkedStore;
+    fn objects(&self) -> &Arc<LinkedStore> {
         &self.shared.store
     }
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -304,7 +306,7 @@ fn promote_linked(shared: &Shared, stop: &Stopping, full: bool) {
             std::thread::sleep(Duration::from_millis(50));
         }
         match shared.store.promote(&h) {
-            Ok(Promoted::Promoted) => copied += 1,
+            Ok(Promoted::Copied) => copied += 1,
             Ok(Promoted::Withdrawn) => {
                 withdrawn += 1;
                 tracing::warn!(object = %h, "a published file was edited in place before it was copied; withdrawn");

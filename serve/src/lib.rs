@@ -28,7 +28,7 @@ pub mod tls;
 pub use body::{Body, empty, full};
 pub use server::{Listen, ListenError, ServerHandle, bind, serve, serve_listeners};
 pub use service::{ServerOptions, Service};
-pub use store::{ObjectStore, Promoted, StoreError};
+pub use store::{ObjectStore, ObjectWriter, StoreError};
 
 /// One line for an error and everything that caused it, outermost first
 /// (`error sending request for url (…): client error (Connect): tcp

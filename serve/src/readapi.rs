@@ -15,7 +15,7 @@
 
 use crate::body::{Body, full};
 use crate::files::{self, FileMeta, text};
-use crate::store::{ObjectStore, Promoted};
+use crate::store::ObjectStore;
 use http::header::{self, HeaderMap};
 use http::{Method, Response, StatusCode};
 use meridian_core::{Hash, VerifiedRoot, hash_bytes};
@@ -36,8 +36,10 @@ pub trait Published: Send + Sync + 'static {
     fn latest(&self) -> Option<Arc<VerifiedRoot>>;
     /// The envelope of an older (still retained) generation.
     fn root_envelope(&self, generation: u64) -> Option<Vec<u8>>;
+    /// How this node's stored objects are read.
+    type Objects: Objects;
     /// The object store holding blobs and nodes.
-    fn store(&self) -> &ObjectStore;
+    fn objects(&self) -> &Arc<Self::Objects>;
     /// Changes whenever a newer generation is published.
     fn subscribe(&self) -> watch::Receiver<u64>;
     /// Counts bytes sent for objects (metrics).
@@ -53,6 +55,65 @@ pub trait Published: Send + Sync + 'static {
     fn stopping(&self) -> Option<crate::shutdown::Stopping> {
         None
     }
+}
+
+/// What the read API needs of a node's object store. A mirror's store holds
+/// only objects its verified writer committed, and answers as it is
+/// ([`ObjectStore`]'s implementation); the origin's also holds files hashed
+/// in place, which it checks, or copies through the verified writer, before
+/// a byte of them is served. Every method may block on the disk: the read
+/// API calls them on the blocking pool.
+pub trait Objects: Send + Sync + 'static {
+    /// Makes object `h` ready to be served, and says from where.
+    fn ready(&self, h: &Hash) -> Ready;
+    /// The whole of object `h`, checked against its name; `None` when it
+    /// is not held or its bytes do not match.
+    fn read_checked(&self, h: &Hash) -> Option<Vec<u8>>;
+    /// The length of object `h`, if held.
+    fn held_len(&self, h: &Hash) -> Option<u64>;
+}
+
+/// How an object is served ([`Objects::ready`]).
+#[derive(Debug)]
+pub enum Ready {
+    /// From this file, of this length.
+    File { path: std::path::PathBuf, len: u64 },
+    /// From these bytes, checked against the object's name.
+    Bytes(Vec<u8>),
+    /// Not held here.
+    Missing,
+    /// Held, but its source changed before a verified copy was made:
+    /// withdrawn.
+    Withdrawn,
+    /// The store failed.
+    Failed,
+}
+
+impl Objects for ObjectStore {
+    fn ready(&self, h: &Hash) -> Ready {
+        let path = self.path(h);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ready::File { path, len: m.len() },
+            _ => Ready::Missing,
+        }
+    }
+
+    fn read_checked(&self, h: &Hash) -> Option<Vec<u8>> {
+        self.read(h).ok().filter(|b| hash_bytes(b) == *h)
+    }
+
+    fn held_len(&self, h: &Hash) -> Option<u64> {
+        ObjectStore::held_len(self, h)
+    }
+}
+
+/// Runs blocking store work on the blocking pool.
+async fn blocking<O: Objects, T: Send + 'static>(
+    objects: &Arc<O>,
+    f: impl FnOnce(&O) -> T + Send + 'static,
+) -> Option<T> {
+    let o = objects.clone();
+    tokio::task::spawn_blocking(move || f(&o)).await.ok()
 }
 
 /// The most recent tree deltas, by the trees they connect. A delta is
@@ -163,41 +224,6 @@ fn busy(what: &str) -> Response<Body> {
     r
 }
 
-/// Makes sure an object that is only hard-linked (an origin's hashed-in-
-/// place file) is a verified private copy before a byte of it is served.
-/// Returns the response to send instead when the object cannot be served.
-fn private_copy(store: &ObjectStore, h: &Hash) -> Option<Response<Body>> {
-    match tokio::task::block_in_place(|| store.promote(h)) {
-        Ok(Promoted::Withdrawn) => {
-            tracing::warn!(
-                object = %h,
-                "a published file was edited in place before it was copied; withdrawn"
-            );
-            Some(text(
-                StatusCode::NOT_FOUND,
-                format!("object {h} changed at its source and was withdrawn\n"),
-            ))
-        }
-        Ok(_) => None,
-        Err(e) => {
-            tracing::warn!(object = %h, error = %e, "could not copy a linked object");
-            Some(text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "object store error\n",
-            ))
-        }
-    }
-}
-
-/// Largest linked object served from a verified in-memory read.
-pub const VERIFY_IN_MEMORY_MAX: u64 = 8 << 20;
-
-/// Bounds the memory of in-memory verified reads: at most this many at once.
-fn in_memory_permits() -> &'static tokio::sync::Semaphore {
-    static S: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    S.get_or_init(|| tokio::sync::Semaphore::new(16))
-}
-
 /// Counts an object response's body bytes (a successful GET).
 fn count_sent<P: Published>(node: &P, method: &Method, resp: &Response<Body>) {
     if resp.status().is_success() && *method == Method::GET {
@@ -275,58 +301,34 @@ async fn route<P: Published>(
                 "object name must be a blake3 hash (64 hex digits)\n",
             );
         };
-        let store = node.store();
-        // A hashed-in-place object not yet copied: a small one is read once,
-        // checked against its hash in memory, served from there, and its
-        // private copy written from the same bytes (so an in-place edit of
-        // the source later cannot take away a version a mirror has begun
-        // to fetch); a large one is copied first, then served.
-        if store.is_linked_only(&hash)
-            && store
-                .held_len(&hash)
-                .is_some_and(|n| n <= VERIFY_IN_MEMORY_MAX)
-        {
-            let _permit = match in_memory_permits().acquire().await {
-                Ok(p) => p,
-                Err(_) => return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
-            };
-            let read = tokio::task::block_in_place(|| {
-                let bytes = store.read_verified(&hash).ok()??;
-                if let Err(e) = store.promote_from(&hash, &bytes) {
-                    tracing::warn!(object = %hash, error = %e, "could not copy a linked object");
-                }
-                Some(bytes)
-            });
-            if let Some(bytes) = read {
-                let fm = FileMeta {
-                    len: bytes.len() as u64,
-                    hash,
-                    mtime: 0,
-                    content_type: "application/octet-stream",
-                    cache_control: "public, max-age=31536000, immutable",
-                };
-                let resp = files::respond_bytes(method, headers, &fm, bytes.into(), None);
-                count_sent(node, method, &resp);
-                return resp;
-            }
-            // Changed at its source: the copier's check withdraws it below.
-        }
-        if let Some(resp) = private_copy(store, &hash) {
-            return resp;
-        }
-        let path = store.path(&hash);
-        let meta = match tokio::fs::metadata(&path).await {
-            Ok(m) => m,
-            Err(_) => return text(StatusCode::NOT_FOUND, format!("object {hash} not found\n")),
-        };
-        let fm = FileMeta {
-            len: meta.len(),
+        let ready = blocking(node.objects(), move |o| o.ready(&hash))
+            .await
+            .unwrap_or(Ready::Failed);
+        let fm = |len| FileMeta {
+            len,
             hash,
             mtime: 0,
             content_type: "application/octet-stream",
             cache_control: "public, max-age=31536000, immutable",
         };
-        let resp = files::respond(method, headers, &fm, || std::fs::File::open(&path), None);
+        let resp = match ready {
+            Ready::File { path, len } => files::respond(
+                method,
+                headers,
+                &fm(len),
+                || std::fs::File::open(&path),
+                None,
+            ),
+            Ready::Bytes(bytes) => {
+                files::respond_bytes(method, headers, &fm(bytes.len() as u64), bytes.into(), None)
+            }
+            Ready::Missing => text(StatusCode::NOT_FOUND, format!("object {hash} not found\n")),
+            Ready::Withdrawn => text(
+                StatusCode::NOT_FOUND,
+                format!("object {hash} changed at its source and was withdrawn\n"),
+            ),
+            Ready::Failed => text(StatusCode::SERVICE_UNAVAILABLE, "object store error\n"),
+        };
         count_sent(node, method, &resp);
         return resp;
     }
@@ -345,16 +347,14 @@ async fn route<P: Published>(
             Ok(t) => t,
             Err(r) => return r,
         };
-        let store = node.store();
         let t0 = std::time::Instant::now();
-        let delta = tokio::task::block_in_place(|| {
-            meridian_core::delta::encode_between(from, to, |h| {
-                store.read(h).ok().filter(|b| hash_bytes(b) == *h)
-            })
-        });
+        let delta = blocking(node.objects(), move |o| {
+            meridian_core::delta::encode_between(from, to, |h| o.read_checked(h))
+        })
+        .await;
         tracing::debug!(seconds = t0.elapsed().as_secs_f64(), %from, %to, "computed tree delta");
         return match delta {
-            Ok(b) if b.len() as u64 <= meridian_core::delta::MAX_DELTA_BYTES => {
+            Some(Ok(b)) if b.len() as u64 <= meridian_core::delta::MAX_DELTA_BYTES => {
                 node.count_object_bytes(b.len() as u64);
                 let b = bytes::Bytes::from(b);
                 if let Some(c) = node.deltas() {
@@ -362,8 +362,12 @@ async fn route<P: Published>(
                 }
                 binary_response(b, "application/x-meridian-delta", method)
             }
-            Ok(_) => text(StatusCode::NOT_FOUND, "delta too large; fetch the nodes\n"),
-            Err(e) => text(StatusCode::NOT_FOUND, format!("no delta: {e}\n")),
+            Some(Ok(_)) => text(StatusCode::NOT_FOUND, "delta too large; fetch the nodes\n"),
+            Some(Err(e)) => text(StatusCode::NOT_FOUND, format!("no delta: {e}\n")),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "delta computation failed\n",
+            ),
         };
     }
     if let Some(pair) = rest.strip_prefix("patch/") {
@@ -373,8 +377,12 @@ async fn route<P: Published>(
                 "patch/{base}/{target}: two blob hashes\n",
             );
         };
-        let store = node.store();
-        let small = |h: &Hash| store.held_len(h).is_some_and(|len| len <= PATCH_MAX_BYTES);
+        let objects = node.objects();
+        let small = |h: &Hash| {
+            objects
+                .held_len(h)
+                .is_some_and(|len| len <= PATCH_MAX_BYTES)
+        };
         if !small(&base) || !small(&target) {
             return text(
                 StatusCode::NOT_FOUND,
@@ -385,13 +393,14 @@ async fn route<P: Published>(
             Ok(t) => t,
             Err(r) => return r,
         };
-        // Both versions are read whole anyway: a linked object is checked
-        // against its hash in memory instead of being copied first.
-        let patch = tokio::task::block_in_place(|| {
-            let b = store.read_verified(&base).ok()??;
-            let t = store.read_verified(&target).ok()??;
+        // Both versions are read whole and checked against their names.
+        let patch = blocking(objects, move |o| {
+            let b = o.read_checked(&base)?;
+            let t = o.read_checked(&target)?;
             Some(meridian_core::patch::make_patch(&b, base, &t, target))
-        });
+        })
+        .await
+        .flatten();
         return match patch {
             Some(p) => {
                 node.count_object_bytes(p.len() as u64);

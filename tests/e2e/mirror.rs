@@ -413,8 +413,7 @@ async fn after_a_power_loss_the_mirror_restarts_on_the_flushed_generation_and_re
     // (same size, wrong bytes).
     std::fs::write(state.join("current"), g1.to_string()).unwrap();
     let hb = meridian_core::hash_bytes(&b);
-    let store = meridian_serve::ObjectStore::open(state.clone()).unwrap();
-    let torn = store.path(&hb);
+    let torn = object_path(&state, &hb);
     let mut garbage = b.clone();
     garbage[150_000..160_000].fill(0);
     std::fs::write(&torn, &garbage).unwrap();
@@ -848,9 +847,14 @@ async fn damaged_local_state_never_lowers_the_generation_a_mirror_accepts() {
 /// objects read-only; the test runs as root, like an intruder or a bad
 /// disk would).
 fn damage_object(state: &Path, data: &[u8], with: &[u8]) {
-    let store = meridian_serve::ObjectStore::open(state.to_path_buf()).unwrap();
-    let p = store.path(&meridian_core::hash_bytes(data));
+    let p = object_path(state, &meridian_core::hash_bytes(data));
     std::fs::write(&p, with).unwrap();
+}
+
+/// Where a mirror keeps object `h` (without opening its store, which would
+/// clear a running mirror's staging area).
+fn object_path(state: &Path, h: &meridian_core::Hash) -> std::path::PathBuf {
+    meridian_serve::store::sharded(&state.join("objects"), h)
 }
 
 #[tokio::test]
@@ -891,12 +895,11 @@ async fn damaged_objects_are_never_served_and_are_repaired_on_first_read() {
     wait_generation(&http, maddr, g).await;
     // Served once (and so remembered as checked) before the damage. Every
     // object is read-only on disk.
-    let store = meridian_serve::ObjectStore::open(state.clone()).unwrap();
     for (f, d) in files {
         let (code, body) = get(&http, maddr, f).await;
         assert!(code == 200 && body == *d, "{f}: {code}");
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(store.path(&meridian_core::hash_bytes(d)))
+        let mode = std::fs::metadata(object_path(&state, &meridian_core::hash_bytes(d)))
             .unwrap()
             .permissions()
             .mode();
