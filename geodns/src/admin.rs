@@ -2,7 +2,7 @@
 //! every mirror and why it is or is not answered), and
 //! `POST /mirrors/{id}/down|drain|clear`.
 
-use crate::dns::Runtime;
+use crate::answer::Runtime;
 use crate::health::{Forced, Tracker, reason};
 use crate::metrics::DnsMetrics;
 use http::{Method, Response, StatusCode};

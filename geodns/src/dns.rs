@@ -8,14 +8,16 @@
 //! above 0 get BADVERS; Client Subnet is validated strictly (see
 //! [`crate::wire`]) and answered with an honest scope. UDP answers that do
 //! not fit the client's buffer are truncated with TC set (hickory's
-//! encoder), and TCP carries the full answer.
+//! encoder), and TCP carries the full answer. What a mirror name is answered
+//! with is [`crate::answer::plan`]'s; this module only adapts it to hickory.
+//! [`Collected`] takes an encoded response for the UDP general path and TCP.
 
-use crate::geoip::{GeoSet, Location};
+use crate::answer::{self, Kind, Question, Runtime};
+use crate::geoip::GeoSet;
 use crate::health::Tracker;
 use crate::metrics::DnsMetrics;
-use crate::select::{self, Choice, Family, Params};
+use crate::select::Family;
 use crate::wire::{self, EdnsInfo};
-use crate::zone::ZoneData;
 use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
 use hickory_proto::rr::rdata::{A, AAAA};
@@ -26,21 +28,6 @@ use hickory_server::zone_handler::MessageResponseBuilder;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
-
-/// Everything a query needs, swapped as a whole on config reload.
-#[derive(Debug)]
-pub struct Runtime {
-    pub zones: Vec<ZoneData>,
-    pub params: Params,
-    pub ttl: Duration,
-    pub ttl_changing: Duration,
-    pub default_location: Option<Arc<Location>>,
-    /// (network, prefix, location) overrides, checked before GeoIP.
-    pub overrides: Vec<(IpAddr, u8, Arc<Location>)>,
-    /// Every dynamic name in lower-case wire format, for the UDP fast path.
-    pub hot_names: Vec<Vec<u8>>,
-}
 
 /// Our UDP payload ceiling (RFC 9715 / DNS flag day 2020).
 pub const MAX_UDP_PAYLOAD: u16 = 1232;
@@ -53,33 +40,6 @@ pub struct GeoHandler {
     pub tracker: Arc<Tracker>,
     pub metrics: DnsMetrics,
     seed: Arc<AtomicU64>,
-}
-
-/// Who we think the client is (no allocation: locations are shared).
-pub(crate) struct Client {
-    pub(crate) location: Option<Arc<Location>>,
-    /// ECS scope to return (prefix of the network that decided).
-    pub(crate) scope: u8,
-    /// Whether an operator override placed the client.
-    overridden: bool,
-}
-
-impl Client {
-    /// The country label for metrics.
-    pub(crate) fn country(&self) -> &str {
-        match self.location.as_deref().and_then(|l| l.country.as_deref()) {
-            Some(c) => c,
-            None if self.overridden => "override",
-            None => "unknown",
-        }
-    }
-}
-
-/// The splitmix64 output function: well-spread bits from a counter.
-pub(crate) fn splitmix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 impl GeoHandler {
@@ -100,35 +60,16 @@ impl GeoHandler {
 
     pub(crate) fn random(&self) -> u64 {
         // splitmix64 over a shared counter: cheap, lock-free, well spread.
-        splitmix(
+        crate::answer::splitmix(
             self.seed
                 .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed),
         )
     }
 
-    pub(crate) fn locate(&self, rt: &Runtime, ip: IpAddr) -> Client {
-        for (net, len, loc) in &rt.overrides {
-            if select::cidr_contains(*net, *len, ip) {
-                return Client {
-                    location: Some(loc.clone()),
-                    scope: *len,
-                    overridden: true,
-                };
-            }
-        }
-        if let Some(l) = self.geo.locate(ip) {
-            return Client {
-                location: l.location,
-                scope: l.prefix,
-                overridden: false,
-            };
-        }
-        // Not located: the answer does not depend on location.
-        Client {
-            location: rt.default_location.clone(),
-            scope: 0,
-            overridden: false,
-        }
+    /// Sets the random stream (tests: the same draws as another path).
+    #[cfg(test)]
+    pub(crate) fn set_seed(&self, seed: u64) {
+        self.seed.store(seed, Ordering::Relaxed);
     }
 }
 
@@ -253,13 +194,7 @@ impl RequestHandler for GeoHandler {
         };
         meta.authoritative = true;
 
-        // Who is asking: ECS (source > 0) or the packet's source address.
         let ecs = parsed.edns.as_ref().and_then(|e| e.ecs);
-        let client_ip = match ecs {
-            Some(e) if e.source > 0 => e.addr,
-            _ => request.src().ip(),
-        };
-
         let mut answers: Vec<Record> = Vec::new();
         let mut authority: Vec<Record> = Vec::new();
         let mut scope = 0u8;
@@ -273,47 +208,40 @@ impl RequestHandler for GeoHandler {
                 _ => None,
             };
             if let Some(family) = family {
-                let client = self.locate(&rt, client_ip);
                 let views = self.tracker.views.load();
-                let choice = select::select(
-                    client.location.as_deref(),
+                let q = Question {
                     family,
+                    ecs,
+                    src: request.src().ip(),
+                };
+                let mut picks = Vec::new();
+                let plan = answer::plan(
+                    &rt,
+                    &self.geo,
                     &views,
-                    &rt.params,
+                    q,
+                    std::time::Instant::now(),
                     self.random(),
+                    &mut picks,
                 );
-                self.metrics.country(client.country());
-                match choice {
-                    Choice::Mirrors { picks, degraded } => {
-                        let now = std::time::Instant::now();
-                        let changing = picks
-                            .iter()
-                            .any(|&i| views[i].health.changed_within(rt.ttl, now));
-                        let ttl = if changing || degraded {
-                            rt.ttl_changing
-                        } else {
-                            rt.ttl
-                        };
+                self.metrics.country(plan.client.country());
+                scope = plan.scope;
+                match plan.kind {
+                    Kind::Mirrors { .. } => {
                         for &i in &picks {
                             if let Some(ip) = views[i].addr(family) {
                                 self.metrics.answer(&views[i].id);
-                                answers.push(addr_record(&owner, ttl, ip));
+                                answers.push(addr_record(&owner, plan.ttl, ip));
                             }
                         }
-                        if client.location.is_some() {
-                            scope = client.scope;
-                        }
                     }
-                    Choice::Fallback(addrs) => {
+                    Kind::Fallback => {
                         self.metrics.answer("fallback");
-                        for ip in addrs
-                            .into_iter()
-                            .filter(|ip| ip.is_ipv4() == (family == Family::V4))
-                        {
-                            answers.push(addr_record(&owner, rt.ttl_changing.as_secs() as u32, ip));
+                        for ip in answer::fallback(&rt, family) {
+                            answers.push(addr_record(&owner, plan.ttl, ip));
                         }
                     }
-                    Choice::Nothing => {}
+                    Kind::Nothing => {}
                 }
             }
         } else if let Some(recs) = statics {
@@ -358,10 +286,7 @@ impl RequestHandler for GeoHandler {
             "NOERROR"
         });
 
-        let ecs_back = ecs.map(|e| {
-            let scope = if e.source == 0 { 0 } else { scope };
-            ClientSubnet::new(e.addr, e.source, scope)
-        });
+        let ecs_back = ecs.map(|e| ClientSubnet::new(e.addr, e.source, scope));
         let edns = parsed.edns.as_ref().map(|x| response_edns(x, ecs_back));
         let mut b = builder;
         if let Some(e) = &edns {
@@ -378,26 +303,12 @@ impl RequestHandler for GeoHandler {
     }
 }
 
-fn addr_record(owner: &Name, ttl: impl TtlSecs, ip: IpAddr) -> Record {
+fn addr_record(owner: &Name, ttl: u32, ip: IpAddr) -> Record {
     let rd = match ip {
         IpAddr::V4(a) => RData::A(A(a)),
         IpAddr::V6(a) => RData::AAAA(AAAA(a)),
     };
-    Record::from_rdata(owner.clone(), ttl.secs(), rd)
-}
-
-trait TtlSecs {
-    fn secs(self) -> u32;
-}
-impl TtlSecs for Duration {
-    fn secs(self) -> u32 {
-        self.as_secs().min(u64::from(u32::MAX)) as u32
-    }
-}
-impl TtlSecs for u32 {
-    fn secs(self) -> u32 {
-        self
-    }
+    Record::from_rdata(owner.clone(), ttl, rd)
 }
 
 fn with_owner(r: &Record, owner: &Name) -> Record {
@@ -429,5 +340,65 @@ async fn send<'a, R: ResponseHandler>(
             }
             .into()
         }
+    }
+}
+
+/// Takes a hickory-built response, encoded: for UDP within the client's
+/// EDNS payload size (512 bytes at least; hickory truncates past it), for
+/// TCP within a 64 KiB message. The caller sends it.
+#[derive(Clone)]
+pub(crate) struct Collected {
+    /// Most bytes, or 0 for the client's UDP payload size.
+    max: u16,
+    out: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+impl Collected {
+    pub(crate) fn udp() -> Self {
+        Self::new(0)
+    }
+    pub(crate) fn new(max: u16) -> Self {
+        Collected {
+            max,
+            out: Arc::default(),
+        }
+    }
+    /// The encoded response, if one was sent.
+    pub(crate) fn take(&self) -> Option<Vec<u8>> {
+        self.out.lock().ok()?.take()
+    }
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for Collected {
+    async fn send_response<'a>(
+        &mut self,
+        response: hickory_server::zone_handler::MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, hickory_server::net::NetError> {
+        let max = match self.max {
+            0 => response
+                .edns()
+                .map(|e| e.max_payload())
+                .unwrap_or(512)
+                .max(512),
+            m => m,
+        };
+        let mut buf = Vec::with_capacity(512);
+        let mut enc = hickory_proto::serialize::binary::BinEncoder::new(&mut buf);
+        enc.set_max_size(max);
+        let info = response
+            .destructive_emit(&mut enc)
+            .map_err(hickory_server::net::NetError::from)?;
+        if let Ok(mut o) = self.out.lock() {
+            *o = Some(buf);
+        }
+        Ok(info)
     }
 }

@@ -5,19 +5,20 @@
 //! [`RequestHandler`](hickory_server::server::RequestHandler) the TCP
 //! listener uses, through [`hickory_server::server::Request::from_bytes`].
 //!
-//! The hot path applies exactly the rules of the general handler (it
-//! shares `wire::read` for EDNS/ECS validation and `select` for the
-//! choice); anything unusual (EDNS version > 0, no answer to give, an
-//! answer that would not fit) falls back to the general handler.
+//! The hot path only parses and encodes: what an answer says (mirrors,
+//! TTL, ECS scope) is [`crate::answer::plan`]'s, the same call the general
+//! handler makes, and EDNS/ECS are read by the same `wire::read`. Anything
+//! unusual (EDNS version > 0, a fallback or empty answer, an answer that
+//! would not fit) goes to the general handler.
 
-use crate::dns::{GeoHandler, MAX_UDP_PAYLOAD};
-use crate::select::{self, Choice, Family};
+use crate::answer::{self, Kind, Question, Runtime};
+use crate::dns::{Collected, GeoHandler, MAX_UDP_PAYLOAD};
+use crate::health::Views;
+use crate::select::Family;
 use crate::wire;
 use hickory_server::net::runtime::TokioTime;
 use hickory_server::net::xfer::Protocol;
-use hickory_server::proto::serialize::binary::BinEncoder;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponse;
+use hickory_server::server::{Request, RequestHandler};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -156,6 +157,12 @@ pub fn serve(
         let views = handler.tracker.views.load();
         let now = std::time::Instant::now();
         hot.tally.begin(&handler.metrics, &views);
+        let snap = Snapshot {
+            handler: &handler,
+            rt: &conf,
+            views: &views,
+            now,
+        };
         for (i, &(n, src)) in got.iter().enumerate() {
             let Some(src) = src else { continue };
             let pkt = &bufs[i][..n];
@@ -164,7 +171,7 @@ pub fn serve(
             }
             let out = &mut outs[i];
             out.clear();
-            if hot_answer(&handler, &conf, &views, now, &mut hot, pkt, src, out) {
+            if hot_answer(&snap, &mut hot, pkt, src, out) {
                 replies.push((i, SockaddrStorage::from(src)));
                 continue;
             }
@@ -227,7 +234,7 @@ fn general(
 
 /// What one serving loop keeps between queries: the picks buffer, its own
 /// random stream (no shared counter to bounce between cores), the metrics
-/// tally of the current batch, and the distance cache.
+/// tally of the current batch.
 struct Hot {
     picks: Vec<usize>,
     rng: u64,
@@ -237,7 +244,7 @@ struct Hot {
 impl Hot {
     fn random(&mut self) -> u64 {
         self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        crate::dns::splitmix(self.rng)
+        crate::answer::splitmix(self.rng)
     }
 }
 
@@ -318,133 +325,42 @@ impl Tally {
     }
 }
 
-/// Per client location and mirror-coordinate snapshot: the distance to
-/// every mirror and the mirrors ranked nearest first.
-struct Ranked {
-    dists: Vec<f64>,
-    order: Vec<u32>,
-}
-
-thread_local! {
-    /// (coordinates fingerprint, lat bits, lon bits) -> [`Ranked`].
-    static RANKED: std::cell::RefCell<rustc_hash::FxHashMap<(u64, u64, u64), Ranked>> =
-        std::cell::RefCell::new(rustc_hash::FxHashMap::default());
-}
-
-fn with_ranked<R>(
-    views: &crate::health::Views,
-    loc: &crate::geoip::Location,
-    f: impl FnOnce(&Ranked) -> R,
-) -> R {
-    RANKED.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.len() > 65_536 {
-            c.clear();
-        }
-        let key = (views.coords, loc.lat.to_bits(), loc.lon.to_bits());
-        let r = c.entry(key).or_insert_with(|| {
-            let dists: Vec<f64> = views
-                .iter()
-                .map(|m| select::distance_km(loc.lat, loc.lon, m.lat, m.lon))
-                .collect();
-            let order = select::rank(&dists);
-            Ranked { dists, order }
-        });
-        f(r)
-    })
-}
-
-/// Takes a hickory-built response, encoded: for UDP within the client's
-/// EDNS payload size (512 bytes at least; hickory truncates past it), for
-/// TCP within a 64 KiB message. The caller sends it.
-#[derive(Clone)]
-pub(crate) struct Collected {
-    /// Most bytes, or 0 for the client's UDP payload size.
-    max: u16,
-    out: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
-}
-
-impl Collected {
-    pub(crate) fn udp() -> Self {
-        Self::new(0)
-    }
-    pub(crate) fn new(max: u16) -> Self {
-        Collected {
-            max,
-            out: Arc::default(),
-        }
-    }
-    /// The encoded response, if one was sent.
-    pub(crate) fn take(&self) -> Option<Vec<u8>> {
-        self.out.lock().ok()?.take()
-    }
-}
-
-#[async_trait::async_trait]
-impl ResponseHandler for Collected {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a hickory_server::proto::rr::Record> + Send + 'a,
-            impl Iterator<Item = &'a hickory_server::proto::rr::Record> + Send + 'a,
-            impl Iterator<Item = &'a hickory_server::proto::rr::Record> + Send + 'a,
-            impl Iterator<Item = &'a hickory_server::proto::rr::Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, hickory_server::net::NetError> {
-        let max = match self.max {
-            0 => response
-                .edns()
-                .map(|e| e.max_payload())
-                .unwrap_or(512)
-                .max(512),
-            m => m,
-        };
-        let mut buf = Vec::with_capacity(512);
-        let mut enc = BinEncoder::new(&mut buf);
-        enc.set_max_size(max);
-        let info = response
-            .destructive_emit(&mut enc)
-            .map_err(hickory_server::net::NetError::from)?;
-        if let Ok(mut o) = self.out.lock() {
-            *o = Some(buf);
-        }
-        Ok(info)
-    }
-}
-
-/// Writes the answer to a hot query into `out`; false means "not hot, use
-/// the general path" (and `out` is then meaningless).
-#[allow(clippy::too_many_arguments)]
-fn hot_answer(
-    h: &GeoHandler,
-    rt: &crate::dns::Runtime,
-    views: &crate::health::Views,
+/// What one batch of datagrams is answered from: the handler, and one
+/// snapshot of the config, the mirror states and the clock.
+struct Snapshot<'a> {
+    handler: &'a GeoHandler,
+    rt: &'a Runtime,
+    views: &'a Views,
     now: std::time::Instant,
-    hot: &mut Hot,
-    pkt: &[u8],
-    src: SocketAddr,
-    out: &mut Vec<u8>,
-) -> bool {
+}
+
+/// A question the hot path takes: a standard query with one question, A or
+/// AAAA in class IN, for a mirror name.
+struct HotQuestion {
+    /// Where the question's name ends in the packet.
+    qname_end: usize,
+    qtype: u16,
+    family: Family,
+}
+
+/// Reads the question of `pkt` if the hot path takes it.
+fn hot_question(pkt: &[u8], hot_names: &[Vec<u8>]) -> Option<HotQuestion> {
     // Header: standard query, one question, no answers/authority.
     let flags = u16::from_be_bytes([pkt[2], pkt[3]]);
     if flags & 0x7800 != 0 || pkt[4..8] != [0, 1, 0, 0] || pkt[8..10] != [0, 0] {
-        return false;
+        return None;
     }
     // Question name, lower-cased into a stack buffer.
     let mut lower = [0u8; 255];
     let mut i = 12;
     let mut l = 0;
     loop {
-        let Some(&len) = pkt.get(i) else { return false };
+        let len = *pkt.get(i)?;
         if len & 0xC0 != 0 || l + 1 + usize::from(len) > lower.len() {
-            return false;
+            return None;
         }
         lower[l] = len;
-        let Some(label) = pkt.get(i + 1..i + 1 + usize::from(len)) else {
-            return false;
-        };
+        let label = pkt.get(i + 1..i + 1 + usize::from(len))?;
         for (k, b) in label.iter().enumerate() {
             lower[l + 1 + k] = b.to_ascii_lowercase();
         }
@@ -454,19 +370,41 @@ fn hot_answer(
             break;
         }
     }
-    let qname_end = i;
-    let Some(q) = pkt.get(qname_end..qname_end + 4) else {
-        return false;
-    };
+    let q = pkt.get(i..i + 4)?;
     let qtype = u16::from_be_bytes([q[0], q[1]]);
     let family = match (qtype, u16::from_be_bytes([q[2], q[3]])) {
         (1, 1) => Family::V4,
         (28, 1) => Family::V6,
-        _ => return false,
+        _ => return None,
     };
-    if !rt.hot_names.iter().any(|n| n.as_slice() == &lower[..l]) {
+    hot_names
+        .iter()
+        .any(|n| n.as_slice() == &lower[..l])
+        .then_some(HotQuestion {
+            qname_end: i,
+            qtype,
+            family,
+        })
+}
+
+/// Writes the answer to a hot query into `out`; false means "not hot, use
+/// the general path" (and `out` is then meaningless). What the answer says
+/// is [`answer::plan`]'s; this only encodes it.
+fn hot_answer(
+    snap: &Snapshot<'_>,
+    hot: &mut Hot,
+    pkt: &[u8],
+    src: SocketAddr,
+    out: &mut Vec<u8>,
+) -> bool {
+    let Some(HotQuestion {
+        qname_end,
+        qtype,
+        family,
+    }) = hot_question(pkt, &snap.rt.hot_names)
+    else {
         return false;
-    }
+    };
     let Ok(parsed) = wire::read(pkt) else {
         return false;
     };
@@ -474,58 +412,27 @@ fn hot_answer(
         return false;
     }
     let ecs = parsed.edns.as_ref().and_then(|e| e.ecs);
-    let client_ip = match ecs {
-        Some(e) if e.source > 0 => e.addr,
-        _ => src.ip(),
+    let q = Question {
+        family,
+        ecs,
+        src: src.ip(),
     };
-    let client = h.locate(rt, client_ip);
     let random = hot.random();
-    let degraded = match client.location.as_deref() {
-        // The common case: located, some mirror usable; no allocation.
-        Some(loc)
-            if with_ranked(views, loc, |r| {
-                select::select_ranked(
-                    loc,
-                    &r.dists,
-                    &r.order,
-                    family,
-                    views,
-                    &rt.params,
-                    random,
-                    &mut hot.picks,
-                )
-            }) =>
-        {
-            false
-        }
-        loc => match select::select(loc, family, views, &rt.params, random) {
-            Choice::Mirrors { picks, degraded } => {
-                hot.picks.clear();
-                hot.picks.extend(picks);
-                degraded
-            }
-            _ => return false,
-        },
-    };
-    let picks = &hot.picks;
-    if picks.is_empty() {
+    let plan = answer::plan(
+        snap.rt,
+        &snap.handler.geo,
+        snap.views,
+        q,
+        snap.now,
+        random,
+        &mut hot.picks,
+    );
+    // Fallback and empty answers are rare: the general path encodes them.
+    if !matches!(plan.kind, Kind::Mirrors { .. }) || hot.picks.is_empty() {
         return false;
     }
-    let changing = picks
-        .iter()
-        .any(|&p| views[p].health.changed_within(rt.ttl, now));
-    let ttl = if changing || degraded {
-        rt.ttl_changing
-    } else {
-        rt.ttl
-    }
-    .as_secs()
-    .min(u64::from(u32::MAX)) as u32;
-    let scope = if client.location.is_some() {
-        client.scope
-    } else {
-        0
-    };
+    let picks = &hot.picks;
+    let views = snap.views;
 
     // Header.
     out.extend_from_slice(&pkt[..2]);
@@ -545,7 +452,7 @@ fn hot_answer(
         out.extend_from_slice(&[0xC0, 12]);
         out.extend_from_slice(&qtype.to_be_bytes());
         out.extend_from_slice(&[0, 1]);
-        out.extend_from_slice(&ttl.to_be_bytes());
+        out.extend_from_slice(&plan.ttl.to_be_bytes());
         match ip {
             IpAddr::V4(a) => {
                 out.extend_from_slice(&[0, 4]);
@@ -557,7 +464,7 @@ fn hot_answer(
             }
         }
     }
-    // OPT, echoing ECS with our scope.
+    // OPT, echoing ECS with the plan's scope.
     if let Some(e) = &parsed.edns {
         let payload = e.payload.clamp(512, MAX_UDP_PAYLOAD);
         out.extend_from_slice(&[0, 0, 41]);
@@ -577,14 +484,13 @@ fn hot_answer(
                     }
                 };
                 let alen = usize::from(c.source).div_ceil(8);
-                let scope = if c.source == 0 { 0 } else { scope };
                 let olen = 4 + alen;
                 out.extend_from_slice(&((4 + olen) as u16).to_be_bytes());
                 out.extend_from_slice(&[0, 8]);
                 out.extend_from_slice(&(olen as u16).to_be_bytes());
                 out.extend_from_slice(&fam.to_be_bytes());
                 out.push(c.source);
-                out.push(scope);
+                out.push(plan.scope);
                 out.extend_from_slice(&bytes[..alen]);
             }
             None => out.extend_from_slice(&[0, 0]),
@@ -603,10 +509,14 @@ fn hot_answer(
             *n += 1;
         }
     }
-    hot.tally.country(&h.metrics, client.country());
+    hot.tally
+        .country(&snap.handler.metrics, plan.client.country());
     hot.tally.noerror += 1;
     true
 }
+
+#[cfg(test)]
+mod agree;
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod answer;
 pub mod config;
 mod dns;
 mod fast;
@@ -49,7 +50,7 @@ pub enum GeoDnsError {
 }
 
 /// Builds the query-time runtime from a validated config.
-pub fn build_runtime(cfg: &GeoDnsConfig) -> Result<dns::Runtime, GeoDnsError> {
+pub fn build_runtime(cfg: &GeoDnsConfig) -> Result<answer::Runtime, GeoDnsError> {
     let zones = cfg
         .zones
         .iter()
@@ -96,7 +97,7 @@ pub fn build_runtime(cfg: &GeoDnsConfig) -> Result<dns::Runtime, GeoDnsError> {
             w
         })
         .collect();
-    Ok(dns::Runtime {
+    Ok(answer::Runtime {
         hot_names,
         zones,
         params: select::Params {
@@ -387,7 +388,7 @@ pub async fn start_with(
 
 fn reload(
     path: &Path,
-    runtime: &ArcSwap<dns::Runtime>,
+    runtime: &ArcSwap<answer::Runtime>,
     config: &ArcSwap<GeoDnsConfig>,
     tracker: &health::Tracker,
 ) {

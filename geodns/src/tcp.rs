@@ -134,7 +134,7 @@ async fn answer(handler: &GeoHandler, msg: Vec<u8>, peer: SocketAddr) -> Option<
             if req.metadata.message_type == hickory_server::proto::op::MessageType::Response {
                 return None;
             }
-            let out = crate::fast::Collected::new(u16::MAX);
+            let out = crate::dns::Collected::new(u16::MAX);
             let _ = handler
                 .handle_request::<_, TokioTime>(&req, out.clone())
                 .await;
