@@ -23,7 +23,7 @@ pub fn origin(cfg: &meridian_origin::OriginConfig) -> anyhow::Result<()> {
         key.public()
     );
     println!("  listen    http://{}", cfg.listen);
-    if let Some(a) = cfg.listen_tls {
+    if let Some(a) = cfg.listener.listen_tls {
         println!("  listen    https://{a}");
     }
     println!(
@@ -47,7 +47,7 @@ pub fn mirror(cfg: &meridian_mirror::MirrorConfig) -> anyhow::Result<()> {
     }
     println!("  state     {}", cfg.state.display());
     println!("  listen    http://{}", cfg.listen);
-    if let Some(a) = cfg.listen_tls {
+    if let Some(a) = cfg.listener.listen_tls {
         println!("  listen    https://{a}");
     }
     println!(

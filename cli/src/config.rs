@@ -19,6 +19,26 @@ fn load_table(path: Option<&PathBuf>) -> anyhow::Result<toml::Table> {
     }
 }
 
+/// Deserialises a config table (file plus flags), with an error that names
+/// the file, what is wrong, and where the keys are documented.
+fn parse<T: serde::de::DeserializeOwned>(
+    t: toml::Table,
+    role: &str,
+    file: Option<&std::path::Path>,
+    required: &str,
+) -> anyhow::Result<T> {
+    t.try_into().map_err(|e: toml::de::Error| {
+        let from = match file {
+            Some(p) => format!("{} and the flags", p.display()),
+            None => "the flags".to_owned(),
+        };
+        anyhow::anyhow!(
+            "invalid {role} configuration (from {from}): {}; {required} are required, and every key is described in deploy/{role}.toml",
+            e.message().trim_end()
+        )
+    })
+}
+
 fn set(t: &mut toml::Table, key: &str, v: Option<impl ToString>) {
     if let Some(v) = v {
         t.insert(key.to_owned(), toml::Value::String(v.to_string()));
@@ -139,8 +159,7 @@ impl OriginArgs {
         set(&mut t, "quiet", self.quiet);
         set(&mut t, "expiry", self.expiry);
         set(&mut t, "snapshot", self.snapshot);
-        t.try_into()
-            .context("invalid origin configuration (need at least content, state and key_file)")
+        parse(t, "origin", self.config.as_deref(), "content, state and key_file")
     }
 }
 
@@ -260,8 +279,7 @@ impl MirrorArgs {
                 toml::Value::Integer(r.min(i64::MAX as u64) as i64),
             );
         }
-        t.try_into()
-            .context("invalid mirror configuration (need at least id, upstreams, trust and state)")
+        parse(t, "mirror", self.config.as_deref(), "id, upstreams, trust and state")
     }
 }
 

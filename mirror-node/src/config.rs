@@ -26,13 +26,10 @@ pub struct MirrorConfig {
     /// HTTP listen address.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Optional HTTPS listener, with `tls_cert` and `tls_key`.
-    #[serde(default)]
-    pub listen_tls: Option<SocketAddr>,
-    #[serde(default)]
-    pub tls_cert: Option<PathBuf>,
-    #[serde(default)]
-    pub tls_key: Option<PathBuf>,
+    /// TLS, connection caps and timeouts (top-level keys, shared with the
+    /// other node's config).
+    #[serde(flatten)]
+    pub listener: meridian_serve::ListenerConfig,
     /// Egress capacity in bytes per second, reported to GeoDNS.
     #[serde(default = "default_capacity")]
     pub capacity_bytes_per_sec: u64,
@@ -63,34 +60,6 @@ pub struct MirrorConfig {
     /// Keep this much disk free; a sync that would eat into it is refused.
     #[serde(default = "default_reserve")]
     pub reserve_free_bytes: u64,
-    /// Most connections at once.
-    #[serde(default = "meridian_serve::service::defaults::max_connections")]
-    pub max_connections: usize,
-    /// Most connections at once from one client (an IPv4 address or an
-    /// IPv6 /64); 0: no cap. Past it, new connections from that client are
-    /// closed: one host cannot take every slot, nor pin the kernel's send
-    /// buffers with downloads it never reads.
-    #[serde(default = "meridian_serve::service::defaults::max_connections_per_client")]
-    pub max_connections_per_client: usize,
-    /// On SIGTERM or drain-and-exit, wait at most this long for downloads.
-    #[serde(
-        default = "meridian_serve::service::defaults::drain_timeout",
-        with = "humantime_serde"
-    )]
-    pub drain_timeout: Duration,
-    /// Time allowed to receive a request head.
-    #[serde(
-        default = "meridian_serve::service::defaults::header_timeout",
-        with = "humantime_serde"
-    )]
-    pub header_timeout: Duration,
-    /// A response write that makes no progress for this long (the client
-    /// stopped reading) closes the connection.
-    #[serde(
-        default = "meridian_serve::service::defaults::send_timeout",
-        with = "humantime_serde"
-    )]
-    pub send_timeout: Duration,
     /// Start without a rollback floor: accept the first root an upstream
     /// offers even if it is older than one this mirror verified before.
     /// Only for recovering a mirror whose record of the highest generation
@@ -147,17 +116,6 @@ pub enum ConfigError {
 }
 
 impl MirrorConfig {
-    /// The listener limits this config sets.
-    pub fn server_options(&self) -> meridian_serve::ServerOptions {
-        meridian_serve::ServerOptions::with_limits(
-            self.max_connections,
-            self.max_connections_per_client,
-            self.header_timeout,
-            self.send_timeout,
-            self.drain_timeout,
-        )
-    }
-
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.upstreams.is_empty() {
@@ -181,9 +139,7 @@ impl MirrorConfig {
             trust,
             state,
             listen: default_listen(),
-            listen_tls: None,
-            tls_cert: None,
-            tls_key: None,
+            listener: Default::default(),
             capacity_bytes_per_sec: default_capacity(),
             poll_interval: default_poll(),
             parallel_fetches: default_parallel(),
@@ -193,12 +149,6 @@ impl MirrorConfig {
             scrub_interval: default_scrub(),
             scrub_bytes_per_sec: default_scrub_rate(),
             reserve_free_bytes: default_reserve(),
-            max_connections: meridian_serve::service::defaults::max_connections(),
-            max_connections_per_client:
-                meridian_serve::service::defaults::max_connections_per_client(),
-            drain_timeout: meridian_serve::service::defaults::drain_timeout(),
-            header_timeout: meridian_serve::service::defaults::header_timeout(),
-            send_timeout: meridian_serve::service::defaults::send_timeout(),
             accept_lower_generation: false,
         }
     }

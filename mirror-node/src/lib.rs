@@ -102,13 +102,8 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
     }
 
     let service = Arc::new(server::MirrorService::new(state.clone()));
-    let opts = cfg.server_options();
-    let listen = meridian_serve::Listen {
-        http: cfg.listen,
-        https: cfg.listen_tls,
-        cert: cfg.tls_cert.as_deref(),
-        key: cfg.tls_key.as_deref(),
-    };
+    let opts = cfg.listener.server_options();
+    let listen = cfg.listener.listen(cfg.listen);
     let servers = meridian_serve::serve_listeners("mirror", listen, opts, service)?;
     let http_addr = servers[0].local_addr;
     let https_addr = servers.get(1).map(|s| s.local_addr);

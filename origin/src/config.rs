@@ -18,13 +18,10 @@ pub struct OriginConfig {
     /// HTTP listen address (port 0 picks a free port).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Optional HTTPS listener, with `tls_cert` and `tls_key`.
-    #[serde(default)]
-    pub listen_tls: Option<SocketAddr>,
-    #[serde(default)]
-    pub tls_cert: Option<PathBuf>,
-    #[serde(default)]
-    pub tls_key: Option<PathBuf>,
+    /// TLS, connection caps and timeouts (top-level keys, shared with the
+    /// other node's config).
+    #[serde(flatten)]
+    pub listener: meridian_serve::ListenerConfig,
     /// Quiet period: changes are batched until nothing changed for this
     /// long, and a file is published only once it has been quiet this long.
     #[serde(default = "default_quiet", with = "humantime_serde")]
@@ -57,34 +54,6 @@ pub struct OriginConfig {
     /// copy lazily) or `copy` (copy first, hash the copy).
     #[serde(default)]
     pub snapshot: crate::scan::Snapshot,
-    /// Most connections at once.
-    #[serde(default = "meridian_serve::service::defaults::max_connections")]
-    pub max_connections: usize,
-    /// Most connections at once from one client (an IPv4 address or an
-    /// IPv6 /64); 0: no cap. Past it, new connections from that client are
-    /// closed: one host cannot take every slot, nor pin the kernel's send
-    /// buffers with downloads it never reads.
-    #[serde(default = "meridian_serve::service::defaults::max_connections_per_client")]
-    pub max_connections_per_client: usize,
-    /// On SIGTERM, wait at most this long for responses in flight.
-    #[serde(
-        default = "meridian_serve::service::defaults::drain_timeout",
-        with = "humantime_serde"
-    )]
-    pub drain_timeout: Duration,
-    /// Time allowed to receive a request head.
-    #[serde(
-        default = "meridian_serve::service::defaults::header_timeout",
-        with = "humantime_serde"
-    )]
-    pub header_timeout: Duration,
-    /// A response write that makes no progress for this long (the client
-    /// stopped reading) closes the connection.
-    #[serde(
-        default = "meridian_serve::service::defaults::send_timeout",
-        with = "humantime_serde"
-    )]
-    pub send_timeout: Duration,
 }
 
 fn default_listen() -> SocketAddr {
@@ -148,9 +117,7 @@ impl OriginConfig {
             state,
             key_file,
             listen: default_listen(),
-            listen_tls: None,
-            tls_cert: None,
-            tls_key: None,
+            listener: Default::default(),
             quiet: default_quiet(),
             expiry: default_expiry(),
             resign_before: default_resign(),
@@ -160,24 +127,7 @@ impl OriginConfig {
             gc_grace: default_gc_grace(),
             hash_threads: 0,
             snapshot: crate::scan::Snapshot::default(),
-            max_connections: meridian_serve::service::defaults::max_connections(),
-            max_connections_per_client:
-                meridian_serve::service::defaults::max_connections_per_client(),
-            drain_timeout: meridian_serve::service::defaults::drain_timeout(),
-            header_timeout: meridian_serve::service::defaults::header_timeout(),
-            send_timeout: meridian_serve::service::defaults::send_timeout(),
         }
-    }
-
-    /// The listener limits this config sets.
-    pub fn server_options(&self) -> meridian_serve::ServerOptions {
-        meridian_serve::ServerOptions::with_limits(
-            self.max_connections,
-            self.max_connections_per_client,
-            self.header_timeout,
-            self.send_timeout,
-            self.drain_timeout,
-        )
     }
 
     /// Hashing threads to use.

@@ -27,7 +27,7 @@ pub mod tls;
 
 pub use body::{Body, empty, full};
 pub use server::{Listen, ListenError, ServerHandle, bind, serve, serve_listeners};
-pub use service::{ServerOptions, Service};
+pub use service::{ListenerConfig, ServerOptions, Service};
 pub use store::{ObjectStore, ObjectWriter, StoreError};
 
 /// One line for an error and everything that caused it, outermost first

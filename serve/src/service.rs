@@ -81,7 +81,7 @@ pub const DEFAULT_PER_CLIENT: usize = 256;
 
 /// The listener defaults origin and mirror configs share (serde default
 /// functions; one owner for each number).
-pub mod defaults {
+pub(crate) mod defaults {
     use std::time::Duration;
     pub fn max_connections() -> usize {
         16_384
@@ -100,24 +100,78 @@ pub mod defaults {
     }
 }
 
-impl ServerOptions {
-    /// The defaults with a config's connection caps and timeouts (origin
-    /// and mirror configs carry the same five settings, under the same
-    /// names, with [`defaults`]).
-    pub fn with_limits(
-        max_connections: usize,
-        max_connections_per_client: usize,
-        header_timeout: Duration,
-        send_timeout: Duration,
-        drain_timeout: Duration,
-    ) -> Self {
+/// The listener settings the origin's and the mirror's configs share: TLS,
+/// connection caps and timeouts, as top-level keys of each (flattened into
+/// both config structs, so each key is declared and defaulted once). The
+/// plain-HTTP `listen` address stays in each config, with its own default.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Optional HTTPS listener, with `tls_cert` and `tls_key`.
+    #[serde(default)]
+    pub listen_tls: Option<SocketAddr>,
+    #[serde(default)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Most connections at once.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Most connections at once from one client (an IPv4 address or an
+    /// IPv6 /64); 0: no cap. Past it, new connections from that client are
+    /// closed: one host cannot take every slot, nor pin the kernel's send
+    /// buffers with downloads it never reads.
+    #[serde(default = "defaults::max_connections_per_client")]
+    pub max_connections_per_client: usize,
+    /// On SIGTERM (or a mirror's drain-and-exit), wait at most this long for
+    /// responses in flight.
+    #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Time allowed to receive a request head.
+    #[serde(default = "defaults::header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A response write that makes no progress for this long (the client
+    /// stopped reading) closes the connection.
+    #[serde(default = "defaults::send_timeout", with = "humantime_serde")]
+    pub send_timeout: Duration,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            listen_tls: None,
+            tls_cert: None,
+            tls_key: None,
+            max_connections: defaults::max_connections(),
+            max_connections_per_client: defaults::max_connections_per_client(),
+            drain_timeout: defaults::drain_timeout(),
+            header_timeout: defaults::header_timeout(),
+            send_timeout: defaults::send_timeout(),
+        }
+    }
+}
+
+impl ListenerConfig {
+    /// The limits of every listener this config opens (every timeout in
+    /// it honoured).
+    pub fn server_options(&self) -> ServerOptions {
         ServerOptions {
-            max_connections,
-            max_connections_per_client,
-            header_timeout,
-            send_timeout,
-            drain_timeout,
+            max_connections: self.max_connections,
+            max_connections_per_client: self.max_connections_per_client,
+            header_timeout: self.header_timeout,
+            send_timeout: self.send_timeout,
+            drain_timeout: self.drain_timeout,
             ..Default::default()
+        }
+    }
+
+    /// The listeners to open: plain HTTP on `http`, HTTPS if configured.
+    pub fn listen(&self, http: SocketAddr) -> crate::server::Listen<'_> {
+        crate::server::Listen {
+            http,
+            https: self.listen_tls,
+            cert: self.tls_cert.as_deref(),
+            key: self.tls_key.as_deref(),
         }
     }
 }
