@@ -159,7 +159,12 @@ impl OriginArgs {
         set(&mut t, "quiet", self.quiet);
         set(&mut t, "expiry", self.expiry);
         set(&mut t, "snapshot", self.snapshot);
-        parse(t, "origin", self.config.as_deref(), "content, state and key_file")
+        parse(
+            t,
+            "origin",
+            self.config.as_deref(),
+            "content, state and key_file",
+        )
     }
 }
 
@@ -279,7 +284,12 @@ impl MirrorArgs {
                 toml::Value::Integer(r.min(i64::MAX as u64) as i64),
             );
         }
-        parse(t, "mirror", self.config.as_deref(), "id, upstreams, trust and state")
+        parse(
+            t,
+            "mirror",
+            self.config.as_deref(),
+            "id, upstreams, trust and state",
+        )
     }
 }
 

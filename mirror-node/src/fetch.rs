@@ -227,9 +227,7 @@ impl Syncer {
             size,
             base,
         } = want;
-        if self.state.store.contains(&h) {
-            return Ok(());
-        }
+        // (The plan wants only blobs the store does not hold.)
         if let Some(base) = base {
             let patched = self
                 .try_each(

@@ -16,6 +16,7 @@ mod floor;
 mod gc;
 mod generation;
 mod metrics;
+mod plan;
 mod progress;
 mod rawget;
 mod restore;
@@ -107,7 +108,9 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
     let servers = meridian_serve::serve_listeners("mirror", listen, opts, service)?;
     let http_addr = servers[0].local_addr;
     let https_addr = servers.get(1).map(|s| s.local_addr);
-    let actives: Vec<_> = servers.iter().map(|s| s.active.clone()).collect();
+    let _ = state
+        .listeners
+        .set(servers.iter().map(|s| s.active.clone()).collect());
 
     let tx = meridian_serve::shutdown::Shutdown::new();
     let rx = tx.subscribe();
@@ -119,7 +122,7 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
     if recovered.damaged > 0 {
         state.repair.notify_one();
     }
-    // Egress rate and connection count, once a second.
+    // Egress rate, once a second.
     let st = state.clone();
     let mut stop = rx;
     tasks.push(tokio::spawn(async move {
@@ -134,8 +137,6 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
             rate = 0.5 * rate + 0.5 * (now - last) as f64;
             last = now;
             st.egress_rate.store(rate as u64, Ordering::Relaxed);
-            let conns: usize = actives.iter().map(|a| a.load(Ordering::Relaxed)).sum();
-            st.active.store(conns, Ordering::Relaxed);
         }
     }));
     Ok(MirrorHandle {

@@ -356,7 +356,7 @@ impl MirrorService {
                     last_sync: s.last_success,
                     sync_state: s.state,
                     last_error: s.last_error,
-                    active_connections: st.active.load(Ordering::Relaxed) as u64,
+                    active_connections: st.active_connections() as u64,
                     egress_bytes_per_sec: st.egress_rate.load(Ordering::Relaxed),
                     capacity_bytes_per_sec: st.cfg.capacity_bytes_per_sec,
                     draining: st.is_draining(),
@@ -367,7 +367,7 @@ impl MirrorService {
             (&Method::GET, "metrics") => {
                 st.metrics
                     .active_connections
-                    .set(st.active.load(Ordering::Relaxed) as i64);
+                    .set(st.active_connections() as i64);
                 if let Ok(free) = st.store.free_bytes() {
                     st.metrics.disk_free_bytes.set(free as i64);
                 }

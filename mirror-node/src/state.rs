@@ -42,8 +42,9 @@ pub struct MirrorState {
     pub egress_total: Arc<AtomicU64>,
     /// Egress bytes per second, averaged over the last few seconds.
     pub egress_rate: AtomicU64,
-    /// Open connections across listeners.
-    pub active: Arc<AtomicUsize>,
+    /// The open-connection counters of the listeners (set once they are
+    /// bound); [`MirrorState::active_connections`] sums them when asked.
+    pub listeners: std::sync::OnceLock<Vec<Arc<AtomicUsize>>>,
     /// Wakes the syncer to repair the served generation (scrubber).
     pub repair: Notify,
     /// Tree deltas this mirror synced by, served on to downstream mirrors.
@@ -84,7 +85,7 @@ impl MirrorState {
             draining: AtomicBool::new(false),
             egress_total: Arc::new(AtomicU64::new(0)),
             egress_rate: AtomicU64::new(0),
-            active: Arc::new(AtomicUsize::new(0)),
+            listeners: std::sync::OnceLock::new(),
             repair: Notify::new(),
             deltas: Default::default(),
             durable: AtomicU64::new(0),
@@ -112,6 +113,13 @@ impl MirrorState {
 
     pub fn status(&self) -> SyncStatus {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Connections open right now across the listeners.
+    pub fn active_connections(&self) -> usize {
+        self.listeners
+            .get()
+            .map_or(0, |l| l.iter().map(|a| a.load(Ordering::Relaxed)).sum())
     }
 
     pub fn is_draining(&self) -> bool {

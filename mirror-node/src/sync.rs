@@ -25,12 +25,13 @@
 //! The upstreams and their rules are in `upstreams`, fetching in `fetch`,
 //! the start from disk in `restore`, and garbage collection in `gc`.
 
-use crate::fetch::{PATCH_MIN, Want, paired};
+use crate::fetch::Want;
 use crate::generation::{Generation, read_node};
+use crate::plan::Plan;
 use crate::state::MirrorState;
 use crate::upstreams::Upstreams;
 use futures_util::StreamExt;
-use meridian_core::{DirNode, EntryKind, Hash, VerifiedRoot, VerifyError};
+use meridian_core::{DirNode, Hash, VerifiedRoot, VerifyError};
 use meridian_serve::store::write_atomic;
 use meridian_serve::unix_now;
 use std::collections::{HashMap, HashSet};
@@ -354,7 +355,6 @@ impl Syncer {
             .set_status(|s| s.state = crate::state::SyncState::Syncing);
         tracing::info!(generation, upstream = %self.upstreams.url(preferred), "syncing");
         let served = self.state.served.load_full();
-        let known = served.as_ref().map(|g| &g.nodes);
 
         // The new tree's nodes as edits of the served tree's (one small
         // request instead of every changed directory whole). Anything wrong
@@ -365,86 +365,60 @@ impl Syncer {
         {
             delta_nodes = self.fetch_delta(g.clone(), vr.root.tree).await?;
         }
+        let delta_nodes = Arc::new(delta_nodes);
         let delta_done = t0.elapsed();
 
-        // Plan: nodes first (breadth-first, skipping known subtrees). Each
-        // new node is paired with the node at the same path in the served
-        // tree, so a changed file can be patched from its old version.
-        let mut new_nodes: HashMap<Hash, Arc<DirNode>> = HashMap::new();
-        let mut blobs: Vec<Want> = Vec::new();
-        let mut seen_blobs: HashSet<Hash> = HashSet::new();
-        let mut frontier: Vec<(Hash, u64, Option<Hash>)> = vec![(
-            vr.root.tree,
-            vr.root.tree_size,
-            served.as_ref().map(|g| g.root.root.tree),
-        )];
-        while !frontier.is_empty() {
-            let mut next = Vec::new();
-            let delta_nodes = &delta_nodes;
-            let fetched =
-                futures_util::stream::iter(frontier.into_iter().map(|(h, size, old)| async move {
-                    if known.is_some_and(|k| k.contains_key(&h)) {
-                        return Ok(None);
-                    }
-                    if let Some(n) = delta_nodes.get(&h) {
-                        return Ok(Some((h, n.clone(), old)));
-                    }
-                    if self.state.store.contains(&h)
-                        && let Ok(n) = read_node(&self.state.store, &h)
-                    {
-                        return Ok(Some((h, Arc::new(n), old)));
-                    }
-                    let bytes = self.fetch_small(h, size).await?;
-                    let n = DirNode::decode(&bytes).map_err(|e| SyncError::Object {
-                        hash: h,
-                        last: e.to_string(),
-                    })?;
-                    self.state.store.put_bytes(&h, &bytes)?;
-                    Ok::<_, SyncError>(Some((h, Arc::new(n), old)))
-                }))
-                .buffer_unordered(self.state.cfg.parallel_fetches.max(1))
-                .collect::<Vec<_>>()
-                .await;
-            for r in fetched {
-                let Some((h, node, old)) = r? else { continue };
-                let old_node = old.and_then(|o| known.and_then(|k| k.get(&o)));
-                for (e, was) in paired(&node, old_node.map(|o| o.as_ref())) {
-                    if was.is_some_and(|w| w.kind == e.kind && w.hash == e.hash) {
-                        // Unchanged since the served generation, which is
-                        // complete: nothing to fetch, nothing to look up.
-                        continue;
-                    }
-                    match e.kind {
-                        EntryKind::Dir if !new_nodes.contains_key(&e.hash) => next.push((
-                            e.hash,
-                            e.size,
-                            was.filter(|w| w.kind == EntryKind::Dir).map(|w| w.hash),
-                        )),
-                        EntryKind::File
-                            if seen_blobs.insert(e.hash) && !self.state.store.contains(&e.hash) =>
-                        {
-                            let base = was
-                                .filter(|w| {
-                                    w.kind == EntryKind::File
-                                        && (PATCH_MIN..=meridian_serve::readapi::PATCH_MAX_BYTES)
-                                            .contains(&e.size)
-                                        && w.size <= meridian_serve::readapi::PATCH_MAX_BYTES
-                                        && self.state.store.contains(&w.hash)
-                                })
-                                .map(|w| w.hash);
-                            blobs.push(Want {
-                                hash: e.hash,
-                                size: e.size,
-                                base,
-                            });
-                        }
-                        _ => {}
+        // Plan (see `crate::plan`), one depth of the tree at a time. Nodes
+        // come from the delta or the store (read and checked on the blocking
+        // pool), else from an upstream; each depth is then added to the plan
+        // on the blocking pool too, where its blob lookups are.
+        let mut plan = Plan::new(served.clone(), vr.root.tree, vr.root.tree_size);
+        loop {
+            let frontier = plan.frontier();
+            if frontier.is_empty() {
+                break;
+            }
+            let (state, delta) = (self.state.clone(), delta_nodes.clone());
+            let (mut found, missing) = blocking(move || {
+                let (mut found, mut missing) = (Vec::new(), Vec::new());
+                for p in frontier {
+                    match delta.get(&p.hash) {
+                        Some(n) => found.push((p, n.clone())),
+                        None => match read_node(&state.store, &p.hash) {
+                            Ok(n) => found.push((p, Arc::new(n))),
+                            Err(_) => missing.push(p),
+                        },
                     }
                 }
-                new_nodes.insert(h, node);
-            }
-            frontier = next;
+                (found, missing)
+            })
+            .await?;
+            let fetched = futures_util::stream::iter(missing.into_iter().map(|p| async move {
+                let bytes = self.fetch_small(p.hash, p.size).await?;
+                let n = DirNode::decode(&bytes).map_err(|e| SyncError::Object {
+                    hash: p.hash,
+                    last: e.to_string(),
+                })?;
+                Ok::<_, SyncError>((p, n, bytes))
+            }))
+            .buffer_unordered(self.state.cfg.parallel_fetches.max(1))
+            .collect::<Vec<_>>()
+            .await;
+            let state = self.state.clone();
+            plan = blocking(move || {
+                for r in fetched {
+                    let (p, n, bytes) = r?;
+                    state.store.put_bytes(&p.hash, &bytes)?;
+                    found.push((p, Arc::new(n)));
+                }
+                for (p, n) in found {
+                    plan.add(p, n, &|h| state.store.contains(h));
+                }
+                Ok::<_, SyncError>(plan)
+            })
+            .await??;
         }
+        let (new_nodes, blobs) = plan.finish();
 
         let planned = t0.elapsed();
         // Space check before fetching a byte of blob data (one stat per
@@ -508,10 +482,10 @@ impl Syncer {
         // then `current` names the previous one.
         // The root file (fsynced) and the new tree, O(tree), on the blocking
         // pool; then the one pointer store.
-        let mut all_nodes: HashMap<Hash, Arc<DirNode>> = known.cloned().unwrap_or_default();
-        all_nodes.extend(new_nodes);
         let state = self.state.clone();
         let g = blocking(move || -> Result<Generation, SyncError> {
+            let mut all_nodes = served.map(|g| g.nodes.clone()).unwrap_or_default();
+            all_nodes.extend(new_nodes);
             write_atomic(&state.root_path(generation), &vr.envelope)?;
             Ok(Generation::assemble(&state.store, vr, Some(&all_nodes))?)
         })

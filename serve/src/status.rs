@@ -39,7 +39,8 @@ pub struct MirrorStatus {
     /// `error`.
     #[serde(default)]
     pub last_error: Option<String>,
-    /// Open client connections.
+    /// Client connections open as the document is made (the one asking
+    /// for it included).
     #[serde(default)]
     pub active_connections: u64,
     /// Body bytes sent per second (smoothed over about 2 s).

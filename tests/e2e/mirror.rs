@@ -140,11 +140,8 @@ async fn two_tiers_converge_through_publish_change_and_delete() {
     assert_eq!(r.bytes().await.unwrap().as_ref(), &[1u8; 10]);
     // Status reflects the sync.
     let s = status(&http, b).await.unwrap();
-    assert_eq!(
-        s["generation"].as_u64(),
-        Some(origin_generation(&client).await)
-    );
-    assert_eq!(s["sync_state"], "idle");
+    assert_eq!(s.generation, origin_generation(&client).await);
+    assert_eq!(s.sync_state, meridian_serve::status::SyncState::Idle);
 }
 
 #[tokio::test]
@@ -277,8 +274,7 @@ async fn forged_replayed_and_expired_roots_are_refused() {
         failures = n;
         let s = status(&http, maddr).await.unwrap();
         assert_eq!(
-            s["generation"].as_u64(),
-            Some(g),
+            s.generation, g,
             "{what}: the mirror still serves the real generation"
         );
         assert_eq!(get(&http, maddr, "f").await.1, b"real");
@@ -364,7 +360,7 @@ async fn wait_durable(http: &reqwest::Client, addr: std::net::SocketAddr, state:
                 .trim()
                 .parse()
                 .ok()?;
-            (s["durable_generation"].as_u64()? == g && cur == g).then_some(())
+            (s.durable_generation == g && cur == g).then_some(())
         },
     )
     .await;
@@ -797,7 +793,7 @@ async fn damaged_local_state_never_lowers_the_generation_a_mirror_accepts() {
         )
         .await;
         let s = status(&http, maddr).await.unwrap();
-        assert_ne!(s["generation"].as_u64(), Some(g1), "{what}: {s}");
+        assert_ne!(s.generation, g1, "{what}: {s:?}");
         let (code, body) = get(&http, maddr, "f").await;
         assert_ne!(body, b"one", "{what}: the replayed tree is served");
         if what.starts_with("roots") {
@@ -829,12 +825,12 @@ async fn damaged_local_state_never_lowers_the_generation_a_mirror_accepts() {
     })
     .await;
     let s = status(&http, maddr).await.unwrap();
-    assert_eq!(s["generation"].as_u64(), Some(0), "{s}");
+    assert_eq!(s.generation, 0, "{s:?}");
     assert!(
-        s["last_error"]
-            .as_str()
+        s.last_error
+            .as_deref()
             .is_some_and(|e| e.contains("--accept-lower-generation")),
-        "{s}"
+        "{s:?}"
     );
     m.child.kill().unwrap();
     m.child.wait().unwrap();
@@ -1049,14 +1045,14 @@ async fn a_long_first_sync_shows_its_progress_in_the_log_the_status_and_the_503(
     );
     let p = eventually("the small files to be in", DEADLINE, || async {
         let s = status(&http, maddr).await?;
-        let p = s["sync_progress"].clone();
-        (p["files_done"].as_u64()? >= 3).then_some(p)
+        let p = s.sync_progress?;
+        (p.files_done >= 3).then_some(p)
     })
     .await;
-    assert_eq!(p["generation"].as_u64(), Some(g));
-    assert_eq!(p["files_total"].as_u64(), Some(4));
-    assert_eq!(p["bytes_total"].as_u64(), Some(11_000_000));
-    assert!(p["bytes_done"].as_u64().unwrap() >= 3_000_000, "{p}");
+    assert_eq!(p.generation, g);
+    assert_eq!(p.files_total, 4);
+    assert_eq!(p.bytes_total, 11_000_000);
+    assert!(p.bytes_done >= 3_000_000, "{p:?}");
     let (code, body) = get(&http, maddr, "small0.bin").await;
     let body = String::from_utf8_lossy(&body);
     assert_eq!(code, 503);
@@ -1071,5 +1067,5 @@ async fn a_long_first_sync_shows_its_progress_in_the_log_the_status_and_the_503(
     );
     wait_generation(&http, maddr, g).await;
     let s = status(&http, maddr).await.unwrap();
-    assert!(s["sync_progress"].is_null(), "{s}");
+    assert!(s.sync_progress.is_none(), "{s:?}");
 }

@@ -52,7 +52,7 @@ async fn settle(demo: &Demo, http: &reqwest::Client) {
             let (_, b) = body(http, format!("http://{origin}/.meridian/health")).await?;
             let g = serde_json::from_slice::<serde_json::Value>(&b).ok()?["generation"].as_u64()?;
             for (region, ..) in REGIONS {
-                if status(http, demo.mirror(region)).await?["generation"].as_u64()? != g {
+                if status(http, demo.mirror(region)).await?.generation != g {
                     return None;
                 }
             }
@@ -237,8 +237,8 @@ async fn a_killed_mirror_leaves_the_answers_and_comes_back_only_when_current() {
         if got == london {
             let s = status(&http, maddr).await.unwrap();
             assert!(
-                s["generation"].as_u64().unwrap() >= newest,
-                "answered before it was current: {s}"
+                s.generation >= newest,
+                "answered before it was current: {s:?}"
             );
             return Some(());
         }

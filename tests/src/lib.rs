@@ -321,7 +321,7 @@ pub fn mirror(
 pub async fn status(
     http: &reqwest::Client,
     addr: std::net::SocketAddr,
-) -> Option<serde_json::Value> {
+) -> Option<meridian_serve::status::MirrorStatus> {
     serde_json::from_slice(
         &http
             .get(format!("http://{addr}/.meridian/status"))
@@ -342,7 +342,7 @@ pub async fn wait_generation(http: &reqwest::Client, addr: std::net::SocketAddr,
         Duration::from_secs(60),
         || async {
             let s = status(http, addr).await?;
-            let n = s["generation"].as_u64()?;
+            let n = s.generation;
             (n >= g).then_some(n)
         },
     )
