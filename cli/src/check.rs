@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// The origin: its settings, its key file (mode, owner, format) and its
 /// content directory.
-pub fn origin(cfg: &meridian_origin::OriginConfig) -> anyhow::Result<()> {
+pub(crate) fn origin(cfg: &meridian_origin::OriginConfig) -> anyhow::Result<()> {
     cfg.validate()?;
     let key = meridian_origin::service::load_key(&cfg.key_file)?;
     anyhow::ensure!(
@@ -35,7 +35,7 @@ pub fn origin(cfg: &meridian_origin::OriginConfig) -> anyhow::Result<()> {
 }
 
 /// A mirror: its settings.
-pub fn mirror(cfg: &meridian_mirror::MirrorConfig) -> anyhow::Result<()> {
+pub(crate) fn mirror(cfg: &meridian_mirror::MirrorConfig) -> anyhow::Result<()> {
     cfg.validate()?;
     println!("mirror configuration OK");
     println!("  id        {} (region {:?})", cfg.id, cfg.region);
@@ -62,7 +62,7 @@ pub fn mirror(cfg: &meridian_mirror::MirrorConfig) -> anyhow::Result<()> {
 }
 
 /// GeoDNS: the file, and every GeoIP database it names.
-pub fn geodns(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn geodns(path: &Path) -> anyhow::Result<()> {
     let cfg = meridian_geodns::config::GeoDnsConfig::load(path)?;
     for db in [&cfg.geoip, &cfg.geoip_v6].into_iter().flatten() {
         let g = meridian_geodns::geoip::GeoDb::open(db)

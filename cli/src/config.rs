@@ -99,7 +99,7 @@ impl ListenArgs {
 
 /// Flags of `meridian origin`.
 #[derive(Debug, Args)]
-pub struct OriginArgs {
+pub(crate) struct OriginArgs {
     /// TOML config file (see deploy/origin.toml); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -138,7 +138,7 @@ pub struct OriginArgs {
 }
 
 impl OriginArgs {
-    pub fn into_config(self) -> anyhow::Result<meridian_origin::OriginConfig> {
+    pub(crate) fn into_config(self) -> anyhow::Result<meridian_origin::OriginConfig> {
         let mut t = load_table(self.config.as_ref())?;
         if self.once && self.quiet.is_none() && !t.contains_key("quiet") {
             // A one-shot publish does not wait for files to settle.
@@ -170,7 +170,7 @@ impl OriginArgs {
 
 /// Flags of `meridian mirror`.
 #[derive(Debug, Args)]
-pub struct MirrorArgs {
+pub(crate) struct MirrorArgs {
     /// TOML config file (see deploy/mirror.toml); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -231,7 +231,7 @@ pub struct MirrorArgs {
 }
 
 impl MirrorArgs {
-    pub fn into_config(self) -> anyhow::Result<meridian_mirror::MirrorConfig> {
+    pub(crate) fn into_config(self) -> anyhow::Result<meridian_mirror::MirrorConfig> {
         let mut t = load_table(self.config.as_ref())?;
         if let Some(p) = &self.config
             && t.contains_key("admin_token")

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 /// Flags of `meridian demo`.
 #[derive(Debug, Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Keep state here between runs (content in DIR/content). Default: a
     /// fresh temporary directory, removed on exit.
     #[arg(long, value_name = "DIR")]
@@ -55,7 +55,7 @@ pub struct DemoArgs {
 }
 
 /// One demo region.
-pub struct Region {
+pub(crate) struct Region {
     pub name: &'static str,
     pub city: &'static str,
     pub lat: f64,
@@ -71,7 +71,7 @@ pub struct Region {
 }
 
 /// The four demo regions.
-pub const REGIONS: [Region; 4] = [
+pub(crate) const REGIONS: [Region; 4] = [
     Region {
         name: "ap-southeast",
         city: "Jakarta",
@@ -120,7 +120,7 @@ pub const REGIONS: [Region; 4] = [
 
 /// Where the running network listens (written to `network.json`).
 #[derive(Debug, Serialize, serde::Deserialize, Clone)]
-pub struct Network {
+pub(crate) struct Network {
     pub origin: SocketAddr,
     pub public_key: String,
     pub dns: SocketAddr,
@@ -133,7 +133,7 @@ pub struct Network {
 }
 
 /// Writes the demo GeoIP database.
-pub fn write_geoip(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn write_geoip(path: &Path) -> anyhow::Result<()> {
     let mut w = Writer::new("GeoLite2-City");
     for r in &REGIONS {
         let v = geoip2_city(r.lat, r.lon, r.country, r.continent, r.city);
@@ -476,7 +476,7 @@ fn wait_served(mirrors: &BTreeMap<String, SocketAddr>, path: &str) -> anyhow::Re
 }
 
 /// Runs the demo until Ctrl-C or SIGTERM.
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let restart_after = humantime::parse_duration(&args.restart_after).with_context(|| {
         format!(
             "--restart-after {:?} is not a duration (e.g. `5s`, or `0s` to only report)",

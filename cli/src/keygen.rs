@@ -5,7 +5,7 @@ use meridian_core::SecretKey;
 use std::path::Path;
 
 /// Writes a new secret key (0600) and prints the public key.
-pub fn run(out: &Path, force: bool) -> anyhow::Result<()> {
+pub(crate) fn run(out: &Path, force: bool) -> anyhow::Result<()> {
     let key = generate(out, force)?;
     println!("secret key written to {} (mode 0600)", out.display());
     println!("public key (give this to every mirror as --trust):");
@@ -16,7 +16,7 @@ pub fn run(out: &Path, force: bool) -> anyhow::Result<()> {
 /// Generates a key file and returns the key. The file is written by the
 /// one atomic writer: a fresh temp file created exclusively with mode 0600
 /// (never a planted file or symlink), fsynced, then renamed into place.
-pub fn generate(out: &Path, force: bool) -> anyhow::Result<SecretKey> {
+pub(crate) fn generate(out: &Path, force: bool) -> anyhow::Result<SecretKey> {
     // symlink_metadata: a dangling symlink counts as existing too.
     if out.symlink_metadata().is_ok() && !force {
         bail!(

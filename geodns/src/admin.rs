@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 /// The admin service.
 #[derive(Debug, Clone)]
-pub struct AdminService {
+pub(crate) struct AdminService {
     pub token: String,
     pub tracker: Arc<Tracker>,
     pub metrics: DnsMetrics,

@@ -30,11 +30,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Our UDP payload ceiling (RFC 9715 / DNS flag day 2020).
-pub const MAX_UDP_PAYLOAD: u16 = 1232;
+pub(crate) const MAX_UDP_PAYLOAD: u16 = 1232;
 
 /// The handler hickory-server calls.
 #[derive(Debug, Clone)]
-pub struct GeoHandler {
+pub(crate) struct GeoHandler {
     pub runtime: Arc<arc_swap::ArcSwap<Runtime>>,
     pub geo: Arc<GeoSet>,
     pub tracker: Arc<Tracker>,
@@ -43,7 +43,7 @@ pub struct GeoHandler {
 }
 
 impl GeoHandler {
-    pub fn new(
+    pub(crate) fn new(
         runtime: Arc<arc_swap::ArcSwap<Runtime>>,
         geo: Arc<GeoSet>,
         tracker: Arc<Tracker>,

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 /// Opens the UDP socket for `addr` (port 0 picks a free port). It is
 /// blocking, with a short read timeout so the serving loops notice shutdown.
-pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+pub(crate) fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use rustix::net::{AddressFamily, SocketType, bind, socket, sockopt};
     let fam = if addr.is_ipv4() {
         AddressFamily::INET
@@ -61,7 +61,7 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 /// reads its own queue (no lock or wake-up shared with another thread) and
 /// the load follows the CPUs, however few client flows there are (the
 /// default flow hash can put them all on one socket).
-pub fn steer_by_cpu(sock: &std::net::UdpSocket, sockets: usize) -> std::io::Result<()> {
+pub(crate) fn steer_by_cpu(sock: &std::net::UdpSocket, sockets: usize) -> std::io::Result<()> {
     use nix::libc;
     let ins = |code: u32, k: u32| libc::sock_filter {
         code: code as u16,
@@ -96,7 +96,7 @@ pub fn steer_by_cpu(sock: &std::net::UdpSocket, sockets: usize) -> std::io::Resu
 /// one) and hot answers go back in one `sendmmsg`: one system call each way
 /// for up to [`BATCH`] queries. Everything else runs through the async
 /// handler on the runtime (`rt`), one query at a time.
-pub fn serve(
+pub(crate) fn serve(
     sock: Arc<std::net::UdpSocket>,
     handler: Arc<GeoHandler>,
     rt: tokio::runtime::Handle,
@@ -196,7 +196,7 @@ pub fn serve(
 }
 
 /// Queries per `recvmmsg`/`sendmmsg` call.
-pub const BATCH: usize = 32;
+pub(crate) const BATCH: usize = 32;
 
 fn to_socket_addr(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = a.as_sockaddr_in() {

@@ -260,7 +260,7 @@ impl Default for Tracker {
 }
 
 /// Why a mirror is or is not answered (for the admin view).
-pub fn reason(v: &MirrorView, full_at: f64) -> &'static str {
+pub(crate) fn reason(v: &MirrorView, full_at: f64) -> &'static str {
     let h = &v.health;
     if h.forced_down {
         "forced down by an operator"

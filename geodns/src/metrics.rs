@@ -17,7 +17,7 @@ thread_local! {
 
 /// The counters the handler bumps.
 #[derive(Debug, Clone)]
-pub struct DnsMetrics {
+pub(crate) struct DnsMetrics {
     id: u64,
     noerror: IntCounter,
     registry: Registry,
@@ -31,7 +31,7 @@ pub struct DnsMetrics {
 }
 
 impl DnsMetrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let rcodes = IntCounterVec::new(
             Opts::new(
                 "meridian_geodns_responses_total",
@@ -109,30 +109,30 @@ impl DnsMetrics {
         });
     }
     /// `n` NOERROR responses at once (the UDP fast path tallies a batch).
-    pub fn noerror_by(&self, n: u64) {
+    pub(crate) fn noerror_by(&self, n: u64) {
         if n > 0 {
             self.noerror.inc_by(n);
         }
     }
     /// `n` addresses of mirror `id` handed out.
-    pub fn answer_by(&self, id: &str, n: u64) {
+    pub(crate) fn answer_by(&self, id: &str, n: u64) {
         self.cached(2, &self.answers, id, n);
     }
     /// The counter for queries from country `c`, for a caller that keeps
     /// its own tally and adds it in batches.
-    pub fn country_counter(&self, c: &str) -> IntCounter {
+    pub(crate) fn country_counter(&self, c: &str) -> IntCounter {
         self.countries.with_label_values(&[c])
     }
-    pub fn rcode(&self, c: &str) {
+    pub(crate) fn rcode(&self, c: &str) {
         self.cached(0, &self.rcodes, c, 1);
     }
-    pub fn country(&self, c: &str) {
+    pub(crate) fn country(&self, c: &str) {
         self.cached(1, &self.countries, c, 1);
     }
-    pub fn answer(&self, id: &str) {
+    pub(crate) fn answer(&self, id: &str) {
         self.cached(2, &self.answers, id, 1);
     }
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()

@@ -84,7 +84,7 @@ pub struct Params {
 
 /// The outcome.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Choice {
+pub(crate) enum Choice {
     /// Indexes into the mirror slice, in answer order.
     Mirrors { picks: Vec<usize>, degraded: bool },
     /// The configured fallback addresses.
@@ -94,7 +94,7 @@ pub enum Choice {
 }
 
 /// Great-circle distance in km (haversine, mean Earth radius).
-pub fn distance_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
+pub(crate) fn distance_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
     let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
     let dp = (lat2 - lat1).to_radians();
     let dl = (lon2 - lon1).to_radians();
@@ -174,7 +174,7 @@ fn draw_from<I: Iterator<Item = usize>>(
 }
 
 /// Chooses mirrors for one answer. `random` spreads clients among equals.
-pub fn select(
+pub(crate) fn select(
     client: Option<&Location>,
     family: Family,
     mirrors: &[MirrorView],
@@ -194,7 +194,7 @@ pub fn select(
 /// [`select`] with each mirror's distance from the client precomputed
 /// (`dists[i]` for `mirrors[i]`; ignored without a client location), so a
 /// caller can cache distances per client location.
-pub fn select_with_distances(
+pub(crate) fn select_with_distances(
     client: Option<&Location>,
     dists: &[f64],
     family: Family,
@@ -269,7 +269,7 @@ pub fn select_with_distances(
 /// Every mirror index, nearest first, for [`select_ranked`]: a stable sort
 /// by distance, so equal distances keep config order as in
 /// [`select_with_distances`].
-pub fn rank(dists: &[f64]) -> Vec<u32> {
+pub(crate) fn rank(dists: &[f64]) -> Vec<u32> {
     let mut order: Vec<u32> = (0..dists.len() as u32).collect();
     order.sort_by(|&a, &b| dists[a as usize].total_cmp(&dists[b as usize]));
     order
@@ -282,7 +282,7 @@ pub fn rank(dists: &[f64]) -> Vec<u32> {
 /// degraded) and returns true; otherwise it returns false and the caller
 /// takes the general path (fallback or least-bad).
 #[allow(clippy::too_many_arguments)]
-pub fn select_ranked(
+pub(crate) fn select_ranked(
     client: &Location,
     dists: &[f64],
     order: &[u32],
@@ -340,7 +340,7 @@ fn least_bad(
 }
 
 /// Parses `a.b.c.d/len` or `v6/len`.
-pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+pub(crate) fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     let (a, l) = s.split_once('/')?;
     let addr: IpAddr = a.trim().parse().ok()?;
     let len: u8 = l.trim().parse().ok()?;
@@ -349,7 +349,7 @@ pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
 }
 
 /// Whether `ip` is inside `net/len`.
-pub fn cidr_contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {
+pub(crate) fn cidr_contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {
     match (net, ip) {
         (IpAddr::V4(n), IpAddr::V4(a)) => {
             let mask = if len == 0 {

@@ -21,14 +21,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A connection that completes no message (or does not take its reply)
 /// within this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Descriptors kept free of TCP connections for everything else the
 /// process opens (UDP sockets, health probes, GeoIP and config files).
 const FD_RESERVE: usize = 128;
 
 /// `limits` with the cap in all lowered to fit the descriptor limit.
-pub fn fit_to_descriptors(mut limits: ConnLimits) -> ConnLimits {
+pub(crate) fn fit_to_descriptors(mut limits: ConnLimits) -> ConnLimits {
     let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .unwrap_or(u64::MAX);
@@ -48,7 +48,7 @@ pub fn fit_to_descriptors(mut limits: ConnLimits) -> ConnLimits {
 }
 
 /// Serves DNS over TCP on `listener` until `stop` changes.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     handler: Arc<GeoHandler>,
     limits: ConnLimits,

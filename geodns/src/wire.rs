@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The FORMERR reply to a message whose header (12 bytes or more) is
 /// readable but whose rest is not: the id, opcode and RD copied, QR set.
-pub fn formerr_reply(pkt: &[u8]) -> [u8; 12] {
+pub(crate) fn formerr_reply(pkt: &[u8]) -> [u8; 12] {
     let mut r = [0u8; 12];
     r[..2].copy_from_slice(&pkt[..2]);
     r[2] = 0x80 | (pkt[2] & 0x79);
@@ -21,7 +21,7 @@ pub fn formerr_reply(pkt: &[u8]) -> [u8; 12] {
 
 /// EDNS as the client sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EdnsInfo {
+pub(crate) struct EdnsInfo {
     pub payload: u16,
     pub version: u8,
     pub dnssec_ok: bool,
@@ -30,14 +30,14 @@ pub struct EdnsInfo {
 
 /// A validated Client Subnet option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ecs {
+pub(crate) struct Ecs {
     pub addr: IpAddr,
     pub source: u8,
 }
 
 /// The query, read strictly.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawQuery {
+pub(crate) struct RawQuery {
     pub qdcount: u16,
     pub edns: Option<EdnsInfo>,
 }
@@ -45,7 +45,7 @@ pub struct RawQuery {
 /// Why a query is answered FORMERR.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed query: {0}")]
-pub struct FormErr(pub &'static str);
+pub(crate) struct FormErr(pub &'static str);
 
 struct Cur<'a> {
     b: &'a [u8],
@@ -92,7 +92,7 @@ impl<'a> Cur<'a> {
 
 /// Reads the header counts, skips to the additional section and validates
 /// the OPT record and any Client Subnet option.
-pub fn read(raw: &[u8]) -> Result<RawQuery, FormErr> {
+pub(crate) fn read(raw: &[u8]) -> Result<RawQuery, FormErr> {
     let mut c = Cur { b: raw, i: 4 };
     let qd = c.u16()?;
     let an = c.u16()?;

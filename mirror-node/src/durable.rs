@@ -42,7 +42,7 @@ const CTIME_SLACK_NS: i128 = 2_000_000_000;
 
 /// The kernel's id for this boot; `None` where there is no such file
 /// (then every unclean stop is treated as a possible power loss).
-pub fn boot_id() -> Option<String> {
+pub(crate) fn boot_id() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .ok()
         .map(|s| s.trim().to_owned())
@@ -51,7 +51,7 @@ pub fn boot_id() -> Option<String> {
 
 /// The contents of the `unflushed` marker.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Marker {
+pub(crate) struct Marker {
     /// Boot id of the kernel the writing process ran under.
     pub boot: String,
     /// Unix time (ns) at which the last completed flush started: objects
@@ -60,7 +60,7 @@ pub struct Marker {
 }
 
 impl Marker {
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         format!(
             "boot {}\nflushed-from-ns {}\n",
             self.boot, self.flushed_from_ns
@@ -69,7 +69,7 @@ impl Marker {
 
     /// Parses a marker; `None` for a damaged one (treated as "recheck
     /// everything").
-    pub fn decode(text: &str) -> Option<Marker> {
+    pub(crate) fn decode(text: &str) -> Option<Marker> {
         let mut boot = None;
         let mut from = None;
         for line in text.lines() {
@@ -99,7 +99,7 @@ fn now_ns() -> i128 {
 
 /// What start-up recovery did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Recovery {
+pub(crate) struct Recovery {
     /// Objects re-hashed because they may not have reached the disk.
     pub checked: usize,
     /// Of those, the ones that did not match and were quarantined.
@@ -109,7 +109,7 @@ pub struct Recovery {
 /// Runs before the last generation is restored: re-checks objects that a
 /// crash of the machine may have left unwritten, then writes a fresh marker
 /// for this run.
-pub fn recover(state: &MirrorState) -> Result<Recovery, StoreError> {
+pub(crate) fn recover(state: &MirrorState) -> Result<Recovery, StoreError> {
     let path = marker_path(state);
     let boot = boot_id();
     let old = match std::fs::read(&path) {
@@ -181,7 +181,7 @@ fn write_marker(state: &MirrorState, flushed_from_ns: i128) -> Result<(), StoreE
 
 /// Makes the served generation durable: `syncfs`, then `current`, then the
 /// marker's flush point. Returns the generation now durable.
-pub fn flush(state: &MirrorState) -> Result<u64, StoreError> {
+pub(crate) fn flush(state: &MirrorState) -> Result<u64, StoreError> {
     let n = state.served_generation();
     let from = now_ns();
     let t = std::time::Instant::now();
@@ -204,7 +204,7 @@ pub fn flush(state: &MirrorState) -> Result<u64, StoreError> {
 
 /// The flusher: flushes after every switch or repair (`state.flush`), and
 /// retries a failed flush every second.
-pub async fn run(state: Arc<MirrorState>, mut shutdown: meridian_serve::shutdown::Stopping) {
+pub(crate) async fn run(state: Arc<MirrorState>, mut shutdown: meridian_serve::shutdown::Stopping) {
     let mut failing = false;
     loop {
         if !failing {
@@ -231,7 +231,7 @@ pub async fn run(state: Arc<MirrorState>, mut shutdown: meridian_serve::shutdown
 
 /// Clean shutdown, after the syncer has stopped: a last flush, then the
 /// marker goes (the next start needs no recheck).
-pub fn finish(state: &MirrorState) {
+pub(crate) fn finish(state: &MirrorState) {
     match flush(state) {
         Ok(_) => {
             if let Err(e) = std::fs::remove_file(marker_path(state)) {

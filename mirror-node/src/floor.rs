@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 /// What a mirror may accept, as established at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Floor {
+pub(crate) enum Floor {
     /// Nothing below `generation`; at `generation`, only the root `hash`.
     Known { generation: u64, hash: Option<Hash> },
     /// The record of the highest verified generation is lost and could not
@@ -87,7 +87,7 @@ fn read_highest(path: &Path) -> Result<Option<(u64, Hash)>, String> {
 
 /// Establishes the floor at start from `highest` and the retained roots
 /// (those that verify), stores it in `state` and returns it.
-pub fn establish(state: &MirrorState, retained: &[VerifiedRoot]) -> Floor {
+pub(crate) fn establish(state: &MirrorState, retained: &[VerifiedRoot]) -> Floor {
     let path = highest_path(&state.cfg.state);
     let recorded = read_highest(&path);
     let from_roots = retained
@@ -158,7 +158,7 @@ fn write_highest(state_dir: &Path, generation: u64, hash: &Hash) -> Result<(), S
 
 /// Whether `vr` may be accepted: not below the floor, and at the floor only
 /// the recorded root.
-pub fn check(state: &MirrorState, vr: &VerifiedRoot) -> Result<(), BelowFloor> {
+pub(crate) fn check(state: &MirrorState, vr: &VerifiedRoot) -> Result<(), BelowFloor> {
     let floor = state.floor.lock().map(|f| f.clone()).unwrap_or_default();
     match floor {
         Floor::Lost(why) => Err(BelowFloor::Lost(why)),
@@ -183,7 +183,7 @@ pub fn check(state: &MirrorState, vr: &VerifiedRoot) -> Result<(), BelowFloor> {
 /// Raises the floor to a root that just verified (blocking: writes and
 /// fsyncs `highest`). A root at or below the floor changes nothing. The
 /// lock is held through the write, so records can never land out of order.
-pub fn raise(state: &MirrorState, vr: &VerifiedRoot) -> Result<(), StoreError> {
+pub(crate) fn raise(state: &MirrorState, vr: &VerifiedRoot) -> Result<(), StoreError> {
     let n = vr.root.generation;
     let Ok(mut floor) = state.floor.lock() else {
         return Ok(());

@@ -9,7 +9,7 @@ impl Syncer {
     /// Removes objects neither the served generation nor the previous one
     /// references, once they are older than the grace period. Unlinking is
     /// safe under running downloads: an open file stays readable.
-    pub fn gc(&self) {
+    pub(crate) fn gc(&self) {
         let Some(g) = self.state.served.load_full() else {
             return;
         };

@@ -25,7 +25,7 @@ pub enum LoadError {
 
 /// An immutable, fully verified generation.
 #[derive(Debug)]
-pub struct Generation {
+pub(crate) struct Generation {
     pub root: VerifiedRoot,
     /// Every directory node of the tree by hash.
     pub nodes: HashMap<Hash, Arc<DirNode>>,
@@ -33,14 +33,14 @@ pub struct Generation {
 
 /// What a request path resolves to.
 #[derive(Debug, Clone)]
-pub enum Resolved<'a> {
+pub(crate) enum Resolved<'a> {
     File(&'a Entry),
     /// A directory, with its canonical path (symlinks followed).
     Dir(String, &'a DirNode),
 }
 
 /// Reads and checks one node from the store.
-pub fn read_node(store: &ObjectStore, h: &Hash) -> Result<DirNode, LoadError> {
+pub(crate) fn read_node(store: &ObjectStore, h: &Hash) -> Result<DirNode, LoadError> {
     let bytes = store.read(h).map_err(|_| LoadError::MissingNode(*h))?;
     if hash_bytes(&bytes) != *h {
         return Err(LoadError::CorruptNode(*h));
@@ -51,7 +51,7 @@ pub fn read_node(store: &ObjectStore, h: &Hash) -> Result<DirNode, LoadError> {
 impl Generation {
     /// Assembles a generation from nodes already known (`known`, e.g. the
     /// previous generation's) and the store, checking every node read.
-    pub fn assemble(
+    pub(crate) fn assemble(
         store: &ObjectStore,
         root: VerifiedRoot,
         known: Option<&HashMap<Hash, Arc<DirNode>>>,
@@ -76,13 +76,13 @@ impl Generation {
         Ok(Generation { root, nodes })
     }
 
-    pub fn number(&self) -> u64 {
+    pub(crate) fn number(&self) -> u64 {
         self.root.root.generation
     }
 
     /// Every file blob (hash, size) in the tree; a blob shared by several
     /// paths appears once per distinct node that names it.
-    pub fn blobs(&self) -> impl Iterator<Item = (Hash, u64)> + '_ {
+    pub(crate) fn blobs(&self) -> impl Iterator<Item = (Hash, u64)> + '_ {
         self.nodes
             .values()
             .flat_map(|d| d.entries.iter())
@@ -96,7 +96,7 @@ impl Generation {
 
     /// Resolves a normalised path ("" is the top; no leading slash),
     /// following symlinks inside the tree (at most 8 hops).
-    pub fn resolve(&self, path: &str) -> Option<Resolved<'_>> {
+    pub(crate) fn resolve(&self, path: &str) -> Option<Resolved<'_>> {
         // No allocation on the way to a file (the download hot path); the
         // walked prefix is only spelled out for a directory or a symlink.
         let mut owned: Option<String> = None;

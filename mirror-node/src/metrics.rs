@@ -7,7 +7,7 @@ use prometheus::{
 
 /// Every metric a mirror exports.
 #[derive(Debug, Clone)]
-pub struct MirrorMetrics {
+pub(crate) struct MirrorMetrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub response_bytes: IntCounterVec,
@@ -31,7 +31,7 @@ pub struct MirrorMetrics {
 }
 
 impl MirrorMetrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let m = MirrorMetrics {
             requests: IntCounterVec::new(
                 Opts::new(
@@ -172,7 +172,7 @@ impl MirrorMetrics {
         m
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()

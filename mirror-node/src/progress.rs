@@ -3,23 +3,23 @@
 //! mirror answers before its first generation, and the progress log line a
 //! long sync writes every [`LOG_EVERY`].
 
-pub use meridian_serve::status::SyncProgress;
+pub(crate) use meridian_serve::status::SyncProgress;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A long sync logs its progress this often.
-pub const LOG_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// The progress of the sync under way, if any.
 #[derive(Debug, Default)]
-pub struct Progress {
+pub(crate) struct Progress {
     now: Mutex<Option<(SyncProgress, Instant, u64)>>,
 }
 
 impl Progress {
     /// A sync of `files` blobs, `bytes` in all, of which `have` bytes are
     /// already here (resumed partial downloads).
-    pub fn start(&self, generation: u64, files: u64, bytes: u64, have: u64) {
+    pub(crate) fn start(&self, generation: u64, files: u64, bytes: u64, have: u64) {
         if let Ok(mut p) = self.now.lock() {
             *p = Some((
                 SyncProgress {
@@ -36,7 +36,7 @@ impl Progress {
     }
 
     /// One blob of `size` bytes is in the store.
-    pub fn blob_done(&self, size: u64) {
+    pub(crate) fn blob_done(&self, size: u64) {
         if let Ok(mut p) = self.now.lock()
             && let Some((s, _, _)) = p.as_mut()
         {
@@ -46,19 +46,19 @@ impl Progress {
     }
 
     /// The sync ended (switched, or failed).
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Ok(mut p) = self.now.lock() {
             *p = None;
         }
     }
 
-    pub fn get(&self) -> Option<SyncProgress> {
+    pub(crate) fn get(&self) -> Option<SyncProgress> {
         self.now.lock().ok()?.map(|(s, _, _)| s)
     }
 
     /// The progress with its rate since the start (bytes per second) and
     /// the time left at that rate.
-    pub fn rate(&self) -> Option<(SyncProgress, f64, Option<Duration>)> {
+    pub(crate) fn rate(&self) -> Option<(SyncProgress, f64, Option<Duration>)> {
         let (s, started, have) = (*self.now.lock().ok()?)?;
         let secs = started.elapsed().as_secs_f64().max(1e-3);
         let rate = (s.bytes_done - have) as f64 / secs;
@@ -68,7 +68,7 @@ impl Progress {
     }
 
     /// Logs the progress (the sync's periodic line).
-    pub fn log(&self) {
+    pub(crate) fn log(&self) {
         if let Some((s, rate, eta)) = self.rate() {
             tracing::info!(
                 generation = s.generation,

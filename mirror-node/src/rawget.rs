@@ -32,7 +32,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a raw GET did not deliver the whole body.
 #[derive(Debug)]
-pub enum Raw {
+pub(crate) enum Raw {
     /// Not something this client takes; use the async client.
     Unsupported(String),
     /// Transport trouble: what arrived was passed to the sink (a prefix).
@@ -46,7 +46,7 @@ pub enum Raw {
 
 /// Where a plain-HTTP URL points.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub(crate) struct Target {
     /// `host:port`, for the Host header and the pool.
     authority: String,
     /// Path and query.
@@ -55,7 +55,7 @@ pub struct Target {
 
 impl Target {
     /// Parses an `http://` URL; `None` for anything else.
-    pub fn parse(url: &str) -> Option<Target> {
+    pub(crate) fn parse(url: &str) -> Option<Target> {
         let rest = url.strip_prefix("http://")?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -83,14 +83,14 @@ impl Target {
 
 /// Keep-alive connections per upstream address.
 #[derive(Debug)]
-pub struct Pool {
+pub(crate) struct Pool {
     idle: Mutex<HashMap<String, Vec<TcpStream>>>,
     user_agent: &'static str,
 }
 
 /// Whether the environment names a proxy (then the async client, which
 /// honours it, does every request).
-pub fn proxy_configured() -> bool {
+pub(crate) fn proxy_configured() -> bool {
     ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
         .iter()
         .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()))
@@ -101,7 +101,7 @@ thread_local! {
 }
 
 impl Pool {
-    pub fn new(user_agent: &'static str) -> Pool {
+    pub(crate) fn new(user_agent: &'static str) -> Pool {
         Pool {
             idle: Mutex::default(),
             user_agent,
@@ -146,7 +146,7 @@ impl Pool {
     /// range request with the whole body (200), `sink(None)` comes first:
     /// start again from byte 0. `counted` sees every body byte as it
     /// arrives.
-    pub fn get(
+    pub(crate) fn get(
         &self,
         t: &Target,
         from: u64,

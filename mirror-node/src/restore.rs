@@ -11,7 +11,7 @@ impl Syncer {
     /// establishes the rollback floor. `current` (the last durable
     /// generation) is preferred; if it is damaged or its tree cannot be
     /// loaded, the newest retained root whose tree loads is served instead.
-    pub fn restore(&self) -> Result<Option<u64>, SyncError> {
+    pub(crate) fn restore(&self) -> Result<Option<u64>, SyncError> {
         let retained = self.retained_roots();
         crate::floor::establish(&self.state, &retained);
         let cur_path = self.state.cfg.state.join("current");

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 /// What one object's check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scrubbed {
+pub(crate) enum Scrubbed {
     /// Matched; this many bytes were read.
     Good(u64),
     /// Did not match (quarantined); this many bytes were read.
@@ -27,7 +27,7 @@ pub enum Scrubbed {
 }
 
 /// Re-hashes one stored object; quarantines it if it does not match.
-pub fn scrub_object(state: &MirrorState, h: &Hash, buf: &mut [u8]) -> Scrubbed {
+pub(crate) fn scrub_object(state: &MirrorState, h: &Hash, buf: &mut [u8]) -> Scrubbed {
     let Ok(f) = std::fs::File::open(state.store.path(h)) else {
         return Scrubbed::Missing;
     };
@@ -56,14 +56,14 @@ fn served_objects(state: &MirrorState) -> Vec<Hash> {
 
 /// Whether the file at `path` hashes to `h` (one that fails to read does
 /// not); `None` if it cannot be opened (missing).
-pub fn object_matches(path: &Path, h: &Hash, buf: &mut [u8]) -> Option<bool> {
+pub(crate) fn object_matches(path: &Path, h: &Hash, buf: &mut [u8]) -> Option<bool> {
     let f = std::fs::File::open(path).ok()?;
     Some(crate::verified::hashes_to(&f, h, buf))
 }
 
 /// Moves a damaged object out of the store (into `quarantine/`, for a
 /// post-mortem); the download server answers 503 for it at once.
-pub fn quarantine(state: &MirrorState, h: &Hash) {
+pub(crate) fn quarantine(state: &MirrorState, h: &Hash) {
     state.verified.forget(h);
     let qdir = state.cfg.state.join("quarantine");
     let path = state.store.path(h);
@@ -78,7 +78,7 @@ pub fn quarantine(state: &MirrorState, h: &Hash) {
 const BATCH_BYTES: u64 = 8 << 20;
 
 /// Scrubs continuously from boot until shutdown (`scrub_interval` 0: off).
-pub async fn run(state: Arc<MirrorState>, mut shutdown: meridian_serve::shutdown::Stopping) {
+pub(crate) async fn run(state: Arc<MirrorState>, mut shutdown: meridian_serve::shutdown::Stopping) {
     let every = state.cfg.scrub_interval;
     let rate = state.cfg.scrub_bytes_per_sec.max(1);
     if every.is_zero() {

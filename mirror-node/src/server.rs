@@ -29,7 +29,7 @@ const STREAM_CHECK_MIN: u64 = 64 << 20;
 
 /// The mirror's request handler.
 #[derive(Debug, Clone)]
-pub struct MirrorService {
+pub(crate) struct MirrorService {
     pub state: Arc<MirrorState>,
     /// (requests, bytes) counters per status class, resolved once rather
     /// than looked up by label on every request.
@@ -37,7 +37,7 @@ pub struct MirrorService {
 }
 
 impl MirrorService {
-    pub fn new(state: Arc<MirrorState>) -> Self {
+    pub(crate) fn new(state: Arc<MirrorState>) -> Self {
         let m = &state.metrics;
         let by_class = Arc::new(CLASSES.map(|c| {
             (
@@ -79,7 +79,7 @@ impl Published for MirrorService {
 /// remaining name must be a valid published name: NUL, control characters,
 /// backslashes and invalid UTF-8 are refused. Returns the path without
 /// leading slash and whether it named a directory (trailing slash).
-pub fn normalise(raw: &str) -> Option<(std::borrow::Cow<'_, str>, bool)> {
+pub(crate) fn normalise(raw: &str) -> Option<(std::borrow::Cow<'_, str>, bool)> {
     // Fast path: a plain path (no escapes, no dot or empty segments) is
     // already normal; it only needs its names checked.
     if let Some(rest) = raw.strip_prefix('/')
@@ -115,7 +115,7 @@ pub fn normalise(raw: &str) -> Option<(std::borrow::Cow<'_, str>, bool)> {
 }
 
 /// Content-Type by file extension.
-pub fn content_type(name: &str) -> &'static str {
+pub(crate) fn content_type(name: &str) -> &'static str {
     let ext = name.rsplit_once('.').map_or("", |(_, e)| e);
     // Lower-cased into a small stack buffer: no allocation per download.
     let mut buf = [0u8; 8];

@@ -6,7 +6,7 @@ use crate::metrics::MirrorMetrics;
 use arc_swap::ArcSwapOption;
 use meridian_core::{TrustedKeys, Verifier};
 use meridian_serve::ObjectStore;
-pub use meridian_serve::status::SyncState;
+pub(crate) use meridian_serve::status::SyncState;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,7 +14,7 @@ use tokio::sync::{Notify, watch};
 
 /// What the syncer is doing, for the status endpoint.
 #[derive(Debug, Clone, Default)]
-pub struct SyncStatus {
+pub(crate) struct SyncStatus {
     pub state: SyncState,
     /// The last sync error, if the last attempt failed.
     pub last_error: Option<String>,
@@ -26,7 +26,7 @@ pub struct SyncStatus {
 
 /// Everything the mirror's tasks share.
 #[derive(Debug)]
-pub struct MirrorState {
+pub(crate) struct MirrorState {
     pub cfg: MirrorConfig,
     pub store: Arc<ObjectStore>,
     pub verifier: Verifier,
@@ -67,7 +67,7 @@ pub struct MirrorState {
 
 impl MirrorState {
     /// Opens the state directory (objects, roots, partial downloads).
-    pub fn open(cfg: MirrorConfig) -> Result<Self, meridian_serve::StoreError> {
+    pub(crate) fn open(cfg: MirrorConfig) -> Result<Self, meridian_serve::StoreError> {
         let store = Arc::new(ObjectStore::open(cfg.state.clone())?);
         let roots_dir = cfg.state.join("roots");
         std::fs::create_dir_all(&roots_dir)
@@ -97,36 +97,36 @@ impl MirrorState {
         })
     }
 
-    pub fn root_path(&self, generation: u64) -> PathBuf {
+    pub(crate) fn root_path(&self, generation: u64) -> PathBuf {
         self.roots_dir.join(format!("{generation:020}.root"))
     }
 
-    pub fn served_generation(&self) -> u64 {
+    pub(crate) fn served_generation(&self) -> u64 {
         self.served.load().as_ref().map(|g| g.number()).unwrap_or(0)
     }
 
-    pub fn set_status(&self, f: impl FnOnce(&mut SyncStatus)) {
+    pub(crate) fn set_status(&self, f: impl FnOnce(&mut SyncStatus)) {
         if let Ok(mut s) = self.status.lock() {
             f(&mut s);
         }
     }
 
-    pub fn status(&self) -> SyncStatus {
+    pub(crate) fn status(&self) -> SyncStatus {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// Connections open right now across the listeners.
-    pub fn active_connections(&self) -> usize {
+    pub(crate) fn active_connections(&self) -> usize {
         self.listeners
             .get()
             .map_or(0, |l| l.iter().map(|a| a.load(Ordering::Relaxed)).sum())
     }
 
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
-    pub fn set_draining(&self, on: bool) {
+    pub(crate) fn set_draining(&self, on: bool) {
         self.draining.store(on, Ordering::Relaxed);
         self.metrics.draining.set(i64::from(on));
     }
@@ -135,7 +135,7 @@ impl MirrorState {
     /// quarantined, forgotten as verified, counted, and the syncer is woken
     /// to fetch it again. A deleted object takes the same path on its
     /// first read.
-    pub fn damaged(&self, h: &meridian_core::Hash, why: &str) {
+    pub(crate) fn damaged(&self, h: &meridian_core::Hash, why: &str) {
         tracing::error!(object = %h, "stored object {why}; quarantined, will be fetched again");
         crate::scrub::quarantine(self, h);
         self.metrics.scrub_failures.inc();
@@ -143,7 +143,7 @@ impl MirrorState {
     }
 
     /// Whether the served generation has expired.
-    pub fn is_stale(&self) -> bool {
+    pub(crate) fn is_stale(&self) -> bool {
         match self.served.load().as_ref() {
             Some(g) => meridian_serve::unix_now() >= g.root.root.expires,
             None => true,

@@ -100,7 +100,7 @@ async fn blocking<T: Send + 'static>(
 
 /// The sync engine for one mirror.
 #[derive(Debug)]
-pub struct Syncer {
+pub(crate) struct Syncer {
     pub state: Arc<MirrorState>,
     pub(crate) upstreams: Upstreams,
     /// A repair was asked for (`state.repair`): done between steps, never
@@ -108,7 +108,7 @@ pub struct Syncer {
     repair_due: std::sync::atomic::AtomicBool,
 }
 impl Syncer {
-    pub fn new(state: Arc<MirrorState>) -> Self {
+    pub(crate) fn new(state: Arc<MirrorState>) -> Self {
         let upstreams = Upstreams::new(state.cfg.upstreams.clone());
         Syncer {
             state,
@@ -158,7 +158,7 @@ fn refresh_store_bytes(state: &MirrorState) {
 
 impl Syncer {
     /// Runs until `shutdown` fires.
-    pub async fn run(self: Arc<Self>, mut shutdown: meridian_serve::shutdown::Stopping) {
+    pub(crate) async fn run(self: Arc<Self>, mut shutdown: meridian_serve::shutdown::Stopping) {
         let mut backoff = Duration::from_millis(250);
         let mut gc_due = Instant::now() + self.state.cfg.gc_grace;
         loop {
@@ -214,7 +214,7 @@ impl Syncer {
     }
 
     /// One round: wait for a newer root, verify, sync to it.
-    pub async fn step(&self) -> Result<(), SyncError> {
+    pub(crate) async fn step(&self) -> Result<(), SyncError> {
         let after = self.state.served_generation();
         let mut errors = Vec::new();
         for i in self.upstreams.order() {
@@ -348,7 +348,11 @@ impl Syncer {
     }
 
     /// Fetches everything `vr` needs and switches to it.
-    pub async fn sync_to(&self, vr: VerifiedRoot, preferred: usize) -> Result<(), SyncError> {
+    pub(crate) async fn sync_to(
+        &self,
+        vr: VerifiedRoot,
+        preferred: usize,
+    ) -> Result<(), SyncError> {
         let t0 = Instant::now();
         let generation = vr.root.generation;
         self.state

@@ -15,7 +15,7 @@ pub(crate) struct UpstreamHealth {
 
 /// Talks to the upstreams.
 #[derive(Debug)]
-pub struct Upstreams {
+pub(crate) struct Upstreams {
     pub(crate) urls: Vec<String>,
     pub(crate) health: Mutex<Vec<UpstreamHealth>>,
     pub(crate) http: reqwest::Client,
@@ -31,7 +31,7 @@ const STRIKES_TO_BENCH: u32 = 3;
 const BENCH_FOR: Duration = Duration::from_secs(60);
 
 impl Upstreams {
-    pub fn new(urls: Vec<String>) -> Self {
+    pub(crate) fn new(urls: Vec<String>) -> Self {
         let urls = urls
             .into_iter()
             .map(|u| u.trim_end_matches('/').to_owned())
@@ -57,7 +57,7 @@ impl Upstreams {
 
     /// Upstream indexes in the order to try: healthy ones in configured
     /// order, then benched ones (better a benched upstream than none).
-    pub fn order(&self) -> Vec<usize> {
+    pub(crate) fn order(&self) -> Vec<usize> {
         let now = Instant::now();
         let health = self.health.lock().map(|h| h.clone()).unwrap_or_default();
         let benched = |i: usize| {
@@ -71,12 +71,12 @@ impl Upstreams {
         v
     }
 
-    pub fn url(&self, i: usize) -> &str {
+    pub(crate) fn url(&self, i: usize) -> &str {
         &self.urls[i]
     }
 
     /// Records bad data from an upstream.
-    pub fn strike(&self, i: usize) {
+    pub(crate) fn strike(&self, i: usize) {
         if let Ok(mut h) = self.health.lock()
             && let Some(u) = h.get_mut(i)
         {

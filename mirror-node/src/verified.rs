@@ -23,14 +23,14 @@ use std::sync::{Arc, Mutex};
 
 /// What identifies an object file's current contents to the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
+pub(crate) struct Stamp {
     ino: u64,
     ctime_ns: i128,
     len: u64,
 }
 
 impl Stamp {
-    pub fn of(md: &std::fs::Metadata) -> Stamp {
+    pub(crate) fn of(md: &std::fs::Metadata) -> Stamp {
         Stamp {
             ino: md.ino(),
             ctime_ns: i128::from(md.ctime()) * 1_000_000_000 + i128::from(md.ctime_nsec()),
@@ -49,7 +49,7 @@ type Inflight = Arc<tokio::sync::OnceCell<bool>>;
 
 /// The remembered checks, and the whole-object checks under way.
 #[derive(Debug)]
-pub struct Verified {
+pub(crate) struct Verified {
     shards: [Mutex<HashMap<Hash, Stamp>>; SHARDS],
     inflight: Mutex<HashMap<Hash, Inflight>>,
 }
@@ -69,7 +69,7 @@ impl Verified {
     }
 
     /// Whether `h` was checked with the file as it is now.
-    pub fn is_verified(&self, h: &Hash, stamp: Stamp) -> bool {
+    pub(crate) fn is_verified(&self, h: &Hash, stamp: Stamp) -> bool {
         self.shard(h)
             .lock()
             .map(|m| m.get(h) == Some(&stamp))
@@ -77,7 +77,7 @@ impl Verified {
     }
 
     /// Remembers that the file with `stamp` hashes to `h`.
-    pub fn remember(&self, h: Hash, stamp: Stamp) {
+    pub(crate) fn remember(&self, h: Hash, stamp: Stamp) {
         if let Ok(mut m) = self.shard(&h).lock() {
             if m.len() >= SHARD_ENTRIES && !m.contains_key(&h) {
                 m.clear();
@@ -87,7 +87,7 @@ impl Verified {
     }
 
     /// Forgets `h` (quarantined or removed).
-    pub fn forget(&self, h: &Hash) {
+    pub(crate) fn forget(&self, h: &Hash) {
         if let Ok(mut m) = self.shard(h).lock() {
             m.remove(h);
         }
@@ -96,7 +96,7 @@ impl Verified {
     /// Checks the whole file behind `file` against `h` on the blocking pool,
     /// once for every caller that asks while a check of `h` is under way.
     /// Remembers a match; returns whether it matched.
-    pub async fn check_whole(
+    pub(crate) async fn check_whole(
         self: &Arc<Self>,
         h: Hash,
         file: &std::fs::File,
@@ -134,7 +134,7 @@ impl Verified {
 
 /// Whether the bytes of `file` (from its start) hash to `h`; a read error
 /// counts as no.
-pub fn hashes_to(mut file: &std::fs::File, h: &Hash, buf: &mut [u8]) -> bool {
+pub(crate) fn hashes_to(mut file: &std::fs::File, h: &Hash, buf: &mut [u8]) -> bool {
     use std::io::{Read, Seek};
     if file.seek(std::io::SeekFrom::Start(0)).is_err() {
         return false;

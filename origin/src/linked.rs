@@ -29,13 +29,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Largest linked object served from a verified in-memory read.
-pub const VERIFY_IN_MEMORY_MAX: u64 = 8 << 20;
+pub(crate) const VERIFY_IN_MEMORY_MAX: u64 = 8 << 20;
 /// In-memory verified reads at once; past it, objects are copied first.
 const IN_MEMORY_AT_ONCE: usize = 16;
 
 /// What [`LinkedStore::promote`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Promoted {
+pub(crate) enum Promoted {
     /// Already a private copy.
     Present,
     /// Copied from its link, verified.

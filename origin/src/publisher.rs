@@ -132,7 +132,7 @@ fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
 }
 
 /// Every (path, leaf entry) of a stored tree; also records node hashes.
-pub fn walk_tree(
+pub(crate) fn walk_tree(
     store: &LinkedStore,
     tree: Hash,
     mut on_node: impl FnMut(Hash) -> bool,
@@ -551,7 +551,7 @@ impl Publisher {
 }
 
 /// Generation numbers with a root file, unordered. Removes leftover temp files.
-pub fn list_generations(dir: &Path) -> Result<Vec<u64>, PublishError> {
+pub(crate) fn list_generations(dir: &Path) -> Result<Vec<u64>, PublishError> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).map_err(state_err(dir))? {
         let e = e.map_err(state_err(dir))?;

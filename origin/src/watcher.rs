@@ -11,23 +11,26 @@ use tokio::sync::Notify;
 
 /// Counts change events and wakes the publish loop.
 #[derive(Debug, Default)]
-pub struct ChangeSignal {
+pub(crate) struct ChangeSignal {
     pub events: AtomicU64,
     pub wake: Notify,
 }
 
 impl ChangeSignal {
-    pub fn poke(&self) {
+    pub(crate) fn poke(&self) {
         self.events.fetch_add(1, Ordering::Relaxed);
         self.wake.notify_one();
     }
-    pub fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.events.load(Ordering::Relaxed)
     }
 }
 
 /// Starts watching; the watcher stops when the returned value is dropped.
-pub fn watch(dir: &Path, signal: Arc<ChangeSignal>) -> notify::Result<notify::RecommendedWatcher> {
+pub(crate) fn watch(
+    dir: &Path,
+    signal: Arc<ChangeSignal>,
+) -> notify::Result<notify::RecommendedWatcher> {
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
         Ok(ev) if ev.kind.is_access() => {}
         Ok(_) => signal.poke(),

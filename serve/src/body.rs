@@ -25,11 +25,11 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 
 /// Chunk size for streamed files: large enough for throughput, small enough
 /// that 10,000 concurrent downloads stay within a bounded amount of memory.
-pub const CHUNK: usize = 1024 * 1024;
+pub(crate) const CHUNK: usize = 1024 * 1024;
 
 /// A piece of a streamed response: literal bytes, or a range of the file.
 #[derive(Debug, Clone)]
-pub enum Segment {
+pub(crate) enum Segment {
     Bytes(Bytes),
     File { offset: u64, len: u64 },
 }
@@ -40,7 +40,11 @@ pub enum Segment {
 /// file that turns out shorter than promised ends the body with an error
 /// rather than a silent short response, so the client sees a broken
 /// transfer, not bad data. `sent`, if given, counts body bytes (egress).
-pub fn segments(file: std::fs::File, segs: Vec<Segment>, sent: Option<Arc<AtomicU64>>) -> Body {
+pub(crate) fn segments(
+    file: std::fs::File,
+    segs: Vec<Segment>,
+    sent: Option<Arc<AtomicU64>>,
+) -> Body {
     segments_checked(file, segs, sent, None)
 }
 
@@ -72,7 +76,7 @@ struct Checking {
 
 /// [`segments`], hashing the file as it streams when `check` is given (the
 /// segments must then be the whole file, once).
-pub fn segments_checked(
+pub(crate) fn segments_checked(
     file: std::fs::File,
     segs: Vec<Segment>,
     sent: Option<Arc<AtomicU64>>,
@@ -157,14 +161,14 @@ struct SegmentBody {
 }
 
 /// Smallest chunk (slow clients, first bytes of a response).
-pub const MIN_CHUNK: u64 = 16 * 1024;
+pub(crate) const MIN_CHUNK: u64 = 16 * 1024;
 
 /// Bytes of chunks larger than [`MIN_CHUNK`] that may be in memory at once,
 /// across all responses. A chunk holds its share until the connection has
 /// written it (the buffer is dropped). So file-serving memory is at most
 /// this budget plus one [`MIN_CHUNK`] per open download, however many
 /// clients stall.
-pub const BIG_CHUNK_BUDGET: u64 = 64 << 20;
+pub(crate) const BIG_CHUNK_BUDGET: u64 = 64 << 20;
 static BIG_CHUNKS_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
 
 /// Reserves `want` bytes of the big-chunk budget, or returns false.

@@ -54,7 +54,8 @@ fn last_modified(secs: i64) -> HeaderValue {
 }
 
 /// `x-meridian-blake3`: the raw blake3 hash of the representation.
-pub static BLAKE3_HEADER: header::HeaderName = header::HeaderName::from_static("x-meridian-blake3");
+pub(crate) static BLAKE3_HEADER: header::HeaderName =
+    header::HeaderName::from_static("x-meridian-blake3");
 
 fn etag_matches(list: &str, tag: &str, weak_ok: bool) -> bool {
     list.split(',')
@@ -396,7 +397,7 @@ const READ_AHEAD_MAX: u64 = 8 << 20;
 /// server sends it with sendfile(2) (no copy through user space); any other
 /// connection polls the body as usual. `sent` counts bytes sent (egress).
 #[derive(Debug)]
-pub struct SendFile {
+pub(crate) struct SendFile {
     pub file: std::fs::File,
     pub segs: Vec<Segment>,
     pub sent: Option<Arc<AtomicU64>>,

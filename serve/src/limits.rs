@@ -59,7 +59,7 @@ impl Drop for Permit {
 
 /// The unit a per-client cap counts: an IPv4 address (IPv4-mapped IPv6
 /// included) or an IPv6 /64, the block one subscriber usually holds.
-pub fn client_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -177,10 +177,10 @@ impl AcceptErrors {
 
 /// The errno values [`AcceptErrors`] tells apart (Linux).
 mod libc_errno {
-    pub const ENOMEM: i32 = 12;
-    pub const ENFILE: i32 = 23;
-    pub const EMFILE: i32 = 24;
-    pub const ENOBUFS: i32 = 105;
+    pub(super) const ENOMEM: i32 = 12;
+    pub(super) const ENFILE: i32 = 23;
+    pub(super) const EMFILE: i32 = 24;
+    pub(super) const ENOBUFS: i32 = 105;
 }
 
 /// Whether the kernel's TCP memory is past its pressure threshold (the
@@ -190,13 +190,13 @@ mod libc_errno {
 /// legitimate downloads; so a client that stopped reading is then given
 /// [`PRESSURE_SEND_TIMEOUT`] instead of the configured send timeout, and
 /// its buffered data is freed sooner.
-pub fn tcp_memory_pressure() -> bool {
+pub(crate) fn tcp_memory_pressure() -> bool {
     PRESSURE.load(Ordering::Relaxed)
 }
 
 /// The send timeout for a stalled client while TCP memory is under
 /// pressure.
-pub const PRESSURE_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const PRESSURE_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The time a stalled write may take now: `configured`, or less under TCP
 /// memory pressure.
@@ -212,7 +212,7 @@ static PRESSURE: AtomicBool = AtomicBool::new(false);
 static PRESSURE_WATCH: OnceLock<()> = OnceLock::new();
 
 /// Starts the pressure watch (once per process; needs a runtime).
-pub fn watch_tcp_memory() {
+pub(crate) fn watch_tcp_memory() {
     PRESSURE_WATCH.get_or_init(|| {
         tokio::spawn(async {
             let mut was = false;

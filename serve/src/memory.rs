@@ -53,7 +53,7 @@ pub(crate) fn after_flood(peak: &mut usize) {
 }
 
 /// Resident set size in kB (0 if unknown).
-pub fn resident_kb() -> u64 {
+pub(crate) fn resident_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -68,7 +68,7 @@ pub fn resident_kb() -> u64 {
 /// Returns the allocator's free memory to the kernel (glibc's
 /// `malloc_trim(0)`: every arena, not just the main heap's top).
 #[allow(unsafe_code)]
-pub fn release_free_heap() {
+pub(crate) fn release_free_heap() {
     // SAFETY: malloc_trim takes no pointers and only rearranges the
     // allocator's own free lists; glibc documents it as thread-safe.
     unsafe {

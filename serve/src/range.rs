@@ -11,11 +11,11 @@
 //! * If no range is satisfiable: 416 with `Content-Range: bytes */LEN`.
 
 /// Most range specs considered in one header.
-pub const MAX_RANGES: usize = 64;
+pub(crate) const MAX_RANGES: usize = 64;
 
 /// What to send for a `Range` header against a representation of `len` bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RangeResponse {
+pub(crate) enum RangeResponse {
     /// 200 with the whole representation.
     Full,
     /// 206 with these inclusive `(first, last)` ranges, sorted, disjoint.
@@ -25,7 +25,7 @@ pub enum RangeResponse {
 }
 
 /// Interprets a `Range` header value.
-pub fn parse(header: &str, len: u64) -> RangeResponse {
+pub(crate) fn parse(header: &str, len: u64) -> RangeResponse {
     let Some(spec) = header.trim().strip_prefix("bytes=") else {
         return RangeResponse::Full;
     };

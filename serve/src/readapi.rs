@@ -26,9 +26,9 @@ use tokio::sync::watch;
 /// The path prefix of the read API.
 pub const PREFIX: &str = "/.meridian/v1/";
 /// Media type of a signed root envelope.
-pub const ROOT_CONTENT_TYPE: &str = "application/x-meridian-root";
+pub(crate) const ROOT_CONTENT_TYPE: &str = "application/x-meridian-root";
 /// Longest long-poll a client may ask for.
-pub const MAX_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// What a node publishes.
 pub trait Published: Send + Sync + 'static {
@@ -200,8 +200,8 @@ async fn diff_turn(
 /// Long-polls held at once in all, and per client: they hold a connection
 /// each for up to [`MAX_WAIT`], so they get a bounded share and the rest
 /// of the connections stay for downloads.
-pub const MAX_LONG_POLLS: usize = 1024;
-pub const MAX_LONG_POLLS_PER_CLIENT: usize = 8;
+pub(crate) const MAX_LONG_POLLS: usize = 1024;
+pub(crate) const MAX_LONG_POLLS_PER_CLIENT: usize = 8;
 
 fn long_poll_places() -> &'static std::sync::Arc<crate::limits::Admission> {
     static S: std::sync::OnceLock<std::sync::Arc<crate::limits::Admission>> =

@@ -49,7 +49,7 @@ impl Drop for ConnGuard {
 
 /// Listen backlog: large, so a burst of connections is queued rather than
 /// dropped (the kernel caps it at `net.core.somaxconn`).
-pub const BACKLOG: u32 = 8192;
+pub(crate) const BACKLOG: u32 = 8192;
 
 /// Binds a listening socket with `SO_REUSEADDR` and a deep backlog.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

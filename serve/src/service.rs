@@ -77,25 +77,25 @@ impl Default for ServerOptions {
 }
 
 /// Default cap on connections from one client.
-pub const DEFAULT_PER_CLIENT: usize = 256;
+pub(crate) const DEFAULT_PER_CLIENT: usize = 256;
 
 /// The listener defaults origin and mirror configs share (serde default
 /// functions; one owner for each number).
 pub(crate) mod defaults {
     use std::time::Duration;
-    pub fn max_connections() -> usize {
+    pub(crate) fn max_connections() -> usize {
         16_384
     }
-    pub fn max_connections_per_client() -> usize {
+    pub(crate) fn max_connections_per_client() -> usize {
         super::DEFAULT_PER_CLIENT
     }
-    pub fn header_timeout() -> Duration {
+    pub(crate) fn header_timeout() -> Duration {
         Duration::from_secs(20)
     }
-    pub fn send_timeout() -> Duration {
+    pub(crate) fn send_timeout() -> Duration {
         Duration::from_secs(60)
     }
-    pub fn drain_timeout() -> Duration {
+    pub(crate) fn drain_timeout() -> Duration {
         Duration::from_secs(60)
     }
 }

@@ -26,7 +26,7 @@
 mod atomic;
 mod writer;
 
-pub use atomic::{sync_dir, write_atomic, write_atomic_mode};
+pub use atomic::{write_atomic, write_atomic_mode};
 use meridian_core::Hash;
 use std::fs::{self, File};
 use std::io;
