@@ -2,14 +2,15 @@
 //! store: directory nodes into memory, tree deltas (nodes rebuilt and
 //! hash-checked), blob patches against the local old version, and whole
 //! blobs streamed to `partial/<hash>` (resumable, one writer each) through
-//! `rawget` or reqwest. Upstreams are tried in turn by one helper,
-//! [`Syncer::try_each`]; the blocking parts (partial files, patch and delta
+//! `rawget` or reqwest, each through the store's verified writer.
+//! Upstreams are tried in turn by one helper,
+//! `Syncer::try_each` (in [`crate::upstreams`]); the blocking parts (partial files, patch and delta
 //! application) run on the blocking pool.
 
 use crate::generation::Generation;
 use crate::state::MirrorState;
 use crate::sync::{SyncError, Syncer};
-use crate::upstreams::{FetchFail, read_capped, transfer_timeout};
+use crate::upstreams::{FetchFail, OnMissing, read_capped, transfer_timeout};
 use futures_util::StreamExt;
 use meridian_core::{DirNode, Hash, hash_bytes};
 use meridian_serve::{ObjectWriter, StoreError};
@@ -17,16 +18,6 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// What [`Syncer::try_each`] does when an upstream fails for want of the
-/// thing (a transport error, a 404).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OnMissing {
-    /// Ask the next upstream.
-    Next,
-    /// Stop asking (the thing is optional, e.g. a patch).
-    Stop,
-}
 
 /// Smallest blob worth a patch: below this a whole fetch costs about the same.
 pub(crate) const PATCH_MIN: u64 = 4096;
@@ -156,67 +147,6 @@ impl Syncer {
         tokio::task::spawn_blocking(move || rebuild_from_patch(&store, &patch, base, h, size))
             .await
             .map_err(|e| FetchFail::Transport(e.to_string()))?
-    }
-
-    /// The one way upstreams are tried in turn: `attempt(url)` for `path`
-    /// on each upstream in order (benched ones last) until one succeeds.
-    /// Bad data counts against that upstream (and strikes it) and the next
-    /// is asked; a transport failure asks the next or stops, as `missing`
-    /// says; a local failure (the store) ends the whole try. `Ok(Err(last))`:
-    /// no upstream delivered, with the last failure.
-    pub(crate) async fn try_each<T, F, Fut>(
-        &self,
-        path: &str,
-        missing: OnMissing,
-        mut attempt: F,
-    ) -> Result<Result<T, String>, SyncError>
-    where
-        F: FnMut(String) -> Fut,
-        Fut: std::future::Future<Output = Result<T, FetchFail>>,
-    {
-        let mut last = String::from("no upstream");
-        for i in self.upstreams.order() {
-            let url = self.upstreams.api(i, path);
-            match attempt(url.clone()).await {
-                Ok(v) => return Ok(Ok(v)),
-                Err(FetchFail::Transport(m)) if missing == OnMissing::Stop => {
-                    tracing::debug!(%url, error = %m, "not there; not asking further");
-                    return Ok(Err(format!("{url}: {m}")));
-                }
-                Err(e) => last = self.note_failure(i, &url, e)?,
-            }
-        }
-        Ok(Err(last))
-    }
-
-    /// Counts a verification failure against upstream `i` and strikes it.
-    pub(crate) fn penalise(&self, i: usize) {
-        self.state
-            .metrics
-            .verify_failures
-            .with_label_values(&[self.upstreams.url(i)])
-            .inc();
-        self.upstreams.strike(i);
-    }
-
-    pub(crate) fn note_failure(
-        &self,
-        i: usize,
-        url: &str,
-        e: FetchFail,
-    ) -> Result<String, SyncError> {
-        match e {
-            FetchFail::Transport(m) => {
-                tracing::debug!(%url, error = %m, "fetch failed; trying the next upstream");
-                Ok(format!("{url}: {m}"))
-            }
-            FetchFail::Bad(m) => {
-                tracing::warn!(%url, error = %m, "upstream sent bad data; discarded");
-                self.penalise(i);
-                Ok(format!("{url}: {m}"))
-            }
-            FetchFail::Local(e) => Err(SyncError::Store(e)),
-        }
     }
 
     /// Fetches one blob into the store, verified: as a patch against the
@@ -593,21 +523,4 @@ pub(crate) fn rebuild_from_patch(
         Err(e) if e.is_mismatch() => Err(bad(format!("rebuilt bytes do not match: {e}"))),
         Err(e) => Err(FetchFail::Local(e)),
     }
-}
-
-/// Each entry of `new` with the entry of the same name in `old`, by one
-/// merge of the two sorted lists (no search per entry).
-pub(crate) fn paired<'a>(
-    new: &'a DirNode,
-    old: Option<&'a DirNode>,
-) -> impl Iterator<Item = (&'a meridian_core::Entry, Option<&'a meridian_core::Entry>)> + 'a {
-    let old: &[meridian_core::Entry] = old.map_or(&[], |o| &o.entries);
-    let mut i = 0;
-    new.entries.iter().map(move |e| {
-        while i < old.len() && old[i].name.as_bytes() < e.name.as_bytes() {
-            i += 1;
-        }
-        let was = old.get(i).filter(|o| o.name == e.name);
-        (e, was)
-    })
 }

@@ -10,7 +10,7 @@
 //! tree is skipped without a lookup. A changed file is paired with the file
 //! at the same path in the served tree, so it can be patched from it.
 
-use crate::fetch::{PATCH_MIN, Want, paired};
+use crate::fetch::{PATCH_MIN, Want};
 use crate::generation::Generation;
 use meridian_core::{DirNode, EntryKind, Hash};
 use std::collections::{HashMap, HashSet};
@@ -115,6 +115,23 @@ impl Plan {
     pub(crate) fn finish(self) -> (HashMap<Hash, Arc<DirNode>>, Vec<Want>) {
         (self.new_nodes, self.blobs)
     }
+}
+
+/// Each entry of `new` with the entry of the same name in `old`, by one
+/// merge of the two sorted lists (no search per entry).
+pub(crate) fn paired<'a>(
+    new: &'a DirNode,
+    old: Option<&'a DirNode>,
+) -> impl Iterator<Item = (&'a meridian_core::Entry, Option<&'a meridian_core::Entry>)> + 'a {
+    let old: &[meridian_core::Entry] = old.map_or(&[], |o| &o.entries);
+    let mut i = 0;
+    new.entries.iter().map(move |e| {
+        while i < old.len() && old[i].name.as_bytes() < e.name.as_bytes() {
+            i += 1;
+        }
+        let was = old.get(i).filter(|o| o.name == e.name);
+        (e, was)
+    })
 }
 
 #[cfg(test)]

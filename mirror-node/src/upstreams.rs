@@ -1,9 +1,11 @@
 //! The upstreams a mirror pulls from, in configured order: the HTTP clients
 //! (a long-poll client without an overall timeout, a lean one for blob
 //! bodies), the strike-and-bench rule (three bad answers bench an upstream
-//! for a minute), the feed (long-poll) and retained-root requests, and the
-//! one timeout rule for moving bytes.
+//! for a minute), the feed (long-poll) and retained-root requests, the one
+//! timeout rule for moving bytes, and `Syncer::try_each`, the one way
+//! upstreams are tried in turn.
 
+use crate::sync::{SyncError, Syncer};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -184,4 +186,77 @@ pub(crate) enum FetchFail {
     Bad(String),
     /// Local disk trouble: stop the sync.
     Local(meridian_serve::StoreError),
+}
+
+/// What [`Syncer::try_each`] does when an upstream fails for want of the
+/// thing (a transport error, a 404).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnMissing {
+    /// Ask the next upstream.
+    Next,
+    /// Stop asking (the thing is optional, e.g. a patch).
+    Stop,
+}
+
+impl Syncer {
+    /// The one way upstreams are tried in turn: `attempt(url)` for `path`
+    /// on each upstream in order (benched ones last) until one succeeds.
+    /// Bad data counts against that upstream (and strikes it) and the next
+    /// is asked; a transport failure asks the next or stops, as `missing`
+    /// says; a local failure (the store) ends the whole try. `Ok(Err(last))`:
+    /// no upstream delivered, with the last failure.
+    pub(crate) async fn try_each<T, F, Fut>(
+        &self,
+        path: &str,
+        missing: OnMissing,
+        mut attempt: F,
+    ) -> Result<Result<T, String>, SyncError>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, FetchFail>>,
+    {
+        let mut last = String::from("no upstream");
+        for i in self.upstreams.order() {
+            let url = self.upstreams.api(i, path);
+            match attempt(url.clone()).await {
+                Ok(v) => return Ok(Ok(v)),
+                Err(FetchFail::Transport(m)) if missing == OnMissing::Stop => {
+                    tracing::debug!(%url, error = %m, "not there; not asking further");
+                    return Ok(Err(format!("{url}: {m}")));
+                }
+                Err(e) => last = self.note_failure(i, &url, e)?,
+            }
+        }
+        Ok(Err(last))
+    }
+
+    /// Counts a verification failure against upstream `i` and strikes it.
+    pub(crate) fn penalise(&self, i: usize) {
+        self.state
+            .metrics
+            .verify_failures
+            .with_label_values(&[self.upstreams.url(i)])
+            .inc();
+        self.upstreams.strike(i);
+    }
+
+    pub(crate) fn note_failure(
+        &self,
+        i: usize,
+        url: &str,
+        e: FetchFail,
+    ) -> Result<String, SyncError> {
+        match e {
+            FetchFail::Transport(m) => {
+                tracing::debug!(%url, error = %m, "fetch failed; trying the next upstream");
+                Ok(format!("{url}: {m}"))
+            }
+            FetchFail::Bad(m) => {
+                tracing::warn!(%url, error = %m, "upstream sent bad data; discarded");
+                self.penalise(i);
+                Ok(format!("{url}: {m}"))
+            }
+            FetchFail::Local(e) => Err(SyncError::Store(e)),
+        }
+    }
 }

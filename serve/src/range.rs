@@ -6,7 +6,7 @@
 //! * Satisfiable ranges are sorted and overlapping or adjacent ones are merged
 //!   (RFC 9110 §14.2 allows coalescing); this defeats the "many overlapping
 //!   ranges" amplification attack (CVE-2011-3192).
-//! * More than [`MAX_RANGES`] range specs: the header is ignored and the whole
+//! * More than `MAX_RANGES` (64) range specs: the header is ignored and the whole
 //!   representation is sent, as Apache does since that CVE.
 //! * If no range is satisfiable: 416 with `Content-Range: bytes */LEN`.
 
