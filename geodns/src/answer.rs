@@ -23,7 +23,7 @@
 
 use crate::geoip::{GeoSet, Location};
 use crate::health::Views;
-use crate::select::{self, Choice, Family, Params};
+use crate::select::{self, Choice, Family, Params, Ranked};
 use crate::wire::Ecs;
 use crate::zone::ZoneData;
 use std::net::IpAddr;
@@ -156,9 +156,7 @@ pub(crate) fn plan(
         // The common case: located, some mirror usable.
         Some(loc)
             if with_ranked(views, loc, |r| {
-                select::select_ranked(
-                    loc, &r.dists, &r.order, q.family, views, &rt.params, random, picks,
-                )
+                select::select_ranked(loc, r, q.family, views, &rt.params, random, picks)
             }) =>
         {
             Kind::Mirrors { degraded: false }
@@ -207,13 +205,6 @@ pub(crate) fn fallback(rt: &Runtime, family: Family) -> impl Iterator<Item = IpA
         .filter(move |ip| ip.is_ipv4() == (family == Family::V4))
 }
 
-/// Per client location and mirror-coordinate snapshot: the distance to
-/// every mirror and the mirrors ranked nearest first.
-struct Ranked {
-    dists: Vec<f64>,
-    order: Vec<u32>,
-}
-
 thread_local! {
     /// (coordinates fingerprint, lat bits, lon bits) -> [`Ranked`].
     static RANKED: std::cell::RefCell<rustc_hash::FxHashMap<(u64, u64, u64), Ranked>> =
@@ -228,14 +219,7 @@ fn with_ranked<R>(views: &Views, loc: &Location, f: impl FnOnce(&Ranked) -> R) -
             c.clear();
         }
         let key = (views.coords, loc.lat.to_bits(), loc.lon.to_bits());
-        let r = c.entry(key).or_insert_with(|| {
-            let dists: Vec<f64> = views
-                .iter()
-                .map(|m| select::distance_km(loc.lat, loc.lon, m.lat, m.lon))
-                .collect();
-            let order = select::rank(&dists);
-            Ranked { dists, order }
-        });
+        let r = c.entry(key).or_insert_with(|| Ranked::new(loc, views));
         f(r)
     })
 }

@@ -275,23 +275,42 @@ pub(crate) fn rank(dists: &[f64]) -> Vec<u32> {
     order
 }
 
-/// [`select_with_distances`] for a located client without allocating: the
-/// hot query path caches `order` ([`rank`] of `dists`) per client location
-/// and reuses `picks`. When at least one mirror is usable it writes the very
-/// picks [`select_with_distances`] returns for the same inputs (not
-/// degraded) and returns true; otherwise it returns false and the caller
-/// takes the general path (fallback or least-bad).
-#[allow(clippy::too_many_arguments)]
+/// Every mirror's distance from one client location, and the mirrors ranked
+/// nearest first ([`rank`]): what [`select_ranked`] walks. The hot query
+/// path caches one per client location and mirror coordinates.
+#[derive(Debug)]
+pub(crate) struct Ranked {
+    pub(crate) dists: Vec<f64>,
+    pub(crate) order: Vec<u32>,
+}
+
+impl Ranked {
+    pub(crate) fn new(client: &Location, mirrors: &[MirrorView]) -> Ranked {
+        let dists: Vec<f64> = mirrors
+            .iter()
+            .map(|m| distance_km(client.lat, client.lon, m.lat, m.lon))
+            .collect();
+        let order = rank(&dists);
+        Ranked { dists, order }
+    }
+}
+
+/// [`select_with_distances`] for a located client without allocating: it
+/// walks `ranked` (of this client's location) and reuses `picks`. When at
+/// least one mirror is usable it writes the very picks
+/// [`select_with_distances`] returns for the same inputs (not degraded) and
+/// returns true; otherwise it returns false and the caller takes the
+/// general path (fallback or least-bad).
 pub(crate) fn select_ranked(
     client: &Location,
-    dists: &[f64],
-    order: &[u32],
+    ranked: &Ranked,
     family: Family,
     mirrors: &[MirrorView],
     p: &Params,
     random: u64,
     picks: &mut Vec<usize>,
 ) -> bool {
+    let Ranked { dists, order } = ranked;
     let ok = |i: usize| {
         mirrors
             .get(i)
@@ -445,13 +464,10 @@ mod tests {
             };
             let p = Params { answers, band, band_km: 50.0, full_at: 0.9, fallback: vec![] };
             let family = if v6 { Family::V6 } else { Family::V4 };
-            let dists: Vec<f64> = views
-                .iter()
-                .map(|v| distance_km(lat, lon, v.lat, v.lon))
-                .collect();
-            let general = select_with_distances(Some(&client), &dists, family, &views, &p, random);
+            let ranked = Ranked::new(&client, &views);
+            let general = select_with_distances(Some(&client), &ranked.dists, family, &views, &p, random);
             let mut picks = vec![99];
-            let answered = select_ranked(&client, &dists, &rank(&dists), family, &views, &p, random, &mut picks);
+            let answered = select_ranked(&client, &ranked, family, &views, &p, random, &mut picks);
             match general {
                 Choice::Mirrors { picks: g, degraded: false } => {
                     proptest::prop_assert!(answered);

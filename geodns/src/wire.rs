@@ -24,7 +24,6 @@ pub(crate) fn formerr_reply(pkt: &[u8]) -> [u8; 12] {
 pub(crate) struct EdnsInfo {
     pub payload: u16,
     pub version: u8,
-    pub dnssec_ok: bool,
     pub ecs: Option<Ecs>,
 }
 
@@ -125,7 +124,6 @@ pub(crate) fn read(raw: &[u8]) -> Result<RawQuery, FormErr> {
         let mut info = EdnsInfo {
             payload: class,
             version: ttl[1],
-            dnssec_ok: ttl[2] & 0x80 != 0,
             ecs: None,
         };
         let mut o = Cur { b: data, i: 0 };
