@@ -39,6 +39,20 @@ pub enum VerifyError {
     },
 }
 
+impl VerifyError {
+    /// A short name of the reason, for metrics and status documents.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            VerifyError::Malformed(_) => "malformed",
+            VerifyError::UnknownKey(_) => "unknown_key",
+            VerifyError::BadSignature(_) => "bad_signature",
+            VerifyError::Expired { .. } => "expired",
+            VerifyError::Rollback { .. } => "rollback",
+            VerifyError::BrokenChain { .. } => "broken_chain",
+        }
+    }
+}
+
 /// The set of public keys a reader trusts. Several keys may be trusted at
 /// once, so a key can be rotated: trust old and new during the overlap.
 #[derive(Debug, Clone, Default)]

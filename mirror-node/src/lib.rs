@@ -19,6 +19,7 @@ mod metrics;
 mod plan;
 mod progress;
 mod rawget;
+mod refusal;
 mod restore;
 mod scrub;
 mod server;

@@ -28,6 +28,8 @@ pub(crate) struct MirrorMetrics {
     pub active_connections: IntGauge,
     pub scrub_failures: IntCounter,
     pub draining: IntGauge,
+    pub refused_roots: IntCounterVec,
+    pub refused_generation: IntGauge,
 }
 
 impl MirrorMetrics {
@@ -139,10 +141,34 @@ impl MirrorMetrics {
             .expect("metric"),
             draining: IntGauge::new("meridian_mirror_draining", "1 while draining")
                 .expect("metric"),
+            refused_roots: IntCounterVec::new(
+                Opts::new(
+                    "meridian_mirror_refused_roots_total",
+                    "Roots refused (or upstreams found behind this mirror), by reason",
+                ),
+                &["reason"],
+            )
+            .expect("metric"),
+            refused_generation: IntGauge::new(
+                "meridian_mirror_refused_generation",
+                "Generation of the root refused last, while the refusal lasts (0: none)",
+            )
+            .expect("metric"),
             registry: Registry::new(),
         };
+        // Every reason exists from the start, so an alert on any increase
+        // sees the first one.
+        for r in crate::refusal::REASONS {
+            m.refused_roots.with_label_values(&[r]);
+        }
         let r = &m.registry;
-        for c in [&m.requests, &m.response_bytes, &m.syncs, &m.verify_failures] {
+        for c in [
+            &m.requests,
+            &m.response_bytes,
+            &m.syncs,
+            &m.verify_failures,
+            &m.refused_roots,
+        ] {
             r.register(Box::new(c.clone())).expect("register");
         }
         for c in [
@@ -164,6 +190,7 @@ impl MirrorMetrics {
             &m.store_bytes,
             &m.active_connections,
             &m.draining,
+            &m.refused_generation,
         ] {
             r.register(Box::new(g.clone())).expect("register");
         }

@@ -361,6 +361,7 @@ impl MirrorService {
                     capacity_bytes_per_sec: st.cfg.capacity_bytes_per_sec,
                     draining: st.is_draining(),
                     sync_progress: st.progress.get(),
+                    refused: s.refused,
                 };
                 json(StatusCode::OK, &status)
             }

@@ -22,6 +22,8 @@ pub(crate) struct SyncStatus {
     pub last_success: Option<i64>,
     /// Newest generation seen at any upstream.
     pub upstream_generation: u64,
+    /// The root refused last, while that lasts (see [`crate::refusal`]).
+    pub refused: Option<meridian_serve::status::RefusedRoot>,
 }
 
 /// Everything the mirror's tasks share.

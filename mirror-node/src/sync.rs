@@ -30,6 +30,7 @@ use crate::generation::{Generation, read_node};
 use crate::plan::Plan;
 use crate::state::MirrorState;
 use crate::upstreams::Upstreams;
+use crate::upstreams::Waited;
 use futures_util::StreamExt;
 use meridian_core::{DirNode, Hash, VerifiedRoot, VerifyError};
 use meridian_serve::store::write_atomic;
@@ -44,6 +45,10 @@ use std::time::{Duration, Instant};
 pub enum SyncError {
     #[error("no upstream answered: {0}")]
     Unreachable(String),
+    /// Every upstream that answered offered a root this mirror refuses
+    /// (already logged and shown; see [`crate::refusal`]).
+    #[error("every root offered was refused: {0}")]
+    Refused(String),
     #[error("root from {upstream} refused: {source}")]
     Verify {
         upstream: String,
@@ -75,6 +80,7 @@ impl SyncError {
     pub fn label(&self) -> &'static str {
         match self {
             SyncError::Unreachable(_) => "unreachable",
+            SyncError::Refused(_) => "refused",
             SyncError::Verify { .. } | SyncError::BelowFloor { .. } => "verify",
             SyncError::Object { .. } => "object",
             SyncError::NoSpace { .. } => "no_space",
@@ -183,6 +189,10 @@ impl Syncer {
                 Err(e) => {
                     let error = meridian_serve::describe(&e);
                     match self.state.served_generation() {
+                        // Logged once when first seen (`note_refusal`).
+                        _ if matches!(e, SyncError::Refused(_)) => {
+                            tracing::debug!(%error, "sync refused")
+                        }
                         0 => {
                             tracing::warn!(%error, "sync failed; nothing is served yet (this mirror has never synced a generation)")
                         }
@@ -217,6 +227,7 @@ impl Syncer {
     pub(crate) async fn step(&self) -> Result<(), SyncError> {
         let after = self.state.served_generation();
         let mut errors = Vec::new();
+        let mut only_refusals = true;
         for i in self.upstreams.order() {
             let timeout = self
                 .state
@@ -231,7 +242,21 @@ impl Syncer {
                 }
             };
             match waited {
-                Ok(None) => {
+                Ok(Waited::NoNews {
+                    upstream_generation,
+                }) => {
+                    match upstream_generation {
+                        Some(g) if g < after => self.note_refusal(
+                            i,
+                            g,
+                            "upstream_behind",
+                            format!(
+                                "{} serves generation {g}, older than the generation {after} this mirror serves: it is behind, or it lost its state (an origin restarted with an empty state directory starts over and can never be followed; restore its state and content from a mirror instead); nothing older than {after} is accepted",
+                                self.upstreams.url(i)
+                            ),
+                        ),
+                        _ => self.clear_refusal(Some(i)),
+                    }
                     // Up to date with this upstream.
                     self.state.set_status(|s| {
                         s.state = crate::state::SyncState::Idle;
@@ -241,22 +266,42 @@ impl Syncer {
                     });
                     return Ok(());
                 }
-                Ok(Some(env)) => {
+                Ok(Waited::Root(env)) => {
                     self.state
                         .metrics
                         .manifest_bytes_fetched
                         .inc_by(env.len() as u64);
                     match self.accept_root(i, &env).await {
-                        Ok(vr) => return self.sync_to(vr, i).await,
+                        Ok(vr) => {
+                            self.sync_to(vr, i).await?;
+                            self.clear_refusal(None);
+                            return Ok(());
+                        }
                         Err(e) => {
-                            tracing::warn!(upstream = %self.upstreams.url(i), error = %e, "refusing root");
+                            let reason = match &e {
+                                SyncError::Verify { source, .. } => source.reason(),
+                                SyncError::BelowFloor { .. } => "below_floor",
+                                _ => "malformed",
+                            };
+                            self.note_refusal(
+                                i,
+                                crate::refusal::claimed_generation(&env),
+                                reason,
+                                e.to_string(),
+                            );
                             self.penalise(i);
                             errors.push(e.to_string());
                         }
                     }
                 }
-                Err(e) => errors.push(e),
+                Err(e) => {
+                    only_refusals = false;
+                    errors.push(e);
+                }
             }
+        }
+        if only_refusals && !errors.is_empty() {
+            return Err(SyncError::Refused(errors.join("; ")));
         }
         Err(SyncError::Unreachable(errors.join("; ")))
     }

@@ -15,6 +15,16 @@ pub(crate) struct UpstreamHealth {
     benched_until: Option<Instant>,
 }
 
+/// What a long-poll brought.
+#[derive(Debug)]
+pub(crate) enum Waited {
+    /// A newer root's envelope (not yet verified).
+    Root(Vec<u8>),
+    /// Nothing newer before the timeout; the upstream's own newest
+    /// generation, as its answer says.
+    NoNews { upstream_generation: Option<u64> },
+}
+
 /// Talks to the upstreams.
 #[derive(Debug)]
 pub(crate) struct Upstreams {
@@ -101,7 +111,7 @@ impl Upstreams {
         i: usize,
         after: u64,
         timeout: Duration,
-    ) -> Result<Option<Vec<u8>>, String> {
+    ) -> Result<Waited, String> {
         let url = self.api(
             i,
             &format!("wait?after={after}&timeout={}", timeout.as_secs()),
@@ -114,8 +124,16 @@ impl Upstreams {
             .await
             .map_err(|e| meridian_serve::describe(&e))?;
         match r.status().as_u16() {
-            200 => Ok(Some(read_capped(r, meridian_core::MAX_ROOT_BYTES).await?)),
-            204 => Ok(None),
+            200 => Ok(Waited::Root(
+                read_capped(r, meridian_core::MAX_ROOT_BYTES).await?,
+            )),
+            204 => Ok(Waited::NoNews {
+                upstream_generation: r
+                    .headers()
+                    .get("x-meridian-generation")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok()),
+            }),
             s => Err(format!("{url}: HTTP {s}")),
         }
     }

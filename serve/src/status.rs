@@ -55,6 +55,27 @@ pub struct MirrorStatus {
     /// The sync under way, if any.
     #[serde(default)]
     pub sync_progress: Option<SyncProgress>,
+    /// The newest root this mirror refused (or an upstream found behind
+    /// it), while that lasts: the mirror keeps serving what it has.
+    #[serde(default)]
+    pub refused: Option<RefusedRoot>,
+}
+
+/// A root a mirror would not take, with both generations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedRoot {
+    pub upstream: String,
+    /// The generation the upstream offers.
+    pub offered: u64,
+    /// The generation this mirror serves.
+    pub served: u64,
+    /// `rollback`, `broken_chain`, `unknown_key`, `bad_signature`,
+    /// `expired`, `malformed`, `below_floor` or `upstream_behind`.
+    pub reason: String,
+    /// The whole message, with what to do.
+    pub error: String,
+    /// Unix time it was first seen.
+    pub since: i64,
 }
 
 /// What the syncer is doing.

@@ -1069,3 +1069,128 @@ async fn a_long_first_sync_shows_its_progress_in_the_log_the_status_and_the_503(
     let s = status(&http, maddr).await.unwrap();
     assert!(s.sync_progress.is_none(), "{s:?}");
 }
+
+/// An origin restarted with an empty state starts a new chain at
+/// generation 1. A mirror never follows it: it keeps serving its
+/// generation and says why, once in its log and for as long as it lasts in
+/// its status and metrics, with both generations: first that the upstream
+/// is behind it, then, once the new chain passes it, that the chain is
+/// broken.
+#[tokio::test]
+async fn a_mirror_never_follows_an_origin_that_lost_its_state_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("f"), b"one").unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let (mut o, oaddr) = origin(dir.path(), "200ms");
+    let client = ReadClient::new(oaddr, key);
+    let g1 = published(&client, &content, 0).await;
+    std::fs::write(content.join("f"), b"two").unwrap();
+    let g2 = published(&client, &content, g1).await;
+    let http = http();
+    let state = dir.path().join("m");
+    let (mut m, maddr) = mirror(
+        "m",
+        &[format!("http://{oaddr}")],
+        &key,
+        &state,
+        &["--poll-interval", "1s"],
+    );
+    wait_generation(&http, maddr, g2).await;
+    let s = status(&http, maddr).await.unwrap();
+    assert!(s.refused.is_none(), "{s:?}");
+
+    // The origin loses its state and is started again, empty, where it was.
+    o.child.kill().unwrap();
+    o.child.wait().unwrap();
+    std::fs::remove_dir_all(dir.path().join("origin-state")).unwrap();
+    let args: Vec<String> = meridian_e2e::origin_args(dir.path(), "origin-state", "200ms")
+        .into_iter()
+        .map(|a| {
+            if a == "127.0.0.1:0" {
+                oaddr.to_string()
+            } else {
+                a
+            }
+        })
+        .collect();
+    let mut o2 =
+        meridian_e2e::Proc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    o2.listening("origin");
+
+    let refused = |reason: &'static str| {
+        let http = http.clone();
+        async move {
+            eventually(
+                &format!("the mirror to report {reason}"),
+                DEADLINE,
+                || async {
+                    let s = status(&http, maddr).await?;
+                    let r = s.refused.filter(|r| r.reason == reason)?;
+                    Some((r, s.generation))
+                },
+            )
+            .await
+        }
+    };
+    let (r, serving) = refused("upstream_behind").await;
+    assert_eq!((r.offered, r.served, serving), (1, g2, g2), "{r:?}");
+    assert!(r.error.contains("lost its state"), "{}", r.error);
+    assert_eq!(get(&http, maddr, "f").await.1, b"two");
+    let text = meridian_e2e::metrics_text(&http, maddr).await.unwrap();
+    assert!(
+        text.contains("meridian_mirror_refused_roots_total{reason=\"upstream_behind\"}"),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "meridian_mirror_refused_generation"), 1.0);
+
+    // The new chain passes the mirror's generation: its roots name other
+    // predecessors. Still refused, still serving the old tree.
+    let client2 = ReadClient::new(oaddr, key);
+    let mut g = 1;
+    for n in 0..10 {
+        if g > g2 {
+            break;
+        }
+        std::fs::write(content.join("f"), format!("new chain {n}")).unwrap();
+        g = published(&client2, &content, g).await;
+    }
+    assert!(g > g2, "the new chain reached only generation {g}");
+    let (r, serving) = refused("broken_chain").await;
+    assert_eq!((r.offered, r.served, serving), (g, g2, g2), "{r:?}");
+    assert_eq!(get(&http, maddr, "f").await.1, b"two");
+    let text = meridian_e2e::metrics_text(&http, maddr).await.unwrap();
+    assert!(metric(&text, "meridian_mirror_refused_roots_total") >= 2.0);
+    assert_eq!(
+        metric(&text, "meridian_mirror_refused_generation"),
+        g as f64
+    );
+    // Said once per new refusal, not once per offer: wait until the root
+    // was refused three more times (each is counted), then read the log.
+    let broken = |t: &str| {
+        t.lines()
+            .filter(|l| {
+                l.starts_with("meridian_mirror_refused_roots_total{reason=\"broken_chain\"}")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = broken(&text);
+    eventually(
+        "the root to be refused three more times",
+        DEADLINE,
+        || async {
+            let t = meridian_e2e::metrics_text(&http, maddr).await?;
+            (broken(&t) >= before + 3.0).then_some(())
+        },
+    )
+    .await;
+    m.drain();
+    let said = m
+        .log
+        .iter()
+        .filter(|l| l.contains("still serving generation") && l.contains("broken_chain"))
+        .count();
+    assert_eq!(said, 1, "{}", m.log.join("\n"));
+}
