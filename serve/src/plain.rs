@@ -410,7 +410,38 @@ async fn reply_error(
     h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     write_head(out, Version::HTTP_11, status, &h, true);
     out.extend_from_slice(b"\r\n");
-    write_all(stream, out, opts.send_timeout).await
+    write_all(stream, out, opts.send_timeout).await?;
+    linger_close(stream).await;
+    Ok(())
+}
+
+/// Most time and bytes a lingering close reads and drops.
+const LINGER_FOR: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Before a connection is closed after an error answer, the client may
+/// still be sending its request (a head over the cap, say). Closing with
+/// unread bytes makes the kernel send a reset, which can destroy the answer
+/// before the client reads it. So the write side is shut first (the answer
+/// is complete), and what still arrives is read and dropped, for at most
+/// [`LINGER_FOR`] and [`LINGER_BYTES`] (nginx's lingering close).
+async fn linger_close(stream: &TcpStream) {
+    let _ = rustix::net::shutdown(stream, rustix::net::Shutdown::Write);
+    let mut sink = [0u8; 16 * 1024];
+    let mut left = LINGER_BYTES;
+    let until = tokio::time::Instant::now() + LINGER_FOR;
+    while left > 0 {
+        match tokio::time::timeout_at(until, stream.readable()).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+        match stream.try_read(&mut sink) {
+            Ok(0) => return,
+            Ok(n) => left = left.saturating_sub(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Writes all of `data`; waits for the socket at most `timeout` at a time

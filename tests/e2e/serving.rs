@@ -940,3 +940,40 @@ async fn memory_taken_by_a_flood_of_downloads_is_given_back_after_it() {
     .await;
     eprintln!("mirror RSS after the flood: {after} kB");
 }
+
+/// A client still sending a request head over the cap when the server
+/// answers 431 gets that answer: the server shuts its side and drains the
+/// rest for a moment before it closes. (Closing with unread bytes resets the
+/// connection: an HTTP client still writing its request then fails on the
+/// write, or loses the answer.) The head goes in two parts, the second
+/// after the server has answered the first.
+#[tokio::test]
+async fn an_oversized_head_gets_its_431_even_while_the_client_is_still_sending() {
+    let net = net(&[("a.txt", b"hello")]).await;
+    let (_m, maddr) = net.synced_mirror(&[]).await;
+    let first = format!(
+        "GET /a.txt HTTP/1.1\r\nHost: m\r\nX-Pad: {}",
+        "p".repeat(40_000)
+    );
+    let mut s = TcpStream::connect(maddr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(first.as_bytes()).unwrap();
+    // The answer is there (peeked, not read) before the rest is sent.
+    let mut peek = [0u8; 12];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.peek(&mut peek).unwrap_or(0) < peek.len() {
+        assert!(Instant::now() < deadline, "no answer to an oversized head");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // (A pause only so that a server that closes at once has closed: the
+    // passing case does not depend on it.)
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_all(&[b'p'; 20_000])
+        .and_then(|()| s.write_all(b"\r\n\r\n"))
+        .expect("the rest of the head is taken, not reset");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)
+        .expect("the answer is read whole, not reset");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text:?}");
+}
