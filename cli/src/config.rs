@@ -47,7 +47,7 @@ fn set(t: &mut toml::Table, key: &str, v: Option<impl ToString>) {
 
 /// TLS and connection-cap flags, shared by `origin` and `mirror` (each
 /// has its own `--listen`, with its own default).
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct ListenArgs {
     /// Most connections at once from one client (an IPv4 address or an
     /// IPv6 /64); 0 for no cap [default: 256].
@@ -98,7 +98,7 @@ impl ListenArgs {
 }
 
 /// Flags of `meridian origin`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct OriginArgs {
     /// TOML config file (see deploy/origin.toml); flags override it.
     #[arg(long, value_name = "FILE")]
@@ -169,7 +169,7 @@ impl OriginArgs {
 }
 
 /// Flags of `meridian mirror`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct MirrorArgs {
     /// TOML config file (see deploy/mirror.toml); flags override it.
     #[arg(long, value_name = "FILE")]

@@ -103,11 +103,11 @@ fn run() -> anyhow::Result<()> {
         Command::Mirror(args) => {
             init_logging();
             let check = args.check;
-            let cfg = args.into_config()?;
+            let cfg = args.clone().into_config()?;
             if check {
                 return check::mirror(&cfg);
             }
-            runtime()?.block_on(run_mirror(cfg))
+            runtime()?.block_on(run_mirror(cfg, *args))
         }
         Command::Geodns { config, check } => {
             init_logging();
@@ -173,9 +173,38 @@ async fn run_origin(cfg: meridian_origin::OriginConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_mirror(cfg: meridian_mirror::MirrorConfig) -> anyhow::Result<()> {
+async fn run_mirror(
+    cfg: meridian_mirror::MirrorConfig,
+    args: config::MirrorArgs,
+) -> anyhow::Result<()> {
     let handle = meridian_mirror::start(cfg).await?;
-    shutdown_signal().await;
+    // SIGHUP: the config file is read again (with the same flags on top)
+    // and put in force; a bad one is refused and the running one stays.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hup.recv() => {
+                let reloaded = args
+                    .clone()
+                    .into_config()
+                    .and_then(|cfg| handle.reload(cfg).map_err(anyhow::Error::from));
+                match reloaded {
+                    Ok(kept) if kept.is_empty() => tracing::info!("configuration reloaded"),
+                    Ok(kept) => tracing::warn!(
+                        unchanged = ?kept,
+                        "configuration reloaded, but for settings that take a restart"
+                    ),
+                    Err(e) => tracing::error!(
+                        error = %meridian_serve::describe_chain(e.chain()),
+                        "configuration NOT reloaded; the running one stays in force"
+                    ),
+                }
+            }
+        }
+    }
     tracing::info!("draining: finishing in-flight downloads, then exiting");
     handle.shutdown().await;
     Ok(())

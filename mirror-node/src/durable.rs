@@ -87,7 +87,7 @@ impl Marker {
 }
 
 fn marker_path(state: &MirrorState) -> PathBuf {
-    state.cfg.state.join("unflushed")
+    state.cfg().state.join("unflushed")
 }
 
 fn now_ns() -> i128 {
@@ -188,7 +188,7 @@ pub(crate) fn flush(state: &MirrorState) -> Result<u64, StoreError> {
     state.store.sync_all()?;
     let before = state.durable.load(Ordering::Acquire);
     if n > before {
-        write_atomic(&state.cfg.state.join("current"), n.to_string().as_bytes())?;
+        write_atomic(&state.cfg().state.join("current"), n.to_string().as_bytes())?;
         state.durable.store(n, Ordering::Release);
         state.metrics.durable_generation.set(n as i64);
     }

@@ -42,7 +42,7 @@ impl Syncer {
             }
             r
         }))
-        .buffer_unordered(self.state.cfg.parallel_fetches.max(1))
+        .buffer_unordered(self.state.cfg().parallel_fetches.max(1))
         .collect::<Vec<_>>()
         .await;
         for r in results {
@@ -61,7 +61,7 @@ impl Syncer {
         }
         let got = self
             .try_each(&format!("objects/{h}"), OnMissing::Next, |url| async move {
-                let r = self.upstreams.get_ok(&url, None).await?;
+                let r = self.upstreams().get_ok(&url, None).await?;
                 let b = read_capped(r, size).await.map_err(FetchFail::Bad)?;
                 if b.len() as u64 != size || hash_bytes(&b) != h {
                     return Err(FetchFail::Bad(format!(
@@ -93,7 +93,7 @@ impl Syncer {
             .try_each(&format!("delta/{from}/{to}"), OnMissing::Next, |url| {
                 let served = served.clone();
                 async move {
-                    let r = self.upstreams.get_ok(&url, None).await?;
+                    let r = self.upstreams().get_ok(&url, None).await?;
                     let bytes = read_capped(r, meridian_core::delta::MAX_DELTA_BYTES)
                         .await
                         .map_err(FetchFail::Transport)?;
@@ -138,7 +138,7 @@ impl Syncer {
         base: Hash,
     ) -> Result<(), FetchFail> {
         let timeout = transfer_timeout(size);
-        let r = self.upstreams.get_ok(url, Some(timeout)).await?;
+        let r = self.upstreams().get_ok(url, Some(timeout)).await?;
         // A patch is never longer than its literal bytes plus op headers.
         let cap = size + size / 16 + 4096;
         let patch = read_capped(r, cap).await.map_err(FetchFail::Bad)?;
@@ -191,7 +191,7 @@ impl Syncer {
         h: Hash,
         size: u64,
     ) -> Option<Result<(), FetchFail>> {
-        let pool = self.upstreams.raw.clone()?;
+        let pool = self.upstreams().raw.clone()?;
         let target = crate::rawget::Target::parse(url)?;
         let state = self.state.clone();
         let job = tokio::task::spawn_blocking(move || {
@@ -264,7 +264,7 @@ impl Syncer {
         let local = |e: std::io::Error| FetchFail::Local(StoreError::io(&staged, e));
         let mut have = w.written();
         if have < size {
-            let mut req = self.upstreams.http.get(url);
+            let mut req = self.upstreams().http.get(url);
             if have > 0 {
                 req = req.header("Range", format!("bytes={have}-"));
             }

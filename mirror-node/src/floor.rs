@@ -88,7 +88,7 @@ fn read_highest(path: &Path) -> Result<Option<(u64, Hash)>, String> {
 /// Establishes the floor at start from `highest` and the retained roots
 /// (those that verify), stores it in `state` and returns it.
 pub(crate) fn establish(state: &MirrorState, retained: &[VerifiedRoot]) -> Floor {
-    let path = highest_path(&state.cfg.state);
+    let path = highest_path(&state.cfg().state);
     let recorded = read_highest(&path);
     let from_roots = retained
         .iter()
@@ -103,7 +103,7 @@ pub(crate) fn establish(state: &MirrorState, retained: &[VerifiedRoot]) -> Floor
         tracing::error!(path = %path.display(), "{why}; the rollback floor is taken from the retained roots");
     }
     let floor = match best {
-        _ if state.cfg.accept_lower_generation => {
+        _ if state.cfg().accept_lower_generation => {
             tracing::warn!(
                 "accept_lower_generation is set: starting without a rollback floor; the first root an upstream offers is accepted, whatever its generation"
             );
@@ -118,7 +118,7 @@ pub(crate) fn establish(state: &MirrorState, retained: &[VerifiedRoot]) -> Floor
                 Err(why) => format!("{why} and no retained root verifies"),
                 Ok(_) => format!(
                     "{} holds objects but no record of the highest generation it verified (`highest` and `roots/` are gone)",
-                    state.cfg.state.display()
+                    state.cfg().state.display()
                 ),
             };
             tracing::error!(
@@ -135,7 +135,7 @@ pub(crate) fn establish(state: &MirrorState, retained: &[VerifiedRoot]) -> Floor
         hash: Some(hash),
     } = &floor
         && recorded != Ok(Some((*generation, *hash)))
-        && let Err(e) = write_highest(&state.cfg.state, *generation, hash)
+        && let Err(e) = write_highest(&state.cfg().state, *generation, hash)
     {
         tracing::error!(error = %e, "cannot record the rollback floor");
     }
@@ -195,7 +195,7 @@ pub(crate) fn raise(state: &MirrorState, vr: &VerifiedRoot) -> Result<(), StoreE
     if !above {
         return Ok(());
     }
-    write_highest(&state.cfg.state, n, &vr.hash)?;
+    write_highest(&state.cfg().state, n, &vr.hash)?;
     *floor = Floor::Known {
         generation: n,
         hash: Some(vr.hash),

@@ -31,12 +31,12 @@ impl Syncer {
         add(&g);
         if let Some(prev) = std::fs::read(self.state.root_path(g.number().saturating_sub(1)))
             .ok()
-            .and_then(|env| self.state.verifier.open(&env).ok())
+            .and_then(|env| self.state.verifier().open(&env).ok())
             .and_then(|vr| Generation::assemble(&self.state.store, vr, Some(&g.nodes)).ok())
         {
             add(&prev);
         }
-        let grace = self.state.cfg.gc_grace;
+        let grace = self.state.cfg().gc_grace;
         let Ok(all) = self.state.store.list() else {
             return;
         };

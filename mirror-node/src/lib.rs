@@ -63,6 +63,36 @@ pub struct MirrorHandle {
 }
 
 impl MirrorHandle {
+    /// Puts a new configuration in force without a restart and without
+    /// touching a download: trusted keys at once (the next root is checked
+    /// against them), upstreams before the next sync step, the rest
+    /// (capacity, poll interval, parallel fetches, grace, scrub rate,
+    /// reserve, admin token, `refuse_expired`) as each part next reads it.
+    /// What only a restart can change (`id`, `state`, the listeners) is
+    /// left as it was and named in the answer. A configuration that does
+    /// not validate is refused and the running one stays.
+    pub fn reload(&self, mut cfg: MirrorConfig) -> Result<Vec<&'static str>, MirrorError> {
+        cfg.validate()?;
+        let now = self.state.cfg();
+        let mut kept = Vec::new();
+        if cfg.id != now.id {
+            kept.push("id");
+            cfg.id = now.id.clone();
+        }
+        if cfg.state != now.state {
+            kept.push("state");
+            cfg.state = now.state.clone();
+        }
+        if cfg.listen != now.listen || cfg.listener != now.listener {
+            kept.push("listeners (listen, TLS, connection caps, timeouts)");
+            cfg.listen = now.listen;
+            cfg.listener = now.listener.clone();
+        }
+        drop(now);
+        self.state.reconfigure(cfg);
+        Ok(kept)
+    }
+
     /// Reports draining, stops accepting, lets in-flight downloads finish
     /// (up to the drain timeout), then stops syncing.
     pub async fn shutdown(self) {

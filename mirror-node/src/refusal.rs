@@ -38,7 +38,7 @@ impl Syncer {
     /// Records a refusal from upstream `i`: counted every time, logged and
     /// put in the status once per new (upstream, generation, reason).
     pub(crate) fn note_refusal(&self, i: usize, offered: u64, reason: &'static str, error: String) {
-        let upstream = self.upstreams.url(i).to_owned();
+        let upstream = self.upstreams().url(i).to_owned();
         let served = self.state.served_generation();
         let m = &self.state.metrics;
         m.refused_roots.with_label_values(&[reason]).inc();
@@ -76,7 +76,7 @@ impl Syncer {
     /// Ends the refusal shown, if any (a root was accepted), or only one of
     /// upstream `i` that was behind (it caught up).
     pub(crate) fn clear_refusal(&self, behind_of: Option<usize>) {
-        let upstream = behind_of.map(|i| self.upstreams.url(i).to_owned());
+        let upstream = behind_of.map(|i| self.upstreams().url(i).to_owned());
         let mut cleared = false;
         self.state.set_status(|s| {
             let ends = s.refused.as_ref().is_some_and(|r| match &upstream {

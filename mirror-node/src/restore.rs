@@ -14,7 +14,7 @@ impl Syncer {
     pub(crate) fn restore(&self) -> Result<Option<u64>, SyncError> {
         let retained = self.retained_roots();
         crate::floor::establish(&self.state, &retained);
-        let cur_path = self.state.cfg.state.join("current");
+        let cur_path = self.state.cfg().state.join("current");
         let current = match std::fs::read(&cur_path) {
             Ok(b) => {
                 let n = std::str::from_utf8(&b)
@@ -82,7 +82,7 @@ impl Syncer {
             else {
                 continue;
             };
-            match std::fs::read(e.path()).map(|env| self.state.verifier.open(&env)) {
+            match std::fs::read(e.path()).map(|env| self.state.verifier().open(&env)) {
                 Ok(Ok(vr)) if vr.root.generation == n => out.push(vr),
                 Ok(Ok(_)) => {
                     tracing::warn!(path = %e.path().display(), "retained root is named for another generation; ignored")

@@ -65,7 +65,7 @@ pub(crate) fn object_matches(path: &Path, h: &Hash, buf: &mut [u8]) -> Option<bo
 /// post-mortem); the download server answers 503 for it at once.
 pub(crate) fn quarantine(state: &MirrorState, h: &Hash) {
     state.verified.forget(h);
-    let qdir = state.cfg.state.join("quarantine");
+    let qdir = state.cfg().state.join("quarantine");
     let path = state.store.path(h);
     let _ = std::fs::create_dir_all(&qdir);
     if std::fs::rename(&path, qdir.join(h.to_hex())).is_err() {
@@ -79,8 +79,8 @@ const BATCH_BYTES: u64 = 8 << 20;
 
 /// Scrubs continuously from boot until shutdown (`scrub_interval` 0: off).
 pub(crate) async fn run(state: Arc<MirrorState>, mut shutdown: meridian_serve::shutdown::Stopping) {
-    let every = state.cfg.scrub_interval;
-    let rate = state.cfg.scrub_bytes_per_sec.max(1);
+    let every = state.cfg().scrub_interval;
+    let rate = state.cfg().scrub_bytes_per_sec.max(1);
     if every.is_zero() {
         return;
     }

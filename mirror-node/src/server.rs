@@ -213,7 +213,7 @@ impl MirrorService {
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             return r;
         }
-        if self.state.cfg.refuse_expired && self.state.is_stale() {
+        if self.state.cfg().refuse_expired && self.state.is_stale() {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "this mirror's content has expired and it is configured not to serve it\n",
@@ -345,8 +345,8 @@ impl MirrorService {
                 let s = st.status();
                 let g = st.served.load_full();
                 let status = meridian_serve::status::MirrorStatus {
-                    id: st.cfg.id.clone(),
-                    region: st.cfg.region.clone(),
+                    id: st.cfg().id.clone(),
+                    region: st.cfg().region.clone(),
                     generation: g.as_ref().map(|g| g.number()).unwrap_or(0),
                     durable_generation: st.durable.load(Ordering::Acquire),
                     root_hash: g.as_ref().map(|g| g.root.hash.to_hex()),
@@ -358,7 +358,7 @@ impl MirrorService {
                     last_error: s.last_error,
                     active_connections: st.active_connections() as u64,
                     egress_bytes_per_sec: st.egress_rate.load(Ordering::Relaxed),
-                    capacity_bytes_per_sec: st.cfg.capacity_bytes_per_sec,
+                    capacity_bytes_per_sec: st.cfg().capacity_bytes_per_sec,
                     draining: st.is_draining(),
                     sync_progress: st.progress.get(),
                     refused: s.refused,
@@ -385,7 +385,8 @@ impl MirrorService {
                 }
             }
             (&Method::POST, "admin/drain") | (&Method::POST, "admin/undrain") => {
-                let Some(token) = st.cfg.admin_token.as_deref() else {
+                let cfg = st.cfg();
+                let Some(token) = cfg.admin_token.as_deref() else {
                     return text(
                         StatusCode::NOT_FOUND,
                         "admin API disabled (no admin_token configured)\n",

@@ -3,7 +3,7 @@
 use crate::config::MirrorConfig;
 use crate::generation::Generation;
 use crate::metrics::MirrorMetrics;
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use meridian_core::{TrustedKeys, Verifier};
 use meridian_serve::ObjectStore;
 pub(crate) use meridian_serve::status::SyncState;
@@ -29,9 +29,11 @@ pub(crate) struct SyncStatus {
 /// Everything the mirror's tasks share.
 #[derive(Debug)]
 pub(crate) struct MirrorState {
-    pub cfg: MirrorConfig,
+    /// The configuration in force (replaced whole by a reload).
+    cfg: ArcSwap<MirrorConfig>,
     pub store: Arc<ObjectStore>,
-    pub verifier: Verifier,
+    /// The trusted keys in force (replaced by a reload).
+    verifier: ArcSwap<Verifier>,
     pub roots_dir: PathBuf,
     /// The generation being served; replaced in one atomic step.
     pub served: ArcSwapOption<Generation>,
@@ -49,6 +51,9 @@ pub(crate) struct MirrorState {
     pub listeners: std::sync::OnceLock<Vec<Arc<AtomicUsize>>>,
     /// Wakes the syncer to repair the served generation (scrubber).
     pub repair: Notify,
+    /// Wakes the syncer after a reload (new upstreams take effect between
+    /// steps).
+    pub(crate) reload: Notify,
     /// Tree deltas this mirror synced by, served on to downstream mirrors.
     pub deltas: meridian_serve::readapi::DeltaCache,
     /// The generation `current` names: served and flushed to disk.
@@ -76,8 +81,11 @@ impl MirrorState {
             .map_err(|e| meridian_serve::StoreError::io(&roots_dir, e))?;
         let (notify, _) = watch::channel(0);
         Ok(MirrorState {
-            verifier: Verifier::new(TrustedKeys::new(cfg.trust.iter().copied())),
-            cfg,
+            verifier: ArcSwap::from_pointee(Verifier::new(TrustedKeys::new(
+                cfg.trust.iter().copied(),
+            ))),
+            cfg: ArcSwap::from_pointee(cfg),
+            reload: Notify::new(),
             store,
             roots_dir,
             served: ArcSwapOption::empty(),
@@ -97,6 +105,26 @@ impl MirrorState {
             progress: Default::default(),
             stopping: Default::default(),
         })
+    }
+
+    /// The configuration in force.
+    pub(crate) fn cfg(&self) -> arc_swap::Guard<Arc<MirrorConfig>> {
+        self.cfg.load()
+    }
+
+    /// The trusted keys in force.
+    pub(crate) fn verifier(&self) -> arc_swap::Guard<Arc<Verifier>> {
+        self.verifier.load()
+    }
+
+    /// Puts a reloaded configuration in force: trust at once, upstreams
+    /// between sync steps, the rest as each part next reads it.
+    pub(crate) fn reconfigure(&self, cfg: MirrorConfig) {
+        self.verifier.store(Arc::new(Verifier::new(TrustedKeys::new(
+            cfg.trust.iter().copied(),
+        ))));
+        self.cfg.store(Arc::new(cfg));
+        self.reload.notify_one();
     }
 
     pub(crate) fn root_path(&self, generation: u64) -> PathBuf {

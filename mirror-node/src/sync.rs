@@ -108,18 +108,34 @@ async fn blocking<T: Send + 'static>(
 #[derive(Debug)]
 pub(crate) struct Syncer {
     pub state: Arc<MirrorState>,
-    pub(crate) upstreams: Upstreams,
+    /// The upstreams in force; a reload replaces them between steps, so
+    /// the indexes a step uses always name the same upstreams.
+    upstreams_now: arc_swap::ArcSwap<Upstreams>,
     /// A repair was asked for (`state.repair`): done between steps, never
     /// by dropping a step whose writers are still running.
     repair_due: std::sync::atomic::AtomicBool,
 }
 impl Syncer {
     pub(crate) fn new(state: Arc<MirrorState>) -> Self {
-        let upstreams = Upstreams::new(state.cfg.upstreams.clone());
+        let upstreams = Upstreams::new(state.cfg().upstreams.clone());
         Syncer {
             state,
-            upstreams,
+            upstreams_now: arc_swap::ArcSwap::from_pointee(upstreams),
             repair_due: Default::default(),
+        }
+    }
+
+    /// The upstreams in force.
+    pub(crate) fn upstreams(&self) -> Arc<Upstreams> {
+        self.upstreams_now.load_full()
+    }
+
+    /// Between steps: takes up upstreams a reload changed.
+    fn take_reloaded_upstreams(&self) {
+        let want = self.state.cfg().upstreams.clone();
+        if Upstreams::normalise(&want) != self.upstreams().urls {
+            tracing::info!(upstreams = ?want, "upstreams reloaded");
+            self.upstreams_now.store(Arc::new(Upstreams::new(want)));
         }
     }
 
@@ -166,8 +182,9 @@ impl Syncer {
     /// Runs until `shutdown` fires.
     pub(crate) async fn run(self: Arc<Self>, mut shutdown: meridian_serve::shutdown::Stopping) {
         let mut backoff = Duration::from_millis(250);
-        let mut gc_due = Instant::now() + self.state.cfg.gc_grace;
+        let mut gc_due = Instant::now() + self.state.cfg().gc_grace;
         loop {
+            self.take_reloaded_upstreams();
             // A repair asked for while waiting for a root ends the wait; one
             // asked for during a sync waits for the sync to finish (its
             // fetches own their partial files until they end).
@@ -211,12 +228,12 @@ impl Syncer {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.wait() => return,
                     }
-                    backoff =
-                        (backoff * 2).min(self.state.cfg.poll_interval.max(Duration::from_secs(1)));
+                    backoff = (backoff * 2)
+                        .min(self.state.cfg().poll_interval.max(Duration::from_secs(1)));
                 }
             }
             if Instant::now() >= gc_due {
-                gc_due = Instant::now() + self.state.cfg.gc_grace.max(Duration::from_secs(1)) / 2;
+                gc_due = Instant::now() + self.state.cfg().gc_grace.max(Duration::from_secs(1)) / 2;
                 let s = self.clone();
                 let _ = tokio::task::spawn_blocking(move || s.gc()).await;
             }
@@ -228,18 +245,22 @@ impl Syncer {
         let after = self.state.served_generation();
         let mut errors = Vec::new();
         let mut only_refusals = true;
-        for i in self.upstreams.order() {
+        for i in self.upstreams().order() {
             let timeout = self
                 .state
-                .cfg
+                .cfg()
                 .poll_interval
                 .clamp(Duration::from_secs(1), Duration::from_secs(55));
+            let ups = self.upstreams();
             let waited = tokio::select! {
-                r = self.upstreams.wait(i, after, timeout) => r,
+                r = ups.wait(i, after, timeout) => r,
                 _ = self.state.repair.notified() => {
                     self.repair_due.store(true, std::sync::atomic::Ordering::Release);
                     return Ok(());
                 }
+                // A reload ends the wait: new upstreams are taken up
+                // before the next.
+                _ = self.state.reload.notified() => return Ok(()),
             };
             match waited {
                 Ok(Waited::NoNews {
@@ -252,7 +273,7 @@ impl Syncer {
                             "upstream_behind",
                             format!(
                                 "{} serves generation {g}, older than the generation {after} this mirror serves: it is behind, or it lost its state (an origin restarted with an empty state directory starts over and can never be followed; restore its state and content from a mirror instead); nothing older than {after} is accepted",
-                                self.upstreams.url(i)
+                                self.upstreams().url(i)
                             ),
                         ),
                         _ => self.clear_refusal(Some(i)),
@@ -308,7 +329,7 @@ impl Syncer {
 
     /// Verifies an offered root against what is served, walking the chain.
     async fn accept_root(&self, i: usize, env: &[u8]) -> Result<VerifiedRoot, SyncError> {
-        let upstream = self.upstreams.url(i).to_owned();
+        let upstream = self.upstreams().url(i).to_owned();
         let verr = |source| SyncError::Verify {
             upstream: upstream.clone(),
             source,
@@ -317,7 +338,7 @@ impl Syncer {
         let held = served.as_ref().map(|g| &g.root);
         let vr = self
             .state
-            .verifier
+            .verifier()
             .verify_latest(env, unix_now(), held)
             .map_err(verr)?;
         crate::floor::check(&self.state, &vr).map_err(|source| SyncError::BelowFloor {
@@ -347,7 +368,7 @@ impl Syncer {
             // the upstream retains them.
             let mut prev = held.clone();
             for n in held.root.generation + 1..vr.root.generation {
-                let Ok(Some(bytes)) = self.upstreams.generation(i, n).await else {
+                let Ok(Some(bytes)) = self.upstreams().generation(i, n).await else {
                     tracing::info!(
                         generation = n,
                         "intermediate generation not retained upstream; chain checked up to {}",
@@ -355,7 +376,7 @@ impl Syncer {
                     );
                     return Ok(vr);
                 };
-                let mid = self.state.verifier.open(&bytes).map_err(verr)?;
+                let mid = self.state.verifier().open(&bytes).map_err(verr)?;
                 meridian_core::check_link(&prev, &mid).map_err(verr)?;
                 prev = mid;
             }
@@ -402,7 +423,7 @@ impl Syncer {
         let generation = vr.root.generation;
         self.state
             .set_status(|s| s.state = crate::state::SyncState::Syncing);
-        tracing::info!(generation, upstream = %self.upstreams.url(preferred), "syncing");
+        tracing::info!(generation, upstream = %self.upstreams().url(preferred), "syncing");
         let served = self.state.served.load_full();
 
         // The new tree's nodes as edits of the served tree's (one small
@@ -450,7 +471,7 @@ impl Syncer {
                 })?;
                 Ok::<_, SyncError>((p, n, bytes))
             }))
-            .buffer_unordered(self.state.cfg.parallel_fetches.max(1))
+            .buffer_unordered(self.state.cfg().parallel_fetches.max(1))
             .collect::<Vec<_>>()
             .await;
             let state = self.state.clone();
@@ -489,7 +510,7 @@ impl Syncer {
             .sum::<u64>()
             .saturating_sub(partial);
         self.state.metrics.disk_free_bytes.set(free as i64);
-        let reserve = self.state.cfg.reserve_free_bytes;
+        let reserve = self.state.cfg().reserve_free_bytes;
         if needed.saturating_add(reserve) > free {
             return Err(SyncError::NoSpace {
                 needed,

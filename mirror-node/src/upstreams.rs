@@ -43,11 +43,15 @@ const STRIKES_TO_BENCH: u32 = 3;
 const BENCH_FOR: Duration = Duration::from_secs(60);
 
 impl Upstreams {
-    pub(crate) fn new(urls: Vec<String>) -> Self {
-        let urls = urls
-            .into_iter()
+    /// Upstream URLs as kept: without a trailing slash.
+    pub(crate) fn normalise(urls: &[String]) -> Vec<String> {
+        urls.iter()
             .map(|u| u.trim_end_matches('/').to_owned())
-            .collect::<Vec<_>>();
+            .collect()
+    }
+
+    pub(crate) fn new(urls: Vec<String>) -> Self {
+        let urls = Self::normalise(&urls);
         let build = |read: Duration| {
             reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
@@ -234,8 +238,8 @@ impl Syncer {
         Fut: std::future::Future<Output = Result<T, FetchFail>>,
     {
         let mut last = String::from("no upstream");
-        for i in self.upstreams.order() {
-            let url = self.upstreams.api(i, path);
+        for i in self.upstreams().order() {
+            let url = self.upstreams().api(i, path);
             match attempt(url.clone()).await {
                 Ok(v) => return Ok(Ok(v)),
                 Err(FetchFail::Transport(m)) if missing == OnMissing::Stop => {
@@ -253,9 +257,9 @@ impl Syncer {
         self.state
             .metrics
             .verify_failures
-            .with_label_values(&[self.upstreams.url(i)])
+            .with_label_values(&[self.upstreams().url(i)])
             .inc();
-        self.upstreams.strike(i);
+        self.upstreams().strike(i);
     }
 
     pub(crate) fn note_failure(

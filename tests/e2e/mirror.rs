@@ -1194,3 +1194,117 @@ async fn a_mirror_never_follows_an_origin_that_lost_its_state_and_says_why() {
         .count();
     assert_eq!(said, 1, "{}", m.log.join("\n"));
 }
+
+/// SIGHUP makes a mirror read its config file again and put it in force,
+/// with no restart and no download lost: a trust list without the origin's
+/// key makes the next root refused (`unknown_key`), the key put back makes
+/// it accepted; a config that does not parse is refused and the running
+/// one stays. Downloads run all the while.
+#[tokio::test]
+async fn sighup_reloads_a_mirrors_trust_without_losing_a_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("f"), b"one").unwrap();
+    let big = noise(2_000_000, 21);
+    std::fs::write(content.join("big"), &big).unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let other = keygen(&dir.path().join("other-key"));
+    let (_o, oaddr) = origin(dir.path(), "200ms");
+    let client = ReadClient::new(oaddr, key);
+    let g1 = published(&client, &content, 0).await;
+    let cfg_path = dir.path().join("mirror.toml");
+    let write_cfg = |trust: &[&meridian_core::PublicKey]| {
+        let mut t = toml::Table::new();
+        t.insert("id".into(), "m".into());
+        t.insert("upstreams".into(), vec![format!("http://{oaddr}")].into());
+        t.insert(
+            "trust".into(),
+            trust
+                .iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+                .into(),
+        );
+        t.insert(
+            "state".into(),
+            dir.path().join("m").display().to_string().into(),
+        );
+        t.insert("listen".into(), "127.0.0.1:0".into());
+        t.insert("poll_interval".into(), "1s".into());
+        std::fs::write(&cfg_path, toml::to_string(&t).unwrap()).unwrap();
+    };
+    write_cfg(&[&key]);
+    let mut m = meridian_e2e::Proc::spawn(&["mirror", "--config", cfg_path.to_str().unwrap()], &[]);
+    let maddr = m.listening("mirror");
+    let http = http();
+    wait_generation(&http, maddr, g1).await;
+    let pid = m.child.id() as i32;
+
+    // Downloads all the while, bounded in count and time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loader = {
+        let (http, stop, big) = (http.clone(), stop.clone(), big.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let t0 = std::time::Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && ok < 20_000
+                && t0.elapsed() < Duration::from_secs(120)
+            {
+                match http.get(format!("http://{maddr}/big")).send().await {
+                    Ok(r) if r.status() == 200 => match r.bytes().await {
+                        Ok(b) if b == big => ok += 1,
+                        Ok(b) => failed.push(format!("{} bytes, not the file", b.len())),
+                        Err(e) => failed.push(e.to_string()),
+                    },
+                    Ok(r) => failed.push(format!("HTTP {}", r.status())),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    // The origin's key leaves the trust list: the next root is refused.
+    write_cfg(&[&other]);
+    meridian_e2e::signal(pid, "HUP");
+    m.wait_line("configuration reloaded", DEADLINE);
+    std::fs::write(content.join("f"), b"two").unwrap();
+    let g2 = published(&client, &content, g1).await;
+    let r = eventually("the new root to be refused", DEADLINE, || async {
+        status(&http, maddr)
+            .await?
+            .refused
+            .filter(|r| r.reason == "unknown_key" && r.offered == g2)
+    })
+    .await;
+    assert_eq!(r.served, g1, "{r:?}");
+    assert_eq!(get(&http, maddr, "f").await.1, b"one");
+
+    // A config that does not parse changes nothing.
+    std::fs::write(&cfg_path, b"trust = [").unwrap();
+    meridian_e2e::signal(pid, "HUP");
+    m.wait_line("configuration NOT reloaded", DEADLINE);
+
+    // The key back: the root is taken, no restart.
+    write_cfg(&[&key, &other]);
+    meridian_e2e::signal(pid, "HUP");
+    wait_generation(&http, maddr, g2).await;
+    assert_eq!(get(&http, maddr, "f").await.1, b"two");
+    assert!(status(&http, maddr).await.unwrap().refused.is_none());
+    assert_eq!(m.child.id() as i32, pid);
+    assert!(
+        m.child.try_wait().unwrap().is_none(),
+        "the mirror is still running"
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = loader.await.unwrap();
+    assert!(ok > 0, "no download completed");
+    assert!(
+        failed.is_empty(),
+        "{} downloads failed: {failed:?}",
+        failed.len()
+    );
+}
