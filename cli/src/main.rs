@@ -91,14 +91,14 @@ fn run() -> anyhow::Result<()> {
         Command::Origin(args) => {
             init_logging();
             let (once, check) = (args.once, args.check);
-            let cfg = args.into_config()?;
+            let cfg = args.clone().into_config()?;
             if check {
                 return check::origin(&cfg);
             }
             if once {
                 return publish_once(cfg);
             }
-            runtime()?.block_on(run_origin(cfg))
+            runtime()?.block_on(run_origin(cfg, *args))
         }
         Command::Mirror(args) => {
             init_logging();
@@ -164,10 +164,18 @@ fn publish_once(cfg: meridian_origin::OriginConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_origin(cfg: meridian_origin::OriginConfig) -> anyhow::Result<()> {
+async fn run_origin(
+    cfg: meridian_origin::OriginConfig,
+    args: config::OriginArgs,
+) -> anyhow::Result<()> {
     let handle = meridian_origin::Origin::start(cfg).await?;
     tracing::info!(public_key = %handle.public_key, "origin ready");
-    shutdown_signal().await;
+    until_stopped(|| {
+        handle
+            .reload(args.clone().into_config()?)
+            .map_err(anyhow::Error::from)
+    })
+    .await?;
     tracing::info!("shutting down");
     handle.shutdown().await;
     Ok(())
@@ -178,36 +186,43 @@ async fn run_mirror(
     args: config::MirrorArgs,
 ) -> anyhow::Result<()> {
     let handle = meridian_mirror::start(cfg).await?;
-    // SIGHUP: the config file is read again (with the same flags on top)
-    // and put in force; a bad one is refused and the running one stays.
+    until_stopped(|| {
+        handle
+            .reload(args.clone().into_config()?)
+            .map_err(anyhow::Error::from)
+    })
+    .await?;
+    tracing::info!("draining: finishing in-flight downloads, then exiting");
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// Runs until Ctrl-C or SIGTERM. On SIGHUP, `reload` reads the config
+/// file again (with the same flags on top) and puts it in force; it names
+/// the settings that take a restart, and a config that does not validate
+/// is refused while the running one stays.
+async fn until_stopped(
+    reload: impl Fn() -> anyhow::Result<Vec<&'static str>>,
+) -> anyhow::Result<()> {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = &mut stop => break,
-            _ = hup.recv() => {
-                let reloaded = args
-                    .clone()
-                    .into_config()
-                    .and_then(|cfg| handle.reload(cfg).map_err(anyhow::Error::from));
-                match reloaded {
-                    Ok(kept) if kept.is_empty() => tracing::info!("configuration reloaded"),
-                    Ok(kept) => tracing::warn!(
-                        unchanged = ?kept,
-                        "configuration reloaded, but for settings that take a restart"
-                    ),
-                    Err(e) => tracing::error!(
-                        error = %meridian_serve::describe_chain(e.chain()),
-                        "configuration NOT reloaded; the running one stays in force"
-                    ),
-                }
-            }
+            _ = &mut stop => return Ok(()),
+            _ = hup.recv() => match reload() {
+                Ok(kept) if kept.is_empty() => tracing::info!("configuration reloaded"),
+                Ok(kept) => tracing::warn!(
+                    unchanged = ?kept,
+                    "configuration reloaded, but for settings that take a restart"
+                ),
+                Err(e) => tracing::error!(
+                    error = %meridian_serve::describe_chain(e.chain()),
+                    "configuration NOT reloaded; the running one stays in force"
+                ),
+            },
         }
     }
-    tracing::info!("draining: finishing in-flight downloads, then exiting");
-    handle.shutdown().await;
-    Ok(())
 }
 
 /// Waits for Ctrl-C or SIGTERM.

@@ -173,6 +173,25 @@ fn same_file_system(a: &Path, b: &Path) -> bool {
 }
 
 impl Publisher {
+    /// Takes up reloaded publishing settings; the content and state
+    /// directories, the key and the snapshot mode stay as opened.
+    pub(crate) fn reconfigure(&mut self, cfg: OriginConfig) {
+        let OriginConfig {
+            content,
+            state,
+            key_file,
+            snapshot,
+            ..
+        } = self.cfg.clone();
+        self.cfg = OriginConfig {
+            content,
+            state,
+            key_file,
+            snapshot,
+            ..cfg
+        };
+    }
+
     /// Opens the state directory and recovers the newest complete generation.
     pub fn open(cfg: OriginConfig, key: SecretKey) -> Result<Self, PublishError> {
         cfg.validate()?;

@@ -180,6 +180,9 @@ pub struct OriginHandle {
     shutdown: Shutdown,
     publish_loop: tokio::task::JoinHandle<()>,
     shared: Arc<Shared>,
+    /// The configuration in force; a reload sends the next one to the
+    /// publish loop.
+    config: tokio::sync::watch::Sender<OriginConfig>,
 }
 
 impl OriginHandle {
@@ -187,6 +190,30 @@ impl OriginHandle {
     pub fn latest(&self) -> Option<Arc<VerifiedRoot>> {
         self.shared.latest.load_full()
     }
+    /// Puts a new configuration in force without a restart: the publishing
+    /// settings (`quiet`, `expiry`, `resign_before`, `rescan`, retention,
+    /// `gc_grace`, `hash_threads`) from the next publish on. What only a
+    /// restart can change (`content`, `state`, `key_file`, `snapshot`, the
+    /// listeners) is left as it was and named in the answer. A
+    /// configuration that does not validate is refused and the running one
+    /// stays.
+    pub fn reload(&self, mut cfg: OriginConfig) -> Result<Vec<&'static str>, OriginError> {
+        cfg.validate().map_err(PublishError::from)?;
+        let now = self.config.borrow().clone();
+        let mut kept = Vec::new();
+        macro_rules! keep {
+            ($($field:ident),*) => {$(
+                if cfg.$field != now.$field {
+                    kept.push(stringify!($field));
+                    cfg.$field = now.$field.clone();
+                }
+            )*};
+        }
+        keep!(content, state, key_file, snapshot, listen, listener);
+        self.config.send_replace(cfg);
+        Ok(kept)
+    }
+
     /// Stops publishing and serving.
     pub async fn shutdown(self) {
         self.shutdown.trigger();
@@ -240,7 +267,8 @@ impl Origin {
         let https_addr = servers.get(1).map(|s| s.local_addr);
 
         tokio::spawn(promote_loop(shared.clone(), rx.clone()));
-        let publish_loop = tokio::spawn(publish_loop(publisher, cfg, signal, rx, watcher));
+        let (config, reloads) = tokio::sync::watch::channel(cfg);
+        let publish_loop = tokio::spawn(publish_loop(publisher, reloads, signal, rx, watcher));
         Ok(OriginHandle {
             http_addr,
             https_addr,
@@ -249,6 +277,7 @@ impl Origin {
             shutdown: tx,
             publish_loop,
             shared,
+            config,
         })
     }
 }
@@ -347,13 +376,14 @@ const GC_DELAY: Duration = Duration::from_secs(30);
 
 async fn publish_loop(
     mut publisher: Publisher,
-    cfg: OriginConfig,
+    mut reloads: tokio::sync::watch::Receiver<OriginConfig>,
     signal: Arc<ChangeSignal>,
     mut shutdown: Stopping,
     _watcher: notify::RecommendedWatcher,
 ) {
     // Settling files are retried after one quiet period; failed publishes
     // (disk full, unreadable content directory) back off up to 30 s.
+    let mut cfg = reloads.borrow_and_update().clone();
     let mut backoff = cfg.quiet;
     let mut failed = false;
     // Garbage collection reads every retained tree and lists the store, so
@@ -362,7 +392,7 @@ async fn publish_loop(
     // burst, and again when an unreferenced object's grace ends. It shares
     // this loop with publishing, so the two never overlap (a publish writes
     // objects before any root references them).
-    let gc_delay = cfg.gc_grace.min(GC_DELAY);
+    let mut gc_delay = cfg.gc_grace.min(GC_DELAY);
     let mut gc_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now() + gc_delay);
     loop {
         let mut wait = cfg.rescan.min(publisher.resign_in());
@@ -380,6 +410,18 @@ async fn publish_loop(
         tokio::select! {
             _ = signal.wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
+            r = reloads.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                // A reload: the next scan and publish use the new settings
+                // (and a shorter expiry may make the newest generation due
+                // for re-signing now).
+                cfg = reloads.borrow_and_update().clone();
+                gc_delay = cfg.gc_grace.min(GC_DELAY);
+                publisher.reconfigure(cfg.clone());
+                continue;
+            }
             _ = gc_sleep => {
                 publisher = run_blocking(publisher, |p| {
                     if let Err(e) = p.gc() {

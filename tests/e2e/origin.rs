@@ -939,3 +939,74 @@ async fn the_origin_honours_its_listener_timeouts() {
     );
     assert!(t0.elapsed() < Duration::from_secs(5));
 }
+
+/// SIGHUP makes the origin read its config file again (the systemd unit's
+/// `ExecReload` sends it): the process stays, the publishing settings take
+/// effect with the next generation (here `expiry`), a setting that takes a
+/// restart is named, and a config that does not parse is refused while the
+/// running one stays.
+#[tokio::test]
+async fn sighup_reloads_the_origins_publishing_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("f"), b"one").unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let cfg_path = dir.path().join("origin.toml");
+    let write_cfg = |expiry: &str, state: &str| {
+        let mut t = toml::Table::new();
+        t.insert("content".into(), content.display().to_string().into());
+        t.insert(
+            "state".into(),
+            dir.path().join(state).display().to_string().into(),
+        );
+        t.insert(
+            "key_file".into(),
+            dir.path().join("key").display().to_string().into(),
+        );
+        t.insert("listen".into(), "127.0.0.1:0".into());
+        t.insert("quiet".into(), "200ms".into());
+        t.insert("expiry".into(), expiry.into());
+        std::fs::write(&cfg_path, toml::to_string(&t).unwrap()).unwrap();
+    };
+    write_cfg("7d", "state");
+    let mut o = Proc::spawn(&["origin", "--config", cfg_path.to_str().unwrap()], &[]);
+    let addr = o.listening("origin");
+    let client = ReadClient::new(addr, key);
+    let g1 = converge(&client, &content, 0).await;
+    let life = |r: &meridian_core::VerifiedRoot| r.root.expires - r.root.created;
+    assert_eq!(life(&client.root().await.unwrap()), 7 * 86_400);
+    let pid = o.child.id() as i32;
+
+    write_cfg("5d", "state");
+    meridian_e2e::signal(pid, "HUP");
+    o.wait_line("configuration reloaded", DEADLINE);
+    std::fs::write(content.join("f"), b"two").unwrap();
+    let g2 = converge(&client, &content, g1).await;
+    let r = client.root().await.unwrap();
+    assert_eq!(r.root.generation, g2);
+    assert_eq!(
+        life(&r),
+        5 * 86_400,
+        "the new expiry signs the next generation"
+    );
+
+    // A setting that takes a restart is named, and left as it is.
+    write_cfg("5d", "elsewhere");
+    meridian_e2e::signal(pid, "HUP");
+    let line = o.wait_line("settings that take a restart", DEADLINE);
+    assert!(line.contains("state"), "{line}");
+    // A config that does not parse changes nothing.
+    std::fs::write(&cfg_path, b"expiry = ").unwrap();
+    meridian_e2e::signal(pid, "HUP");
+    o.wait_line("configuration NOT reloaded", DEADLINE);
+    std::fs::write(content.join("f"), b"three").unwrap();
+    let g3 = converge(&client, &content, g2).await;
+    assert_eq!(life(&client.root().await.unwrap()), 5 * 86_400);
+    assert!(g3 > g2);
+    assert!(
+        o.child.try_wait().unwrap().is_none(),
+        "the origin is still running"
+    );
+    assert!(!dir.path().join("elsewhere").exists());
+}
