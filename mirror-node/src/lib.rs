@@ -67,8 +67,9 @@ impl MirrorHandle {
     /// touching a download: trusted keys at once (the next root is checked
     /// against them), upstreams before the next sync step, the rest
     /// (capacity, poll interval, parallel fetches, grace, scrub rate,
-    /// reserve, admin token, `refuse_expired`) as each part next reads it.
-    /// What only a restart can change (`id`, `state`, the listeners) is
+    /// reserve, admin token, `refuse_expired`) as each part next reads it,
+    /// connection caps and timeouts from the next connection on. What only
+    /// a restart can change (`id`, `state`, listen addresses and TLS) is
     /// left as it was and named in the answer. A configuration that does
     /// not validate is refused and the running one stays.
     pub fn reload(&self, mut cfg: MirrorConfig) -> Result<Vec<&'static str>, MirrorError> {
@@ -83,12 +84,23 @@ impl MirrorHandle {
             kept.push("state");
             cfg.state = now.state.clone();
         }
-        if cfg.listen != now.listen || cfg.listener != now.listener {
-            kept.push("listeners (listen, TLS, connection caps, timeouts)");
+        let (l, n) = (&mut cfg.listener, &now.listener);
+        if cfg.listen != now.listen
+            || l.listen_tls != n.listen_tls
+            || l.tls_cert != n.tls_cert
+            || l.tls_key != n.tls_key
+        {
+            kept.push("listen addresses and TLS");
             cfg.listen = now.listen;
-            cfg.listener = now.listener.clone();
+            l.listen_tls = n.listen_tls;
+            l.tls_cert = n.tls_cert.clone();
+            l.tls_key = n.tls_key.clone();
         }
         drop(now);
+        // Connection caps and timeouts: from the next connection on.
+        for s in &self.servers {
+            s.set_limits(&cfg.listener);
+        }
         self.state.reconfigure(cfg);
         Ok(kept)
     }

@@ -192,9 +192,10 @@ impl OriginHandle {
     }
     /// Puts a new configuration in force without a restart: the publishing
     /// settings (`quiet`, `expiry`, `resign_before`, `rescan`, retention,
-    /// `gc_grace`, `hash_threads`) from the next publish on. What only a
-    /// restart can change (`content`, `state`, `key_file`, `snapshot`, the
-    /// listeners) is left as it was and named in the answer. A
+    /// `gc_grace`, `hash_threads`) from the next publish on, connection
+    /// caps and timeouts from the next connection on. What only a restart
+    /// can change (`content`, `state`, `key_file`, `snapshot`, the listen
+    /// address, TLS) is left as it was and named in the answer. A
     /// configuration that does not validate is refused and the running one
     /// stays.
     pub fn reload(&self, mut cfg: OriginConfig) -> Result<Vec<&'static str>, OriginError> {
@@ -209,7 +210,18 @@ impl OriginHandle {
                 }
             )*};
         }
-        keep!(content, state, key_file, snapshot, listen, listener);
+        keep!(content, state, key_file, snapshot, listen);
+        let (l, n) = (&mut cfg.listener, &now.listener);
+        if l.listen_tls != n.listen_tls || l.tls_cert != n.tls_cert || l.tls_key != n.tls_key {
+            kept.push("TLS");
+            l.listen_tls = n.listen_tls;
+            l.tls_cert = n.tls_cert.clone();
+            l.tls_key = n.tls_key.clone();
+        }
+        // Connection caps and timeouts: from the next connection on.
+        for s in &self.servers {
+            s.set_limits(&cfg.listener);
+        }
         self.config.send_replace(cfg);
         Ok(kept)
     }

@@ -26,10 +26,13 @@ pub enum Refusal {
     PerClient,
 }
 
-/// Open connections, in all and per client.
+/// Open connections, in all and per client. The caps can be changed while
+/// connections are open ([`Admission::set_limits`]): they apply to the
+/// next connection, and open ones keep their places.
 #[derive(Debug)]
 pub struct Admission {
-    limits: ConnLimits,
+    total_cap: AtomicUsize,
+    per_client_cap: AtomicUsize,
     total: AtomicUsize,
     per_client: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -39,13 +42,15 @@ pub struct Admission {
 pub struct Permit {
     admission: Arc<Admission>,
     client: IpAddr,
+    /// Counted against its client's cap.
+    per_client: bool,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         self.admission.total.fetch_sub(1, Ordering::AcqRel);
         crate::memory::closed();
-        if self.admission.limits.per_client > 0
+        if self.per_client
             && let Ok(mut m) = self.admission.per_client.lock()
             && let Some(n) = m.get_mut(&self.client)
         {
@@ -75,10 +80,18 @@ pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
 impl Admission {
     pub fn new(limits: ConnLimits) -> Arc<Self> {
         Arc::new(Admission {
-            limits,
+            total_cap: AtomicUsize::new(limits.total),
+            per_client_cap: AtomicUsize::new(limits.per_client),
             total: AtomicUsize::new(0),
             per_client: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// New caps, from the next connection on.
+    pub fn set_limits(&self, limits: ConnLimits) {
+        self.total_cap.store(limits.total, Ordering::Relaxed);
+        self.per_client_cap
+            .store(limits.per_client, Ordering::Relaxed);
     }
 
     /// Connections open now.
@@ -88,7 +101,7 @@ impl Admission {
 
     /// Admits a connection from `ip`, or says which cap it hit.
     pub fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refusal> {
-        let cap = self.limits.total;
+        let cap = self.total_cap.load(Ordering::Relaxed);
         self.total
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (cap == 0 || n < cap).then_some(n + 1)
@@ -96,10 +109,11 @@ impl Admission {
             .map_err(|_| Refusal::Total)?;
         crate::memory::opened();
         let client = client_key(ip);
-        if self.limits.per_client > 0 {
+        let per_cap = self.per_client_cap.load(Ordering::Relaxed);
+        if per_cap > 0 {
             let admitted = self.per_client.lock().is_ok_and(|mut m| {
                 let n = m.entry(client).or_insert(0);
-                if *n < self.limits.per_client {
+                if *n < per_cap {
                     *n += 1;
                     true
                 } else {
@@ -115,6 +129,7 @@ impl Admission {
         Ok(Permit {
             admission: self.clone(),
             client,
+            per_client: per_cap > 0,
         })
     }
 }

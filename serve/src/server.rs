@@ -27,11 +27,39 @@ pub struct ServerHandle {
     pub local_addr: SocketAddr,
     /// Connections open right now.
     pub active: Arc<AtomicUsize>,
+    /// The limits in force, which [`ServerHandle::set_limits`] replaces.
+    live: Arc<Live>,
     shutdown: crate::shutdown::Shutdown,
     done: tokio::task::JoinHandle<()>,
 }
 
+/// What an accept loop reads per connection: the options (caps and
+/// timeouts) and the admission that counts connections against the caps.
+#[derive(Debug)]
+struct Live {
+    opts: arc_swap::ArcSwap<ServerOptions>,
+    admission: Arc<crate::limits::Admission>,
+}
+
 impl ServerHandle {
+    /// Puts new connection caps and timeouts in force (a config reload):
+    /// for every connection accepted from now on; open ones keep theirs,
+    /// and TLS stays as it was.
+    pub fn set_limits(&self, listener: &crate::service::ListenerConfig) {
+        let mut opts = ServerOptions::clone(&self.live.opts.load());
+        let new = listener.server_options();
+        opts.max_connections = new.max_connections;
+        opts.max_connections_per_client = new.max_connections_per_client;
+        opts.header_timeout = new.header_timeout;
+        opts.send_timeout = new.send_timeout;
+        opts.drain_timeout = new.drain_timeout;
+        self.live.admission.set_limits(crate::limits::ConnLimits {
+            total: opts.max_connections,
+            per_client: opts.max_connections_per_client,
+        });
+        self.live.opts.store(Arc::new(opts));
+    }
+
     /// Stops accepting, drains in-flight requests (up to the drain timeout)
     /// and returns when every connection is closed.
     pub async fn shutdown(self) {
@@ -135,9 +163,16 @@ pub fn serve<S: Service>(
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let active = Arc::new(AtomicUsize::new(0));
     let tx = crate::shutdown::Shutdown::new();
+    let live = Arc::new(Live {
+        admission: crate::limits::Admission::new(crate::limits::ConnLimits {
+            total: opts.max_connections,
+            per_client: opts.max_connections_per_client,
+        }),
+        opts: arc_swap::ArcSwap::from_pointee(opts),
+    });
     let done = tokio::spawn(accept_loop(
         listener,
-        opts,
+        live.clone(),
         service,
         active.clone(),
         tx.subscribe(),
@@ -145,6 +180,7 @@ pub fn serve<S: Service>(
     ServerHandle {
         local_addr,
         active,
+        live,
         shutdown: tx,
         done,
     }
@@ -152,27 +188,34 @@ pub fn serve<S: Service>(
 
 async fn accept_loop<S: Service>(
     listener: TcpListener,
-    opts: ServerOptions,
+    live: Arc<Live>,
     service: Arc<S>,
     active: Arc<AtomicUsize>,
     mut shutdown: crate::shutdown::Stopping,
 ) {
-    let admission = crate::limits::Admission::new(crate::limits::ConnLimits {
-        total: opts.max_connections,
-        per_client: opts.max_connections_per_client,
-    });
+    let admission = live.admission.clone();
     let mut accept_errors = crate::limits::AcceptErrors::new("http");
     crate::limits::watch_tcp_memory();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let hyper_builder = |opts: &ServerOptions| {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(opts.header_timeout)
+            .keep_alive(true)
+            .max_buf_size(opts.max_head_bytes.max(8192));
+        Arc::new(builder)
+    };
+    let mut opts: Arc<ServerOptions> = live.opts.load_full();
     let tls = opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_timeout)
-        .keep_alive(true)
-        .max_buf_size(opts.max_head_bytes.max(8192));
-    let builder = Arc::new(builder);
+    let mut builder = hyper_builder(&opts);
     loop {
+        // Options a reload replaced apply from this connection on.
+        let now = live.opts.load();
+        if !Arc::ptr_eq(&now, &opts) {
+            opts = arc_swap::Guard::into_inner(now);
+            builder = hyper_builder(&opts);
+        }
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = shutdown.wait() => break,
@@ -218,7 +261,7 @@ async fn accept_loop<S: Service>(
                 // Plain HTTP: the lean loop, which hands the connection to
                 // hyper if a request needs more than it does.
                 let watcher = graceful.watcher();
-                let (opts, stop) = (opts.clone(), shutdown.clone());
+                let (opts, stop) = (ServerOptions::clone(&opts), shutdown.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
                     let _guard = guard;

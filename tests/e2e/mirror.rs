@@ -1214,8 +1214,9 @@ async fn sighup_reloads_a_mirrors_trust_without_losing_a_download() {
     let client = ReadClient::new(oaddr, key);
     let g1 = published(&client, &content, 0).await;
     let cfg_path = dir.path().join("mirror.toml");
-    let write_cfg = |trust: &[&meridian_core::PublicKey]| {
+    let write_cfg = |trust: &[&meridian_core::PublicKey], per_client: i64| {
         let mut t = toml::Table::new();
+        t.insert("max_connections_per_client".into(), per_client.into());
         t.insert("id".into(), "m".into());
         t.insert("upstreams".into(), vec![format!("http://{oaddr}")].into());
         t.insert(
@@ -1234,7 +1235,7 @@ async fn sighup_reloads_a_mirrors_trust_without_losing_a_download() {
         t.insert("poll_interval".into(), "1s".into());
         std::fs::write(&cfg_path, toml::to_string(&t).unwrap()).unwrap();
     };
-    write_cfg(&[&key]);
+    write_cfg(&[&key], 64);
     let mut m = meridian_e2e::Proc::spawn(&["mirror", "--config", cfg_path.to_str().unwrap()], &[]);
     let maddr = m.listening("mirror");
     let http = http();
@@ -1267,7 +1268,7 @@ async fn sighup_reloads_a_mirrors_trust_without_losing_a_download() {
     };
 
     // The origin's key leaves the trust list: the next root is refused.
-    write_cfg(&[&other]);
+    write_cfg(&[&other], 64);
     meridian_e2e::signal(pid, "HUP");
     m.wait_line("configuration reloaded", DEADLINE);
     std::fs::write(content.join("f"), b"two").unwrap();
@@ -1288,7 +1289,7 @@ async fn sighup_reloads_a_mirrors_trust_without_losing_a_download() {
     m.wait_line("configuration NOT reloaded", DEADLINE);
 
     // The key back: the root is taken, no restart.
-    write_cfg(&[&key, &other]);
+    write_cfg(&[&key, &other], 64);
     meridian_e2e::signal(pid, "HUP");
     wait_generation(&http, maddr, g2).await;
     assert_eq!(get(&http, maddr, "f").await.1, b"two");
@@ -1307,4 +1308,57 @@ async fn sighup_reloads_a_mirrors_trust_without_losing_a_download() {
         "{} downloads failed: {failed:?}",
         failed.len()
     );
+
+    // Connection caps reload too, from the next connection on: with two
+    // per client, a third connection from one address is closed at once;
+    // with eight, it is served. (From 127.0.0.7, so this test's own HTTP
+    // client does not count.)
+    let reloads = |m: &mut meridian_e2e::Proc| {
+        m.drain();
+        m.log
+            .iter()
+            .filter(|l| l.contains("configuration reloaded"))
+            .count()
+    };
+    let reload_to = |m: &mut meridian_e2e::Proc, per_client: i64| {
+        let before = reloads(m);
+        write_cfg(&[&key], per_client);
+        meridian_e2e::signal(pid, "HUP");
+        let t0 = std::time::Instant::now();
+        while reloads(m) == before {
+            assert!(t0.elapsed() < DEADLINE, "no reload");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let connect = || async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.7:0".parse().unwrap()).unwrap();
+        s.connect(maddr).await.unwrap()
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let served = |mut c: tokio::net::TcpStream| async move {
+        c.write_all(b"GET /f HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut got = Vec::new();
+        tokio::time::timeout(DEADLINE, c.read_to_end(&mut got))
+            .await
+            .ok()?
+            .ok()?;
+        got.starts_with(b"HTTP/1.1 200").then_some(())
+    };
+    reload_to(&mut m, 2);
+    // Accepted in the order they connected: both hold a place before the
+    // third comes.
+    let held = [connect().await, connect().await];
+    assert!(
+        served(connect().await).await.is_none(),
+        "a third connection from one client was served under a cap of two"
+    );
+    reload_to(&mut m, 8);
+    assert!(
+        served(connect().await).await.is_some(),
+        "a connection under the reloaded cap was not served"
+    );
+    drop(held);
 }
