@@ -192,18 +192,10 @@ impl Service for MirrorService {
 
 impl MirrorService {
     async fn route(&self, req: &Request<()>, peer: SocketAddr) -> Response<Body> {
-        let path = req.uri().path();
-        if let Some(rest) = path.strip_prefix(readapi::PREFIX) {
-            return readapi::handle(
-                self,
-                req.method(),
-                rest,
-                req.uri().query(),
-                req.headers(),
-                peer.ip(),
-            )
-            .await;
+        if let Some(resp) = readapi::handle(self, req, peer.ip()).await {
+            return resp;
         }
+        let path = req.uri().path();
         if let Some(rest) = path.strip_prefix("/.meridian/") {
             return self.control(req, rest);
         }

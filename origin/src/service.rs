@@ -118,23 +118,15 @@ impl Published for Origin {
 impl Service for Origin {
     async fn call(&self, req: http::Request<()>, peer: SocketAddr) -> Response<Body> {
         let path = req.uri().path();
-        if let Some(rest) = path.strip_prefix(readapi::PREFIX) {
-            let waiting = rest == "wait";
-            if waiting {
-                self.shared.metrics.waiters.inc();
-            }
-            let resp = readapi::handle(
-                self,
-                req.method(),
-                rest,
-                req.uri().query(),
-                req.headers(),
-                peer.ip(),
-            )
-            .await;
-            if waiting {
-                self.shared.metrics.waiters.dec();
-            }
+        let waiting = path.strip_prefix(readapi::PREFIX) == Some("wait");
+        if waiting {
+            self.shared.metrics.waiters.inc();
+        }
+        let resp = readapi::handle(self, &req, peer.ip()).await;
+        if waiting {
+            self.shared.metrics.waiters.dec();
+        }
+        if let Some(resp) = resp {
             return resp;
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {

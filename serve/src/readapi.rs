@@ -242,9 +242,27 @@ fn two_hashes(rest: &str) -> Option<(Hash, Hash)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
-/// Handles a request whose path starts with [`PREFIX`]; `rest` is the path
-/// after it.
+/// Handles `req` if its path is under [`PREFIX`] (else `None`).
 pub async fn handle<P: Published>(
+    node: &P,
+    req: &http::Request<()>,
+    peer: std::net::IpAddr,
+) -> Option<Response<Body>> {
+    let rest = req.uri().path().strip_prefix(PREFIX)?;
+    Some(
+        answer(
+            node,
+            req.method(),
+            rest,
+            req.uri().query(),
+            req.headers(),
+            peer,
+        )
+        .await,
+    )
+}
+
+async fn answer<P: Published>(
     node: &P,
     method: &Method,
     rest: &str,
