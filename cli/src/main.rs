@@ -4,6 +4,7 @@
 mod check;
 mod config;
 mod demo;
+mod key;
 mod keygen;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Rotate or revoke an origin's signing key, or list key statements.
+    #[command(subcommand)]
+    Key(key::KeyCommand),
     /// Run an origin: watch a directory and publish signed generations.
     Origin(Box<config::OriginArgs>),
     /// Run a mirror: pull and verify generations, serve downloads.
@@ -88,6 +92,7 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Keygen { out, force } => keygen::run(&out, force),
+        Command::Key(cmd) => key::run(cmd),
         Command::Origin(args) => {
             init_logging();
             let (once, check) = (args.once, args.check);

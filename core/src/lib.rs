@@ -13,6 +13,7 @@
 pub mod delta;
 pub mod encoding;
 pub mod hash;
+pub mod keyring;
 pub mod keys;
 pub mod manifest;
 pub mod patch;
@@ -23,6 +24,7 @@ pub mod verify;
 pub use delta::{EditOp, NodeEdit, TreeDelta};
 pub use encoding::DecodeError;
 pub use hash::{Hash, hash_bytes};
+pub use keyring::{Change, Keyring, SignedStatement, Statement, StatementError};
 pub use keys::{KeyError, PublicKey, SecretKey};
 pub use manifest::{
     DirNode, Entry, EntryKind, MAX_DIR_ENTRIES, MAX_NODE_BYTES, MAX_ROOT_BYTES, Root, SignedRoot,

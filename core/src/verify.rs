@@ -1,10 +1,12 @@
 //! Verification of signed roots: the TUF-style checks every reader applies.
 //!
-//! Order of checks: encoding, key, signature, expiry, rollback, chain. Each
+//! Order of checks: encoding, key, signature, the key's generations
+//! ([`Keyring`]), expiry, rollback, chain. Each
 //! failure is a distinct [`VerifyError`] variant.
 
 use crate::encoding::DecodeError;
 use crate::hash::Hash;
+use crate::keyring::Keyring;
 use crate::keys::PublicKey;
 use crate::manifest::{Root, SignedRoot, signing_message};
 
@@ -16,6 +18,22 @@ pub enum VerifyError {
     Malformed(#[from] DecodeError),
     #[error("root is signed by {0}, which is not a trusted key (add it with --trust)")]
     UnknownKey(PublicKey),
+    #[error(
+        "generation {generation} is signed by {key}, which a key statement retired or revoked from generation {since}: refusing a root signed by a retired key"
+    )]
+    RetiredKey {
+        key: PublicKey,
+        generation: u64,
+        since: u64,
+    },
+    #[error(
+        "generation {generation} is signed by {key}, which signs roots only from generation {from} (its rotation statement says so)"
+    )]
+    NotYetTrusted {
+        key: PublicKey,
+        generation: u64,
+        from: u64,
+    },
     #[error("bad signature on generation root (signed by {0})")]
     BadSignature(PublicKey),
     #[error("generation {generation} expired at {expires} (now {now}): refusing a frozen manifest")]
@@ -45,6 +63,8 @@ impl VerifyError {
         match self {
             VerifyError::Malformed(_) => "malformed",
             VerifyError::UnknownKey(_) => "unknown_key",
+            VerifyError::RetiredKey { .. } => "retired_key",
+            VerifyError::NotYetTrusted { .. } => "key_not_yet_valid",
             VerifyError::BadSignature(_) => "bad_signature",
             VerifyError::Expired { .. } => "expired",
             VerifyError::Rollback { .. } => "rollback",
@@ -83,21 +103,35 @@ pub struct VerifiedRoot {
     pub envelope: Vec<u8>,
 }
 
-/// Applies the checks with a set of trusted keys.
+/// Applies the checks with a keyring: the trusted keys, and which
+/// generations each may sign ([`Keyring`]).
 #[derive(Debug, Clone)]
 pub struct Verifier {
-    keys: TrustedKeys,
+    keyring: Keyring,
 }
 
 impl Verifier {
+    /// The trusted keys, each good for every generation.
     pub fn new(keys: TrustedKeys) -> Self {
-        Verifier { keys }
+        Verifier {
+            keyring: Keyring::new(&keys),
+        }
     }
 
-    /// Encoding, key and signature only: for historical roots on a chain walk.
+    /// The trusted keys as changed by key statements.
+    pub fn with_keyring(keyring: Keyring) -> Self {
+        Verifier { keyring }
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// Encoding, key (for the root's generation) and signature only: for
+    /// historical roots on a chain walk.
     pub fn open(&self, envelope: &[u8]) -> Result<VerifiedRoot, VerifyError> {
         let signed = SignedRoot::decode(envelope)?;
-        if !self.keys.contains(&signed.key) {
+        if !self.keyring.knows(&signed.key) {
             return Err(VerifyError::UnknownKey(signed.key));
         }
         if !signed
@@ -107,6 +141,7 @@ impl Verifier {
             return Err(VerifyError::BadSignature(signed.key));
         }
         let root = Root::decode(&signed.body)?;
+        self.keyring.check(&signed.key, root.generation)?;
         Ok(VerifiedRoot {
             hash: root.hash(),
             root,
@@ -265,5 +300,41 @@ mod tests {
             .expect("old key");
         let g2 = SignedRoot::sign(&root(2, g1.hash), &new).encode();
         assert!(v.verify_latest(&g2, 1500, Some(&g1)).is_ok());
+    }
+
+    #[test]
+    fn after_a_rotation_the_old_key_signs_only_older_generations() {
+        use crate::keyring::{Change, Statement};
+        let old = SecretKey::from_seed([1; 32]);
+        let new = SecretKey::from_seed([2; 32]);
+        let mut ring = Keyring::new(&TrustedKeys::new([old.public()]));
+        let st = crate::SignedStatement::sign(
+            Statement {
+                from_generation: 2,
+                created: 0,
+                change: Change::Rotate {
+                    old: old.public(),
+                    new: new.public(),
+                },
+            },
+            &[&old, &new],
+        );
+        ring.add(&st.encode()).expect("authorised");
+        let v = Verifier::with_keyring(ring);
+        let g1 = v
+            .verify_latest(
+                &SignedRoot::sign(&root(1, Hash::ZERO), &old).encode(),
+                1500,
+                None,
+            )
+            .expect("the old key signs generation 1");
+        let by_new = SignedRoot::sign(&root(2, g1.hash), &new).encode();
+        assert!(v.verify_latest(&by_new, 1500, Some(&g1)).is_ok());
+        let by_old = SignedRoot::sign(&root(2, g1.hash), &old).encode();
+        let err = v
+            .verify_latest(&by_old, 1500, Some(&g1))
+            .expect_err("retired");
+        assert_eq!(err.reason(), "retired_key");
+        assert!(err.to_string().contains("retired"), "{err}");
     }
 }

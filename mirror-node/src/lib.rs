@@ -15,6 +15,7 @@ mod fetch;
 mod floor;
 mod gc;
 mod generation;
+mod keys;
 mod metrics;
 mod plan;
 mod progress;

@@ -15,10 +15,12 @@ use meridian_serve::status::RefusedRoot;
 use meridian_serve::unix_now;
 
 /// Every reason a refusal carries (the metric's label values).
-pub(crate) const REASONS: [&str; 8] = [
+pub(crate) const REASONS: [&str; 10] = [
     "rollback",
     "broken_chain",
     "unknown_key",
+    "retired_key",
+    "key_not_yet_valid",
     "bad_signature",
     "expired",
     "malformed",

@@ -50,6 +50,9 @@ impl MirrorService {
 }
 
 impl Published for MirrorService {
+    fn keys(&self) -> Arc<meridian_serve::keys::KeysDoc> {
+        self.state.keys.load_full()
+    }
     fn stopping(&self) -> Option<meridian_serve::shutdown::Stopping> {
         Some(self.state.stopping.subscribe())
     }

@@ -32,8 +32,16 @@ pub(crate) struct MirrorState {
     /// The configuration in force (replaced whole by a reload).
     cfg: ArcSwap<MirrorConfig>,
     pub store: Arc<ObjectStore>,
-    /// The trusted keys in force (replaced by a reload).
+    /// The trusted keys in force, as key statements changed them (replaced
+    /// by a reload or a new statement, see [`crate::keys`]).
     verifier: ArcSwap<Verifier>,
+    /// The key statements held, as served downstream.
+    pub(crate) keys: ArcSwap<meridian_serve::keys::KeysDoc>,
+    /// The statement set each upstream named when its list was last
+    /// fetched (so a list that adds nothing is not fetched again).
+    pub(crate) keys_seen: Mutex<std::collections::HashMap<String, meridian_core::Hash>>,
+    /// One keyring update at a time (a reload, or statements learnt).
+    pub(crate) keys_update: Mutex<()>,
     pub roots_dir: PathBuf,
     /// The generation being served; replaced in one atomic step.
     pub served: ArcSwapOption<Generation>,
@@ -80,10 +88,12 @@ impl MirrorState {
         std::fs::create_dir_all(&roots_dir)
             .map_err(|e| meridian_serve::StoreError::io(&roots_dir, e))?;
         let (notify, _) = watch::channel(0);
+        let ring = Self::load_keyring(&cfg.state, &TrustedKeys::new(cfg.trust.iter().copied()));
         Ok(MirrorState {
-            verifier: ArcSwap::from_pointee(Verifier::new(TrustedKeys::new(
-                cfg.trust.iter().copied(),
-            ))),
+            keys: ArcSwap::new(meridian_serve::keys::KeysDoc::of(&ring)),
+            keys_seen: Mutex::default(),
+            keys_update: Mutex::default(),
+            verifier: ArcSwap::from_pointee(Verifier::with_keyring(ring)),
             cfg: ArcSwap::from_pointee(cfg),
             reload: Notify::new(),
             store,
@@ -120,11 +130,27 @@ impl MirrorState {
     /// Puts a reloaded configuration in force: trust at once, upstreams
     /// between sync steps, the rest as each part next reads it.
     pub(crate) fn reconfigure(&self, cfg: MirrorConfig) {
-        self.verifier.store(Arc::new(Verifier::new(TrustedKeys::new(
-            cfg.trust.iter().copied(),
-        ))));
+        {
+            let _one_writer = self.keys_update.lock();
+            // The statements are checked again against the new trust (those
+            // stored and those held).
+            let trust = TrustedKeys::new(cfg.trust.iter().copied());
+            let mut ring = Self::load_keyring(&cfg.state, &trust);
+            let held = self.verifier().keyring().encode();
+            if let Ok((_, refused)) = ring.add_list(&held) {
+                for e in refused {
+                    tracing::warn!(error = %e, "key statement no longer authorised by the trusted keys; left out");
+                }
+            }
+            self.set_keyring(ring);
+            self.keys_seen.lock().map(|mut m| m.clear()).ok();
+        }
         self.cfg.store(Arc::new(cfg));
         self.reload.notify_one();
+    }
+
+    pub(crate) fn set_verifier(&self, v: Verifier) {
+        self.verifier.store(Arc::new(v));
     }
 
     pub(crate) fn root_path(&self, generation: u64) -> PathBuf {

@@ -262,6 +262,15 @@ impl Syncer {
                 // before the next.
                 _ = self.state.reload.notified() => return Ok(()),
             };
+            // Statements first: a root signed by a rotated-to key verifies
+            // only once its rotation is taken up.
+            let waited = match waited {
+                Ok(p) => {
+                    self.learn_keys(i, p.keys).await;
+                    Ok(p.waited)
+                }
+                Err(e) => Err(e),
+            };
             match waited {
                 Ok(Waited::NoNews {
                     upstream_generation,

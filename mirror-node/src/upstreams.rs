@@ -15,6 +15,13 @@ pub(crate) struct UpstreamHealth {
     benched_until: Option<Instant>,
 }
 
+/// What a long-poll brought, and the key statement set the upstream named.
+#[derive(Debug)]
+pub(crate) struct Polled {
+    pub(crate) waited: Waited,
+    pub(crate) keys: Option<meridian_core::Hash>,
+}
+
 /// What a long-poll brought.
 #[derive(Debug)]
 pub(crate) enum Waited {
@@ -115,7 +122,7 @@ impl Upstreams {
         i: usize,
         after: u64,
         timeout: Duration,
-    ) -> Result<Waited, String> {
+    ) -> Result<Polled, String> {
         let url = self.api(
             i,
             &format!("wait?after={after}&timeout={}", timeout.as_secs()),
@@ -127,19 +134,23 @@ impl Upstreams {
             .send()
             .await
             .map_err(|e| meridian_serve::describe(&e))?;
-        match r.status().as_u16() {
-            200 => Ok(Waited::Root(
-                read_capped(r, meridian_core::MAX_ROOT_BYTES).await?,
-            )),
-            204 => Ok(Waited::NoNews {
+        let keys = r
+            .headers()
+            .get(meridian_serve::keys::KEYS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let waited = match r.status().as_u16() {
+            200 => Waited::Root(read_capped(r, meridian_core::MAX_ROOT_BYTES).await?),
+            204 => Waited::NoNews {
                 upstream_generation: r
                     .headers()
                     .get("x-meridian-generation")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse().ok()),
-            }),
-            s => Err(format!("{url}: HTTP {s}")),
-        }
+            },
+            s => return Err(format!("{url}: HTTP {s}")),
+        };
+        Ok(Polled { waited, keys })
     }
 
     /// GETs `url`; anything but a success status is a transport failure

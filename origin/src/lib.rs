@@ -15,6 +15,7 @@
 
 mod cache;
 pub mod config;
+pub mod keys;
 mod linked;
 mod metrics;
 mod publisher;

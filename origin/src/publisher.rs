@@ -19,10 +19,10 @@ use crate::config::OriginConfig;
 use crate::linked::LinkedStore;
 use crate::metrics::OriginMetrics;
 use crate::scan::{ScanInput, Snapshot, scan};
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use meridian_core::{
     DirNode, Entry, EntryKind, Hash, RelPath, Root, SecretKey, SignedRoot, TreeBuilder,
-    TrustedKeys, VerifiedRoot, Verifier,
+    VerifiedRoot, Verifier,
 };
 use meridian_serve::store::write_atomic;
 use meridian_serve::{StoreError, unix_now};
@@ -47,11 +47,23 @@ pub enum PublishError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("stored generation {path} does not verify with this origin's key: {source}")]
+    #[error(
+        "stored generation {path} does not verify with this origin's key {key}: {source}. If the origin's key was changed, rotate it instead: stop the origin, put the old key back, run `meridian key rotate --state STATE --old OLD_KEY_FILE --new NEW_KEY_FILE`, then start it with the new key (or point a running origin's key_file at the new key and reload it)"
+    )]
     BadStoredRoot {
         path: PathBuf,
-        source: meridian_core::VerifyError,
+        key: meridian_core::PublicKey,
+        source: Box<meridian_core::VerifyError>,
     },
+    #[error(
+        "this origin's key may not sign generation {generation}: {source}. Start the origin with the key that replaced it"
+    )]
+    KeyRetired {
+        generation: u64,
+        source: Box<meridian_core::VerifyError>,
+    },
+    #[error(transparent)]
+    Locked(Box<crate::keys::KeyOpError>),
     #[error("stored directory node {0} is missing or damaged; the state directory is corrupt")]
     BadNode(Hash),
     #[error("origin configuration: {0}")]
@@ -85,6 +97,8 @@ pub struct Shared {
     /// publishing (the new nodes are still in memory), so mirrors syncing
     /// the new generation get it without waiting for it.
     pub deltas: meridian_serve::readapi::DeltaCache,
+    /// The key statements this origin publishes.
+    pub keys: ArcSwap<meridian_serve::keys::KeysDoc>,
     /// When an object was last served (milliseconds since `started`): the
     /// background copier slows down while mirrors are fetching.
     pub last_served_ms: std::sync::atomic::AtomicU64,
@@ -102,6 +116,10 @@ impl Shared {
 pub struct Publisher {
     cfg: OriginConfig,
     key: SecretKey,
+    /// Which key signs which generations ([`crate::keys`]).
+    keyring: meridian_core::Keyring,
+    /// Held while the publisher lives: one origin per state directory.
+    _lock: crate::keys::StateLock,
     shared: Arc<Shared>,
     cache: HashCache,
     previous_leaves: HashMap<String, Entry>,
@@ -174,32 +192,85 @@ fn same_file_system(a: &Path, b: &Path) -> bool {
 
 impl Publisher {
     /// Takes up reloaded publishing settings; the content and state
-    /// directories, the key and the snapshot mode stay as opened.
+    /// directories and the snapshot mode stay as opened (the key is taken
+    /// up by [`Publisher::take_key`]).
     pub(crate) fn reconfigure(&mut self, cfg: OriginConfig) {
         let OriginConfig {
             content,
             state,
-            key_file,
             snapshot,
             ..
         } = self.cfg.clone();
         self.cfg = OriginConfig {
             content,
             state,
-            key_file,
             snapshot,
             ..cfg
         };
+    }
+
+    /// Signs with `key` from the next generation on. A key other than the
+    /// one in use is a rotation: the statement, signed by both, is stored
+    /// and published first. Also takes up statements stored meanwhile by
+    /// `meridian key revoke`.
+    pub(crate) fn take_key(
+        &mut self,
+        key: SecretKey,
+    ) -> Result<Option<meridian_core::SignedStatement>, crate::keys::KeyOpError> {
+        let state = self.cfg.state.clone();
+        let mut changed = false;
+        if let Ok(bytes) = std::fs::read(meridian_serve::keys::keyring_path(&state)) {
+            match self.keyring.add_list(&bytes) {
+                Ok((new, refused)) => {
+                    if new > 0 {
+                        changed = true;
+                        tracing::info!(new, "took up stored key statements");
+                    }
+                    for e in refused {
+                        tracing::warn!(error = %e, "stored key statement left out");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "stored key statements are damaged; keeping those in memory")
+                }
+            }
+        }
+        let mut statement = None;
+        if key.public() != self.key.public() {
+            let next = self
+                .shared
+                .latest
+                .load()
+                .as_ref()
+                .map_or(1, |l| l.root.generation + 1);
+            let mut ring = self.keyring.clone();
+            let s = crate::keys::rotation(&mut ring, &self.key, &key, next)?;
+            // Durable before anything is signed with the new key.
+            meridian_serve::keys::save(&state, &ring)?;
+            self.keyring = ring;
+            statement = Some(s);
+            changed = true;
+        }
+        if changed {
+            self.shared
+                .keys
+                .store(meridian_serve::keys::KeysDoc::of(&self.keyring));
+        }
+        self.key = key;
+        Ok(statement)
     }
 
     /// Opens the state directory and recovers the newest complete generation.
     pub fn open(cfg: OriginConfig, key: SecretKey) -> Result<Self, PublishError> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.state).map_err(state_err(&cfg.state))?;
+        let lock =
+            crate::keys::lock_state(&cfg.state).map_err(|e| PublishError::Locked(Box::new(e)))?;
         let store = Arc::new(LinkedStore::open(&cfg.state)?);
         let roots_dir = cfg.state.join("roots");
         std::fs::create_dir_all(&roots_dir).map_err(state_err(&roots_dir))?;
-        let verifier = Verifier::new(TrustedKeys::new([key.public()]));
+        let keyring = crate::keys::load(&cfg.state, key.public());
+        let verifier = Verifier::with_keyring(keyring.clone());
         let mut gens = list_generations(&roots_dir)?;
         gens.sort_unstable();
         let mut latest: Option<VerifiedRoot> = None;
@@ -211,13 +282,21 @@ impl Publisher {
                 .open(&bytes)
                 .map_err(|source| PublishError::BadStoredRoot {
                     path: path.clone(),
-                    source,
+                    key: key.public(),
+                    source: Box::new(source),
                 })?;
             latest_mtime = std::fs::metadata(&path)
                 .and_then(|m| m.modified())
                 .unwrap_or(latest_mtime);
             latest = Some(v);
         }
+        let next = latest.as_ref().map_or(1, |l| l.root.generation + 1);
+        keyring
+            .check(&key.public(), next)
+            .map_err(|source| PublishError::KeyRetired {
+                generation: next,
+                source: Box::new(source),
+            })?;
         let (notify, _) = watch::channel(latest.as_ref().map(|l| l.root.generation).unwrap_or(0));
         let metrics = OriginMetrics::new();
         metrics.latest_generation.set(
@@ -234,6 +313,7 @@ impl Publisher {
             metrics,
             to_promote: std::sync::Mutex::new(Vec::new()),
             deltas: Default::default(),
+            keys: ArcSwap::new(meridian_serve::keys::KeysDoc::of(&keyring)),
             last_served_ms: std::sync::atomic::AtomicU64::new(0),
             started: Instant::now(),
         });
@@ -261,6 +341,8 @@ impl Publisher {
         let mut p = Publisher {
             cfg,
             key,
+            keyring,
+            _lock: lock,
             shared,
             cache,
             previous_leaves,
@@ -308,7 +390,7 @@ impl Publisher {
     }
 
     fn reachable(&self, gens: &[u64]) -> Result<HashSet<Hash>, PublishError> {
-        let verifier = Verifier::new(TrustedKeys::new([self.key.public()]));
+        let verifier = Verifier::with_keyring(self.keyring.clone());
         let mut seen: HashSet<Hash> = HashSet::new();
         for &g in gens {
             let path = self.shared.root_path(g);
@@ -418,6 +500,12 @@ impl Publisher {
             files: built.files,
             bytes: built.bytes,
         };
+        self.keyring
+            .check(&self.key.public(), root.generation)
+            .map_err(|source| PublishError::KeyRetired {
+                generation: root.generation,
+                source: Box::new(source),
+            })?;
         let envelope = SignedRoot::sign(&root, &self.key).encode();
         if let Some(l) = &latest {
             self.precompute_delta(l.root.tree, &built);

@@ -93,6 +93,9 @@ impl Published for Origin {
     fn stopping(&self) -> Option<Stopping> {
         Some(self.stopping.clone())
     }
+    fn keys(&self) -> Arc<meridian_serve::keys::KeysDoc> {
+        self.shared.keys.load_full()
+    }
     fn root_envelope(&self, generation: u64) -> Option<Vec<u8>> {
         std::fs::read(self.shared.root_path(generation)).ok()
     }
@@ -172,9 +175,9 @@ pub struct OriginHandle {
     shutdown: Shutdown,
     publish_loop: tokio::task::JoinHandle<()>,
     shared: Arc<Shared>,
-    /// The configuration in force; a reload sends the next one to the
-    /// publish loop.
-    config: tokio::sync::watch::Sender<OriginConfig>,
+    /// The configuration and key in force; a reload sends the next ones
+    /// to the publish loop.
+    config: tokio::sync::watch::Sender<(OriginConfig, SecretKey)>,
 }
 
 impl OriginHandle {
@@ -185,14 +188,17 @@ impl OriginHandle {
     /// Puts a new configuration in force without a restart: the publishing
     /// settings (`quiet`, `expiry`, `resign_before`, `rescan`, retention,
     /// `gc_grace`, `hash_threads`) from the next publish on, connection
-    /// caps and timeouts from the next connection on. What only a restart
-    /// can change (`content`, `state`, `key_file`, `snapshot`, the listen
-    /// address, TLS) is left as it was and named in the answer. A
-    /// configuration that does not validate is refused and the running one
-    /// stays.
+    /// caps and timeouts from the next connection on. The key file is read
+    /// again: another key in it is a rotation ([`crate::keys`]), signed
+    /// with both keys and published before the next generation, which the
+    /// new key signs. What only a restart can change (`content`, `state`,
+    /// `snapshot`, the listen address, TLS) is left as it was and named in
+    /// the answer. A configuration that does not validate, or a key file
+    /// that cannot be read, is refused and the running one stays.
     pub fn reload(&self, mut cfg: OriginConfig) -> Result<Vec<&'static str>, OriginError> {
         cfg.validate().map_err(PublishError::from)?;
-        let now = self.config.borrow().clone();
+        let key = load_key(&cfg.key_file)?;
+        let now = self.config.borrow().0.clone();
         let mut kept = Vec::new();
         macro_rules! keep {
             ($($field:ident),*) => {$(
@@ -202,7 +208,7 @@ impl OriginHandle {
                 }
             )*};
         }
-        keep!(content, state, key_file, snapshot, listen);
+        keep!(content, state, snapshot, listen);
         let (l, n) = (&mut cfg.listener, &now.listener);
         if l.listen_tls != n.listen_tls || l.tls_cert != n.tls_cert || l.tls_key != n.tls_key {
             kept.push("TLS");
@@ -214,7 +220,7 @@ impl OriginHandle {
         for s in &self.servers {
             s.set_limits(&cfg.listener);
         }
-        self.config.send_replace(cfg);
+        self.config.send_replace((cfg, key));
         Ok(kept)
     }
 
@@ -235,6 +241,7 @@ impl Origin {
             return Err(OriginError::NoContent(cfg.content.display().to_string()));
         }
         let key = load_key(&cfg.key_file)?;
+        let key2 = key.clone();
         let public_key = key.public();
         let c2 = cfg.clone();
         let mut publisher = tokio::task::spawn_blocking(move || Publisher::open(c2, key))
@@ -271,7 +278,7 @@ impl Origin {
         let https_addr = servers.get(1).map(|s| s.local_addr);
 
         tokio::spawn(promote_loop(shared.clone(), rx.clone()));
-        let (config, reloads) = tokio::sync::watch::channel(cfg);
+        let (config, reloads) = tokio::sync::watch::channel((cfg, key2));
         let publish_loop = tokio::spawn(publish_loop(publisher, reloads, signal, rx, watcher));
         Ok(OriginHandle {
             http_addr,
@@ -380,14 +387,14 @@ const GC_DELAY: Duration = Duration::from_secs(30);
 
 async fn publish_loop(
     mut publisher: Publisher,
-    mut reloads: tokio::sync::watch::Receiver<OriginConfig>,
+    mut reloads: tokio::sync::watch::Receiver<(OriginConfig, SecretKey)>,
     signal: Arc<ChangeSignal>,
     mut shutdown: Stopping,
     _watcher: notify::RecommendedWatcher,
 ) {
     // Settling files are retried after one quiet period; failed publishes
     // (disk full, unreadable content directory) back off up to 30 s.
-    let mut cfg = reloads.borrow_and_update().clone();
+    let mut cfg = reloads.borrow_and_update().0.clone();
     let mut backoff = cfg.quiet;
     let mut failed = false;
     // Garbage collection reads every retained tree and lists the store, so
@@ -421,9 +428,20 @@ async fn publish_loop(
                 // A reload: the next scan and publish use the new settings
                 // (and a shorter expiry may make the newest generation due
                 // for re-signing now).
-                cfg = reloads.borrow_and_update().clone();
+                let key;
+                (cfg, key) = reloads.borrow_and_update().clone();
                 gc_delay = cfg.gc_grace.min(GC_DELAY);
                 publisher.reconfigure(cfg.clone());
+                publisher = run_blocking(publisher, move |p| match p.take_key(key) {
+                    Ok(Some(s)) => tracing::info!(
+                        statement = %s.statement,
+                        "key rotated: the statement is published, and the new key signs from generation {} on",
+                        s.statement.from_generation
+                    ),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "key rotation refused; the key in use stays"),
+                })
+                .await;
                 continue;
             }
             _ = gc_sleep => {

@@ -8,8 +8,11 @@
 //! | `GET /.meridian/v1/wait?after=N[&timeout=S]` | long-poll: the newest root as soon as its generation is > N; 204 after S seconds (default 30, max 60) |
 //! | `GET /.meridian/v1/delta/{from}/{to}` | the directory nodes of tree `to` as edits of tree `from` ([`meridian_core::TreeDelta`]); 404 when either tree is not held |
 //! | `GET /.meridian/v1/patch/{base}/{target}` | blob `target` as copies from blob `base` plus new bytes ([`meridian_core::patch`]); 404 when either is not held or too large |
+//! | `GET /.meridian/v1/keys` | the key statements this node holds ([`meridian_core::Keyring::encode`], `application/x-meridian-keys`) |
 //!
-//! Every answer carries `X-Meridian-Generation` with the newest generation.
+//! Every answer carries `X-Meridian-Generation` with the newest generation,
+//! and `X-Meridian-Keys` with the id of the key statements held
+//! ([`crate::keys`]).
 //! The prefix starts with a dot so that it cannot collide with published
 //! content: the origin refuses to publish a top-level `.meridian`.
 
@@ -42,6 +45,8 @@ pub trait Published: Send + Sync + 'static {
     fn objects(&self) -> &Arc<Self::Objects>;
     /// Changes whenever a newer generation is published.
     fn subscribe(&self) -> watch::Receiver<u64>;
+    /// The key statements this node holds and passes on.
+    fn keys(&self) -> Arc<crate::keys::KeysDoc>;
     /// Counts bytes sent for objects (metrics).
     fn count_object_bytes(&self, _bytes: u64) {}
     /// Tree deltas already computed or received, served without
@@ -277,9 +282,20 @@ async fn answer<P: Published>(
         );
     }
     let latest_gen = node.latest().map(|r| r.root.generation).unwrap_or(0);
-    let mut resp = route(node, method, rest, query, headers, peer).await;
-    resp.headers_mut()
-        .insert("x-meridian-generation", latest_gen.into());
+    let keys = node.keys();
+    let mut resp = if rest == "keys" {
+        let mut r = binary_response(keys.bytes.clone(), crate::keys::KEYS_CONTENT_TYPE, method);
+        r.headers_mut().insert(
+            header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-cache"),
+        );
+        r
+    } else {
+        route(node, method, rest, query, headers, peer).await
+    };
+    let h = resp.headers_mut();
+    h.insert("x-meridian-generation", latest_gen.into());
+    h.insert(crate::keys::KEYS_HEADER, keys.header.clone());
     resp
 }
 

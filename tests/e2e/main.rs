@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod geodns;
+mod keys;
 mod mirror;
 mod network;
 mod origin;

@@ -2,20 +2,13 @@
 
 use meridian_e2e::evil::{Evil, Mode};
 use meridian_e2e::{
-    ReadClient, eventually, keygen, metric, mirror, origin, status, wait_generation,
+    ReadClient, eventually, http, keygen, metric, mirror, origin, status, wait_generation,
 };
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
 
 async fn origin_generation(client: &ReadClient) -> u64 {
     client.root().await.map(|r| r.root.generation).unwrap_or(0)
@@ -1244,28 +1237,12 @@ async fn sighup_reloads_a_mirrors_trust_without_losing_a_download() {
 
     // Downloads all the while, bounded in count and time.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let loader = {
-        let (http, stop, big) = (http.clone(), stop.clone(), big.clone());
-        tokio::spawn(async move {
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            let t0 = std::time::Instant::now();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed)
-                && ok < 20_000
-                && t0.elapsed() < Duration::from_secs(120)
-            {
-                match http.get(format!("http://{maddr}/big")).send().await {
-                    Ok(r) if r.status() == 200 => match r.bytes().await {
-                        Ok(b) if b == big => ok += 1,
-                        Ok(b) => failed.push(format!("{} bytes, not the file", b.len())),
-                        Err(e) => failed.push(e.to_string()),
-                    },
-                    Ok(r) => failed.push(format!("HTTP {}", r.status())),
-                    Err(e) => failed.push(e.to_string()),
-                }
-            }
-            (ok, failed)
-        })
-    };
+    let loader = meridian_e2e::download_loop(
+        http.clone(),
+        format!("http://{maddr}/big"),
+        std::sync::Arc::new(big.clone()),
+        stop.clone(),
+    );
 
     // The origin's key leaves the trust list: the next root is refused.
     write_cfg(&[&other], 64);

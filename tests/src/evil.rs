@@ -104,7 +104,12 @@ impl Service for Evil {
         let headers = resp.headers().clone();
         let body = resp.bytes().await.unwrap_or_default();
         let mut out = Response::builder().status(status.as_u16());
-        for k in ["content-range", "content-type", "x-meridian-generation"] {
+        for k in [
+            "content-range",
+            "content-type",
+            "x-meridian-generation",
+            "x-meridian-keys",
+        ] {
             if let Some(v) = headers.get(k) {
                 out = out.header(k, v.as_bytes());
             }

@@ -166,6 +166,44 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// An HTTP client for tests: 30 s per request.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Downloads `url` over and over until `stop` (at most 20,000 times and
+/// 150 s), checking each body against `want`; returns the downloads that
+/// completed and every failure.
+pub fn download_loop(
+    http: reqwest::Client,
+    url: String,
+    want: std::sync::Arc<Vec<u8>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(u32, Vec<String>)> {
+    tokio::spawn(async move {
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        let t0 = std::time::Instant::now();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed)
+            && ok < 20_000
+            && t0.elapsed() < Duration::from_secs(150)
+        {
+            match http.get(&url).send().await {
+                Ok(r) if r.status() == 200 => match r.bytes().await {
+                    Ok(b) if b[..] == want[..] => ok += 1,
+                    Ok(b) => failed.push(format!("{} bytes, not the file", b.len())),
+                    Err(e) => failed.push(e.to_string()),
+                },
+                Ok(r) => failed.push(format!("HTTP {}", r.status())),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed)
+    })
+}
+
 /// Generates a key file with `meridian keygen` and returns its public key.
 pub fn keygen(path: &Path) -> meridian_core::PublicKey {
     let out = Command::new(meridian_bin())
@@ -202,6 +240,24 @@ impl ReadClient {
                 .unwrap(),
             verifier: Verifier::new(TrustedKeys::new([key])),
         }
+    }
+
+    /// Takes up the key statements the node serves (rotations, revocations),
+    /// each checked against the keys this client trusts.
+    pub async fn follow_keys(&mut self) {
+        let list = self
+            .http
+            .get(format!("{}/keys", self.base))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let mut ring = self.verifier.keyring().clone();
+        let (_, refused) = ring.add_list(&list).expect("the statement list decodes");
+        assert!(refused.is_empty(), "statements refused: {refused:?}");
+        self.verifier = Verifier::with_keyring(ring);
     }
 
     /// The newest root, verified (signature and expiry).
