@@ -15,8 +15,8 @@ pub(crate) enum KeyCommand {
     /// follow it by themselves (no config edit, no restart). Then start the
     /// origin with NEW. A running origin is rotated instead by pointing its
     /// key_file at NEW and reloading it (SIGHUP); this command refuses while
-    /// an origin holds the state directory. Rerunning it after the rotation
-    /// is refused (OLD no longer signs the next generation).
+    /// an origin holds the state directory. Rerunning it is safe: a rotation
+    /// already written is reported and nothing changes.
     Rotate {
         /// The origin's state directory.
         #[arg(long, value_name = "DIR")]
@@ -70,8 +70,12 @@ pub(crate) fn run(cmd: KeyCommand) -> anyhow::Result<()> {
                     old.public()
                 );
             }
-            let s = meridian_origin::keys::rotate_offline(&state, &old, &new)?;
-            println!("wrote {}", s.statement);
+            let (s, already) = meridian_origin::keys::rotate_offline(&state, &old, &new)?;
+            if already {
+                println!("already done: {} (nothing written)", s.statement);
+            } else {
+                println!("wrote {}", s.statement);
+            }
             println!(
                 "next: start the origin with the new key (key_file = the --new file); it signs generation {} on",
                 s.statement.from_generation

@@ -20,7 +20,7 @@
 //!
 //! The keyring is a pure function of the configured keys and the set of
 //! statements: statements are applied in the order of their generation
-//! (then their hash), each checked against the keyring the earlier ones
+//! (revocations first within one, then by hash), each checked against the keyring the earlier ones
 //! built, and one that is not authorised at that point is left out. A
 //! revocation also voids what the revoked key authorised from its
 //! generation on (a thief's rotation to a key of their own, say), and the
@@ -235,6 +235,10 @@ pub enum StatementError {
     Malformed(#[from] DecodeError),
     #[error("{statement} is not authorised: {why}")]
     Unauthorised { statement: String, why: String },
+    #[error(
+        "{statement} is refused: it would change who signs generations this reader already holds (up to {held}); a rotation or revocation takes effect only after the newest generation published"
+    )]
+    Backdated { statement: String, held: u64 },
     #[error("key statement list holds more than {MAX_STATEMENTS} statements")]
     TooMany,
 }
@@ -301,18 +305,30 @@ impl Keyring {
     /// if it was already held; an error (and no change) if it is malformed
     /// or not authorised by the keys in force at its generation.
     pub fn add(&mut self, envelope: &[u8]) -> Result<bool, StatementError> {
+        self.add_after(envelope, 0)
+    }
+
+    /// [`Keyring::add`] for a reader that already holds generation `held`:
+    /// a new statement that takes effect at or before it is refused, since
+    /// it would change who signed what this reader already accepted (a
+    /// thief's backdated rotation, say).
+    pub fn add_after(&mut self, envelope: &[u8], held: u64) -> Result<bool, StatementError> {
         let s = SignedStatement::decode(envelope)?;
         let h = s.hash();
         if self.held.iter().any(|x| x.hash() == h) {
             return Ok(false);
         }
+        if s.statement.from_generation <= held {
+            return Err(StatementError::Backdated {
+                statement: s.statement.to_string(),
+                held,
+            });
+        }
         if self.held.len() >= MAX_STATEMENTS {
             return Err(StatementError::TooMany);
         }
         let before = (self.held.clone(), self.windows.clone());
-        let at = self.held.partition_point(|x| {
-            (x.statement.from_generation, x.hash()) < (s.statement.from_generation, h)
-        });
+        let at = self.held.partition_point(|x| order(x) < order(&s));
         self.held.insert(at, s);
         let left_out = self.rebuild();
         if let Some((_, e)) = left_out.iter().find(|(x, _)| *x == h) {
@@ -334,12 +350,22 @@ impl Keyring {
         &mut self,
         list: &[u8],
     ) -> Result<(usize, Vec<StatementError>), StatementError> {
+        self.add_list_after(list, 0)
+    }
+
+    /// [`Keyring::add_list`] for a reader that holds generation `held`
+    /// ([`Keyring::add_after`]).
+    pub fn add_list_after(
+        &mut self,
+        list: &[u8],
+        held: u64,
+    ) -> Result<(usize, Vec<StatementError>), StatementError> {
         let mut pending = decode_list(list)?;
         let mut new = 0;
         loop {
             let mut refused = Vec::new();
             let mut progress = false;
-            pending.retain(|env| match self.add(env) {
+            pending.retain(|env| match self.add_after(env, held) {
                 Ok(true) => {
                     new += 1;
                     progress = true;
@@ -443,6 +469,17 @@ pub fn decode_list(b: &[u8]) -> Result<Vec<&[u8]>, StatementError> {
     }
     r.finish()?;
     Ok(out)
+}
+
+/// The order statements apply in: by generation; in one generation
+/// revocations first (a key revoked at N authorises nothing at N), then by
+/// hash.
+fn order(s: &SignedStatement) -> (u64, u8, Hash) {
+    let kind = match s.statement.change {
+        Change::Revoke { .. } => 0,
+        Change::Rotate { .. } => 1,
+    };
+    (s.statement.from_generation, kind, s.hash())
 }
 
 fn in_force(windows: &[Window], key: &PublicKey, generation: u64) -> bool {
@@ -639,6 +676,22 @@ mod tests {
         assert_eq!(reversed.add(&revoke(&stolen, &backup, 8)), Ok(true));
         assert!(reversed.add(&rotate(&stolen, &thief, 10)).is_err());
         assert!(reversed.check(&thief.public(), 12).is_err());
+        // A revocation at the thief's own generation voids that rotation too.
+        let mut same = Keyring::new(&trusted);
+        same.add(&rotate(&stolen, &thief, 10)).unwrap();
+        same.add(&revoke(&stolen, &backup, 10)).unwrap();
+        assert!(same.check(&thief.public(), 12).is_err());
+        // A reader that holds generation 10 refuses a statement backdated
+        // to it.
+        let mut holding = Keyring::new(&trusted);
+        assert!(matches!(
+            holding.add_after(&rotate(&stolen, &thief, 10), 10),
+            Err(StatementError::Backdated { held: 10, .. })
+        ));
+        assert_eq!(
+            holding.add_after(&rotate(&stolen, &thief, 11), 10),
+            Ok(true)
+        );
         // Both readers end with the same statements.
         assert_eq!(ring.id(), reversed.id());
         assert_eq!(ring.statements().len(), 1);

@@ -35,7 +35,7 @@ impl MirrorState {
         let _one_writer = self.keys_update.lock().map_err(|_| "poisoned".to_owned())?;
         let mut ring = self.verifier().keyring().clone();
         let (new, refused) = ring
-            .add_list(list)
+            .add_list_after(list, self.served_generation())
             .map_err(|e| format!("{upstream}: {e}"))?;
         for e in &refused {
             tracing::warn!(%upstream, error = %e, "key statement refused");

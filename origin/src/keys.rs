@@ -140,20 +140,22 @@ pub(crate) fn rotation(
     Ok(s)
 }
 
-/// The newest stored generation of a stopped origin's state, verified
-/// with its keyring.
-fn latest(state: &Path, ring: &Keyring) -> Result<u64, KeyOpError> {
-    let roots = state.join("roots");
-    let Some(g) = list_generations(&roots)
+/// The number of the newest stored generation.
+fn newest_number(state: &Path) -> Result<u64, KeyOpError> {
+    list_generations(&state.join("roots"))
         .unwrap_or_default()
         .into_iter()
         .max()
-    else {
-        return Err(KeyOpError::NothingPublished {
+        .ok_or_else(|| KeyOpError::NothingPublished {
             path: state.to_path_buf(),
-        });
-    };
-    let path = roots.join(format!("{g:020}.root"));
+        })
+}
+
+/// The newest stored generation of a stopped origin's state, verified
+/// with its keyring.
+fn latest(state: &Path, ring: &Keyring) -> Result<u64, KeyOpError> {
+    let g = newest_number(state)?;
+    let path = state.join("roots").join(format!("{g:020}.root"));
     let bytes = std::fs::read(&path).map_err(|source| KeyOpError::Io {
         path: path.clone(),
         source,
@@ -169,18 +171,29 @@ fn latest(state: &Path, ring: &Keyring) -> Result<u64, KeyOpError> {
 }
 
 /// `meridian key rotate` on a stopped origin: from its next generation,
-/// roots are signed by `new`.
+/// roots are signed by `new`. Safe to rerun: a rotation from `old` to `new`
+/// already held is returned as it is (`true`: it was already there).
 pub fn rotate_offline(
     state: &Path,
     old: &SecretKey,
     new: &SecretKey,
-) -> Result<SignedStatement, KeyOpError> {
+) -> Result<(SignedStatement, bool), KeyOpError> {
     let _lock = lock_state(state)?;
     let mut ring = load(state, old.public());
+    let done = ring.statements().iter().find(|s| {
+        s.statement.change
+            == Change::Rotate {
+                old: old.public(),
+                new: new.public(),
+            }
+    });
+    if let Some(s) = done {
+        return Ok((s.clone(), true));
+    }
     let next = latest(state, &ring)? + 1;
     let s = rotation(&mut ring, old, new, next)?;
     meridian_serve::keys::save(state, &ring)?;
-    Ok(s)
+    Ok((s, false))
 }
 
 /// `meridian key revoke`: from `from_generation` (default: the next
@@ -195,7 +208,9 @@ pub fn revoke(
     let mut ring = load(state, signer.public());
     let from = match from_generation {
         Some(n) => n,
-        None => latest(state, &ring)? + 1,
+        // The default only names a generation; the signer need not be the
+        // key that signed it.
+        None => newest_number(state)? + 1,
     };
     let s = SignedStatement::sign(
         Statement {

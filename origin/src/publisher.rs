@@ -218,44 +218,39 @@ impl Publisher {
         key: SecretKey,
     ) -> Result<Option<meridian_core::SignedStatement>, crate::keys::KeyOpError> {
         let state = self.cfg.state.clone();
-        let mut changed = false;
-        if let Ok(bytes) = std::fs::read(meridian_serve::keys::keyring_path(&state)) {
-            match self.keyring.add_list(&bytes) {
-                Ok((new, refused)) => {
-                    if new > 0 {
-                        changed = true;
-                        tracing::info!(new, "took up stored key statements");
-                    }
-                    for e in refused {
-                        tracing::warn!(error = %e, "stored key statement left out");
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "stored key statements are damaged; keeping those in memory")
-                }
-            }
+        // The stored statements, read again (a revocation written since),
+        // on top of those in memory.
+        let mut ring = crate::keys::load(&state, self.key.public());
+        if let Ok((new, _)) = ring.add_list(&self.keyring.encode())
+            && new > 0
+        {
+            tracing::warn!(new, "key statements held in memory were missing from the stored keyring; kept");
         }
+        let next = self
+            .shared
+            .latest
+            .load()
+            .as_ref()
+            .map_or(1, |l| l.root.generation + 1);
         let mut statement = None;
         if key.public() != self.key.public() {
-            let next = self
-                .shared
-                .latest
-                .load()
-                .as_ref()
-                .map_or(1, |l| l.root.generation + 1);
-            let mut ring = self.keyring.clone();
-            let s = crate::keys::rotation(&mut ring, &self.key, &key, next)?;
-            // Durable before anything is signed with the new key.
-            meridian_serve::keys::save(&state, &ring)?;
-            self.keyring = ring;
-            statement = Some(s);
-            changed = true;
+            if ring.check(&key.public(), next).is_ok() {
+                // Already trusted for the next generation (a backup key
+                // that signed a revocation, say): no statement is needed.
+                tracing::info!(key = %key.public(), "signing with another key already in force from generation {next}");
+            } else {
+                let s = crate::keys::rotation(&mut ring, &self.key, &key, next)?;
+                // Durable before anything is signed with the new key.
+                meridian_serve::keys::save(&state, &ring)?;
+                statement = Some(s);
+            }
         }
-        if changed {
+        if ring.id() != self.keyring.id() {
             self.shared
                 .keys
-                .store(meridian_serve::keys::KeysDoc::of(&self.keyring));
+                .store(meridian_serve::keys::KeysDoc::of(&ring));
         }
+        self.keyring = ring;
         self.key = key;
         Ok(statement)
     }

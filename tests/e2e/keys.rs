@@ -181,3 +181,170 @@ async fn a_key_rotation_is_followed_by_every_tier_without_a_restart_or_a_lost_do
     }
     let _ = (&mut m1, &mut m2);
 }
+
+/// Runs `meridian key …`; returns (success, stdout + stderr).
+fn key_cmd(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(meridian_e2e::meridian_bin())
+        .arg("key")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The operator guide's two procedures, as written: a stopped origin is
+/// rotated with `meridian key rotate` (refused while it runs, safe to
+/// rerun), and a key believed stolen is revoked with a backup key that the
+/// mirrors trust. After the revocation a root the thief signs with the
+/// stolen key is refused, and the origin goes on with the backup key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_rotation_and_a_revocation_by_a_backup_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("f"), b"one").unwrap();
+    let p = |x: &str| dir.path().join(x).to_str().unwrap().to_owned();
+    let a = keygen(&dir.path().join("key"));
+    std::fs::copy(p("key"), p("a-key")).unwrap();
+    let b = keygen(&dir.path().join("backup-key"));
+    let c = keygen(&dir.path().join("c-key"));
+    let state = p("origin-state");
+    let (mut o, oaddr) = origin(dir.path(), "200ms");
+    let mut client = ReadClient::new(oaddr, a);
+    // The client trusts what the mirror does.
+    client.verifier = meridian_core::Verifier::new(meridian_core::TrustedKeys::new([a, b]));
+    let g1 = published_f(&client, 0, b"one").await;
+
+    // The mirror trusts the signing key and the offline backup key.
+    let (evil, e) = Evil::start(oaddr, Mode::Honest).await;
+    let (a_s, b_s) = (a.to_string(), b.to_string());
+    let mstate = dir.path().join("m");
+    let mut m = meridian_e2e::Proc::spawn(
+        &[
+            "mirror",
+            "--id",
+            "m",
+            "--trust",
+            &a_s,
+            "--trust",
+            &b_s,
+            "--state",
+            mstate.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--poll-interval",
+            "1s",
+            "--upstream",
+            &format!("http://{}", e.local_addr),
+        ],
+        &[],
+    );
+    let maddr = m.listening("mirror");
+    let http = http();
+    wait_generation(&http, maddr, g1).await;
+
+    // Offline rotation: refused while the origin runs.
+    let rotate = [
+        "rotate",
+        "--state",
+        &state,
+        "--old",
+        &p("a-key"),
+        "--new",
+        &p("c-key"),
+    ];
+    let (ok, text) = key_cmd(&rotate);
+    assert!(!ok && text.contains("in use by a running origin"), "{text}");
+    meridian_e2e::signal(o.child.id() as i32, "TERM");
+    assert!(o.wait_exit(DEADLINE).is_some(), "origin stopped");
+    let (ok, text) = key_cmd(&rotate);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "rotation from {a} to {c} at generation {}",
+            g1 + 1
+        )),
+        "{text}"
+    );
+    let (ok, text) = key_cmd(&rotate);
+    assert!(ok && text.contains("already done"), "rerun: {text}");
+    // Started with the new key on the same state and address.
+    std::fs::copy(p("c-key"), p("key")).unwrap();
+    let args = meridian_e2e::origin_args(dir.path(), "origin-state", "200ms");
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let listen = oaddr.to_string();
+    let at = args.iter().position(|x| *x == "127.0.0.1:0").unwrap();
+    args[at] = &listen;
+    let mut o = meridian_e2e::Proc::spawn(&args, &[]);
+    o.listening("origin");
+    client.follow_keys().await;
+    std::fs::write(content.join("f"), b"two").unwrap();
+    let g2 = published_f(&client, g1, b"two").await;
+    wait_generation(&http, maddr, g2).await;
+    assert_eq!(signer(&http, maddr).await, c);
+
+    // C is stolen. Revoked from the next generation with the backup key;
+    // the origin goes on with the backup key (already trusted: no
+    // statement needed) after a reload.
+    let (ok, text) = key_cmd(&[
+        "revoke",
+        "--state",
+        &state,
+        "--key",
+        &c.to_string(),
+        "--signer",
+        &p("backup-key"),
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("revocation of {c} from generation {}", g2 + 1)),
+        "{text}"
+    );
+    std::fs::copy(p("backup-key"), p("key")).unwrap();
+    meridian_e2e::signal(o.child.id() as i32, "HUP");
+    o.wait_line("signing with another key already in force", DEADLINE);
+    eventually("the mirror to take up the revocation", DEADLINE, || async {
+        let (_, text) = key_cmd(&["list", "--state", mstate.to_str().unwrap()]);
+        text.contains(&format!("revocation of {c}")).then_some(())
+    })
+    .await;
+
+    // The thief's root, signed by the stolen key and correctly chained.
+    let served = client.root().await.unwrap();
+    let now = meridian_e2e::now();
+    let forged = meridian_core::SignedRoot::sign(
+        &meridian_core::Root {
+            generation: g2 + 1,
+            previous: served.hash,
+            created: now,
+            expires: now + 3600,
+            ..served.root.clone()
+        },
+        &secret(&dir.path().join("c-key")),
+    )
+    .encode();
+    *evil.fake_root.lock().unwrap() = forged;
+    evil.set_mode(Mode::FakeRoot);
+    let r = eventually("the stolen key's root to be refused", DEADLINE, || async {
+        status(&http, maddr)
+            .await?
+            .refused
+            .filter(|r| r.reason == "retired_key")
+    })
+    .await;
+    assert_eq!((r.offered, r.served), (g2 + 1, g2), "{r:?}");
+
+    // The origin's next generation, signed by the backup key, is taken.
+    evil.set_mode(Mode::Honest);
+    client.follow_keys().await;
+    std::fs::write(content.join("f"), b"three").unwrap();
+    let g3 = published_f(&client, g2, b"three").await;
+    wait_generation(&http, maddr, g3).await;
+    assert_eq!(signer(&http, maddr).await, b);
+    let _ = &mut m;
+}
