@@ -678,8 +678,8 @@ mod tests {
         assert!(reversed.check(&thief.public(), 12).is_err());
         // A revocation at the thief's own generation voids that rotation too.
         let mut same = Keyring::new(&trusted);
-        same.add(&rotate(&stolen, &thief, 10)).unwrap();
-        same.add(&revoke(&stolen, &backup, 10)).unwrap();
+        same.add(&rotate(&stolen, &thief, 10)).expect("authorised");
+        same.add(&revoke(&stolen, &backup, 10)).expect("authorised");
         assert!(same.check(&thief.public(), 12).is_err());
         // A reader that holds generation 10 refuses a statement backdated
         // to it.

@@ -224,7 +224,10 @@ impl Publisher {
         if let Ok((new, _)) = ring.add_list(&self.keyring.encode())
             && new > 0
         {
-            tracing::warn!(new, "key statements held in memory were missing from the stored keyring; kept");
+            tracing::warn!(
+                new,
+                "key statements held in memory were missing from the stored keyring; kept"
+            );
         }
         let next = self
             .shared
