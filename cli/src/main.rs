@@ -6,6 +6,7 @@ mod config;
 mod demo;
 mod key;
 mod keygen;
+mod restore;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -55,6 +56,16 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Rebuild a lost origin (content and state) from a mirror.
+    ///
+    /// Fetches the newest root that verifies with --trust, then every node
+    /// and blob, each verified; writes the content directory exactly as
+    /// published (bytes, directories, symlinks, executable bits, mtimes) and
+    /// an origin state (objects, the newest root, key statements, a seeded
+    /// hash cache). Interrupted, it resumes when rerun with the same --state.
+    /// The origin started on the result continues at the next generation,
+    /// and every mirror follows it.
+    Restore(restore::RestoreArgs),
     /// Run a whole demo network on this machine until Ctrl-C.
     Demo(demo::DemoArgs),
 }
@@ -125,6 +136,10 @@ fn run() -> anyhow::Result<()> {
                 h.shutdown().await;
                 Ok(())
             })
+        }
+        Command::Restore(args) => {
+            init_logging();
+            runtime()?.block_on(restore::run(args))
         }
         Command::Demo(args) => {
             init_logging();

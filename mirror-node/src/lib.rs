@@ -20,6 +20,7 @@ mod metrics;
 mod plan;
 mod progress;
 mod rawget;
+mod rebuild;
 mod refusal;
 mod restore;
 mod scrub;
@@ -30,6 +31,7 @@ mod upstreams;
 mod verified;
 
 pub use config::MirrorConfig;
+pub use rebuild::{RestoreConfig, RestoreError, RestoreProgress, Restored, restore_origin};
 use state::MirrorState;
 
 use meridian_serve::ServerHandle;

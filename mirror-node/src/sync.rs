@@ -337,7 +337,11 @@ impl Syncer {
     }
 
     /// Verifies an offered root against what is served, walking the chain.
-    async fn accept_root(&self, i: usize, env: &[u8]) -> Result<VerifiedRoot, SyncError> {
+    pub(crate) async fn accept_root(
+        &self,
+        i: usize,
+        env: &[u8],
+    ) -> Result<VerifiedRoot, SyncError> {
         let upstream = self.upstreams().url(i).to_owned();
         let verr = |source| SyncError::Verify {
             upstream: upstream.clone(),

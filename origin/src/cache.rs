@@ -103,6 +103,22 @@ impl HashCache {
     }
 }
 
+/// Seeds the stat cache of an origin state for a content directory whose
+/// files are known to hash as `files` says (`meridian restore` just wrote
+/// them from verified objects), so the origin started on it does not hash
+/// them again. Each file's stat key is read now; a file changed after this
+/// no longer matches and is hashed as usual. Returns the entries written.
+pub fn seed(state: &Path, content: &Path, files: &[(String, Hash)]) -> Result<usize, StoreError> {
+    let mut cache = HashCache::default();
+    for (rel, h) in files {
+        let p = content.join(rel);
+        let md = std::fs::symlink_metadata(&p).map_err(|e| StoreError::io(&p, e))?;
+        cache.map.insert(rel.clone(), (StatKey::of(&md), *h));
+    }
+    cache.save(&state.join("hashcache"))?;
+    Ok(cache.map.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,7 @@ pub mod scan;
 pub mod service;
 mod watcher;
 
+pub use cache::seed as seed_hash_cache;
 pub use config::OriginConfig;
 pub use publisher::{PublishError, PublishOutcome, Publisher};
 pub use service::{Origin, OriginHandle};

@@ -6,4 +6,5 @@ mod keys;
 mod mirror;
 mod network;
 mod origin;
+mod restore;
 mod serving;

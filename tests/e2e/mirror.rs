@@ -2,7 +2,7 @@
 
 use meridian_e2e::evil::{Evil, Mode};
 use meridian_e2e::{
-    ReadClient, eventually, http, keygen, metric, mirror, origin, status, wait_generation,
+    ReadClient, eventually, http, keygen, metric, mirror, noise, origin, status, wait_generation,
 };
 use std::io::{Read, Write};
 use std::path::Path;
@@ -513,18 +513,6 @@ async fn a_download_across_a_generation_switch_gets_one_consistent_file() {
         body.iter().all(|&b| b == 1),
         "the in-flight download mixed two generations"
     );
-}
-
-fn noise(n: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
 }
 
 /// An origin publishing `n` files of pseudo-random bytes.
@@ -1068,9 +1056,10 @@ async fn a_long_first_sync_shows_its_progress_in_the_log_the_status_and_the_503(
 /// generation and says why, once in its log and for as long as it lasts in
 /// its status and metrics, with both generations: first that the upstream
 /// is behind it, then, once the new chain passes it, that the chain is
-/// broken.
+/// broken. Restored from the mirror (`meridian restore`), the origin's next
+/// generation is followed again.
 #[tokio::test]
-async fn a_mirror_never_follows_an_origin_that_lost_its_state_and_says_why() {
+async fn a_mirror_never_follows_an_origin_that_lost_its_state_and_says_why_until_it_is_restored() {
     let dir = tempfile::tempdir().unwrap();
     let content = dir.path().join("content");
     std::fs::create_dir_all(&content).unwrap();
@@ -1098,19 +1087,7 @@ async fn a_mirror_never_follows_an_origin_that_lost_its_state_and_says_why() {
     o.child.kill().unwrap();
     o.child.wait().unwrap();
     std::fs::remove_dir_all(dir.path().join("origin-state")).unwrap();
-    let args: Vec<String> = meridian_e2e::origin_args(dir.path(), "origin-state", "200ms")
-        .into_iter()
-        .map(|a| {
-            if a == "127.0.0.1:0" {
-                oaddr.to_string()
-            } else {
-                a
-            }
-        })
-        .collect();
-    let mut o2 =
-        meridian_e2e::Proc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
-    o2.listening("origin");
+    let _o2 = meridian_e2e::origin_at(dir.path(), "origin-state", "200ms", oaddr);
 
     let refused = |reason: &'static str| {
         let http = http.clone();
@@ -1186,6 +1163,34 @@ async fn a_mirror_never_follows_an_origin_that_lost_its_state_and_says_why() {
         .filter(|l| l.contains("still serving generation") && l.contains("broken_chain"))
         .count();
     assert_eq!(said, 1, "{}", m.log.join("\n"));
+
+    // The way out: the origin is restored from the mirror and started where
+    // it was; its next generation continues the chain the mirror holds.
+    drop(_o2);
+    std::fs::remove_dir_all(dir.path().join("origin-state")).unwrap();
+    std::fs::remove_dir_all(&content).unwrap();
+    let out = std::process::Command::new(meridian_e2e::meridian_bin())
+        .args(["restore", "--from", &format!("http://{maddr}"), "--trust"])
+        .arg(key.to_string())
+        .arg("--content")
+        .arg(&content)
+        .arg("--state")
+        .arg(dir.path().join("origin-state"))
+        .args(["--at-least", &g2.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(content.join("f")).unwrap(), b"two");
+    let _o3 = meridian_e2e::origin_at(dir.path(), "origin-state", "200ms", oaddr);
+    std::fs::write(content.join("f"), b"three").unwrap();
+    assert_eq!(published(&client, &content, g2).await, g2 + 1);
+    wait_generation(&http, maddr, g2 + 1).await;
+    assert_eq!(get(&http, maddr, "f").await.1, b"three");
+    assert!(status(&http, maddr).await.unwrap().refused.is_none());
 }
 
 /// SIGHUP makes a mirror read its config file again and put it in force,

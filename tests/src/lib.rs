@@ -166,6 +166,37 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// `n` pseudo-random bytes (xorshift), different for every `seed`.
+pub fn noise(n: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// Starts `meridian origin` as [`origin_args`] says, listening on `addr`
+/// (a restarted origin where the old one was).
+pub fn origin_at(dir: &Path, state: &str, quiet: &str, addr: std::net::SocketAddr) -> Proc {
+    let args: Vec<String> = origin_args(dir, state, quiet)
+        .into_iter()
+        .map(|a| {
+            if a == "127.0.0.1:0" {
+                addr.to_string()
+            } else {
+                a
+            }
+        })
+        .collect();
+    let mut p = Proc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    p.listening("origin");
+    p
+}
+
 /// An HTTP client for tests: 30 s per request.
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
