@@ -142,6 +142,16 @@ pub async fn restore_origin(
     mcfg.accept_lower_generation = true;
     mcfg.parallel_fetches = cfg.parallel_fetches.max(1);
     let state = Arc::new(MirrorState::open(mcfg)?);
+    let st = state.clone();
+    let taken = tokio::task::spawn_blocking(move || take_back_linked(&st))
+        .await
+        .map_err(|e| io(&cfg.state)(std::io::Error::other(e)))??;
+    if taken > 0 {
+        tracing::info!(
+            objects = taken,
+            "resuming: objects an interrupted restore had placed are back in the store"
+        );
+    }
     let syncer = Syncer::new(state.clone());
 
     let mut refused = Vec::new();
@@ -187,6 +197,29 @@ pub async fn restore_origin(
     };
     tracing::info!(generation = vr.root.generation, upstream = %url, files = vr.root.files, bytes = vr.root.bytes, "restoring");
     {
+        // Written blobs are pushed to the disk while the fetch goes on, so
+        // the final flush has little left to do (one `syncfs` a second on
+        // its own thread; the fetch never waits for it).
+        let flushing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flusher = {
+            let (on, dir) = (flushing.clone(), cfg.state.clone());
+            std::thread::spawn(move || {
+                while on.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_secs(1));
+                    if let Ok(d) = std::fs::File::open(&dir) {
+                        let _ = rustix::fs::syncfs(&d);
+                    }
+                }
+            })
+        };
+        struct Stop(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(flushing);
+        let _ = flusher;
         let sync = syncer.sync_to(vr, i);
         tokio::pin!(sync);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -215,8 +248,12 @@ pub async fn restore_origin(
     let content = cfg.content.clone();
     let st = state.clone();
     let written = tokio::task::spawn_blocking(move || -> Result<_, RestoreError> {
-        st.store.sync_all()?;
+        let t0 = std::time::Instant::now();
         let written = write_content(&st, &g, &content)?;
+        tracing::info!(
+            seconds = t0.elapsed().as_secs_f64(),
+            "content written and made durable"
+        );
         origin_state_only(&st.cfg().state)?;
         Ok((g.number(), g.root.root.files, g.root.root.bytes, written))
     })
@@ -278,31 +315,26 @@ fn write_content(
             }
         }
     }
-    // Files in parallel: each is an in-kernel copy of a verified object.
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
-    let failed: std::sync::Mutex<Option<RestoreError>> = std::sync::Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((rel, h, exec, mtime)) = files.get(i) else {
-                        return;
-                    };
-                    if let Err(e) = write_file(state, &staging.join(rel), h, *exec, *mtime) {
-                        if let Ok(mut f) = failed.lock() {
-                            f.get_or_insert(e);
-                        }
-                        next.store(usize::MAX / 2, std::sync::atomic::Ordering::Relaxed);
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    if let Some(e) = failed.into_inner().ok().flatten() {
-        return Err(e);
+    // Files in parallel. Which file takes each object is decided first.
+    let mut seen = std::collections::HashSet::new();
+    let files: Vec<_> = files
+        .into_iter()
+        .map(|(rel, h, x, m)| {
+            let first = seen.insert(h);
+            (rel, h, first, x, m)
+        })
+        .collect();
+    // First the files that take their object, then the copies of them.
+    let linked = state.cfg().state.join("linked");
+    for shard in 0..=255u8 {
+        let d = linked.join(format!("{shard:02x}"));
+        std::fs::create_dir_all(&d).map_err(io(&d))?;
+    }
+    let (firsts, copies): (Vec<_>, Vec<_>) = files.iter().partition(|f| f.2);
+    for batch in [firsts, copies] {
+        in_parallel(&batch, |(rel, h, first, exec, mtime)| {
+            write_file(state, &linked, &staging.join(rel), h, *first, *exec, *mtime)
+        })?;
     }
     // Directory mtimes last, deepest first (writing into one changes it).
     // The origin publishes the mtime of empty directories only; 0 is "not
@@ -312,8 +344,11 @@ fn write_content(
     for (rel, mtime) in &dirs {
         set_mtime(&staging.join(rel), *mtime, true)?;
     }
+    // Durable before it is put in place: the content's file system, and the
+    // state's (the same one, usually, and then this costs nothing more).
     let d = std::fs::File::open(&staging).map_err(io(&staging))?;
     rustix::fs::syncfs(&d).map_err(|e| io(&staging)(e.into()))?;
+    state.store.sync_all()?;
     if content.exists() {
         std::fs::remove_dir(content).map_err(io(content))?;
     }
@@ -323,22 +358,106 @@ fn write_content(
             .and_then(|f| f.sync_all())
             .map_err(io(parent))?;
     }
-    Ok(files.into_iter().map(|(rel, h, _, _)| (rel, h)).collect())
+    Ok(files.into_iter().map(|(rel, h, ..)| (rel, h)).collect())
+}
+
+/// Writes one content file. The first file with a hash takes the
+/// verified object itself (a rename, no copy) and leaves a hard link to it
+/// in the origin's `linked/`, exactly as an origin's own link snapshot does
+/// (the origin makes its private copy in the background, as after any
+/// first publish); a second file with the same bytes is a copy, so that no
+/// two content files share an inode. Across file systems, every file is a
+/// copy and the object stays.
+/// Runs `f` on every item with a few threads; the first error stops it.
+fn in_parallel<T: Sync>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<(), RestoreError> + Sync,
+) -> Result<(), RestoreError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    // Metadata work (renames, links, mode and time changes) mostly waits
+    // on the file system, so more threads than cores help.
+    let threads = std::thread::available_parallelism().map_or(8, |n| (n.get() * 4).clamp(8, 32));
+    let failed: std::sync::Mutex<Option<RestoreError>> = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    if let Err(e) = f(item) {
+                        if let Ok(mut slot) = failed.lock() {
+                            slot.get_or_insert(e);
+                        }
+                        next.store(usize::MAX / 2, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Objects an interrupted restore had already moved into its staging
+/// content (and so into `linked/`) go back into the store, each checked
+/// against its name again, so a rerun does not fetch them twice.
+fn take_back_linked(state: &MirrorState) -> Result<usize, RestoreError> {
+    let linked = state.cfg().state.join("linked");
+    let Ok(hashes) = meridian_serve::store::list_sharded(&linked) else {
+        return Ok(0);
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut taken = 0;
+    for h in hashes {
+        let p = meridian_serve::store::sharded(&linked, &h);
+        let ok = std::fs::File::open(&p)
+            .map(|f| crate::verified::hashes_to(&f, &h, &mut buf))
+            .unwrap_or(false);
+        if ok && !state.store.contains(&h) {
+            let dst = state.store.path(&h);
+            if let Some(d) = dst.parent() {
+                std::fs::create_dir_all(d).map_err(io(d))?;
+            }
+            std::fs::rename(&p, &dst).map_err(io(&p))?;
+            taken += 1;
+        } else {
+            std::fs::remove_file(&p).map_err(io(&p))?;
+        }
+    }
+    Ok(taken)
 }
 
 fn write_file(
     state: &MirrorState,
+    linked_dir: &Path,
     path: &Path,
     h: &Hash,
+    first: bool,
     executable: bool,
     mtime: i64,
 ) -> Result<(), RestoreError> {
     use std::os::unix::fs::PermissionsExt;
     let src = state.store.path(h);
-    std::fs::copy(&src, path).map_err(io(path))?;
+    let linked = meridian_serve::store::sharded(linked_dir, h);
+    let moved = first && std::fs::rename(&src, path).is_ok();
+    if !moved {
+        // A later file with these bytes: from the first one's link.
+        let from = if linked.exists() { &linked } else { &src };
+        std::fs::copy(from, path).map_err(io(path))?;
+    }
     let mode = if executable { 0o755 } else { 0o644 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(path))?;
-    set_mtime(path, mtime, true)
+    set_mtime(path, mtime, true)?;
+    if moved {
+        match std::fs::hard_link(path, &linked) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(&linked)(e)),
+        }
+    }
+    Ok(())
 }
 
 fn set_mtime(path: &Path, mtime: i64, follow: bool) -> Result<(), RestoreError> {
