@@ -60,7 +60,7 @@ enum Command {
     ///
     /// Fetches the newest root that verifies with --trust, then every node
     /// and blob, each verified; writes the content directory exactly as
-    /// published (bytes, directories, symlinks, executable bits, mtimes) and
+    /// published (bytes, directories, symlinks, executable bits, file mtimes) and
     /// an origin state (objects, the newest root, key statements, a seeded
     /// hash cache). Interrupted, it resumes when rerun with the same --state.
     /// The origin started on the result continues at the next generation,
