@@ -9,7 +9,7 @@
 
 use crate::generation::Generation;
 use crate::state::MirrorState;
-use crate::sync::{SyncError, Syncer};
+use crate::sync::{SyncError, Syncer, blocking};
 use crate::upstreams::{FetchFail, OnMissing, read_capped, transfer_timeout};
 use futures_util::StreamExt;
 use meridian_core::{DirNode, Hash, hash_bytes};
@@ -32,7 +32,217 @@ pub(crate) struct Want {
     pub(crate) base: Option<Hash>,
 }
 
+/// Takes every blob of the pack whose bytes are now complete (an empty one
+/// at once) into `batch` if wanted; returns the bytes added.
+fn complete(
+    job: &PackJob,
+    idx: &mut usize,
+    buf: &mut Vec<u8>,
+    batch: &mut Vec<(Hash, Vec<u8>)>,
+) -> usize {
+    let mut added = 0;
+    while let Some(&(h, size)) = job.entries.get(*idx) {
+        if buf.len() as u64 != size {
+            break;
+        }
+        *idx += 1;
+        let b = std::mem::take(buf);
+        if job.wanted.contains(&h) {
+            added += b.len();
+            batch.push((h, b));
+        }
+    }
+    added
+}
+
+/// Fewest wanted blobs of one directory node that are fetched as a pack
+/// (one request) rather than one by one.
+const PACK_MIN: usize = 8;
+/// Packs fetched at once.
+const PACKS_AT_ONCE: usize = 4;
+
+/// The small blobs of one directory node, fetched in one request
+/// (`pack/{node}`): every blob the pack carries, in order, and which of
+/// them this sync wants.
+#[derive(Debug)]
+pub(crate) struct PackJob {
+    node: Hash,
+    entries: Vec<(Hash, u64)>,
+    wanted: std::collections::HashSet<Hash>,
+}
+
+/// Splits the wanted blobs into packs (a node of the new tree whose small
+/// blobs are mostly wanted: a first sync, a restore, a new directory) and
+/// the rest, fetched one by one. A blob with a patch base is never packed.
+pub(crate) fn packs(
+    nodes: &HashMap<Hash, Arc<DirNode>>,
+    blobs: Vec<Want>,
+) -> (Vec<PackJob>, Vec<Want>) {
+    use meridian_serve::readapi::{PACK_BLOB_MAX, pack_entries};
+    let mut small: std::collections::HashSet<Hash> = blobs
+        .iter()
+        .filter(|w| w.base.is_none() && w.size <= PACK_BLOB_MAX)
+        .map(|w| w.hash)
+        .collect();
+    let mut jobs = Vec::new();
+    for (h, node) in nodes {
+        let Some(entries) = pack_entries(node) else {
+            continue;
+        };
+        let wanted: std::collections::HashSet<Hash> = entries
+            .iter()
+            .map(|e| e.0)
+            .filter(|e| small.contains(e))
+            .collect();
+        if wanted.len() >= PACK_MIN && wanted.len() * 2 >= entries.len() {
+            for w in &wanted {
+                small.remove(w);
+            }
+            jobs.push(PackJob {
+                node: *h,
+                entries,
+                wanted,
+            });
+        }
+    }
+    let packed: std::collections::HashSet<Hash> =
+        jobs.iter().flat_map(|j| j.wanted.iter().copied()).collect();
+    let rest = blobs
+        .into_iter()
+        .filter(|w| !packed.contains(&w.hash))
+        .collect();
+    (jobs, rest)
+}
+
 impl Syncer {
+    /// Fetches `blobs`: the small blobs of mostly-new directories as packs
+    /// first (a few at once), then everything else, and whatever a pack
+    /// did not deliver, one by one.
+    pub(crate) async fn fetch_packed_and_blobs(
+        &self,
+        nodes: &HashMap<Hash, Arc<DirNode>>,
+        blobs: Vec<Want>,
+    ) -> Result<(), SyncError> {
+        let sizes: HashMap<Hash, u64> = blobs.iter().map(|w| (w.hash, w.size)).collect();
+        let (jobs, mut rest) = packs(nodes, blobs);
+        if !jobs.is_empty() {
+            let results = futures_util::stream::iter(jobs.into_iter().map(|j| self.fetch_pack(j)))
+                .buffer_unordered(PACKS_AT_ONCE)
+                .collect::<Vec<_>>()
+                .await;
+            for r in results {
+                for h in r? {
+                    rest.push(Want {
+                        hash: h,
+                        size: sizes.get(&h).copied().unwrap_or(0),
+                        base: None,
+                    });
+                }
+            }
+        }
+        self.fetch_blobs(rest).await
+    }
+
+    /// One pack, from the upstreams in turn; returns the wanted blobs it
+    /// did not deliver (to be fetched one by one).
+    async fn fetch_pack(&self, job: PackJob) -> Result<Vec<Hash>, SyncError> {
+        let job = &job;
+        let got = self
+            .try_each(
+                &format!("pack/{}", job.node),
+                OnMissing::Next,
+                |url| async move { self.fetch_pack_from(&url, job).await },
+            )
+            .await?;
+        match got {
+            Ok(()) => self.state.metrics.packs_fetched.inc(),
+            Err(last) => {
+                tracing::debug!(node = %job.node, error = %last, "pack not delivered; its blobs are fetched one by one")
+            }
+        }
+        let store = self.state.store.clone();
+        let wanted: Vec<Hash> = job.wanted.iter().copied().collect();
+        blocking(move || wanted.into_iter().filter(|h| !store.contains(h)).collect()).await
+    }
+
+    async fn fetch_pack_from(&self, url: &str, job: &PackJob) -> Result<(), FetchFail> {
+        let total: u64 = job.entries.iter().map(|e| e.1).sum();
+        let mut r = self
+            .upstreams()
+            .get_ok(url, Some(transfer_timeout(total)))
+            .await?;
+        let mut idx = 0;
+        let mut buf: Vec<u8> = Vec::with_capacity(meridian_serve::readapi::PACK_BLOB_MAX as usize);
+        let mut batch: Vec<(Hash, Vec<u8>)> = Vec::new();
+        let mut batch_bytes = 0usize;
+        loop {
+            let chunk = match r.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => return Err(FetchFail::Transport(meridian_serve::describe(&e))),
+            };
+            self.state.metrics.bytes_fetched.inc_by(chunk.len() as u64);
+            let mut c = &chunk[..];
+            while !c.is_empty() {
+                let Some(&(_, size)) = job.entries.get(idx) else {
+                    return Err(FetchFail::Bad(format!(
+                        "{url}: the pack is longer than its node's blobs"
+                    )));
+                };
+                let take = ((size - buf.len() as u64) as usize).min(c.len());
+                buf.extend_from_slice(&c[..take]);
+                c = &c[take..];
+                batch_bytes += complete(job, &mut idx, &mut buf, &mut batch);
+            }
+            if batch.len() >= 64 || batch_bytes >= 4 << 20 {
+                self.commit_packed(std::mem::take(&mut batch)).await?;
+                batch_bytes = 0;
+            }
+        }
+        // Empty blobs at the end take no bytes.
+        complete(job, &mut idx, &mut buf, &mut batch);
+        self.commit_packed(batch).await?;
+        if idx < job.entries.len() {
+            return Err(FetchFail::Transport(format!(
+                "{url}: the pack ended after {idx} of {} blobs",
+                job.entries.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Commits blobs from a pack through the verified writer (on the
+    /// blocking pool); one whose bytes are not its name's fails the pack as
+    /// bad data.
+    async fn commit_packed(&self, batch: Vec<(Hash, Vec<u8>)>) -> Result<(), FetchFail> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let state = self.state.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            for (h, b) in &batch {
+                match state.store.put_bytes(h, b) {
+                    Ok(()) => {
+                        state.metrics.objects_fetched.inc();
+                        state.progress.blob_done(b.len() as u64);
+                    }
+                    Err(e) if e.is_mismatch() => {
+                        return Err(FetchFail::Bad(format!("packed blob {h}: {e}")));
+                    }
+                    Err(e) => return Err(FetchFail::Local(e)),
+                }
+            }
+            Ok(())
+        })
+        .await;
+        r.unwrap_or_else(|e| {
+            Err(FetchFail::Local(StoreError::io(
+                self.state.store.path(&Hash::ZERO),
+                std::io::Error::other(e),
+            )))
+        })
+    }
+
     pub(crate) async fn fetch_blobs(&self, blobs: Vec<Want>) -> Result<(), SyncError> {
         let results = futures_util::stream::iter(blobs.into_iter().map(|w| async move {
             let size = w.size;

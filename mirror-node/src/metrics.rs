@@ -17,6 +17,7 @@ pub(crate) struct MirrorMetrics {
     pub manifest_bytes_fetched: IntCounter,
     pub blobs_patched: IntCounter,
     pub objects_fetched: IntCounter,
+    pub packs_fetched: IntCounter,
     pub verify_failures: IntCounterVec,
     pub served_generation: IntGauge,
     pub durable_generation: IntGauge,
@@ -84,6 +85,11 @@ impl MirrorMetrics {
             objects_fetched: IntCounter::new(
                 "meridian_mirror_objects_fetched_total",
                 "Blobs and nodes downloaded and verified",
+            )
+            .expect("metric"),
+            packs_fetched: IntCounter::new(
+                "meridian_mirror_packs_fetched_total",
+                "Packs (the small blobs of one directory node in one request) fetched whole",
             )
             .expect("metric"),
             verify_failures: IntCounterVec::new(
@@ -176,6 +182,7 @@ impl MirrorMetrics {
             &m.manifest_bytes_fetched,
             &m.blobs_patched,
             &m.objects_fetched,
+            &m.packs_fetched,
             &m.scrub_failures,
             &m.flush_failures,
         ] {

@@ -93,7 +93,7 @@ impl SyncError {
 
 /// Runs blocking work (file-system calls, O(tree) walks) on the blocking
 /// pool, never on a runtime thread.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, SyncError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| {
@@ -545,7 +545,7 @@ impl Syncer {
         let _finish = Finish(progress);
         {
             // A long sync says how far it has got, at a steady interval.
-            let fetch = self.fetch_blobs(blobs);
+            let fetch = self.fetch_packed_and_blobs(&new_nodes, blobs);
             tokio::pin!(fetch);
             let mut tick = tokio::time::interval_at(
                 tokio::time::Instant::now() + crate::progress::LOG_EVERY,

@@ -8,6 +8,7 @@
 //! | `GET /.meridian/v1/wait?after=N[&timeout=S]` | long-poll: the newest root as soon as its generation is > N; 204 after S seconds (default 30, max 60) |
 //! | `GET /.meridian/v1/delta/{from}/{to}` | the directory nodes of tree `to` as edits of tree `from` ([`meridian_core::TreeDelta`]); 404 when either tree is not held |
 //! | `GET /.meridian/v1/patch/{base}/{target}` | blob `target` as copies from blob `base` plus new bytes ([`meridian_core::patch`]); 404 when either is not held or too large |
+//! | `GET /.meridian/v1/pack/{node}` | the small blobs of directory node `node` ([`pack_entries`]), concatenated in entry order, each made ready as `objects/` does it; 404 when the node or one of them is not held; the body is cut short if one turns out missing midway |
 //! | `GET /.meridian/v1/keys` | the key statements this node holds ([`meridian_core::Keyring::encode`], `application/x-meridian-keys`) |
 //!
 //! Every answer carries `X-Meridian-Generation` with the newest generation,
@@ -202,6 +203,99 @@ async fn diff_turn(
     }
 }
 
+/// Largest blob sent in a pack.
+pub const PACK_BLOB_MAX: u64 = 64 << 10;
+/// Largest pack body: a node whose small blobs add up to more is not
+/// packed (its blobs are fetched one by one).
+pub const PACK_MAX_BYTES: u64 = 256 << 20;
+
+/// The entries of `node` whose blobs a pack carries, in order: the regular
+/// files of at most [`PACK_BLOB_MAX`] bytes. `None` when they add up to
+/// more than [`PACK_MAX_BYTES`]. The one rule both ends apply.
+pub fn pack_entries(node: &meridian_core::DirNode) -> Option<Vec<(Hash, u64)>> {
+    let mut total = 0u64;
+    let mut out = Vec::new();
+    for e in &node.entries {
+        if e.kind == meridian_core::EntryKind::File && e.size <= PACK_BLOB_MAX {
+            total += e.size;
+            out.push((e.hash, e.size));
+        }
+    }
+    (total <= PACK_MAX_BYTES).then_some(out)
+}
+
+/// A pack of `node`'s small blobs, streamed: each blob is made ready and
+/// read on the blocking pool as the `objects/` route would serve it, a few
+/// blobs ahead of the socket (memory bounded to the channel); the reader
+/// checks each against its name, and a blob that turns out missing ends the
+/// body short.
+async fn pack_response<O: Objects>(
+    objects: &Arc<O>,
+    node: Hash,
+    method: &Method,
+) -> Response<Body> {
+    let o = objects.clone();
+    let entries = tokio::task::spawn_blocking(move || {
+        let bytes = o.read_checked(&node)?;
+        let n = meridian_core::DirNode::decode(&bytes).ok()?;
+        let entries = pack_entries(&n)?;
+        // Every blob held, before a byte is promised.
+        entries
+            .iter()
+            .all(|(h, size)| o.held_len(h) == Some(*size))
+            .then_some(entries)
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some(entries) = entries else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("no pack of node {node} here\n"),
+        );
+    };
+    let len: u64 = entries.iter().map(|e| e.1).sum();
+    let body = if *method == Method::HEAD {
+        crate::body::empty()
+    } else {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
+        let o = objects.clone();
+        tokio::task::spawn_blocking(move || {
+            for (h, size) in entries {
+                // As the objects route serves it: `ready` (which, on an
+                // origin, makes and checks the private copy of a file
+                // hashed in place), then its bytes.
+                let item = match o.ready(&h) {
+                    Ready::File { path, len } if len == size => {
+                        std::fs::read(&path).map(bytes::Bytes::from)
+                    }
+                    Ready::Bytes(b) if b.len() as u64 == size => Ok(bytes::Bytes::from(b)),
+                    _ => Err(std::io::Error::other(format!(
+                        "object {h} missing or withdrawn"
+                    ))),
+                };
+                let end = item.is_err();
+                if tx.blocking_send(item).is_err() || end {
+                    return;
+                }
+            }
+        });
+        use http_body_util::BodyExt;
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let next = rx.recv().await?;
+            Some((next.map(hyper::body::Frame::data), rx))
+        });
+        http_body_util::StreamBody::new(frames).boxed()
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-meridian-pack")
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
+        .body(body)
+        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, ""))
+}
+
 /// Long-polls held at once in all, and per client: they hold a connection
 /// each for up to [`MAX_WAIT`], so they get a bounded share and the rest
 /// of the connections stay for downloads.
@@ -363,6 +457,14 @@ async fn route<P: Published>(
             ),
             Ready::Failed => text(StatusCode::SERVICE_UNAVAILABLE, "object store error\n"),
         };
+        count_sent(node, method, &resp);
+        return resp;
+    }
+    if let Some(h) = rest.strip_prefix("pack/") {
+        let Ok(node_hash) = h.parse::<Hash>() else {
+            return text(StatusCode::BAD_REQUEST, "pack/{node}: a node hash\n");
+        };
+        let resp = pack_response(node.objects(), node_hash, method).await;
         count_sent(node, method, &resp);
         return resp;
     }

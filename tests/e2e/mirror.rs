@@ -563,6 +563,64 @@ impl NoiseOrigin {
     }
 }
 
+/// The small files of a new directory travel as one pack per directory
+/// node (`pack/{node}`), each blob checked as it lands: from an honest
+/// upstream every file arrives in packs; from one that damages a pack, the
+/// pack is refused (a verify failure, a strike) and the blobs come from the
+/// next upstream, one pack or one blob at a time.
+#[tokio::test]
+async fn small_files_travel_in_packs_and_a_damaged_pack_is_refused() {
+    let o = NoiseOrigin::start(60, 3_000, |i| format!("dir{}/f{i:03}", i % 2));
+    let (content, client) = (o.content.as_path(), &o.client);
+    let g = published(client, content, 0).await;
+    let http = http();
+
+    // Honest: two directories, two packs, no blob fetched alone.
+    let (mut m1, a1) = mirror(
+        "m1",
+        &[format!("http://{}", o.oaddr)],
+        &o.key,
+        &o.dir.path().join("m1"),
+        &[],
+    );
+    wait_generation(&http, a1, g).await;
+    serves_exactly(&http, a1, content).await;
+    let text = meridian_e2e::metrics_text(&http, a1).await.unwrap();
+    assert_eq!(
+        metric(&text, "meridian_mirror_packs_fetched_total"),
+        2.0,
+        "{text}"
+    );
+    m1.drain();
+
+    // Damaged: the lying upstream is asked first, flips a byte of each pack.
+    let (evil, evil_srv) = Evil::start(o.oaddr, Mode::FlipByte).await;
+    let (_m2, a2) = o.mirror_behind(evil_srv.local_addr);
+    wait_generation(&http, a2, g).await;
+    serves_exactly(&http, a2, content).await;
+    let packs = evil.packs_served.load(std::sync::atomic::Ordering::Relaxed);
+    let damaged = evil
+        .objects_served
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(packs >= 1, "the lying upstream was asked for a pack first");
+    // Its damaged packs were refused whole and taken from the origin: no
+    // blob was asked of it one by one.
+    assert_eq!(
+        damaged, packs,
+        "{damaged} damaged answers for {packs} packs"
+    );
+    let text = meridian_e2e::metrics_text(&http, a2).await.unwrap();
+    assert!(
+        metric(&text, "meridian_mirror_verify_failures_total") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "meridian_mirror_packs_fetched_total"),
+        2.0,
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn a_small_change_moves_a_delta_and_a_patch_not_the_directory_and_the_file() {
     let NoiseOrigin {

@@ -39,6 +39,8 @@ pub struct Evil {
     pub objects_served: AtomicU64,
     /// Deltas and patches forwarded (damaged or not).
     pub diffs_served: AtomicU64,
+    /// Packs asked for.
+    pub packs_served: AtomicU64,
     http: reqwest::Client,
 }
 
@@ -50,6 +52,7 @@ impl Evil {
             fake_root: Mutex::new(Vec::new()),
             objects_served: AtomicU64::new(0),
             diffs_served: AtomicU64::new(0),
+            packs_served: AtomicU64::new(0),
             http: reqwest::Client::new(),
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -86,6 +89,10 @@ impl Service for Evil {
             .unwrap_or_default();
         let is_root = path.contains("/v1/root") || path.contains("/v1/wait");
         let is_object = path.contains("/v1/objects/");
+        let is_pack = path.contains("/v1/pack/");
+        if is_pack {
+            self.packs_served.fetch_add(1, Ordering::Relaxed);
+        }
         let mode = self.mode();
         if is_root && mode == Mode::FakeRoot as u8 {
             let fake = self.fake_root.lock().unwrap().clone();
@@ -129,7 +136,8 @@ impl Service for Evil {
         }
         // Directory nodes pass untouched: only blobs (which do not decode
         // as nodes) are damaged, so each test exercises blob verification.
-        let is_blob = is_object && meridian_core::DirNode::decode(&body).is_err();
+        // A pack is blob data too.
+        let is_blob = (is_object && meridian_core::DirNode::decode(&body).is_err()) || is_pack;
         if !is_blob || !status.is_success() || mode == Mode::Honest as u8 {
             return out.body(full(body)).unwrap();
         }
