@@ -175,16 +175,28 @@ pub(crate) struct MirrorArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Name of this mirror, shown in status.
-    #[arg(long)]
+    #[arg(long, env = "MERIDIAN_ID")]
     id: Option<String>,
     /// Region label, shown in status.
-    #[arg(long)]
+    #[arg(long, env = "MERIDIAN_REGION")]
     region: Option<String>,
-    /// Upstream base URL (origin or another mirror); repeat for failover, in order.
-    #[arg(long = "upstream", value_name = "URL")]
+    /// Upstream base URL (origin or another mirror); repeat for failover, in
+    /// order (the variable: comma-separated).
+    #[arg(
+        long = "upstream",
+        value_name = "URL",
+        env = "MERIDIAN_UPSTREAMS",
+        value_delimiter = ','
+    )]
     upstreams: Vec<String>,
-    /// Trusted public key `ed25519:<hex>`; repeat to trust several (key rotation).
-    #[arg(long = "trust", value_name = "PUBKEY")]
+    /// Trusted public key `ed25519:<hex>`; repeat to trust several (a backup
+    /// key; the variable: comma-separated).
+    #[arg(
+        long = "trust",
+        value_name = "PUBKEY",
+        env = "MERIDIAN_TRUST",
+        value_delimiter = ','
+    )]
     trust: Vec<String>,
     /// State directory: objects, verified roots, partial downloads.
     #[arg(long, value_name = "DIR")]

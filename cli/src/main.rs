@@ -6,6 +6,7 @@ mod config;
 mod demo;
 mod key;
 mod keygen;
+mod probe;
 mod restore;
 
 use clap::{Parser, Subcommand};
@@ -68,6 +69,23 @@ enum Command {
     Restore(restore::RestoreArgs),
     /// Run a whole demo network on this machine until Ctrl-C.
     Demo(demo::DemoArgs),
+    /// Health-check a running part over HTTP (for containers with no curl).
+    ///
+    /// One GET of URL; exit 0 on a 2xx answer (printed), 1 otherwise, with
+    /// the reason. For example `meridian probe
+    /// http://127.0.0.1:8080/.meridian/ready` for a mirror's readiness, or
+    /// `/.meridian/health` for an origin's or a mirror's liveness.
+    Probe {
+        /// `http://HOST:PORT/PATH`.
+        #[arg(
+            env = "MERIDIAN_PROBE_URL",
+            default_value = "http://127.0.0.1:8080/.meridian/health"
+        )]
+        url: String,
+        /// Give up after this long, e.g. `3s`.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 fn init_logging() {
@@ -145,6 +163,7 @@ fn run() -> anyhow::Result<()> {
             init_logging();
             runtime()?.block_on(demo::run(args))
         }
+        Command::Probe { url, timeout } => probe::run(&url, timeout),
     }
 }
 

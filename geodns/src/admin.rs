@@ -1,6 +1,7 @@
 //! The admin HTTP endpoint (bearer token): `/metrics`, `/mirrors` (state of
 //! every mirror and why it is or is not answered), and
-//! `POST /mirrors/{id}/down|drain|clear`.
+//! `POST /mirrors/{id}/down|drain|clear`. `GET /health` alone needs no
+//! token (a liveness probe; it says nothing but that the server runs).
 
 use crate::answer::Runtime;
 use crate::health::{Forced, Tracker, reason};
@@ -41,6 +42,9 @@ struct MirrorReport<'a> {
 
 impl Service for AdminService {
     async fn call(&self, req: http::Request<()>, _peer: SocketAddr) -> Response<Body> {
+        if req.method() == Method::GET && req.uri().path() == "/health" {
+            return text(StatusCode::OK, "ok\n");
+        }
         let authed = meridian_serve::auth::bearer_matches(req.headers(), &self.token);
         if !authed {
             return text(StatusCode::UNAUTHORIZED, "bearer token required\n");

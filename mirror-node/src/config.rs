@@ -66,6 +66,12 @@ pub struct MirrorConfig {
     /// was lost (it then refuses every root and says so).
     #[serde(default)]
     pub accept_lower_generation: bool,
+    /// How long the mirror may lag behind the newest generation an
+    /// upstream offers and still answer `GET /.meridian/ready` with 200
+    /// (0: not at all). Replicas that sync the same generation lag
+    /// together, so this should exceed a typical sync.
+    #[serde(default = "default_ready_lag", with = "humantime_serde")]
+    pub ready_max_lag: Duration,
 }
 
 fn de_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PublicKey>, D::Error> {
@@ -89,6 +95,9 @@ fn default_poll() -> Duration {
 }
 fn default_parallel() -> usize {
     16
+}
+fn default_ready_lag() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_grace() -> Duration {
     Duration::from_secs(600)
@@ -150,6 +159,7 @@ impl MirrorConfig {
             scrub_bytes_per_sec: default_scrub_rate(),
             reserve_free_bytes: default_reserve(),
             accept_lower_generation: false,
+            ready_max_lag: default_ready_lag(),
         }
     }
 }

@@ -379,6 +379,13 @@ impl MirrorService {
                     text(StatusCode::SERVICE_UNAVAILABLE, "no generation yet\n")
                 }
             }
+            (&Method::GET, "ready") => match st.readiness() {
+                Ok(why) => text(StatusCode::OK, format!("ready: {why}\n")),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+            },
             (&Method::POST, "admin/drain") | (&Method::POST, "admin/undrain") => {
                 let cfg = st.cfg();
                 let Some(token) = cfg.admin_token.as_deref() else {

@@ -24,6 +24,9 @@ pub(crate) struct SyncStatus {
     pub upstream_generation: u64,
     /// The root refused last, while that lasts (see [`crate::refusal`]).
     pub refused: Option<meridian_serve::status::RefusedRoot>,
+    /// Since when the served generation is older than `upstream_generation`
+    /// (kept by [`MirrorState::set_status`] and the switch).
+    pub behind_since: Option<std::time::Instant>,
 }
 
 /// Everything the mirror's tasks share.
@@ -161,10 +164,58 @@ impl MirrorState {
         self.served.load().as_ref().map(|g| g.number()).unwrap_or(0)
     }
 
+    /// Changes the sync status; also the one place that keeps
+    /// `behind_since` (the switch calls it with a no-op).
     pub(crate) fn set_status(&self, f: impl FnOnce(&mut SyncStatus)) {
+        let served = self.served_generation();
         if let Ok(mut s) = self.status.lock() {
             f(&mut s);
+            if s.upstream_generation > served {
+                s.behind_since.get_or_insert_with(std::time::Instant::now);
+            } else {
+                s.behind_since = None;
+            }
         }
+    }
+
+    /// Whether this mirror should get clients from a load balancer
+    /// (`GET /.meridian/ready`, a Kubernetes readiness probe): it serves a
+    /// verified generation that it may serve, is not draining, and has not
+    /// lagged behind its upstreams for longer than `ready_max_lag`. The
+    /// error says why not.
+    pub(crate) fn readiness(&self) -> Result<String, String> {
+        let cfg = self.cfg();
+        let served = self.served_generation();
+        if served == 0 {
+            return Err(match self.progress.get() {
+                Some(p) => format!("no generation yet: first sync under way ({p})"),
+                None => "no generation yet".to_owned(),
+            });
+        }
+        if cfg.refuse_expired && self.is_stale() {
+            return Err(format!(
+                "generation {served} has expired and refuse_expired is set"
+            ));
+        }
+        if self.is_draining() {
+            return Err(format!("draining (serving generation {served})"));
+        }
+        let s = self.status();
+        if let Some(since) = s.behind_since {
+            let lag = since.elapsed();
+            if lag > cfg.ready_max_lag {
+                return Err(format!(
+                    "generation {served} is behind the upstreams' {} for {}s, longer than ready_max_lag ({}s)",
+                    s.upstream_generation,
+                    lag.as_secs(),
+                    cfg.ready_max_lag.as_secs()
+                ));
+            }
+        }
+        Ok(format!(
+            "serving generation {served} (upstreams: {})",
+            s.upstream_generation.max(served)
+        ))
     }
 
     pub(crate) fn status(&self) -> SyncStatus {

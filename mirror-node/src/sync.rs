@@ -144,6 +144,7 @@ impl Syncer {
     pub(crate) fn install(&self, g: Generation) {
         let n = g.number();
         self.state.served.store(Some(Arc::new(g)));
+        self.state.set_status(|_| {});
         self.state.notify.send_replace(n);
         let m = &self.state.metrics;
         m.served_generation.set(n as i64);

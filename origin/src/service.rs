@@ -49,7 +49,9 @@ pub enum OriginError {
 }
 
 /// Reads the signing key, refusing a file readable by group or others or
-/// owned by another user (who could then replace it). The checks and the
+/// owned by another user (who could then replace it); the one exception is
+/// the shape of a Kubernetes Secret volume (root's, read-only, readable by
+/// the origin's own group alone). The checks and the
 /// read are on one open descriptor, so the file checked is the file read.
 pub fn load_key(path: &Path) -> Result<SecretKey, OriginError> {
     use std::io::Read;
@@ -62,16 +64,26 @@ pub fn load_key(path: &Path) -> Result<SecretKey, OriginError> {
     let mut f = std::fs::File::open(path).map_err(read_err)?;
     let md = f.metadata().map_err(read_err)?;
     let mode = md.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(OriginError::KeyPermissions { path: p, mode });
-    }
     let me = rustix::process::geteuid().as_raw();
-    if md.uid() != me {
-        return Err(OriginError::KeyOwner {
-            path: p,
-            owner: md.uid(),
-            me,
-        });
+    // A Kubernetes Secret volume with `fsGroup` (deploy/kubernetes): the
+    // file belongs to root, only the pod's own group may read it (mode
+    // 0440 at most) and nobody may write it. Root owning it is no risk:
+    // root can read any file anyway.
+    let secret_volume = md.uid() == 0
+        && me != 0
+        && md.gid() == rustix::process::getegid().as_raw()
+        && mode & 0o337 == 0;
+    if !secret_volume {
+        if mode & 0o077 != 0 {
+            return Err(OriginError::KeyPermissions { path: p, mode });
+        }
+        if md.uid() != me {
+            return Err(OriginError::KeyOwner {
+                path: p,
+                owner: md.uid(),
+                me,
+            });
+        }
     }
     let mut text = String::new();
     f.read_to_string(&mut text).map_err(read_err)?;

@@ -1402,3 +1402,81 @@ async fn sighup_reloads_a_mirrors_trust_without_losing_a_download() {
     );
     drop(held);
 }
+
+/// `GET /.meridian/ready` (a load balancer's or Kubernetes' readiness
+/// probe): 200 while the mirror serves a generation and keeps up; 503 with
+/// the reason once it has lagged behind its upstream for longer than
+/// `ready_max_lag`, and while it drains; 200 again once it catches up.
+/// `/.meridian/health` (liveness) stays 200 throughout.
+#[tokio::test]
+async fn readiness_follows_lag_and_drain_and_liveness_does_not() {
+    let o = NoiseOrigin::start(3, 10_000, |i| format!("f{i}"));
+    let (content, client) = (o.content.as_path(), &o.client);
+    let (evil, evil_srv) = Evil::start(o.oaddr, Mode::Honest).await;
+    let cfg = o.dir.path().join("mirror.toml");
+    std::fs::write(&cfg, "ready_max_lag = \"1s\"\n").unwrap();
+    // The lying upstream alone: nothing to fall back on.
+    let (_m, maddr) = mirror(
+        "m",
+        &[format!("http://{}", evil_srv.local_addr)],
+        &o.key,
+        &o.dir.path().join("m"),
+        &["--config", cfg.to_str().unwrap(), "--admin-token", "t0ken"],
+    );
+    let http = http();
+    let probe = |path: &'static str| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .get(format!("http://{maddr}/.meridian/{path}"))
+                .send()
+                .await
+                .ok()?;
+            Some((r.status().as_u16(), r.text().await.ok()?))
+        }
+    };
+    let g = published(client, content, 0).await;
+    wait_generation(&http, maddr, g).await;
+    let (code, why) = probe("ready").await.expect("ready answers");
+    assert_eq!(code, 200, "{why}");
+    assert!(why.contains(&format!("serving generation {g}")), "{why}");
+
+    // A new generation whose blobs arrive damaged: the mirror stays on g,
+    // behind, and is taken out of rotation once that lasts past 1 s.
+    evil.set_mode(Mode::FlipByte);
+    std::fs::write(content.join("new.bin"), noise(50_000, 99)).unwrap();
+    let g2 = published(client, content, g).await;
+    let why = eventually("ready to say behind", Duration::from_secs(30), || async {
+        let (code, why) = probe("ready").await?;
+        (code == 503).then_some(why)
+    })
+    .await;
+    assert!(
+        why.contains(&format!("generation {g} is behind the upstreams' {g2}")),
+        "{why}"
+    );
+    let (code, _) = probe("health").await.expect("health answers");
+    assert_eq!(code, 200, "liveness is not readiness");
+
+    // The upstream heals: the mirror catches up and is ready again.
+    evil.set_mode(Mode::Honest);
+    wait_generation(&http, maddr, g2).await;
+    eventually("ready again", Duration::from_secs(30), || async {
+        let (code, _) = probe("ready").await?;
+        (code == 200).then_some(())
+    })
+    .await;
+
+    // Draining: not ready, with the reason; undrained: ready.
+    let admin = |what: &'static str| {
+        http.post(format!("http://{maddr}/.meridian/admin/{what}"))
+            .bearer_auth("t0ken")
+            .send()
+    };
+    assert_eq!(admin("drain").await.unwrap().status(), 200);
+    let (code, why) = probe("ready").await.expect("ready answers");
+    assert_eq!((code, why.contains("draining")), (503, true), "{why}");
+    assert_eq!(admin("undrain").await.unwrap().status(), 200);
+    let (code, why) = probe("ready").await.expect("ready answers");
+    assert_eq!(code, 200, "{why}");
+}

@@ -237,6 +237,32 @@ fn refuses_a_key_readable_by_others() {
     assert!(!status.success());
     origin.drain();
     origin.wait_line("is owned by uid 65534", Duration::from_secs(5));
+
+    // The shape of a Kubernetes Secret volume with fsGroup
+    // (deploy/kubernetes): root's, read-only, readable by the origin's own
+    // group alone. Taken.
+    std::os::unix::fs::chown(dir.path().join("key"), Some(0), Some(65534)).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("key"),
+        std::fs::Permissions::from_mode(0o440),
+    )
+    .unwrap();
+    let mut origin = start_as_nobody(dir.path(), false);
+    origin.listening("origin");
+    drop(origin);
+    // Writable by that group, or readable by others: refused.
+    for mode in [0o460, 0o444] {
+        std::fs::set_permissions(
+            dir.path().join("key"),
+            std::fs::Permissions::from_mode(mode),
+        )
+        .unwrap();
+        let mut origin = start_as_nobody(dir.path(), false);
+        let status = origin.wait_exit(DEADLINE).expect("origin exits");
+        assert!(!status.success(), "mode {mode:o} taken");
+        origin.drain();
+        origin.wait_line("readable by group or others", Duration::from_secs(5));
+    }
 }
 
 #[test]
@@ -448,6 +474,12 @@ async fn a_file_being_written_is_never_published_half_written() {
 /// Runs the origin as `nobody`, so that file permissions apply (the tests
 /// themselves run as root, which can read anything).
 fn start_origin_unprivileged(dir: &Path) -> Proc {
+    start_as_nobody(dir, true)
+}
+
+/// As [`start_origin_unprivileged`]; `own_key`: make `nobody` the key's
+/// owner (else leave the key as it is).
+fn start_as_nobody(dir: &Path, own_key: bool) -> Proc {
     use std::os::unix::fs::{PermissionsExt, chown};
     let nobody = 65534;
     for d in [dir, &dir.join("content")] {
@@ -455,7 +487,9 @@ fn start_origin_unprivileged(dir: &Path) -> Proc {
     }
     std::fs::create_dir_all(dir.join("state")).unwrap();
     chown(dir.join("state"), Some(nobody), Some(nobody)).unwrap();
-    chown(dir.join("key"), Some(nobody), Some(nobody)).unwrap();
+    if own_key {
+        chown(dir.join("key"), Some(nobody), Some(nobody)).unwrap();
+    }
     let bin = meridian_e2e::meridian_bin();
     let mut args: Vec<String> = [
         "--reuid=65534",
