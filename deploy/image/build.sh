@@ -6,17 +6,24 @@
 #
 # usage: deploy/image/build.sh [TAG]     (default localhost/meridian:VERSION)
 #        ROOTFS_ONLY=1 deploy/image/build.sh   (assemble target/image only)
+#        MERIDIAN_BIN=path deploy/image/build.sh   (that binary; no cargo build)
+#        IMAGE_CONTEXT=dir deploy/image/build.sh   (assemble there, not target/image)
 # Needs: cargo, ldd, podman (Debian: apt-get install podman).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 TAG=${1:-localhost/meridian:$VERSION}
-CTX=target/image
+CTX=${IMAGE_CONTEXT:-target/image}
 ROOT=$CTX/rootfs
 
-echo "[1/3] building the release binary"
-cargo build --release --locked --bin meridian
-BIN=target/release/meridian
+if [ -n "${MERIDIAN_BIN:-}" ]; then
+  echo "[1/3] using $MERIDIAN_BIN"
+  BIN=$MERIDIAN_BIN
+else
+  echo "[1/3] building the release binary"
+  cargo build --release --locked --bin meridian
+  BIN=target/release/meridian
+fi
 
 echo "[2/3] assembling $ROOT"
 rm -rf "$CTX"
@@ -24,7 +31,7 @@ mkdir -p "$ROOT"/{usr/bin,etc/meridian,var/lib/meridian,tmp,usr/share/doc/meridi
 install -m 0755 "$BIN" "$ROOT/usr/bin/meridian"
 # Every library the binary links, and the dynamic loader, at the path the
 # binary asks for (symlinks resolved: the file itself is copied).
-libs=$(ldd "$BIN" | awk '/=> \// {print $3} /^\s*\/[^ ]+ \(/ {print $1}' | sort -u)
+libs=$(ldd "$BIN" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u)
 [ -n "$libs" ] || { echo "ldd named no libraries for $BIN" >&2; exit 1; }
 for lib in $libs; do
   mkdir -p "$ROOT$(dirname "$lib")"

@@ -351,7 +351,13 @@ impl Default for Health {
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     pub listen: SocketAddr,
+    /// The bearer token, or empty with `token_file` set.
+    #[serde(default)]
     pub token: String,
+    /// A file that holds the token (e.g. a Kubernetes Secret); read when
+    /// the config is loaded, surrounding whitespace trimmed.
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// Why a config was refused.
@@ -379,14 +385,32 @@ impl GeoDnsConfig {
             path: path.display().to_string(),
             source,
         })?;
-        let cfg: GeoDnsConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let mut cfg: GeoDnsConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.display().to_string(),
             source,
         })?;
-        cfg.validate()?;
-        if cfg.admin.is_some() {
-            meridian_serve::auth::warn_if_readable(path, "the admin token");
+        if let Some(a) = &mut cfg.admin {
+            match &a.token_file {
+                Some(f) if !a.token.is_empty() => {
+                    return Err(ConfigError::Invalid(format!(
+                        "admin: both token and token_file ({}) are set; keep one",
+                        f.display()
+                    )));
+                }
+                Some(f) => {
+                    let t = std::fs::read_to_string(f).map_err(|e| {
+                        ConfigError::Invalid(format!(
+                            "admin.token_file {}: cannot read it: {e}",
+                            f.display()
+                        ))
+                    })?;
+                    a.token = t.trim().to_owned();
+                    meridian_serve::auth::warn_if_readable(f, "the admin token");
+                }
+                None => meridian_serve::auth::warn_if_readable(path, "the admin token"),
+            }
         }
+        cfg.validate()?;
         Ok(cfg)
     }
 

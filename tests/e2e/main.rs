@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `meridian` binary on loopback.
 #![allow(clippy::unwrap_used)]
 
+mod deploy;
 mod geodns;
 mod keys;
 mod mirror;

