@@ -299,14 +299,7 @@ pub async fn start_with(
                 tracker.round(&cfg).await;
                 let full_at = cfg.selection.full_at;
                 for v in tracker.views.load().iter() {
-                    metrics
-                        .mirror_up
-                        .with_label_values(&[&v.id])
-                        .set(i64::from(v.health.up));
-                    metrics
-                        .mirror_in_service
-                        .with_label_values(&[&v.id])
-                        .set(i64::from(v.usable(full_at)));
+                    metrics.mirror_state(&v.id, v.health.up, v.usable(full_at));
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(cfg.health.interval) => {}

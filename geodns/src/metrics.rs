@@ -24,8 +24,8 @@ pub(crate) struct DnsMetrics {
     rcodes: IntCounterVec,
     countries: IntCounterVec,
     answers: IntCounterVec,
-    pub mirror_up: IntGaugeVec,
-    pub mirror_in_service: IntGaugeVec,
+    mirror_up: IntGaugeVec,
+    mirror_in_service: IntGaugeVec,
     /// TCP connections closed at once because a connection cap was reached.
     pub tcp_refused: IntCounter,
 }
@@ -92,7 +92,25 @@ impl DnsMetrics {
         for g in [&m.mirror_up, &m.mirror_in_service] {
             m.registry.register(Box::new(g.clone())).expect("register");
         }
+        // Error series exist at 0 from the start, so an alert on any
+        // increase sees the first one.
+        for rcode in [
+            "NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP",
+        ] {
+            m.rcodes.with_label_values(&[rcode]);
+        }
+        meridian_serve::metrics::register_common(&m.registry, "geodns");
         m
+    }
+
+    /// Sets a mirror's health gauges, and makes its answers series exist
+    /// (at 0 until it is first handed out).
+    pub(crate) fn mirror_state(&self, id: &str, up: bool, in_service: bool) {
+        self.mirror_up.with_label_values(&[id]).set(i64::from(up));
+        self.mirror_in_service
+            .with_label_values(&[id])
+            .set(i64::from(in_service));
+        self.answers.with_label_values(&[id]);
     }
     fn cached(&self, family: u8, vec: &IntCounterVec, label: &str, n: u64) {
         COUNTERS.with(|c| {

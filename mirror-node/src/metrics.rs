@@ -20,6 +20,8 @@ pub(crate) struct MirrorMetrics {
     pub packs_fetched: IntCounter,
     pub verify_failures: IntCounterVec,
     pub served_generation: IntGauge,
+    pub served_expiry: IntGauge,
+    pub first_byte_seconds: Histogram,
     pub durable_generation: IntGauge,
     pub flush_failures: IntCounter,
     pub upstream_generation: IntGauge,
@@ -105,6 +107,22 @@ impl MirrorMetrics {
                 "Generation being served",
             )
             .expect("metric"),
+            served_expiry: IntGauge::new(
+                "meridian_mirror_served_expiry_timestamp_seconds",
+                "When the served generation's signature expires (Unix time; 0: none served)",
+            )
+            .expect("metric"),
+            first_byte_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "meridian_mirror_first_byte_seconds",
+                    "Time from a request's head to its response's head (time to first byte at the server)",
+                )
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5,
+                ]),
+            )
+            .expect("metric"),
             durable_generation: IntGauge::new(
                 "meridian_mirror_durable_generation",
                 "Newest served generation flushed to disk (what a restart after a power loss serves)",
@@ -167,6 +185,9 @@ impl MirrorMetrics {
         for r in crate::refusal::REASONS {
             m.refused_roots.with_label_values(&[r]);
         }
+        for r in crate::sync::SYNC_RESULTS {
+            m.syncs.with_label_values(&[r]);
+        }
         let r = &m.registry;
         for c in [
             &m.requests,
@@ -190,6 +211,7 @@ impl MirrorMetrics {
         }
         for g in [
             &m.served_generation,
+            &m.served_expiry,
             &m.durable_generation,
             &m.upstream_generation,
             &m.generation_lag,
@@ -201,8 +223,10 @@ impl MirrorMetrics {
         ] {
             r.register(Box::new(g.clone())).expect("register");
         }
-        r.register(Box::new(m.sync_seconds.clone()))
-            .expect("register");
+        for h in [&m.sync_seconds, &m.first_byte_seconds] {
+            r.register(Box::new(h.clone())).expect("register");
+        }
+        meridian_serve::metrics::register_common(r, "mirror");
         m
     }
 

@@ -177,7 +177,12 @@ fn class_index(status: StatusCode) -> usize {
 
 impl Service for MirrorService {
     async fn call(&self, req: Request<()>, peer: SocketAddr) -> Response<Body> {
+        let t0 = std::time::Instant::now();
         let resp = self.route(&req, peer).await;
+        self.state
+            .metrics
+            .first_byte_seconds
+            .observe(t0.elapsed().as_secs_f64());
         let (requests, bytes) = &self.by_class[class_index(resp.status())];
         requests.inc();
         if req.method() != Method::HEAD

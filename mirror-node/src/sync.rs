@@ -75,8 +75,21 @@ pub enum SyncError {
     Load(#[from] crate::generation::LoadError),
 }
 
+/// Every `result` label of `meridian_mirror_syncs_total`: `ok` and each
+/// [`SyncError::label`]. The series exist at 0 from the start.
+pub(crate) const SYNC_RESULTS: [&str; 8] = [
+    "ok",
+    "unreachable",
+    "refused",
+    "verify",
+    "object",
+    "no_space",
+    "io",
+    "load",
+];
+
 impl SyncError {
-    /// Short label for metrics.
+    /// Short label for metrics (one of [`SYNC_RESULTS`]).
     pub fn label(&self) -> &'static str {
         match self {
             SyncError::Unreachable(_) => "unreachable",
@@ -118,6 +131,7 @@ pub(crate) struct Syncer {
 impl Syncer {
     pub(crate) fn new(state: Arc<MirrorState>) -> Self {
         let upstreams = Upstreams::new(state.cfg().upstreams.clone());
+        upstreams.precreate_series(&state.metrics);
         Syncer {
             state,
             upstreams_now: arc_swap::ArcSwap::from_pointee(upstreams),
@@ -135,7 +149,9 @@ impl Syncer {
         let want = self.state.cfg().upstreams.clone();
         if Upstreams::normalise(&want) != self.upstreams().urls {
             tracing::info!(upstreams = ?want, "upstreams reloaded");
-            self.upstreams_now.store(Arc::new(Upstreams::new(want)));
+            let u = Upstreams::new(want);
+            u.precreate_series(&self.state.metrics);
+            self.upstreams_now.store(Arc::new(u));
         }
     }
 
@@ -143,11 +159,13 @@ impl Syncer {
     /// sees the new generation.
     pub(crate) fn install(&self, g: Generation) {
         let n = g.number();
+        let expires = g.root.root.expires;
         self.state.served.store(Some(Arc::new(g)));
         self.state.set_status(|_| {});
         self.state.notify.send_replace(n);
         let m = &self.state.metrics;
         m.served_generation.set(n as i64);
+        m.served_expiry.set(expires);
         let up = self.state.status().upstream_generation.max(n);
         m.generation_lag.set(up.saturating_sub(n) as i64);
     }
@@ -216,6 +234,7 @@ impl Syncer {
                         }
                         n => tracing::warn!(%error, "sync failed; still serving generation {n}"),
                     }
+                    debug_assert!(SYNC_RESULTS.contains(&e.label()), "{}", e.label());
                     self.state
                         .metrics
                         .syncs

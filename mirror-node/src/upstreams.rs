@@ -50,6 +50,14 @@ const STRIKES_TO_BENCH: u32 = 3;
 const BENCH_FOR: Duration = Duration::from_secs(60);
 
 impl Upstreams {
+    /// Makes each upstream's `verify_failures_total` series exist at 0, so
+    /// an alert on any increase sees the first failure.
+    pub(crate) fn precreate_series(&self, m: &crate::metrics::MirrorMetrics) {
+        for u in &self.urls {
+            m.verify_failures.with_label_values(&[u.as_str()]);
+        }
+    }
+
     /// Upstream URLs as kept: without a trailing slash.
     pub(crate) fn normalise(urls: &[String]) -> Vec<String> {
         urls.iter()
@@ -264,6 +272,8 @@ impl Syncer {
     }
 
     /// Counts a verification failure against upstream `i` and strikes it.
+    /// (Each upstream's series exists at 0 from the start:
+    /// [`Upstreams::precreate_series`].)
     pub(crate) fn penalise(&self, i: usize) {
         self.state
             .metrics

@@ -108,6 +108,10 @@ impl OriginMetrics {
         for g in [&m.latest_generation, &m.watched_directories, &m.waiters] {
             r.register(Box::new(g.clone())).expect("register");
         }
+        for reason in crate::scan::SkipReason::ALL {
+            m.skipped_files.with_label_values(&[reason.label()]);
+        }
+        meridian_serve::metrics::register_common(r, "origin");
         r.register(Box::new(m.publish_seconds.clone()))
             .expect("register");
         r.register(Box::new(m.hash_seconds.clone()))

@@ -49,6 +49,17 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    /// Every reason (each label's series exists at 0 from the start).
+    pub const ALL: [SkipReason; 8] = [
+        SkipReason::NotUtf8,
+        SkipReason::BadName,
+        SkipReason::SymlinkEscapes,
+        SkipReason::Unreadable,
+        SkipReason::Special,
+        SkipReason::Settling,
+        SkipReason::ChangedWhileHashing,
+        SkipReason::Reserved,
+    ];
     /// What an operator reads in the log.
     pub fn explain(self) -> &'static str {
         match self {

@@ -16,6 +16,7 @@ pub mod files;
 pub mod keys;
 pub mod limits;
 pub mod memory;
+pub mod metrics;
 mod plain;
 pub mod range;
 pub mod readapi;

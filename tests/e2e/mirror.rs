@@ -1480,3 +1480,81 @@ async fn readiness_follows_lag_and_drain_and_liveness_does_not() {
     let (code, why) = probe("ready").await.expect("ready answers");
     assert_eq!(code, 200, "{why}");
 }
+
+/// Metrics a dashboard and alerts rely on exist from the start: every
+/// labelled error series at 0 (so "any increase" sees the first error),
+/// `meridian_build_info`, the process metrics, the served generation's
+/// expiry, and the time-to-first-byte histogram.
+#[tokio::test]
+async fn every_error_series_exists_at_zero_with_build_info_expiry_and_latency() {
+    let o = NoiseOrigin::start(2, 1000, |i| format!("f{i}"));
+    let (_m, maddr) = o.mirror_behind(o.oaddr);
+    let http = http();
+    let g = published(&o.client, &o.content, 0).await;
+    wait_generation(&http, maddr, g).await;
+    let (code, _) = get(&http, maddr, "/f0").await;
+    assert_eq!(code, 200);
+    let text = meridian_e2e::metrics_text(&http, maddr).await.unwrap();
+    let line = |series: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    for result in [
+        "unreachable",
+        "refused",
+        "verify",
+        "object",
+        "no_space",
+        "io",
+        "load",
+    ] {
+        assert_eq!(
+            line(&format!(
+                "meridian_mirror_syncs_total{{result=\"{result}\"}}"
+            )),
+            Some(0.0),
+            "{result}:\n{text}"
+        );
+    }
+    assert_eq!(
+        line(&format!(
+            "meridian_mirror_verify_failures_total{{upstream=\"http://{}\"}}",
+            o.oaddr
+        )),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        line(&format!(
+            "meridian_build_info{{component=\"mirror\",version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        line("process_resident_memory_bytes").unwrap_or(0.0) > 0.0,
+        "{text}"
+    );
+    let expires = status(&http, maddr).await.unwrap().expires.unwrap();
+    assert_eq!(
+        line("meridian_mirror_served_expiry_timestamp_seconds"),
+        Some(expires as f64)
+    );
+    assert!(line("meridian_mirror_first_byte_seconds_count").unwrap_or(0.0) >= 1.0);
+
+    let otext = meridian_e2e::metrics_text(&http, o.oaddr).await.unwrap();
+    for reason in ["not_utf8", "bad_name", "symlink_escapes", "unreadable"] {
+        assert!(
+            otext.contains(&format!(
+                "meridian_origin_skipped_files_total{{reason=\"{reason}\"}} 0"
+            )),
+            "{reason}:\n{otext}"
+        );
+    }
+    assert!(
+        otext.contains("meridian_build_info{component=\"origin\""),
+        "{otext}"
+    );
+}
