@@ -11,6 +11,7 @@ pub struct OriginMetrics {
     registry: Registry,
     pub generations_published: IntCounter,
     pub latest_generation: IntGauge,
+    pub latest_expiry: IntGauge,
     pub files_hashed: IntCounter,
     pub bytes_hashed: IntCounter,
     pub publish_seconds: Histogram,
@@ -35,6 +36,11 @@ impl OriginMetrics {
             latest_generation: IntGauge::new(
                 "meridian_origin_latest_generation",
                 "Newest published generation number",
+            )
+            .expect("metric"),
+            latest_expiry: IntGauge::new(
+                "meridian_origin_latest_expiry_timestamp_seconds",
+                "When the newest generation's signature expires (Unix time; the origin re-signs resign_before ahead)",
             )
             .expect("metric"),
             files_hashed: IntCounter::new(
@@ -105,7 +111,12 @@ impl OriginMetrics {
         ] {
             r.register(Box::new(c.clone())).expect("register");
         }
-        for g in [&m.latest_generation, &m.watched_directories, &m.waiters] {
+        for g in [
+            &m.latest_generation,
+            &m.latest_expiry,
+            &m.watched_directories,
+            &m.waiters,
+        ] {
             r.register(Box::new(g.clone())).expect("register");
         }
         for reason in crate::scan::SkipReason::ALL {

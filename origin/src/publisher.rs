@@ -303,6 +303,9 @@ impl Publisher {
                 .map(|l| l.root.generation as i64)
                 .unwrap_or(0),
         );
+        metrics
+            .latest_expiry
+            .set(latest.as_ref().map(|l| l.root.expires).unwrap_or(0));
         let shared = Arc::new(Shared {
             store,
             roots_dir,
@@ -518,6 +521,7 @@ impl Publisher {
         }
         write_atomic(&self.shared.root_path(root.generation), &envelope)?;
         let generation = root.generation;
+        let expires = root.expires;
         let verified = VerifiedRoot {
             hash: root.hash(),
             root,
@@ -532,6 +536,7 @@ impl Publisher {
         self.shared.notify.send_replace(generation);
         m.generations_published.inc();
         m.latest_generation.set(generation as i64);
+        m.latest_expiry.set(expires);
         self.cache = out.cache;
         self.cache.save(&self.cfg.state.join("hashcache"))?;
         self.previous_leaves = out.leaves;

@@ -838,3 +838,68 @@ async fn each_part_works_under_its_units_restrictions() {
     }
     drop((origin, mirror, geodns));
 }
+
+/// deploy/prometheus: the rules and the scrape config pass `promtool
+/// check`, the rules' unit tests pass `promtool test rules`, and every
+/// alert has a test case in which it fires.
+#[test]
+fn prometheus_rules_check_and_every_alert_has_a_test_that_fires_it() {
+    let dir = repo().join("deploy/prometheus");
+    let out = run(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(dir.join("rules.yml")));
+    assert!(out.contains("SUCCESS"), "{out}");
+    let out = run(Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(dir.join("tests.yml")));
+    assert!(out.contains("SUCCESS"), "{out}");
+    // The scrape config, with its token file pointed at a test file.
+    let work = tempfile::tempdir().unwrap();
+    let token = work.path().join("token");
+    std::fs::write(&token, "t0ken").unwrap();
+    let cfg = std::fs::read_to_string(dir.join("prometheus.yml"))
+        .unwrap()
+        .replace(
+            "/etc/prometheus/meridian-geodns-admin.token",
+            token.to_str().unwrap(),
+        );
+    std::fs::write(work.path().join("prometheus.yml"), cfg).unwrap();
+    std::fs::copy(dir.join("rules.yml"), work.path().join("rules.yml")).unwrap();
+    let out = run(Command::new("promtool")
+        .args(["check", "config"])
+        .arg(work.path().join("prometheus.yml")));
+    assert!(out.contains("is valid prometheus config file"), "{out}");
+
+    let json = |file: &Path| -> Value {
+        let out = run(Command::new(venv("python")).arg("-c").arg(format!(
+            "import json, yaml; print(json.dumps(yaml.safe_load(open({:?}))))",
+            file.display().to_string()
+        )));
+        serde_json::from_str(&out).unwrap()
+    };
+    let rules = json(&dir.join("rules.yml"));
+    let tests = json(&dir.join("tests.yml"));
+    let fired: std::collections::HashSet<&str> = tests["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().unwrap())
+        .filter(|c| c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty()))
+        .map(|c| c["alertname"].as_str().unwrap())
+        .collect();
+    let mut alerts = 0;
+    for g in rules["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            let name = r["alert"].as_str().unwrap();
+            alerts += 1;
+            assert!(fired.contains(name), "{name}: no test case fires it");
+            assert!(
+                r["annotations"]["runbook"]
+                    .as_str()
+                    .is_some_and(|s| s.len() > 20),
+                "{name}: a runbook line"
+            );
+        }
+    }
+    assert!(alerts >= 8, "the alerts the issue names");
+}

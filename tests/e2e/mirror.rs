@@ -1557,4 +1557,21 @@ async fn every_error_series_exists_at_zero_with_build_info_expiry_and_latency() 
         otext.contains("meridian_build_info{component=\"origin\""),
         "{otext}"
     );
+
+    // The operator guide lists every metric family both export.
+    let guide = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/OPERATORS.md"),
+    )
+    .unwrap();
+    for family in text
+        .lines()
+        .chain(otext.lines())
+        .filter_map(|l| l.strip_prefix("# TYPE meridian_"))
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        assert!(
+            guide.contains(&format!("`meridian_{family}`")),
+            "deploy/OPERATORS.md does not list meridian_{family}"
+        );
+    }
 }
