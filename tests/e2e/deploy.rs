@@ -903,3 +903,177 @@ fn prometheus_rules_check_and_every_alert_has_a_test_that_fires_it() {
     }
     assert!(alerts >= 8, "the alerts the issue names");
 }
+
+/// A free loopback port (bound, then released for a child to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real Prometheus (Debian's) scrapes the running demo network with
+/// deploy/prometheus/prometheus.yml (its targets and token file pointed at
+/// the demo, scraping every second) and evaluates deploy/prometheus's rules
+/// (their `for` cut to a second; promtool's tests hold the real ones).
+/// Every metric an alert reads returns series, every alert expression
+/// evaluates, and killing a mirror fires MeridianMirrorDown for it.
+#[tokio::test]
+async fn a_real_prometheus_scrapes_the_demo_and_a_killed_mirror_fires_its_alert() {
+    let demo = meridian_e2e::Demo::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let token = work.path().join("token");
+    std::fs::write(&token, demo.net["admin_token"].as_str().unwrap()).unwrap();
+    let mirrors: Vec<String> = demo.net["mirrors"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    // The shipped config, with the demo's targets.
+    let targets = serde_json::json!({
+        "meridian-origin": [demo.addr("origin").to_string()],
+        "meridian-mirror": mirrors,
+        "meridian-geodns": [demo.addr("admin").to_string()],
+    });
+    let script = format!(
+        r#"
+import json, sys, yaml
+c = yaml.safe_load(open({cfg:?}))
+c["global"] = {{"scrape_interval": "1s", "evaluation_interval": "1s"}}
+t = json.loads({targets:?})
+for job in c["scrape_configs"]:
+    job["static_configs"] = [{{"targets": t[job["job_name"]]}}]
+    if "authorization" in job:
+        job["authorization"]["credentials_file"] = {token:?}
+r = yaml.safe_load(open({rules:?}))
+for g in r["groups"]:
+    for rule in g["rules"]:
+        if "for" in rule:
+            rule["for"] = "1s"
+json.dump(c, open({out_cfg:?}, "w"))
+json.dump(r, open({out_rules:?}, "w"))
+print(json.dumps(r))
+"#,
+        cfg = repo()
+            .join("deploy/prometheus/prometheus.yml")
+            .display()
+            .to_string(),
+        rules = repo()
+            .join("deploy/prometheus/rules.yml")
+            .display()
+            .to_string(),
+        targets = targets.to_string(),
+        token = token.display().to_string(),
+        out_cfg = work.path().join("prometheus.yml").display().to_string(),
+        out_rules = work.path().join("rules.yml").display().to_string(),
+    );
+    let rules: Value =
+        serde_json::from_str(&run(Command::new(venv("python")).arg("-c").arg(&script))).unwrap();
+    let port = free_port();
+    let mut prom = Proc::spawn_cmd(
+        "prometheus",
+        &[
+            &format!(
+                "--config.file={}",
+                work.path().join("prometheus.yml").display()
+            ),
+            &format!("--storage.tsdb.path={}", work.path().join("data").display()),
+            &format!("--web.listen-address=127.0.0.1:{port}"),
+        ],
+    );
+    let http = meridian_e2e::http();
+    let api = format!("http://127.0.0.1:{port}/api/v1");
+    let get = |path: String| {
+        let http = http.clone();
+        async move {
+            let r = http.get(path).send().await.ok()?;
+            serde_json::from_slice::<Value>(&r.bytes().await.ok()?).ok()
+        }
+    };
+    let query = |q: String| {
+        let http = http.clone();
+        let api = api.clone();
+        async move {
+            let r = http
+                .get(format!("{api}/query"))
+                .query(&[("query", q.as_str())])
+                .send()
+                .await
+                .ok()?;
+            serde_json::from_slice::<Value>(&r.bytes().await.ok()?).ok()
+        }
+    };
+    let n_targets = 2 + mirrors.len();
+    meridian_e2e::eventually(
+        "Prometheus to scrape every part of the demo",
+        Duration::from_secs(60),
+        || async {
+            let t = get(format!("{api}/targets")).await?;
+            let active = t["data"]["activeTargets"].as_array()?;
+            let up = active.iter().filter(|a| a["health"] == "up").count();
+            (up == n_targets).then_some(())
+        },
+    )
+    .await;
+
+    // Every metric the alerts read has series; every expression evaluates.
+    let exprs: Vec<String> = rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .map(|r| r["expr"].as_str().unwrap().to_owned())
+        .collect();
+    let mut names: Vec<String> = exprs
+        .iter()
+        .flat_map(|e| {
+            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("meridian_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 10, "{names:?}");
+    for name in &names {
+        let v = meridian_e2e::eventually(
+            &format!("{name} to have series in Prometheus"),
+            Duration::from_secs(30),
+            || async {
+                let v = query(format!("count({name})")).await?;
+                (!v["data"]["result"].as_array()?.is_empty()).then_some(v)
+            },
+        )
+        .await;
+        assert_eq!(v["status"], "success", "{name}: {v}");
+    }
+    for e in &exprs {
+        let v = query(e.clone()).await.expect("an answer");
+        assert_eq!(v["status"], "success", "{e}: {v}");
+    }
+
+    // A mirror killed: its alert fires, naming it.
+    let victim = demo.mirror("eu-west").to_string();
+    meridian_e2e::signal(demo.pid("mirror-eu-west"), "KILL");
+    meridian_e2e::eventually(
+        "MeridianMirrorDown to fire for the killed mirror",
+        Duration::from_secs(60),
+        || async {
+            let a = get(format!("{api}/alerts")).await?;
+            a["data"]["alerts"]
+                .as_array()?
+                .iter()
+                .any(|x| {
+                    x["labels"]["alertname"] == "MeridianMirrorDown"
+                        && x["labels"]["instance"] == victim.as_str()
+                        && x["state"] == "firing"
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let _ = prom.child.kill();
+}
