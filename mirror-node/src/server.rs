@@ -363,6 +363,16 @@ impl MirrorService {
                     sync_progress: st.progress.get(),
                     refused: s.refused,
                 };
+                if wants_html(req.headers()) {
+                    let page = status.to_html(meridian_serve::unix_now());
+                    return Response::builder()
+                        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+                        .header(header::CONTENT_LENGTH, page.len())
+                        .header(header::CACHE_CONTROL, "no-store")
+                        .header(header::VARY, "accept")
+                        .body(full(page))
+                        .unwrap_or_else(|_| not_found());
+                }
                 json(StatusCode::OK, &status)
             }
             (&Method::GET, "metrics") => {
@@ -416,12 +426,27 @@ fn not_found() -> Response<Body> {
     text(StatusCode::NOT_FOUND, "404 not found\n")
 }
 
+/// A browser asking: `text/html` among the accepted types (curl, GeoDNS
+/// and other machines ask for `*/*` or JSON, and get JSON).
+fn wants_html(h: &http::HeaderMap) -> bool {
+    h.get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/html"))
+        })
+}
+
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
     let body = serde_json::to_vec_pretty(v).unwrap_or_default();
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CONTENT_LENGTH, body.len())
+        .header(header::VARY, "accept")
         .header(header::CACHE_CONTROL, "no-store")
         .body(full(body))
         .unwrap_or_else(|_| not_found())
@@ -440,21 +465,6 @@ fn encode_path(p: &str) -> String {
         .add(b'{')
         .add(b'}');
     percent_encoding::utf8_percent_encode(p, SET).to_string()
-}
-
-fn html_escape(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '&' => o.push_str("&amp;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
-        }
-    }
-    o
 }
 
 #[derive(Serialize)]
@@ -512,7 +522,7 @@ fn listing(req: &Request<()>, path: &str, node: &DirNode, generation: u64) -> Re
             "application/json",
         )
     } else {
-        let title = html_escape(&format!("/{path}"));
+        let title = meridian_serve::files::html_escape(&format!("/{path}"));
         let mut h = String::with_capacity(256 + node.entries.len() * 200);
         let _ = write!(
             h,
@@ -546,8 +556,8 @@ fn listing(req: &Request<()>, path: &str, node: &DirNode, generation: u64) -> Re
             let _ = writeln!(
                 h,
                 "<tr><td><a href=\"{}\">{}{slash}</a></td><td class=\"n\">{size}</td><td>{when}</td><td><code>{hash}</code></td></tr>",
-                html_escape(&href),
-                html_escape(&e.name)
+                meridian_serve::files::html_escape(&href),
+                meridian_serve::files::html_escape(&e.name)
             );
         }
         h.push_str("</table></body></html>\n");

@@ -416,6 +416,23 @@ fn internal_error() -> Response<Body> {
 }
 
 /// A short plain-text response.
+/// `s` with the five HTML-special characters escaped (text and attribute
+/// values alike).
+pub fn html_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '&' => o.push_str("&amp;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
 pub fn text(status: StatusCode, msg: impl Into<Bytes>) -> Response<Body> {
     let msg = msg.into();
     let mut r = Response::new(full(msg.clone()));

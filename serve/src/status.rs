@@ -61,6 +61,119 @@ pub struct MirrorStatus {
     pub refused: Option<RefusedRoot>,
 }
 
+impl MirrorStatus {
+    /// The document as a page for a browser (`Accept: text/html`): every
+    /// field, times as dates (UTC) and ages, no script and nothing loaded
+    /// from elsewhere.
+    pub fn to_html(&self, now: i64) -> String {
+        use crate::files::html_escape as esc;
+        let date = |t: i64| {
+            let st = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
+            humantime::format_rfc3339_seconds(st).to_string()
+        };
+        let span = |secs: i64| {
+            humantime::format_duration(std::time::Duration::from_secs(secs.unsigned_abs()))
+                .to_string()
+        };
+        let when = |t: Option<i64>, future: bool| match t {
+            None => "never".to_owned(),
+            Some(t) if future && t >= now => format!("{} (in {})", date(t), span(t - now)),
+            Some(t) if future => format!("{} (expired {} ago)", date(t), span(now - t)),
+            Some(t) => format!("{} ({} ago)", date(t), span(now - t)),
+        };
+        let lag = self.upstream_generation.saturating_sub(self.generation);
+        let load = match self.capacity_bytes_per_sec {
+            0 => format!("{} B/s", self.egress_bytes_per_sec),
+            c => format!(
+                "{} B/s of {} B/s ({:.1}%)",
+                self.egress_bytes_per_sec,
+                c,
+                self.egress_bytes_per_sec as f64 * 100.0 / c as f64
+            ),
+        };
+        let state = match self.sync_state {
+            SyncState::Starting => "starting",
+            SyncState::Idle => "idle (up to date)",
+            SyncState::Syncing => "syncing",
+            SyncState::Error => "error",
+        };
+        let mut rows: Vec<(&str, String)> = vec![
+            ("Serving generation", self.generation.to_string()),
+            ("Flushed to disk", self.durable_generation.to_string()),
+            (
+                "Newest upstream generation",
+                self.upstream_generation.to_string(),
+            ),
+            (
+                "Behind by",
+                match lag {
+                    0 => "0: current".to_owned(),
+                    n => format!("{n} generation(s)"),
+                },
+            ),
+            (
+                "Root hash",
+                self.root_hash.clone().unwrap_or_else(|| "none".into()),
+            ),
+            (
+                "Signature expires",
+                when(self.expires, true) + if self.stale { " — STALE" } else { "" },
+            ),
+            ("Sync state", state.to_owned()),
+            ("Last sync or check", when(self.last_sync, false)),
+            ("Open connections", self.active_connections.to_string()),
+            ("Egress", load),
+            (
+                "Draining",
+                if self.draining {
+                    "yes: no new clients"
+                } else {
+                    "no"
+                }
+                .to_owned(),
+            ),
+        ];
+        if let Some(e) = &self.last_error {
+            rows.push(("Last error", e.clone()));
+        }
+        if let Some(p) = &self.sync_progress {
+            rows.push(("Sync under way", p.to_string()));
+        }
+        if let Some(r) = &self.refused {
+            rows.push((
+                "Refused root",
+                format!(
+                    "{}: generation {} from {} (serving {}), since {}: {}",
+                    r.reason,
+                    r.offered,
+                    r.upstream,
+                    r.served,
+                    when(Some(r.since), false),
+                    r.error
+                ),
+            ));
+        }
+        let mut body = String::new();
+        for (k, v) in rows {
+            body.push_str(&format!(
+                "<tr><th scope=\"row\">{k}</th><td>{}</td></tr>\n",
+                esc(&v)
+            ));
+        }
+        let title = if self.region.is_empty() {
+            format!("Mirror {}", self.id)
+        } else {
+            format!("Mirror {} ({})", self.id, self.region)
+        };
+        format!(
+            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\"><meta http-equiv=\"refresh\" content=\"10\"><title>{t}</title><style>body{{font-family:system-ui,sans-serif;margin:1em;max-width:60em}}th{{text-align:left;padding-right:1em;vertical-align:top}}td{{word-break:break-word}}</style></head>\n<body><h1>{t}</h1>\n<table>\n{body}</table>\n<p>Times in UTC, as of {now}. This page reloads every 10 s. The same document as JSON: <code>curl {path}</code>.</p></body></html>\n",
+            t = esc(&title),
+            now = date(now),
+            path = "/.meridian/status",
+        )
+    }
+}
+
 /// A root a mirror would not take, with both generations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefusedRoot {

@@ -1575,3 +1575,50 @@ async fn every_error_series_exists_at_zero_with_build_info_expiry_and_latency() 
         );
     }
 }
+
+/// A browser asking for a mirror's status gets a readable page (dates and
+/// ages, no script, nothing from elsewhere); curl and machines get JSON.
+#[tokio::test]
+async fn a_browser_gets_the_status_as_a_page_and_curl_gets_json() {
+    let o = NoiseOrigin::start(1, 100, |i| format!("f{i}"));
+    let (_m, maddr) = o.mirror_behind(o.oaddr);
+    let http = http();
+    let g = published(&o.client, &o.content, 0).await;
+    wait_generation(&http, maddr, g).await;
+    let url = format!("http://{maddr}/.meridian/status");
+    let curl = |accept: Option<&str>| {
+        let mut c = std::process::Command::new("curl");
+        c.args(["-sS", "-D", "-", &url]);
+        if let Some(a) = accept {
+            c.args(["-H", &format!("Accept: {a}")]);
+        }
+        String::from_utf8(c.output().unwrap().stdout).unwrap()
+    };
+    let page = curl(Some(
+        "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+    ));
+    assert!(
+        page.to_ascii_lowercase()
+            .contains("content-type: text/html"),
+        "{page}"
+    );
+    for want in [
+        "<title>Mirror m</title>",
+        &format!("<th scope=\"row\">Serving generation</th><td>{g}</td>"),
+        "0: current",
+        " ago)",
+        "Z (in ", // the expiry as a UTC date and the time left
+    ] {
+        assert!(page.contains(want), "{want:?} not in:\n{page}");
+    }
+    assert!(!page.contains("<script"), "{page}");
+    let json = curl(None);
+    assert!(
+        json.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{json}"
+    );
+    let body = json.split("\r\n\r\n").nth(1).unwrap();
+    let s: meridian_serve::status::MirrorStatus = serde_json::from_str(body).unwrap();
+    assert_eq!(s.generation, g);
+}
