@@ -123,15 +123,22 @@ impl Tracker {
         serde_json::from_slice(&body).map_err(|e| format!("status is not the expected JSON: {e}"))
     }
 
-    /// One round of probes against `cfg`.
-    pub async fn round(&self, cfg: &GeoDnsConfig) {
+    /// One round of probes against `cfg`. Returns each mirror's probe:
+    /// (id, how long it took, whether it succeeded), for the metrics.
+    pub async fn round(&self, cfg: &GeoDnsConfig) -> Vec<(String, Duration, bool)> {
         let timeout = cfg.health.timeout;
-        let results = futures_util::future::join_all(
-            cfg.mirrors
-                .iter()
-                .map(|m| async move { (m.id.clone(), self.probe(&m.status_url, timeout).await) }),
-        )
+        let timed = futures_util::future::join_all(cfg.mirrors.iter().map(|m| async move {
+            let t0 = Instant::now();
+            let r = self.probe(&m.status_url, timeout).await;
+            (m.id.clone(), t0.elapsed(), r)
+        }))
         .await;
+        let probes = timed
+            .iter()
+            .map(|(id, took, r)| (id.clone(), *took, r.is_ok()))
+            .collect();
+        let results: Vec<(String, Result<StatusDoc, String>)> =
+            timed.into_iter().map(|(id, _, r)| (id, r)).collect();
         let origin_gen = match &cfg.origin_health_url {
             Some(u) => {
                 #[derive(Deserialize)]
@@ -149,7 +156,7 @@ impl Tracker {
         };
         let now = Instant::now();
         let Ok(mut states) = self.states.lock() else {
-            return;
+            return probes;
         };
         states.retain(|id, _| cfg.mirrors.iter().any(|m| &m.id == id));
         let mut newest = origin_gen.unwrap_or(0);
@@ -199,6 +206,7 @@ impl Tracker {
             .collect();
         drop(states);
         self.views.store(Arc::new(Views::new(views)));
+        probes
     }
 
     /// Rebuilds the views without probing (after a config reload or an

@@ -296,7 +296,9 @@ pub async fn start_with(
         tasks.push(tokio::spawn(async move {
             loop {
                 let cfg = config.load_full();
-                tracker.round(&cfg).await;
+                for (id, took, ok) in tracker.round(&cfg).await {
+                    metrics.probe(&id, took, ok);
+                }
                 let full_at = cfg.selection.full_at;
                 for v in tracker.views.load().iter() {
                     metrics.mirror_state(&v.id, v.health.up, v.usable(full_at));

@@ -1,7 +1,10 @@
 //! GeoDNS metrics (Prometheus): queries by response code and by client
 //! country, answers by mirror, mirror health.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 use rustc_hash::FxHashMap;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +29,8 @@ pub(crate) struct DnsMetrics {
     answers: IntCounterVec,
     mirror_up: IntGaugeVec,
     mirror_in_service: IntGaugeVec,
+    probe_seconds: HistogramVec,
+    probe_failures: IntCounterVec,
     /// TCP connections closed at once because a connection cap was reached.
     pub tcp_refused: IntCounter,
 }
@@ -76,6 +81,25 @@ impl DnsMetrics {
                 &["mirror"],
             )
             .expect("metric"),
+            probe_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "meridian_geodns_probe_seconds",
+                    "Duration of a health probe of a mirror's status URL (failed ones included)",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+                &["mirror"],
+            )
+            .expect("metric"),
+            probe_failures: IntCounterVec::new(
+                Opts::new(
+                    "meridian_geodns_probe_failures_total",
+                    "Health probes of a mirror that failed (unreachable, an HTTP error, a bad document, too slow)",
+                ),
+                &["mirror"],
+            )
+            .expect("metric"),
             tcp_refused: IntCounter::new(
                 "meridian_geodns_tcp_refused_total",
                 "DNS-over-TCP connections closed at once: a cap in all or per client was reached",
@@ -86,7 +110,10 @@ impl DnsMetrics {
         m.registry
             .register(Box::new(m.tcp_refused.clone()))
             .expect("register");
-        for c in [&m.rcodes, &m.countries, &m.answers] {
+        m.registry
+            .register(Box::new(m.probe_seconds.clone()))
+            .expect("register");
+        for c in [&m.rcodes, &m.countries, &m.answers, &m.probe_failures] {
             m.registry.register(Box::new(c.clone())).expect("register");
         }
         for g in [&m.mirror_up, &m.mirror_in_service] {
@@ -111,6 +138,17 @@ impl DnsMetrics {
             .with_label_values(&[id])
             .set(i64::from(in_service));
         self.answers.with_label_values(&[id]);
+        self.probe_failures.with_label_values(&[id]);
+    }
+
+    /// One health probe of mirror `id`.
+    pub(crate) fn probe(&self, id: &str, took: std::time::Duration, ok: bool) {
+        self.probe_seconds
+            .with_label_values(&[id])
+            .observe(took.as_secs_f64());
+        if !ok {
+            self.probe_failures.with_label_values(&[id]).inc();
+        }
     }
     fn cached(&self, family: u8, vec: &IntCounterVec, label: &str, n: u64) {
         COUNTERS.with(|c| {

@@ -33,6 +33,8 @@ pub(crate) struct MirrorMetrics {
     pub draining: IntGauge,
     pub refused_roots: IntCounterVec,
     pub refused_generation: IntGauge,
+    capacity: IntGauge,
+    info: prometheus::IntGaugeVec,
 }
 
 impl MirrorMetrics {
@@ -178,6 +180,19 @@ impl MirrorMetrics {
                 "Generation of the root refused last, while the refusal lasts (0: none)",
             )
             .expect("metric"),
+            capacity: IntGauge::new(
+                "meridian_mirror_capacity_bytes_per_second",
+                "Configured egress capacity (compare with rate(meridian_mirror_response_bytes_total))",
+            )
+            .expect("metric"),
+            info: prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "meridian_mirror_info",
+                    "Always 1; the labels give this mirror's id and region (for dashboards to group by)",
+                ),
+                &["id", "region"],
+            )
+            .expect("metric"),
             registry: Registry::new(),
         };
         // Every reason exists from the start, so an alert on any increase
@@ -220,14 +235,25 @@ impl MirrorMetrics {
             &m.active_connections,
             &m.draining,
             &m.refused_generation,
+            &m.capacity,
         ] {
             r.register(Box::new(g.clone())).expect("register");
         }
         for h in [&m.sync_seconds, &m.first_byte_seconds] {
             r.register(Box::new(h.clone())).expect("register");
         }
+        r.register(Box::new(m.info.clone())).expect("register");
         meridian_serve::metrics::register_common(r, "mirror");
         m
+    }
+
+    /// The series that describe the configuration: capacity, id and region
+    /// (set at start and on every reload).
+    pub(crate) fn describe(&self, cfg: &crate::config::MirrorConfig) {
+        self.capacity
+            .set(cfg.capacity_bytes_per_sec.min(i64::MAX as u64) as i64);
+        self.info.reset();
+        self.info.with_label_values(&[&cfg.id, &cfg.region]).set(1);
     }
 
     pub(crate) fn render(&self) -> String {

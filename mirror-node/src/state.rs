@@ -92,6 +92,8 @@ impl MirrorState {
             .map_err(|e| meridian_serve::StoreError::io(&roots_dir, e))?;
         let (notify, _) = watch::channel(0);
         let ring = Self::load_keyring(&cfg.state, &TrustedKeys::new(cfg.trust.iter().copied()));
+        let metrics = MirrorMetrics::new();
+        metrics.describe(&cfg);
         Ok(MirrorState {
             keys: ArcSwap::new(meridian_serve::keys::KeysDoc::of(&ring)),
             keys_seen: Mutex::default(),
@@ -103,7 +105,7 @@ impl MirrorState {
             roots_dir,
             served: ArcSwapOption::empty(),
             notify,
-            metrics: MirrorMetrics::new(),
+            metrics,
             status: Mutex::new(SyncStatus::default()),
             draining: AtomicBool::new(false),
             egress_total: Arc::new(AtomicU64::new(0)),
@@ -148,6 +150,7 @@ impl MirrorState {
             self.set_keyring(ring);
             self.keys_seen.lock().map(|mut m| m.clear()).ok();
         }
+        self.metrics.describe(&cfg);
         self.cfg.store(Arc::new(cfg));
         self.reload.notify_one();
     }

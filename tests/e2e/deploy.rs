@@ -1038,6 +1038,19 @@ print(json.dumps(r))
     names.sort();
     names.dedup();
     assert!(names.len() >= 10, "{names:?}");
+    // And what dashboards read besides.
+    names.extend(
+        [
+            "meridian_build_info",
+            "process_resident_memory_bytes",
+            "meridian_mirror_info",
+            "meridian_mirror_capacity_bytes_per_second",
+            "meridian_mirror_first_byte_seconds_bucket",
+            "meridian_geodns_probe_seconds_bucket",
+            "meridian_geodns_probe_failures_total",
+        ]
+        .map(str::to_owned),
+    );
     for name in &names {
         let v = meridian_e2e::eventually(
             &format!("{name} to have series in Prometheus"),
@@ -1072,6 +1085,17 @@ print(json.dumps(r))
                         && x["state"] == "firing"
                 })
                 .then_some(())
+        },
+    )
+    .await;
+    // GeoDNS's probes of it fail, and say so per mirror.
+    meridian_e2e::eventually(
+        "GeoDNS's probe failures of the killed mirror in Prometheus",
+        Duration::from_secs(30),
+        || async {
+            let v = query("meridian_geodns_probe_failures_total{mirror=\"eu-west\"} > 0".into())
+                .await?;
+            (!v["data"]["result"].as_array()?.is_empty()).then_some(())
         },
     )
     .await;
