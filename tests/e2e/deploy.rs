@@ -1068,6 +1068,67 @@ print(json.dumps(r))
         assert_eq!(v["status"], "success", "{e}: {v}");
     }
 
+    // Every Grafana panel's PromQL, with the template variables at "All"
+    // and Grafana's rate interval at 1m, returns series; so do the
+    // variables' own queries.
+    let dash: Value = serde_json::from_slice(
+        &std::fs::read(repo().join("deploy/grafana/dashboards/meridian.json")).unwrap(),
+    )
+    .unwrap();
+    for var in ["region", "mirror"] {
+        let v = get(format!(
+            "{api}/label/{}/values?match[]=meridian_mirror_info",
+            if var == "mirror" { "id" } else { var }
+        ))
+        .await
+        .unwrap();
+        assert!(
+            v["data"]
+                .as_array()
+                .is_some_and(|a| a.len() == mirrors.len()),
+            "${var}: {v}"
+        );
+    }
+    // Clients asking GeoDNS, from two countries (the steering panels).
+    let dns = demo.addr("dns");
+    for subnet in ["81.2.69.0/24", "36.68.0.0/16"] {
+        for _ in 0..3 {
+            run(Command::new("dig").args([
+                &format!("@{}", dns.ip()),
+                "-p",
+                &dns.port().to_string(),
+                "dl.meridian.test",
+                "A",
+                &format!("+subnet={subnet}"),
+                "+short",
+            ]));
+        }
+    }
+    let mut panel_exprs = 0;
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let e = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$region", ".*")
+                .replace("$mirror", ".*")
+                .replace("$__rate_interval", "1m");
+            assert!(!e.contains('$'), "an unknown variable in {e}");
+            panel_exprs += 1;
+            meridian_e2e::eventually(
+                &format!("panel {:?}: {e} to return series", p["title"]),
+                Duration::from_secs(30),
+                || async {
+                    let v = query(e.clone()).await?;
+                    assert_eq!(v["status"], "success", "{e}: {v}");
+                    (!v["data"]["result"].as_array()?.is_empty()).then_some(())
+                },
+            )
+            .await;
+        }
+    }
+    assert!(panel_exprs >= 15, "{panel_exprs} panel queries");
+
     // A mirror killed: its alert fires, naming it.
     let victim = demo.mirror("eu-west").to_string();
     meridian_e2e::signal(demo.pid("mirror-eu-west"), "KILL");
