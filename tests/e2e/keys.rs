@@ -26,14 +26,7 @@ async fn published_f(client: &ReadClient, after: u64, want: &[u8]) -> u64 {
 
 /// The key that signed the root a node serves now.
 async fn signer(http: &reqwest::Client, addr: std::net::SocketAddr) -> meridian_core::PublicKey {
-    let env = http
-        .get(format!("http://{addr}/.meridian/v1/root"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let env = meridian_e2e::get_bytes(http, &format!("http://{addr}/.meridian/v1/root")).await;
     meridian_core::SignedRoot::decode(&env).unwrap().key
 }
 

@@ -457,14 +457,7 @@ async fn a_disk_filling_up_mid_sync_stops_the_sync_and_keeps_serving() {
     std::fs::remove_file(&hog).unwrap();
     let g2 = net.generation().await;
     wait_generation(&http, maddr, g2).await;
-    let body = http
-        .get(format!("http://{maddr}/big.iso"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let body = meridian_e2e::get_bytes(&http, &format!("http://{maddr}/big.iso")).await;
     assert!(body.len() == 20_000_000 && body.iter().all(|&b| b == 3));
     m.drain();
 }

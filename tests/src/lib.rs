@@ -197,6 +197,18 @@ pub fn origin_at(dir: &Path, state: &str, quiet: &str, addr: std::net::SocketAdd
     p
 }
 
+/// The body of a GET of `url`, whatever the status (panics on a transport
+/// error: the test's server must answer).
+pub async fn get_bytes(http: &reqwest::Client, url: &str) -> bytes::Bytes {
+    http.get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: body: {e}"))
+}
+
 /// An HTTP client for tests: 30 s per request.
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
@@ -276,15 +288,7 @@ impl ReadClient {
     /// Takes up the key statements the node serves (rotations, revocations),
     /// each checked against the keys this client trusts.
     pub async fn follow_keys(&mut self) {
-        let list = self
-            .http
-            .get(format!("{}/keys", self.base))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let list = get_bytes(&self.http, &format!("{}/keys", self.base)).await;
         let mut ring = self.verifier.keyring().clone();
         let (_, refused) = ring.add_list(&list).expect("the statement list decodes");
         assert!(refused.is_empty(), "statements refused: {refused:?}");
