@@ -1612,6 +1612,33 @@ async fn a_browser_gets_the_status_as_a_page_and_curl_gets_json() {
         assert!(page.contains(want), "{want:?} not in:\n{page}");
     }
     assert!(!page.contains("<script"), "{page}");
+    // And a real browser (headless Chromium) renders it as a table.
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("timeout")
+        .args([
+            "60",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(["--dump-dom", &url])
+        .output()
+        .expect("chromium (Debian's chromium package; .ci/run installs it)");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains(&format!(
+            "<th scope=\"row\">Serving generation</th><td>{g}</td>"
+        )) && dom.contains("<h1>Mirror m</h1>"),
+        "Chromium's DOM: {dom}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json = curl(None);
     assert!(
         json.to_ascii_lowercase()
