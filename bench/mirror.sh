@@ -61,7 +61,6 @@ http {
 }
 NGINX
 nginx -c "$S/nginx.conf" -p "$S"; sleep 0.5
-NGINX_PIDS=$(pgrep -f "nginx.*$S/nginx.conf" | tr '\n' ' ')
 PIDS+=($(cat "$S/nginx.pid"))
 
 echo; echo "== 1. single-stream 1 GiB download (curl -o /dev/null), 5 rounds alternating, median"
@@ -96,8 +95,11 @@ echo "meridian  peak RSS $(rss_peak $MPID) KiB (one process)"
 nginx -s stop -c "$S/nginx.conf" -p "$S" 2>/dev/null || true; sleep 0.5
 nginx -c "$S/nginx.conf" -p "$S"; sleep 0.5
 python3 bench/slow_clients.py 127.0.0.1 18091 /medium.bin 10000 20
-tot=0; for p in $(pgrep -f "nginx.*$S/nginx.conf"); do tot=$((tot + $(rss_peak "$p"))); done
-echo "nginx     peak RSS $tot KiB (master + workers)"
+# The master (its pid file) and its workers (its children: their command
+# line is "nginx: worker process", which names no config file).
+master=$(cat "$S/nginx.pid"); tot=0; n=0
+for p in "$master" $(pgrep -P "$master"); do tot=$((tot + $(rss_peak "$p"))); n=$((n + 1)); done
+echo "nginx     peak RSS $tot KiB (master + $((n - 1)) workers, each process's peak, summed)"
 nginx -s stop -c "$S/nginx.conf" -p "$S" 2>/dev/null || true
 kill $MPID; rm -rf "$S/mstate"
 fi
