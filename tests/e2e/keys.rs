@@ -177,17 +177,9 @@ async fn a_key_rotation_is_followed_by_every_tier_without_a_restart_or_a_lost_do
 
 /// Runs `meridian key …`; returns (success, stdout + stderr).
 fn key_cmd(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(meridian_e2e::meridian_bin())
-        .arg("key")
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let mut all = vec!["key"];
+    all.extend_from_slice(args);
+    meridian_e2e::cli(&all)
 }
 
 /// The operator guide's two procedures, as written: a stopped origin is

@@ -1,7 +1,7 @@
 //! The origin as a real process: publishing, chain, crash recovery, bad input.
 
 use meridian_core::Hash;
-use meridian_e2e::{Proc, ReadClient, eventually, hash_file, keygen};
+use meridian_e2e::{Proc, ReadClient, cli, eventually, hash_file, keygen};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -881,21 +881,6 @@ async fn patches_are_computed_one_at_a_time_and_a_crowd_is_turned_away_not_queue
     eprintln!("patches: {served} computed, {refused} turned away");
     assert!(served >= 1, "nothing was computed");
     assert!(refused >= 1, "every patch was queued and computed");
-}
-
-/// `meridian ARGS`, its exit status and output.
-fn cli(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(meridian_e2e::meridian_bin())
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 #[test]

@@ -197,6 +197,21 @@ pub fn origin_at(dir: &Path, state: &str, quiet: &str, addr: std::net::SocketAdd
     p
 }
 
+/// Runs `meridian ARGS` to completion: (success, stdout then stderr).
+pub fn cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(meridian_bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("meridian {args:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// The body of a GET of `url`, whatever the status (panics on a transport
 /// error: the test's server must answer).
 pub async fn get_bytes(http: &reqwest::Client, url: &str) -> bytes::Bytes {
