@@ -4,7 +4,7 @@
 //! token (a liveness probe; it says nothing but that the server runs).
 
 use crate::answer::Runtime;
-use crate::health::{Forced, Tracker, reason};
+use crate::health::{Forced, Standing, Tracker};
 use crate::metrics::DnsMetrics;
 use http::{Method, Response, StatusCode};
 use meridian_serve::files::text;
@@ -76,7 +76,7 @@ impl Service for AdminService {
                             id: &v.id,
                             region: &v.region,
                             in_service: v.usable(full_at),
-                            why: reason(v, full_at),
+                            why: Standing::of(v, full_at).reason(),
                             up: v.health.up,
                             answering: v.health.answering,
                             current: v.health.current,

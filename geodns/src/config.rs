@@ -54,6 +54,9 @@ pub struct GeoDnsConfig {
     /// Admin HTTP endpoint (metrics, mirror state, force down/drain).
     #[serde(default)]
     pub admin: Option<Admin>,
+    /// Public, read-only status listener (the network map page).
+    #[serde(default)]
+    pub public: Option<Public>,
 }
 
 fn default_tcp_max() -> usize {
@@ -360,6 +363,14 @@ pub struct Admin {
     pub token_file: Option<std::path::PathBuf>,
 }
 
+/// Public status listener: the page at `/` and its data at
+/// `/status.json`, GET and HEAD only, no token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Public {
+    pub listen: SocketAddr,
+}
+
 /// Why a config was refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -426,6 +437,12 @@ impl GeoDnsConfig {
         if let Some(a) = &self.admin {
             meridian_serve::auth::check_token(&a.token)
                 .map_err(|e| ConfigError::Invalid(format!("admin.token: {e}")))?;
+            if self.public.as_ref().is_some_and(|p| p.listen == a.listen) {
+                return bad(format!(
+                    "public.listen {} is admin.listen too: the public page needs a listener of its own",
+                    a.listen
+                ));
+            }
         }
         for z in &self.zones {
             if hickory_proto::rr::Name::from_ascii(&z.name).is_err() {
@@ -475,5 +492,32 @@ impl GeoDnsConfig {
             return bad("selection: answers ≥ 1 and band ≥ 1.0".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The smallest valid config: one zone, one mirror, no files.
+    pub(crate) fn minimal() -> GeoDnsConfig {
+        let cfg: GeoDnsConfig = toml::from_str(
+            r#"
+listen = ["127.0.0.1:0"]
+[[zones]]
+name = "meridian.test"
+ns = ["ns1.meridian.test."]
+[[mirrors]]
+id = "eu-west"
+region = "eu-west"
+latitude = 51.5
+longitude = -0.1
+ipv4 = ["127.0.10.2"]
+status_url = "http://127.0.10.2:1/.meridian/status"
+"#,
+        )
+        .expect("parse");
+        cfg.validate().expect("valid");
+        cfg
     }
 }

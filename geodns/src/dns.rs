@@ -224,19 +224,20 @@ impl RequestHandler for GeoHandler {
                     self.random(),
                     &mut picks,
                 );
-                self.metrics.country(plan.client.country());
+                let country = plan.client.country();
+                self.metrics.country(country);
                 scope = plan.scope;
                 match plan.kind {
                     Kind::Mirrors { .. } => {
                         for &i in &picks {
                             if let Some(ip) = views[i].addr(family) {
-                                self.metrics.answer(&views[i].id);
+                                self.metrics.answer(country, &views[i].id);
                                 answers.push(addr_record(&owner, plan.ttl, ip));
                             }
                         }
                     }
                     Kind::Fallback => {
-                        self.metrics.answer("fallback");
+                        self.metrics.answer(country, "fallback");
                         for ip in answer::fallback(&rt, family) {
                             answers.push(addr_record(&owner, plan.ttl, ip));
                         }

@@ -116,7 +116,7 @@ pub(crate) fn serve(
     let mut hot = Hot {
         picks: Vec::with_capacity(8),
         rng: handler.random(),
-        tally: Tally::default(),
+        tally: Tally::new(&handler.metrics),
     };
     while !stop.is_set() {
         got.clear();
@@ -189,8 +189,15 @@ pub(crate) fn serve(
         addrs.clear();
         addrs.extend(replies.iter().map(|(_, a)| Some(*a)));
         let slices = &slices[..replies.len()];
-        if let Err(e) = sendmmsg(fd, &mut shdrs, slices.iter(), &addrs, [], MsgFlags::empty()) {
-            tracing::debug!(error = %e, "udp sendmmsg");
+        match sendmmsg(fd, &mut shdrs, slices.iter(), &addrs, [], MsgFlags::empty()) {
+            Ok(_) => {
+                // Each answer waited for the whole batch: one time for all.
+                let took = now.elapsed().as_secs_f64();
+                for _ in 0..replies.len() {
+                    hot.tally.latency.observe(took);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "udp sendmmsg"),
         }
     }
 }
@@ -214,6 +221,7 @@ fn general(
     pkt: &[u8],
     src: SocketAddr,
 ) {
+    let t0 = std::time::Instant::now();
     match Request::from_bytes(pkt.to_vec(), src, Protocol::Udp) {
         Ok(req) => {
             if req.metadata.message_type == hickory_server::proto::op::MessageType::Response {
@@ -223,6 +231,7 @@ fn general(
             let _ = rt.block_on(handler.handle_request::<_, TokioTime>(&req, out.clone()));
             if let Some(b) = out.take() {
                 let _ = sock.send_to(&b, src);
+                handler.metrics.answered("udp", t0.elapsed());
             }
         }
         Err(_) => {
@@ -251,26 +260,53 @@ impl Hot {
 /// Counts kept by one serving loop and added to the shared Prometheus
 /// counters every [`FLUSH_EVERY`] or [`FLUSH_AFTER`] queries, and when the
 /// socket goes idle (shared atomics bounced between cores on every query).
-#[derive(Default)]
 struct Tally {
     noerror: u64,
-    /// The mirror views `answers` is indexed by.
+    /// The mirror views `answers` and each country's `by_mirror` are
+    /// indexed by.
     views: Option<Arc<crate::health::Views>>,
     /// Addresses handed out, by index into `views`.
     answers: Vec<u64>,
     last_flush: Option<std::time::Instant>,
     /// Country label -> index into `countries`.
     country_index: rustc_hash::FxHashMap<Box<str>, usize>,
-    countries: Vec<(prometheus::IntCounter, u64)>,
+    countries: Vec<CountryTally>,
     dirty: Vec<usize>,
+    /// Answer times (`meridian_geodns_answer_seconds{transport="udp"}`).
+    latency: prometheus::local::LocalHistogram,
+}
+
+/// One client country's counts in a [`Tally`].
+struct CountryTally {
+    label: Box<str>,
+    queries: prometheus::IntCounter,
+    n: u64,
+    /// Addresses handed out to this country, by index into the views, with
+    /// the steering counter once resolved.
+    by_mirror: Vec<(Option<prometheus::IntCounter>, u64)>,
 }
 
 /// Longest a count waits in a loop's tally under load.
 const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 /// Most queries a tally holds.
 const FLUSH_AFTER: u64 = 1024;
+/// Most distinct countries a loop tallies itself (labels gone wild are
+/// counted through the shared path instead).
+const MAX_COUNTRIES: usize = 4096;
 
 impl Tally {
+    fn new(m: &crate::metrics::DnsMetrics) -> Self {
+        Tally {
+            noerror: 0,
+            views: None,
+            answers: Vec::new(),
+            last_flush: None,
+            country_index: rustc_hash::FxHashMap::default(),
+            countries: Vec::new(),
+            dirty: Vec::new(),
+            latency: m.local_udp_latency(),
+        }
+    }
     /// Before a batch: the tally follows the batch's mirror views (a new
     /// snapshot, at most once a probe round, first flushes the old one's).
     fn begin(&mut self, m: &crate::metrics::DnsMetrics, views: &Arc<crate::health::Views>) {
@@ -281,6 +317,11 @@ impl Tally {
         self.views = Some(views.clone());
         self.answers.clear();
         self.answers.resize(views.len(), 0);
+        for c in &mut self.countries {
+            // Indexes now name other mirrors: resolve the counters again.
+            c.by_mirror.clear();
+            c.by_mirror.resize(views.len(), (None, 0));
+        }
     }
     fn maybe_flush(&mut self, m: &crate::metrics::DnsMetrics, now: std::time::Instant) {
         let due = self
@@ -291,23 +332,45 @@ impl Tally {
             self.last_flush = Some(now);
         }
     }
-    fn country(&mut self, m: &crate::metrics::DnsMetrics, c: &str) {
+    /// Counts one query from country `c` that got `picks` (indexes into the
+    /// views).
+    fn answered(&mut self, m: &crate::metrics::DnsMetrics, c: &str, picks: &[usize]) {
+        self.noerror += 1;
         let i = match self.country_index.get(c) {
             Some(&i) => i,
-            None => {
-                if self.countries.len() >= 4096 {
-                    return m.country(c); // labels gone wild: no local tally
+            None if self.countries.len() >= MAX_COUNTRIES => {
+                // Labels gone wild: no local tally.
+                m.country(c);
+                if let Some(views) = &self.views {
+                    for &p in picks {
+                        m.answer(c, &views[p].id);
+                    }
                 }
-                self.countries.push((m.country_counter(c), 0));
+                return;
+            }
+            None => {
+                self.countries.push(CountryTally {
+                    label: c.into(),
+                    queries: m.country_counter(c),
+                    n: 0,
+                    by_mirror: vec![(None, 0); self.answers.len()],
+                });
                 self.country_index
                     .insert(c.into(), self.countries.len() - 1);
                 self.countries.len() - 1
             }
         };
-        if self.countries[i].1 == 0 {
+        let country = &mut self.countries[i];
+        if country.n == 0 {
             self.dirty.push(i);
         }
-        self.countries[i].1 += 1;
+        country.n += 1;
+        for &p in picks {
+            if let (Some(a), Some(b)) = (self.answers.get_mut(p), country.by_mirror.get_mut(p)) {
+                *a += 1;
+                b.1 += 1;
+            }
+        }
     }
     fn flush(&mut self, m: &crate::metrics::DnsMetrics) {
         m.noerror_by(std::mem::take(&mut self.noerror));
@@ -317,11 +380,20 @@ impl Tally {
                     m.answer_by(&v.id, std::mem::take(n));
                 }
             }
+            for i in self.dirty.drain(..) {
+                let c = &mut self.countries[i];
+                c.queries.inc_by(std::mem::take(&mut c.n));
+                for (v, (counter, n)) in views.iter().zip(&mut c.by_mirror) {
+                    if *n > 0 {
+                        counter
+                            .get_or_insert_with(|| m.steering_counter(&c.label, &v.id))
+                            .inc_by(std::mem::take(n));
+                    }
+                }
+            }
         }
-        for i in self.dirty.drain(..) {
-            let (counter, n) = &mut self.countries[i];
-            counter.inc_by(std::mem::take(n));
-        }
+        self.dirty.clear();
+        self.latency.flush();
     }
 }
 
@@ -504,14 +576,8 @@ fn hot_answer(
     if out.len() > limit {
         return false; // let the general path truncate properly
     }
-    for &p in picks {
-        if let Some(n) = hot.tally.answers.get_mut(p) {
-            *n += 1;
-        }
-    }
     hot.tally
-        .country(&snap.handler.metrics, plan.client.country());
-    hot.tally.noerror += 1;
+        .answered(&snap.handler.metrics, plan.client.country(), picks);
     true
 }
 
@@ -521,6 +587,55 @@ mod agree;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The loop's tally reaches the shared counters at a flush: queries by
+    /// country, addresses by mirror and by country → mirror, and answer
+    /// times; a new views snapshot (other indexes) keeps the counts apart.
+    #[test]
+    fn the_tally_flushes_steering_by_country_and_mirror() {
+        let m = crate::metrics::DnsMetrics::new();
+        let mut cfg = crate::config::tests::minimal();
+        let mut other = cfg.mirrors[0].clone();
+        other.id = "us-east".into();
+        cfg.mirrors.push(other);
+        let tracker = crate::health::Tracker::new();
+        tracker.refresh_views(&cfg);
+        let views = tracker.views.load_full();
+        let mut t = Tally::new(&m);
+        t.begin(&m, &views);
+        t.answered(&m, "GB", &[0]);
+        t.answered(&m, "GB", &[0, 1]);
+        t.answered(&m, "US", &[1]);
+        t.latency.observe(0.00002);
+        assert_eq!(
+            m.steering_counter("GB", "eu-west").get(),
+            0,
+            "not before a flush"
+        );
+        t.flush(&m);
+        assert_eq!(m.steering_counter("GB", "eu-west").get(), 2);
+        assert_eq!(m.steering_counter("GB", "us-east").get(), 1);
+        assert_eq!(m.steering_counter("US", "us-east").get(), 1);
+        assert_eq!(m.steering_counter("US", "eu-west").get(), 0);
+        assert_eq!(m.country_counter("GB").get(), 2);
+        // The mirrors swap places in a new snapshot.
+        cfg.mirrors.swap(0, 1);
+        tracker.refresh_views(&cfg);
+        t.begin(&m, &tracker.views.load_full());
+        t.answered(&m, "GB", &[0]);
+        t.flush(&m);
+        assert_eq!(m.steering_counter("GB", "us-east").get(), 2);
+        assert_eq!(m.steering_counter("GB", "eu-west").get(), 2);
+        let text = m.render();
+        assert!(
+            text.contains(r#"meridian_geodns_answer_seconds_count{transport="udp"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"meridian_geodns_answers_total{mirror="eu-west"} 2"#),
+            "{text}"
+        );
+    }
 
     /// Datagrams sent from a thread pinned to CPU c arrive at socket c of
     /// the group (c < sockets), and none is lost.

@@ -37,6 +37,10 @@ pub struct ProbeState {
     pub stale: bool,
     pub egress_bytes_per_sec: u64,
     pub capacity_bytes_per_sec: u64,
+    /// When the mirror last finished a sync (unix seconds), as it reports.
+    pub last_sync: Option<i64>,
+    /// How long the last probe took (seconds).
+    pub probe_seconds: f64,
     pub last_error: Option<String>,
     /// Seconds since the last up/down/drain change.
     #[serde(skip)]
@@ -57,6 +61,8 @@ impl Default for ProbeState {
             stale: false,
             egress_bytes_per_sec: 0,
             capacity_bytes_per_sec: 0,
+            last_sync: None,
+            probe_seconds: 0.0,
             last_error: None,
             changed_at: None,
             forced: Forced::None,
@@ -160,9 +166,10 @@ impl Tracker {
         };
         states.retain(|id, _| cfg.mirrors.iter().any(|m| &m.id == id));
         let mut newest = origin_gen.unwrap_or(0);
-        for (id, r) in results {
+        for ((id, r), (_, took, _)) in results.into_iter().zip(&probes) {
             let st = states.entry(id.clone()).or_default();
             let was = (st.up, st.draining);
+            st.probe_seconds = took.as_secs_f64();
             match r {
                 Ok(doc) => {
                     st.answering = true;
@@ -174,6 +181,7 @@ impl Tracker {
                     st.stale = doc.stale;
                     st.egress_bytes_per_sec = doc.egress_bytes_per_sec;
                     st.capacity_bytes_per_sec = doc.capacity_bytes_per_sec;
+                    st.last_sync = doc.last_sync;
                     st.last_error = None;
                     if !st.up && st.ok_streak >= cfg.health.up_after {
                         st.up = true;
@@ -267,21 +275,52 @@ impl Default for Tracker {
     }
 }
 
-/// Why a mirror is or is not answered (for the admin view).
-pub(crate) fn reason(v: &MirrorView, full_at: f64) -> &'static str {
-    let h = &v.health;
-    if h.forced_down {
-        "forced down by an operator"
-    } else if !h.up {
-        "down (failed health probes)"
-    } else if h.draining {
-        "draining"
-    } else if !h.current {
-        "behind the newest generation (or stale)"
-    } else if h.load >= full_at {
-        "at capacity"
-    } else {
-        "in service"
+/// Where a mirror stands, from the query path's view of it: the one
+/// place the admin report, the status page and its colours take it from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Standing {
+    /// Up, current, not draining, below capacity: given to new clients.
+    InService,
+    /// Up and current but at capacity: held back until load falls.
+    Full,
+    /// Up but behind the newest generation (or stale).
+    Lagging,
+    /// Draining (it said so, or an operator drained it).
+    Draining,
+    /// Failing health probes.
+    Down,
+    /// Taken out by an operator.
+    ForcedDown,
+}
+
+impl Standing {
+    pub(crate) fn of(v: &MirrorView, full_at: f64) -> Standing {
+        let h = &v.health;
+        if h.forced_down {
+            Standing::ForcedDown
+        } else if !h.up {
+            Standing::Down
+        } else if h.draining {
+            Standing::Draining
+        } else if !h.current {
+            Standing::Lagging
+        } else if h.load >= full_at {
+            Standing::Full
+        } else {
+            Standing::InService
+        }
+    }
+    /// Why a mirror is or is not answered, in words.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Standing::ForcedDown => "forced down by an operator",
+            Standing::Down => "down (failed health probes)",
+            Standing::Draining => "draining",
+            Standing::Lagging => "behind the newest generation (or stale)",
+            Standing::Full => "at capacity",
+            Standing::InService => "in service",
+        }
     }
 }
 

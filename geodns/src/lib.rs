@@ -7,6 +7,7 @@
 //! * `health`: active probes of each mirror's status endpoint.
 //! * `dns`: the request handler; `wire`: strict ECS validation.
 //! * `admin`: metrics, mirror state, operator overrides.
+//! * `public`: the read-only status page (map, steering) and its JSON.
 //! * [`mmdb`]: a MaxMind DB writer (the demo's database, the tests' databases).
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod geoip;
 mod health;
 mod metrics;
 pub mod mmdb;
+mod public;
 mod select;
 mod tcp;
 mod wire;
@@ -126,10 +128,13 @@ pub struct GeoDnsHandle {
     /// The DNS listen addresses (each bound for UDP and TCP).
     pub dns_addrs: Vec<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
+    /// The public status page's address.
+    pub public_addr: Option<SocketAddr>,
     pub tracker: Arc<health::Tracker>,
     shutdown: meridian_serve::shutdown::Shutdown,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     admin: Option<meridian_serve::ServerHandle>,
+    public: Option<meridian_serve::ServerHandle>,
     udp_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -138,6 +143,7 @@ impl std::fmt::Debug for GeoDnsHandle {
         f.debug_struct("GeoDnsHandle")
             .field("dns_addrs", &self.dns_addrs)
             .field("admin_addr", &self.admin_addr)
+            .field("public_addr", &self.public_addr)
             .finish()
     }
 }
@@ -148,8 +154,8 @@ impl GeoDnsHandle {
         for t in std::mem::take(&mut self.udp_threads) {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
-        if let Some(a) = self.admin {
-            a.shutdown().await;
+        for server in [self.admin, self.public].into_iter().flatten() {
+            server.shutdown().await;
         }
         for t in self.tasks {
             let _ = t.await;
@@ -310,6 +316,20 @@ pub async fn start_with(
             }
         }));
     }
+    // The steering view's samples (the public page's last minute).
+    let steering = Arc::new(public::Steering::default());
+    if cfg.public.is_some() {
+        let (steering, metrics, mut stop) = (steering.clone(), metrics.clone(), rx.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                steering.sample(&metrics, std::time::Instant::now());
+                tokio::select! {
+                    _ = tokio::time::sleep(public::SAMPLE_EVERY) => {}
+                    _ = stop.wait() => return,
+                }
+            }
+        }));
+    }
     // GeoIP reload (geoipupdate replaces the file by rename).
     for (v6, path) in [(false, cfg.geoip.clone()), (true, cfg.geoip_v6.clone())] {
         let Some(path) = path else { continue };
@@ -351,6 +371,23 @@ pub async fn start_with(
             }
         }));
     }
+    let public = match &cfg.public {
+        Some(p) => {
+            let l = meridian_serve::bind(p.listen).map_err(|source| GeoDnsError::Bind {
+                addr: p.listen,
+                source,
+            })?;
+            let svc = Arc::new(public::PublicService::new(
+                tracker.clone(),
+                steering,
+                runtime.clone(),
+            ));
+            let h = meridian_serve::serve(l, meridian_serve::ServerOptions::default(), svc);
+            tracing::info!("geodns status page listening on http://{}/", h.local_addr);
+            Some(h)
+        }
+        None => None,
+    };
     let admin = match &cfg.admin {
         Some(a) => {
             let l = meridian_serve::bind(a.listen).map_err(|source| GeoDnsError::Bind {
@@ -373,11 +410,13 @@ pub async fn start_with(
     Ok(GeoDnsHandle {
         udp_threads,
         admin_addr: admin.as_ref().map(|a| a.local_addr),
+        public_addr: public.as_ref().map(|p| p.local_addr),
         dns_addrs,
         tracker,
         shutdown: tx,
         tasks,
         admin,
+        public,
     })
 }
 

@@ -1,5 +1,6 @@
 //! GeoDNS metrics (Prometheus): queries by response code and by client
-//! country, answers by mirror, mirror health.
+//! country, answers by mirror and by client country → mirror, answer
+//! latency, mirror health and probes.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
@@ -11,12 +12,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Counters of one family by label value.
+type ByLabel = FxHashMap<String, IntCounter>;
+
 thread_local! {
     /// Per-thread cache of resolved label counters: (metrics id, family, label) -> counter.
     /// Resolving a label (`with_label_values`) hashes and locks; the query
     /// path only does a local map lookup and an atomic add.
     static COUNTERS: RefCell<FxHashMap<(u64, u8), FxHashMap<String, IntCounter>>> = RefCell::new(FxHashMap::default());
+    /// The same for the two-label steering counter: metrics id -> country -> mirror -> counter.
+    static PAIRS: RefCell<FxHashMap<u64, FxHashMap<String, ByLabel>>> = RefCell::new(FxHashMap::default());
 }
+
+/// Buckets of the answer latency histogram: the fast path answers in
+/// microseconds, a query through the general path on a busy runtime in
+/// milliseconds.
+const ANSWER_BUCKETS: [f64; 14] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25,
+];
 
 /// The counters the handler bumps.
 #[derive(Debug, Clone)]
@@ -27,6 +41,10 @@ pub(crate) struct DnsMetrics {
     rcodes: IntCounterVec,
     countries: IntCounterVec,
     answers: IntCounterVec,
+    /// Addresses handed out by client country and mirror (what the status
+    /// page's steering view reads).
+    pub(crate) steering: IntCounterVec,
+    answer_seconds: HistogramVec,
     mirror_up: IntGaugeVec,
     mirror_in_service: IntGaugeVec,
     probe_seconds: HistogramVec,
@@ -63,6 +81,23 @@ impl DnsMetrics {
                     "Addresses handed out, by mirror",
                 ),
                 &["mirror"],
+            )
+            .expect("metric"),
+            steering: IntCounterVec::new(
+                Opts::new(
+                    "meridian_geodns_answers_by_country_total",
+                    "Addresses handed out, by client country (ISO 3166 code, or unknown / override) and mirror",
+                ),
+                &["country", "mirror"],
+            )
+            .expect("metric"),
+            answer_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "meridian_geodns_answer_seconds",
+                    "Time in the server from a query being read to its answer being sent (UDP: from the batch's receive to its send)",
+                )
+                .buckets(ANSWER_BUCKETS.to_vec()),
+                &["transport"],
             )
             .expect("metric"),
             mirror_up: IntGaugeVec::new(
@@ -110,10 +145,16 @@ impl DnsMetrics {
         m.registry
             .register(Box::new(m.tcp_refused.clone()))
             .expect("register");
-        m.registry
-            .register(Box::new(m.probe_seconds.clone()))
-            .expect("register");
-        for c in [&m.rcodes, &m.countries, &m.answers, &m.probe_failures] {
+        for h in [&m.probe_seconds, &m.answer_seconds] {
+            m.registry.register(Box::new(h.clone())).expect("register");
+        }
+        for c in [
+            &m.rcodes,
+            &m.countries,
+            &m.answers,
+            &m.steering,
+            &m.probe_failures,
+        ] {
             m.registry.register(Box::new(c.clone())).expect("register");
         }
         for g in [&m.mirror_up, &m.mirror_in_service] {
@@ -125,6 +166,9 @@ impl DnsMetrics {
             "NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP",
         ] {
             m.rcodes.with_label_values(&[rcode]);
+        }
+        for t in ["udp", "tcp"] {
+            m.answer_seconds.with_label_values(&[t]);
         }
         meridian_serve::metrics::register_common(&m.registry, "geodns");
         m
@@ -185,8 +229,44 @@ impl DnsMetrics {
     pub(crate) fn country(&self, c: &str) {
         self.cached(1, &self.countries, c, 1);
     }
-    pub(crate) fn answer(&self, id: &str) {
+    /// An address of mirror `id` (or "fallback") handed out to a client
+    /// in `country` (the general path; the fast path tallies its own).
+    pub(crate) fn answer(&self, country: &str, id: &str) {
         self.cached(2, &self.answers, id, 1);
+        PAIRS.with(|p| {
+            let mut p = p.borrow_mut();
+            let by_country = p.entry(self.id).or_default();
+            // Lookups by &str without allocating; allocate only on a miss.
+            if !by_country.contains_key(country) {
+                by_country.insert(country.to_owned(), FxHashMap::default());
+            }
+            let Some(inner) = by_country.get_mut(country) else {
+                return;
+            };
+            match inner.get(id) {
+                Some(c) => c.inc(),
+                None => {
+                    let c = self.steering.with_label_values(&[country, id]);
+                    c.inc();
+                    inner.insert(id.to_owned(), c);
+                }
+            }
+        });
+    }
+    /// The steering counter for (country, mirror), for a caller that keeps
+    /// its own tally.
+    pub(crate) fn steering_counter(&self, country: &str, id: &str) -> IntCounter {
+        self.steering.with_label_values(&[country, id])
+    }
+    /// One answer's time in the server, by transport (`udp` or `tcp`).
+    pub(crate) fn answered(&self, transport: &str, took: std::time::Duration) {
+        self.answer_seconds
+            .with_label_values(&[transport])
+            .observe(took.as_secs_f64());
+    }
+    /// A per-thread histogram of UDP answer times, flushed with the tally.
+    pub(crate) fn local_udp_latency(&self) -> prometheus::local::LocalHistogram {
+        self.answer_seconds.with_label_values(&["udp"]).local()
     }
     pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -107,6 +107,7 @@ async fn connection(
             },
             _ = stop.wait() => return,
         };
+        let t0 = std::time::Instant::now();
         let Some(reply) = answer(&handler, msg, peer).await else {
             continue;
         };
@@ -120,6 +121,7 @@ async fn connection(
         if !matches!(tokio::time::timeout(IDLE_TIMEOUT, write).await, Ok(Ok(()))) {
             return;
         }
+        handler.metrics.answered("tcp", t0.elapsed());
     }
 }
 

@@ -311,7 +311,7 @@ async fn both_paths_give_the_same_answer_to_every_question() {
         let mut hot = Hot {
             picks: Vec::new(),
             rng: seed,
-            tally: Tally::default(),
+            tally: Tally::new(&handler.metrics),
         };
         let mut out = Vec::new();
         let taken = hot_answer(&snap, &mut hot, &pkt, src, &mut out);
