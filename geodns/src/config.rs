@@ -437,7 +437,7 @@ impl GeoDnsConfig {
         if let Some(a) = &self.admin {
             meridian_serve::auth::check_token(&a.token)
                 .map_err(|e| ConfigError::Invalid(format!("admin.token: {e}")))?;
-            if self.public.as_ref().is_some_and(|p| p.listen == a.listen) {
+            if a.listen.port() != 0 && self.public.as_ref().is_some_and(|p| p.listen == a.listen) {
                 return bad(format!(
                     "public.listen {} is admin.listen too: the public page needs a listener of its own",
                     a.listen

@@ -229,15 +229,19 @@ impl RequestHandler for GeoHandler {
                 scope = plan.scope;
                 match plan.kind {
                     Kind::Mirrors { .. } => {
+                        if let Some(&first) = picks.first() {
+                            self.metrics.steered(country, &views[first].id);
+                        }
                         for &i in &picks {
                             if let Some(ip) = views[i].addr(family) {
-                                self.metrics.answer(country, &views[i].id);
+                                self.metrics.answer(&views[i].id);
                                 answers.push(addr_record(&owner, plan.ttl, ip));
                             }
                         }
                     }
                     Kind::Fallback => {
-                        self.metrics.answer(country, "fallback");
+                        self.metrics.answer("fallback");
+                        self.metrics.steered(country, "fallback");
                         for ip in answer::fallback(&rt, family) {
                             answers.push(addr_record(&owner, plan.ttl, ip));
                         }

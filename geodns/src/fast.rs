@@ -281,8 +281,8 @@ struct CountryTally {
     label: Box<str>,
     queries: prometheus::IntCounter,
     n: u64,
-    /// Addresses handed out to this country, by index into the views, with
-    /// the steering counter once resolved.
+    /// Queries from this country answered with a mirror first, by its
+    /// index into the views, with the steering counter once resolved.
     by_mirror: Vec<(Option<prometheus::IntCounter>, u64)>,
 }
 
@@ -343,7 +343,10 @@ impl Tally {
                 m.country(c);
                 if let Some(views) = &self.views {
                     for &p in picks {
-                        m.answer(c, &views[p].id);
+                        m.answer(&views[p].id);
+                    }
+                    if let Some(&first) = picks.first() {
+                        m.steered(c, &views[first].id);
                     }
                 }
                 return;
@@ -366,10 +369,13 @@ impl Tally {
         }
         country.n += 1;
         for &p in picks {
-            if let (Some(a), Some(b)) = (self.answers.get_mut(p), country.by_mirror.get_mut(p)) {
+            if let Some(a) = self.answers.get_mut(p) {
                 *a += 1;
-                b.1 += 1;
             }
+        }
+        // Steering counts where the client was sent: the first address.
+        if let Some(b) = picks.first().and_then(|&p| country.by_mirror.get_mut(p)) {
+            b.1 += 1;
         }
     }
     fn flush(&mut self, m: &crate::metrics::DnsMetrics) {
@@ -589,8 +595,9 @@ mod tests {
     use super::*;
 
     /// The loop's tally reaches the shared counters at a flush: queries by
-    /// country, addresses by mirror and by country → mirror, and answer
-    /// times; a new views snapshot (other indexes) keeps the counts apart.
+    /// country, addresses by mirror, queries by country → first mirror, and
+    /// answer times; a new views snapshot (other indexes) keeps the counts
+    /// apart.
     #[test]
     fn the_tally_flushes_steering_by_country_and_mirror() {
         let m = crate::metrics::DnsMetrics::new();
@@ -614,7 +621,7 @@ mod tests {
         );
         t.flush(&m);
         assert_eq!(m.steering_counter("GB", "eu-west").get(), 2);
-        assert_eq!(m.steering_counter("GB", "us-east").get(), 1);
+        assert_eq!(m.steering_counter("GB", "us-east").get(), 0, "second");
         assert_eq!(m.steering_counter("US", "us-east").get(), 1);
         assert_eq!(m.steering_counter("US", "eu-west").get(), 0);
         assert_eq!(m.country_counter("GB").get(), 2);
@@ -624,7 +631,7 @@ mod tests {
         t.begin(&m, &tracker.views.load_full());
         t.answered(&m, "GB", &[0]);
         t.flush(&m);
-        assert_eq!(m.steering_counter("GB", "us-east").get(), 2);
+        assert_eq!(m.steering_counter("GB", "us-east").get(), 1);
         assert_eq!(m.steering_counter("GB", "eu-west").get(), 2);
         let text = m.render();
         assert!(

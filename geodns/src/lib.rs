@@ -383,7 +383,11 @@ pub async fn start_with(
                 runtime.clone(),
             ));
             let h = meridian_serve::serve(l, meridian_serve::ServerOptions::default(), svc);
-            tracing::info!("geodns status page listening on http://{}/", h.local_addr);
+            tracing::info!(
+                "geodns status page listening on {} (http://{}/)",
+                h.local_addr,
+                h.local_addr
+            );
             Some(h)
         }
         None => None,

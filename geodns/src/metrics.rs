@@ -41,8 +41,8 @@ pub(crate) struct DnsMetrics {
     rcodes: IntCounterVec,
     countries: IntCounterVec,
     answers: IntCounterVec,
-    /// Addresses handed out by client country and mirror (what the status
-    /// page's steering view reads).
+    /// Answered mirror-name queries by client country and the mirror named
+    /// first (what the status page's steering view reads).
     pub(crate) steering: IntCounterVec,
     answer_seconds: HistogramVec,
     mirror_up: IntGaugeVec,
@@ -85,8 +85,8 @@ impl DnsMetrics {
             .expect("metric"),
             steering: IntCounterVec::new(
                 Opts::new(
-                    "meridian_geodns_answers_by_country_total",
-                    "Addresses handed out, by client country (ISO 3166 code, or unknown / override) and mirror",
+                    "meridian_geodns_steered_total",
+                    "Mirror-name queries answered, by client country (ISO 3166 code, or unknown / override) and the mirror named first (or fallback)",
                 ),
                 &["country", "mirror"],
             )
@@ -229,10 +229,14 @@ impl DnsMetrics {
     pub(crate) fn country(&self, c: &str) {
         self.cached(1, &self.countries, c, 1);
     }
-    /// An address of mirror `id` (or "fallback") handed out to a client
-    /// in `country` (the general path; the fast path tallies its own).
-    pub(crate) fn answer(&self, country: &str, id: &str) {
+    /// An address of mirror `id` (or "fallback") handed out (the general
+    /// path; the fast path tallies its own).
+    pub(crate) fn answer(&self, id: &str) {
         self.cached(2, &self.answers, id, 1);
+    }
+    /// A client in `country` sent to mirror `id` (named first) or to the
+    /// fallback addresses.
+    pub(crate) fn steered(&self, country: &str, id: &str) {
         PAIRS.with(|p| {
             let mut p = p.borrow_mut();
             let by_country = p.entry(self.id).or_default();

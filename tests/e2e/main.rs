@@ -9,3 +9,4 @@ mod network;
 mod origin;
 mod restore;
 mod serving;
+mod status_page;

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used)]
 
+pub mod browser;
 pub mod evil;
 
 use meridian_core::{DirNode, EntryKind, Hash, TrustedKeys, VerifiedRoot, Verifier};
@@ -531,6 +532,8 @@ impl Demo {
             "--dns-port",
             "0",
             "--admin-port",
+            "0",
+            "--status-port",
             "0",
             "--big-file-mib",
             "0",

@@ -44,6 +44,10 @@ pub(crate) struct DemoArgs {
     /// GeoDNS admin HTTP port on 127.0.0.1 (0: any).
     #[arg(long, default_value_t = 8053)]
     pub admin_port: u16,
+    /// GeoDNS status page (the network map, read-only) HTTP port on
+    /// 127.0.0.1 (0: any).
+    #[arg(long, default_value_t = 8054)]
+    pub status_port: u16,
     /// How often mirrors re-verify their stored blobs (e.g. `1h`, `2s`).
     #[arg(long, default_value = "1h")]
     pub scrub_interval: String,
@@ -129,6 +133,8 @@ pub(crate) struct Network {
     pub dns: SocketAddr,
     pub admin: SocketAddr,
     pub admin_token: String,
+    /// The GeoDNS status page (http://ADDR/).
+    pub status: SocketAddr,
     pub mirrors: BTreeMap<String, SocketAddr>,
     pub pids: BTreeMap<String, u32>,
     pub content: PathBuf,
@@ -231,7 +237,7 @@ fn check_bindable(addr: SocketAddr) -> anyhow::Result<()> {
         ),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             bail!(
-                "cannot bind {addr}: the port is in use; pick others with --origin-port/--mirror-port/--dns-port/--admin-port"
+                "cannot bind {addr}: the port is in use; pick others with --origin-port/--mirror-port/--dns-port/--admin-port/--status-port"
             )
         }
         Err(e) => bail!("cannot bind {addr}: {e}"),
@@ -338,7 +344,9 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     };
     let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    check_bindable(SocketAddr::new(lo, args.origin_port))?;
+    for port in [args.origin_port, args.admin_port, args.status_port] {
+        check_bindable(SocketAddr::new(lo, port))?;
+    }
     for r in &REGIONS {
         check_bindable(SocketAddr::new(IpAddr::V4(r.addr), args.mirror_port))?;
     }
@@ -453,6 +461,9 @@ records = [
     admin.insert("listen".into(), s(SocketAddr::new(lo, args.admin_port)));
     admin.insert("token".into(), s(&admin_token));
     table.insert("admin".into(), toml::Value::Table(admin));
+    let mut public = toml::Table::new();
+    public.insert("listen".into(), s(SocketAddr::new(lo, args.status_port)));
+    table.insert("public".into(), toml::Value::Table(public));
     let mut list = Vec::new();
     for r in &REGIONS {
         let mut m = toml::Table::new();
@@ -481,6 +492,7 @@ records = [
     )?;
     let dns = kids.wait_listening("geodns", &log, "geodns")?;
     let admin = kids.wait_listening("geodns", &log, "geodns admin")?;
+    let status = kids.wait_listening("geodns", &log, "geodns status page")?;
 
     let network = Network {
         origin,
@@ -488,6 +500,7 @@ records = [
         dns,
         admin,
         admin_token: admin_token.clone(),
+        status,
         mirrors: mirrors.clone(),
         pids: kids.pids(),
         content: content.clone(),
@@ -516,6 +529,7 @@ records = [
     }
     println!("  geodns     {dns} udp+tcp, zone meridian.test, name dl.meridian.test");
     println!("  admin      http://{admin}/mirrors   (Authorization: Bearer {admin_token})");
+    println!("  status map http://{status}/   (open it in a browser: mirrors and live steering)");
     println!("  public key {public_key}");
     println!("  logs       {}", logs.display());
     println!();
