@@ -4,7 +4,7 @@
 # database, same 8 datacenters, same dnsperf query file with an ECS option,
 # loopback only, bounded by time. Also: agreement on the nearest datacenter
 # over 10,000 random IPv4 addresses.
-# usage: [ROUNDS=5] bench/geodns.sh [SECONDS]   (dnsperf duration per server
+# usage: [ROUNDS=5] [MERIDIAN_BIN=...] bench/geodns.sh [SECONDS]   (dnsperf duration per server
 # and round, default 10; the servers alternate round by round)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ trap cleanup EXIT
 [ -n "${KEEP:-}" ] && trap - EXIT
 cargo build --release --bins -q
 cargo build --release -q -p meridian-geodns --example gen_geoip
-B=$PWD/target/release/meridian
+B=${MERIDIAN_BIN:-$PWD/target/release/meridian}   # MERIDIAN_BIN: another build, for an A/B
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(gdnsd -c /nonexistent checkconf 2>&1 | grep -o 'gdnsd version [0-9.]*' | head -1); dnsperf $(dnsperf 2>&1 | grep -o 'Version [0-9.]*')"
 mkdir -p "$W/gdnsd/zones" "$W/gdnsd/geoip" "$W/status"
 target/release/examples/gen_geoip "$W/gdnsd/geoip/city.mmdb" "$W/nets.txt" 5000 7

@@ -46,6 +46,9 @@ CHANGES = [
         'listen = "127.0.0.1:8053"':
             ('listen = "0.0.0.0:8053"',
              "the kubelet probes /health; a NetworkPolicy admits operators only"),
+        'listen = "127.0.0.1:8054"':
+            ('listen = "0.0.0.0:8054"',
+             "the status page, read-only; the Service meridian-geodns-status"),
         'token = "change-me"':
             ('token_file = "/etc/meridian/admin/token"', "the Secret meridian-geodns-admin"),
         'geoip = "/var/lib/GeoIP/GeoLite2-City.mmdb"':
