@@ -305,10 +305,7 @@ pub async fn start_with(
                 for (id, took, ok) in tracker.round(&cfg).await {
                     metrics.probe(&id, took, ok);
                 }
-                let full_at = cfg.selection.full_at;
-                for v in tracker.views.load().iter() {
-                    metrics.mirror_state(&v.id, v.health.up, v.usable(full_at));
-                }
+                metrics.mirror_states(&tracker.views.load(), cfg.selection.full_at);
                 tokio::select! {
                     _ = tokio::time::sleep(cfg.health.interval) => {}
                     _ = stop.wait() => return,

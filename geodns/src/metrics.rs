@@ -49,6 +49,8 @@ pub(crate) struct DnsMetrics {
     mirror_in_service: IntGaugeVec,
     probe_seconds: HistogramVec,
     probe_failures: IntCounterVec,
+    /// The mirrors whose health gauges are exported.
+    gauged: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// TCP connections closed at once because a connection cap was reached.
     pub tcp_refused: IntCounter,
 }
@@ -141,6 +143,7 @@ impl DnsMetrics {
             )
             .expect("metric"),
             registry: Registry::new(),
+            gauged: Default::default(),
         };
         m.registry
             .register(Box::new(m.tcp_refused.clone()))
@@ -174,9 +177,33 @@ impl DnsMetrics {
         m
     }
 
+    /// Sets every mirror's health gauges from `views`, and drops the gauges
+    /// of mirrors no longer configured (a removed mirror is not "down").
+    pub(crate) fn mirror_states(&self, views: &crate::health::Views, full_at: f64) {
+        for v in views.iter() {
+            self.mirror_state(&v.id, v.health.up, v.usable(full_at));
+        }
+        let Ok(mut known) = self.gauged.lock() else {
+            return;
+        };
+        known.retain(|id| {
+            let keep = views.iter().any(|v| &v.id == id);
+            if !keep {
+                let _ = self.mirror_up.remove_label_values(&[id]);
+                let _ = self.mirror_in_service.remove_label_values(&[id]);
+            }
+            keep
+        });
+        for v in views.iter() {
+            if !known.contains(&v.id) {
+                known.push(v.id.clone());
+            }
+        }
+    }
+
     /// Sets a mirror's health gauges, and makes its answers series exist
     /// (at 0 until it is first handed out).
-    pub(crate) fn mirror_state(&self, id: &str, up: bool, in_service: bool) {
+    fn mirror_state(&self, id: &str, up: bool, in_service: bool) {
         self.mirror_up.with_label_values(&[id]).set(i64::from(up));
         self.mirror_in_service
             .with_label_values(&[id])
@@ -282,5 +309,41 @@ impl DnsMetrics {
 impl Default for DnsMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mirror taken out of the config loses its health gauges (it is not
+    /// "down"); the others keep theirs.
+    #[test]
+    fn a_removed_mirror_leaves_the_health_gauges() {
+        let m = DnsMetrics::new();
+        let mut cfg = crate::config::tests::minimal();
+        let mut other = cfg.mirrors[0].clone();
+        other.id = "us-east".into();
+        cfg.mirrors.push(other);
+        let tracker = crate::health::Tracker::new();
+        tracker.refresh_views(&cfg);
+        m.mirror_states(&tracker.views.load(), 0.9);
+        let text = m.render();
+        for id in ["eu-west", "us-east"] {
+            assert!(
+                text.contains(&format!("meridian_geodns_mirror_up{{mirror=\"{id}\"}} 0")),
+                "{text}"
+            );
+        }
+        cfg.mirrors.retain(|x| x.id == "us-east");
+        tracker.refresh_views(&cfg);
+        m.mirror_states(&tracker.views.load(), 0.9);
+        let text = m.render();
+        assert!(
+            !text.contains("meridian_geodns_mirror_up{mirror=\"eu-west\"}")
+                && !text.contains("meridian_geodns_mirror_in_service{mirror=\"eu-west\"}"),
+            "{text}"
+        );
+        assert!(text.contains("meridian_geodns_mirror_in_service{mirror=\"us-east\"} 0"));
     }
 }
