@@ -56,18 +56,12 @@ impl Service for AdminService {
                 .body(full(self.metrics.render()))
                 .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "")),
             (&Method::GET, "/mirrors") => {
-                let views = self.tracker.views.load();
-                let states = self
-                    .tracker
-                    .states
-                    .lock()
-                    .map(|s| s.clone())
-                    .unwrap_or_default();
+                let crate::health::Snapshot {
+                    views,
+                    states,
+                    newest,
+                } = self.tracker.snapshot();
                 let full_at = self.runtime.load().params.full_at;
-                let newest = self
-                    .tracker
-                    .newest_generation
-                    .load(std::sync::atomic::Ordering::Relaxed);
                 let reports: Vec<MirrorReport<'_>> = views
                     .iter()
                     .map(|v| {

@@ -520,4 +520,16 @@ status_url = "http://127.0.10.2:1/.meridian/status"
         cfg.validate().expect("valid");
         cfg
     }
+
+    /// [`minimal`] with a second mirror, `us-east`, and a tracker whose
+    /// views hold both (never probed: both down).
+    pub(crate) fn two_mirrors() -> (GeoDnsConfig, crate::health::Tracker) {
+        let mut cfg = minimal();
+        let mut other = cfg.mirrors[0].clone();
+        other.id = "us-east".into();
+        cfg.mirrors.push(other);
+        let tracker = crate::health::Tracker::new();
+        tracker.refresh_views(&cfg);
+        (cfg, tracker)
+    }
 }

@@ -601,12 +601,7 @@ mod tests {
     #[test]
     fn the_tally_flushes_steering_by_country_and_mirror() {
         let m = crate::metrics::DnsMetrics::new();
-        let mut cfg = crate::config::tests::minimal();
-        let mut other = cfg.mirrors[0].clone();
-        other.id = "us-east".into();
-        cfg.mirrors.push(other);
-        let tracker = crate::health::Tracker::new();
-        tracker.refresh_views(&cfg);
+        let (mut cfg, tracker) = crate::config::tests::two_mirrors();
         let views = tracker.views.load_full();
         let mut t = Tally::new(&m);
         t.begin(&m, &views);

@@ -217,6 +217,18 @@ impl Tracker {
         probes
     }
 
+    /// One consistent look at every mirror for a report: the views the
+    /// query path reads, a copy of the probe states, the newest generation.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            views: self.views.load_full(),
+            states: self.states.lock().map(|s| s.clone()).unwrap_or_default(),
+            newest: self
+                .newest_generation
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
     /// Rebuilds the views without probing (after a config reload or an
     /// operator action).
     pub fn refresh_views(&self, cfg: &GeoDnsConfig) {
@@ -234,6 +246,13 @@ impl Tracker {
         drop(states);
         self.views.store(Arc::new(Views::new(views)));
     }
+}
+
+/// What [`Tracker::snapshot`] returns.
+pub(crate) struct Snapshot {
+    pub views: Arc<Views>,
+    pub states: HashMap<String, ProbeState>,
+    pub newest: u64,
 }
 
 /// One snapshot of every mirror as the query path sees it, with a

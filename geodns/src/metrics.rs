@@ -321,12 +321,7 @@ mod tests {
     #[test]
     fn a_removed_mirror_leaves_the_health_gauges() {
         let m = DnsMetrics::new();
-        let mut cfg = crate::config::tests::minimal();
-        let mut other = cfg.mirrors[0].clone();
-        other.id = "us-east".into();
-        cfg.mirrors.push(other);
-        let tracker = crate::health::Tracker::new();
-        tracker.refresh_views(&cfg);
+        let (mut cfg, tracker) = crate::config::tests::two_mirrors();
         m.mirror_states(&tracker.views.load(), 0.9);
         let text = m.render();
         for id in ["eu-west", "us-east"] {

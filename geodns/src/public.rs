@@ -171,18 +171,12 @@ impl PublicService {
     }
 
     fn status(&self) -> Vec<u8> {
-        let views = self.tracker.views.load();
-        let states = self
-            .tracker
-            .states
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default();
+        let crate::health::Snapshot {
+            views,
+            states,
+            newest,
+        } = self.tracker.snapshot();
         let full_at = self.runtime.load().params.full_at;
-        let newest = self
-            .tracker
-            .newest_generation
-            .load(std::sync::atomic::Ordering::Relaxed);
         let mirrors = views
             .iter()
             .map(|v| {
