@@ -20,24 +20,56 @@ impl Browser {
     /// Starts chromedriver on a free loopback port and opens a headless
     /// session with a window of `width` × `height` CSS pixels.
     pub async fn start(width: u32, height: u32) -> Browser {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let driver = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .arg("--allowed-ips=127.0.0.1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver (Debian's chromium-driver package; .ci/run installs it)");
-        let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(60))
             .build()
             .expect("client");
         let profile = tempfile::tempdir().expect("profile dir");
+        // The port is picked free and then handed over, so another test can
+        // take it in between (chromedriver also binds the port on IPv6, and
+        // exits when either is taken): a few attempts, each on a new port.
+        let mut failures = Vec::new();
+        let (driver, base) = 'attempts: {
+            for _ in 0..5 {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .expect("a free port")
+                    .port();
+                let log = profile.path().join(format!("chromedriver-{port}.log"));
+                let mut driver = Command::new("chromedriver")
+                    .arg(format!("--port={port}"))
+                    .arg("--allowed-ips=127.0.0.1")
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).expect("log file"))
+                    .spawn()
+                    .expect("chromedriver (Debian's chromium-driver package; .ci/run installs it)");
+                let base = format!("http://127.0.0.1:{port}");
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let ready = http
+                        .get(format!("{base}/status"))
+                        .send()
+                        .await
+                        .ok()
+                        .is_some_and(|r| r.status().is_success());
+                    if ready {
+                        break 'attempts (driver, base);
+                    }
+                    if let Ok(Some(st)) = driver.try_wait() {
+                        let why = std::fs::read_to_string(&log).unwrap_or_default();
+                        failures.push(format!("port {port}: exited ({st}): {}", why.trim()));
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "chromedriver was not ready in 30 s on port {port}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            panic!("chromedriver did not start: {failures:#?}");
+        };
         let mut b = Browser {
             driver,
             base,
@@ -45,27 +77,6 @@ impl Browser {
             http,
             _profile: profile,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = b
-                .http
-                .get(format!("{}/status", b.base))
-                .send()
-                .await
-                .ok()
-                .and_then(|r| r.status().is_success().then_some(()));
-            if ready.is_some() {
-                break;
-            }
-            if let Ok(Some(s)) = b.driver.try_wait() {
-                panic!("chromedriver exited ({s}) before it was ready");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "chromedriver was not ready in 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {
