@@ -16,6 +16,7 @@ pub mod hash;
 pub mod keyring;
 pub mod keys;
 pub mod manifest;
+pub mod nodes;
 pub mod patch;
 pub mod path;
 pub mod tree;
@@ -29,6 +30,7 @@ pub use keys::{KeyError, PublicKey, SecretKey};
 pub use manifest::{
     DirNode, Entry, EntryKind, MAX_DIR_ENTRIES, MAX_NODE_BYTES, MAX_ROOT_BYTES, Root, SignedRoot,
 };
+pub use nodes::{NodeMap, Resolved, resolve};
 pub use path::{PathError, RelPath, resolve_symlink, validate_name};
 pub use tree::{BuiltTree, TreeBuilder};
 pub use verify::{TrustedKeys, VerifiedRoot, Verifier, VerifyError, check_fresh, check_link};

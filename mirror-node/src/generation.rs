@@ -3,9 +3,8 @@
 //! (O(depth) binary searches), so a new generation shares every unchanged
 //! node with the old one and building it costs O(changed).
 
-use meridian_core::{DirNode, Entry, EntryKind, Hash, VerifiedRoot, hash_bytes};
+use meridian_core::{DirNode, EntryKind, Hash, NodeMap, VerifiedRoot, hash_bytes};
 use meridian_serve::ObjectStore;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Why a generation could not be loaded.
@@ -28,16 +27,10 @@ pub enum LoadError {
 pub(crate) struct Generation {
     pub root: VerifiedRoot,
     /// Every directory node of the tree by hash.
-    pub nodes: HashMap<Hash, Arc<DirNode>>,
+    pub nodes: NodeMap,
 }
 
-/// What a request path resolves to.
-#[derive(Debug, Clone)]
-pub(crate) enum Resolved<'a> {
-    File(&'a Entry),
-    /// A directory, with its canonical path (symlinks followed).
-    Dir(String, &'a DirNode),
-}
+pub(crate) use meridian_core::Resolved;
 
 /// Reads and checks one node from the store.
 pub(crate) fn read_node(store: &ObjectStore, h: &Hash) -> Result<DirNode, LoadError> {
@@ -54,9 +47,9 @@ impl Generation {
     pub(crate) fn assemble(
         store: &ObjectStore,
         root: VerifiedRoot,
-        known: Option<&HashMap<Hash, Arc<DirNode>>>,
+        known: Option<&NodeMap>,
     ) -> Result<Self, LoadError> {
-        let mut nodes: HashMap<Hash, Arc<DirNode>> = HashMap::new();
+        let mut nodes = NodeMap::new();
         let mut stack = vec![root.root.tree];
         while let Some(h) = stack.pop() {
             if nodes.contains_key(&h) {
@@ -90,53 +83,19 @@ impl Generation {
             .map(|e| (e.hash, e.size))
     }
 
-    fn top(&self) -> Option<&DirNode> {
-        self.nodes.get(&self.root.root.tree).map(|n| n.as_ref())
-    }
-
     /// Resolves a normalised path ("" is the top; no leading slash),
-    /// following symlinks inside the tree (at most 8 hops).
+    /// following symlinks inside the tree ([`meridian_core::resolve`]).
     pub(crate) fn resolve(&self, path: &str) -> Option<Resolved<'_>> {
-        // No allocation on the way to a file (the download hot path); the
-        // walked prefix is only spelled out for a directory or a symlink.
-        let mut owned: Option<String> = None;
-        'hops: for _ in 0..8 {
-            let current: &str = owned.as_deref().unwrap_or(path);
-            let comps = || current.split('/').filter(|c| !c.is_empty());
-            let walked = |n: usize| comps().take(n).collect::<Vec<_>>().join("/");
-            let mut dir = self.top()?;
-            let mut it = comps().enumerate().peekable();
-            while let Some((i, comp)) = it.next() {
-                let e = dir.get(comp)?;
-                let last = it.peek().is_none();
-                match e.kind {
-                    EntryKind::Dir => {
-                        dir = self.nodes.get(&e.hash)?;
-                    }
-                    EntryKind::File if last => return Some(Resolved::File(e)),
-                    EntryKind::File => return None,
-                    EntryKind::Symlink => {
-                        let target = e.target.as_deref()?;
-                        let mut next = meridian_core::resolve_symlink(&walked(i), target)?;
-                        for (_, rest) in it {
-                            next.push('/');
-                            next.push_str(rest);
-                        }
-                        owned = Some(next);
-                        continue 'hops;
-                    }
-                }
-            }
-            return Some(Resolved::Dir(walked(usize::MAX), dir));
-        }
-        None
+        meridian_core::resolve(&self.nodes, &self.root.root.tree, path)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meridian_core::{RelPath, Root, SecretKey, SignedRoot, TreeBuilder, TrustedKeys, Verifier};
+    use meridian_core::{
+        Entry, RelPath, Root, SecretKey, SignedRoot, TreeBuilder, TrustedKeys, Verifier,
+    };
 
     fn build(
         files: &[(&str, &[u8])],
