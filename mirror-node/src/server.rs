@@ -16,6 +16,7 @@ use http::{Method, Request, Response, StatusCode};
 use meridian_core::{DirNode, EntryKind, VerifiedRoot};
 use meridian_serve::files::{self, FileMeta, text};
 use meridian_serve::readapi::{self, Published};
+use meridian_serve::urlpath::{encode_path, normalise};
 use meridian_serve::{Body, ObjectStore, Service, full};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -75,46 +76,6 @@ impl Published for MirrorService {
     fn deltas(&self) -> Option<&meridian_serve::readapi::DeltaCache> {
         Some(&self.state.deltas)
     }
-}
-
-/// Percent-decodes and normalises a request path. `.` and empty segments
-/// are dropped, `..` pops a segment (never above the root), and every
-/// remaining name must be a valid published name: NUL, control characters,
-/// backslashes and invalid UTF-8 are refused. Returns the path without
-/// leading slash and whether it named a directory (trailing slash).
-pub(crate) fn normalise(raw: &str) -> Option<(std::borrow::Cow<'_, str>, bool)> {
-    // Fast path: a plain path (no escapes, no dot or empty segments) is
-    // already normal; it only needs its names checked.
-    if let Some(rest) = raw.strip_prefix('/')
-        && !raw.contains('%')
-    {
-        let trailing = rest.ends_with('/');
-        let body = rest.strip_suffix('/').unwrap_or(rest);
-        let plain = body.is_empty()
-            || body
-                .split('/')
-                .all(|seg| seg != "." && seg != ".." && meridian_core::validate_name(seg).is_ok());
-        if plain {
-            return Some((body.into(), trailing || body.is_empty()));
-        }
-    }
-    let bytes: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
-    let decoded = String::from_utf8(bytes).ok()?;
-    let trailing = decoded.ends_with('/');
-    let mut parts: Vec<&str> = Vec::new();
-    for seg in decoded.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                parts.pop()?;
-            }
-            s => {
-                meridian_core::validate_name(s).ok()?;
-                parts.push(s);
-            }
-        }
-    }
-    Some((parts.join("/").into(), trailing))
 }
 
 /// Content-Type by file extension.
@@ -452,21 +413,6 @@ fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
         .unwrap_or_else(|_| not_found())
 }
 
-fn encode_path(p: &str) -> String {
-    const SET: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
-        .add(b' ')
-        .add(b'"')
-        .add(b'#')
-        .add(b'%')
-        .add(b'<')
-        .add(b'>')
-        .add(b'?')
-        .add(b'`')
-        .add(b'{')
-        .add(b'}');
-    percent_encoding::utf8_percent_encode(p, SET).to_string()
-}
-
 #[derive(Serialize)]
 struct JsonEntry<'a> {
     name: &'a str,
@@ -583,28 +529,6 @@ fn listing(req: &Request<()>, path: &str, node: &DirNode, generation: u64) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn normalise_never_escapes() {
-        assert_eq!(normalise("/a/b.txt"), Some(("a/b.txt".into(), false)));
-        assert_eq!(normalise("/a//b/./c/"), Some(("a/b/c".into(), true)));
-        assert_eq!(normalise("/a/../b"), Some(("b".into(), false)));
-        assert_eq!(normalise("/"), Some(("".into(), true)));
-        for bad in [
-            "/../etc/passwd",
-            "/%2e%2e/etc/passwd",
-            "/a/%2E%2E/%2e%2e/x",
-            "/a%00b",
-            "/a%0ab",
-            "/a%5cb",
-            "/%ff",
-            "/..",
-        ] {
-            assert_eq!(normalise(bad), None, "{bad}");
-        }
-        // An encoded slash is a separator after decoding, still contained.
-        assert_eq!(normalise("/a%2fb"), Some(("a/b".into(), false)));
-    }
 
     #[test]
     fn types_by_extension() {

@@ -26,6 +26,7 @@ pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod tls;
+pub mod urlpath;
 
 pub use body::{Body, empty, full};
 pub use server::{Listen, ListenError, ServerHandle, bind, serve, serve_listeners};
