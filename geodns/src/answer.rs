@@ -42,6 +42,11 @@ pub struct Runtime {
     pub overrides: Vec<(IpAddr, u8, Arc<Location>)>,
     /// Every dynamic name in lower-case wire format, for the UDP fast path.
     pub hot_names: Vec<Vec<u8>>,
+    /// Each mirror's download base URL (no trailing slash), by id: the
+    /// redirector's only targets.
+    pub bases: rustc_hash::FxHashMap<String, Arc<str>>,
+    /// Each mirror's country (lower-case ISO code) where configured.
+    pub countries: rustc_hash::FxHashMap<String, Box<str>>,
 }
 
 /// The splitmix64 output function: well-spread bits from a counter (the

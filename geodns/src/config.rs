@@ -57,6 +57,9 @@ pub struct GeoDnsConfig {
     /// Public, read-only status listener (the network map page).
     #[serde(default)]
     pub public: Option<Public>,
+    /// HTTP redirector (302 to the nearest mirror that has the file).
+    #[serde(default)]
+    pub redirector: Option<Redirector>,
 }
 
 fn default_tcp_max() -> usize {
@@ -223,9 +226,77 @@ pub struct Mirror {
     /// Serve only clients from these continents, if set.
     #[serde(default)]
     pub continents: Vec<String>,
+    /// The base URL downloads are redirected to (`https://host/` or
+    /// `https://host/path/`). Default: `status_url` without its
+    /// `/.meridian/status`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The mirror's country (ISO 3166 code), for the redirector's
+    /// `Link: …; geo=` and Metalink locations.
+    #[serde(default)]
+    pub country: Option<String>,
 }
 fn default_weight() -> f64 {
     1.0
+}
+
+impl Mirror {
+    /// The base URL downloads go to, without a trailing slash.
+    pub fn base_url(&self) -> String {
+        let u = match &self.url {
+            Some(u) => u.as_str(),
+            None => self
+                .status_url
+                .strip_suffix("/.meridian/status")
+                .unwrap_or(&self.status_url),
+        };
+        u.trim_end_matches('/').to_owned()
+    }
+}
+
+/// Checks a redirect base URL: http or https, a host, no query, fragment
+/// or credentials.
+fn check_base_url(u: &str) -> Result<(), String> {
+    let uri: http::Uri = u.parse().map_err(|e| format!("not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err("must start with http:// or https://".into()),
+    }
+    let Some(auth) = uri.authority() else {
+        return Err("has no host".into());
+    };
+    if auth.as_str().contains('@') {
+        return Err("must not hold credentials".into());
+    }
+    if uri.query().is_some() || u.contains('#') {
+        return Err("must not have a query or fragment".into());
+    }
+    Ok(())
+}
+
+/// The redirector: `GET /path` answers 302 to the nearest usable mirror
+/// that serves the file's exact bytes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirector {
+    pub listen: SocketAddr,
+    /// Where signed roots and directory nodes come from (the origin or
+    /// mirrors, base URLs), tried in order. No file content is fetched.
+    pub upstreams: Vec<String>,
+    /// Public keys trusted to sign generations (`ed25519:<hex>`).
+    #[serde(deserialize_with = "meridian_serve::keys::de_keys")]
+    pub trust: Vec<meridian_core::PublicKey>,
+    /// Proxies (CIDR networks) whose `X-Forwarded-For` is believed; from
+    /// anyone else the header is ignored.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Recent generations whose trees are kept, so lagging mirrors still
+    /// get the files that did not change.
+    #[serde(default = "default_keep")]
+    pub generations: usize,
+}
+fn default_keep() -> usize {
+    8
 }
 
 /// Network → location override (e.g. an ISP whose GeoIP data is wrong).
@@ -471,6 +542,13 @@ impl GeoDnsConfig {
             if m.weight.is_nan() || m.weight <= 0.0 {
                 return bad(format!("mirror {}: weight must be positive", m.id));
             }
+            if let Err(e) = check_base_url(&m.base_url()) {
+                return bad(format!(
+                    "mirror {}: url {:?} {e}; set url = \"https://host/\"",
+                    m.id,
+                    m.base_url()
+                ));
+            }
         }
         for o in &self.overrides {
             if crate::select::parse_cidr(&o.network).is_none() {
@@ -485,6 +563,26 @@ impl GeoDnsConfig {
                     "override {}: needs a known region or latitude and longitude",
                     o.network
                 ));
+            }
+        }
+        if let Some(r) = &self.redirector {
+            if r.upstreams.is_empty() {
+                return bad("redirector.upstreams: at least one (the origin, or a mirror)".into());
+            }
+            for u in &r.upstreams {
+                check_base_url(u).map_err(|e| {
+                    ConfigError::Invalid(format!("redirector.upstreams {u:?}: {e}"))
+                })?;
+            }
+            if r.trust.is_empty() {
+                return bad("redirector.trust: at least one key (ed25519:...)".into());
+            }
+            for p in &r.trusted_proxies {
+                if crate::select::parse_cidr(p).is_none() {
+                    return bad(format!(
+                        "redirector.trusted_proxies {p:?}: not a CIDR network"
+                    ));
+                }
             }
         }
         if self.selection.answers == 0 || self.selection.band.is_nan() || self.selection.band < 1.0

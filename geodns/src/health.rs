@@ -373,5 +373,6 @@ fn view(m: &Mirror, st: Option<&ProbeState>, newest: u64, lag: u64) -> MirrorVie
             load,
             changed_at: st.changed_at,
         },
+        generation: st.generation,
     }
 }

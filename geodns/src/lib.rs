@@ -21,6 +21,7 @@ mod health;
 mod metrics;
 pub mod mmdb;
 mod public;
+mod redirect;
 mod select;
 mod tcp;
 mod wire;
@@ -100,6 +101,21 @@ pub fn build_runtime(cfg: &GeoDnsConfig) -> Result<answer::Runtime, GeoDnsError>
         })
         .collect();
     Ok(answer::Runtime {
+        bases: cfg
+            .mirrors
+            .iter()
+            .map(|m| (m.id.clone(), Arc::from(m.base_url())))
+            .collect(),
+        countries: cfg
+            .mirrors
+            .iter()
+            .filter_map(|m| {
+                Some((
+                    m.id.clone(),
+                    m.country.as_ref()?.to_ascii_lowercase().into(),
+                ))
+            })
+            .collect(),
         hot_names,
         zones,
         params: select::Params {
@@ -130,11 +146,14 @@ pub struct GeoDnsHandle {
     pub admin_addr: Option<SocketAddr>,
     /// The public status page's address.
     pub public_addr: Option<SocketAddr>,
+    /// The redirector's address.
+    pub redirector_addr: Option<SocketAddr>,
     pub tracker: Arc<health::Tracker>,
     shutdown: meridian_serve::shutdown::Shutdown,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     admin: Option<meridian_serve::ServerHandle>,
     public: Option<meridian_serve::ServerHandle>,
+    redirector: Option<meridian_serve::ServerHandle>,
     udp_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -154,7 +173,10 @@ impl GeoDnsHandle {
         for t in std::mem::take(&mut self.udp_threads) {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
-        for server in [self.admin, self.public].into_iter().flatten() {
+        for server in [self.admin, self.public, self.redirector]
+            .into_iter()
+            .flatten()
+        {
             server.shutdown().await;
         }
         for t in self.tasks {
@@ -389,6 +411,72 @@ pub async fn start_with(
         }
         None => None,
     };
+    let redirector = match &cfg.redirector {
+        Some(r) => {
+            let l = meridian_serve::bind(r.listen).map_err(|source| GeoDnsError::Bind {
+                addr: r.listen,
+                source,
+            })?;
+            let trees = Arc::new(redirect::trees::Trees::new(
+                &r.upstreams,
+                &r.trust,
+                r.generations,
+            ));
+            // The newest generation, by long-poll.
+            {
+                let (trees, mut stop) = (trees.clone(), rx.clone());
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        let r = tokio::select! {
+                            r = trees.follow_once() => r,
+                            _ = stop.wait() => return,
+                        };
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "redirector: no new generation from any upstream");
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                                _ = stop.wait() => return,
+                            }
+                        }
+                    }
+                }));
+            }
+            // The recent generations the mirrors report serving.
+            {
+                let (trees, tracker, mut stop) = (trees.clone(), tracker.clone(), rx.clone());
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        let reported: Vec<u64> =
+                            tracker.views.load().iter().map(|v| v.generation).collect();
+                        tokio::select! {
+                            _ = trees.load_older(reported) => {}
+                            _ = stop.wait() => return,
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = stop.wait() => return,
+                        }
+                    }
+                }));
+            }
+            let svc = Arc::new(redirect::Redirector::new(
+                trees,
+                tracker.clone(),
+                runtime.clone(),
+                geo.clone(),
+                &r.trusted_proxies,
+                redirect::RedirectMetrics::new(metrics.registry()),
+            ));
+            let h = meridian_serve::serve(l, meridian_serve::ServerOptions::default(), svc);
+            tracing::info!(
+                "geodns redirector listening on {} (http://{}/)",
+                h.local_addr,
+                h.local_addr
+            );
+            Some(h)
+        }
+        None => None,
+    };
     let admin = match &cfg.admin {
         Some(a) => {
             let l = meridian_serve::bind(a.listen).map_err(|source| GeoDnsError::Bind {
@@ -412,12 +500,14 @@ pub async fn start_with(
         udp_threads,
         admin_addr: admin.as_ref().map(|a| a.local_addr),
         public_addr: public.as_ref().map(|p| p.local_addr),
+        redirector_addr: redirector.as_ref().map(|p| p.local_addr),
         dns_addrs,
         tracker,
         shutdown: tx,
         tasks,
         admin,
         public,
+        redirector,
     })
 }
 

@@ -299,6 +299,11 @@ impl DnsMetrics {
     pub(crate) fn local_udp_latency(&self) -> prometheus::local::LocalHistogram {
         self.answer_seconds.with_label_values(&["udp"]).local()
     }
+    /// The registry `/metrics` renders, for other parts of GeoDNS (the
+    /// redirector) to register in.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
     pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

@@ -70,6 +70,8 @@ pub struct MirrorView {
     pub countries: Vec<String>,
     pub continents: Vec<String>,
     pub health: Health,
+    /// The generation it last reported serving (0: none yet).
+    pub generation: u64,
 }
 
 /// Tuning (from config).
@@ -133,8 +135,13 @@ impl MirrorView {
     }
     /// Usable for new clients.
     pub fn usable(&self, full_at: f64) -> bool {
+        self.serving(full_at) && self.health.current
+    }
+    /// Up, not draining, not taken out and not full, whatever generation
+    /// it serves: the redirector's test, which checks the file itself.
+    pub fn serving(&self, full_at: f64) -> bool {
         let h = &self.health;
-        h.up && h.current && !h.draining && !h.forced_down && h.load < full_at
+        h.up && !h.draining && !h.forced_down && h.load < full_at
     }
     fn share(&self, full_at: f64) -> f64 {
         let spare = (1.0 - self.health.load / full_at).clamp(0.02, 1.0);
@@ -285,6 +292,15 @@ pub(crate) struct Ranked {
 }
 
 impl Ranked {
+    /// Every mirror at distance 0 (a client with no location), in config
+    /// order: the band is everyone, drawn by weight and spare capacity.
+    pub(crate) fn unplaced(mirrors: &[MirrorView]) -> Ranked {
+        Ranked {
+            dists: vec![0.0; mirrors.len()],
+            order: (0..mirrors.len() as u32).collect(),
+        }
+    }
+
     pub(crate) fn new(client: &Location, mirrors: &[MirrorView]) -> Ranked {
         let dists: Vec<f64> = mirrors
             .iter()
@@ -310,14 +326,53 @@ pub(crate) fn select_ranked(
     random: u64,
     picks: &mut Vec<usize>,
 ) -> bool {
-    let Ranked { dists, order } = ranked;
     let ok = |i: usize| {
         mirrors
             .get(i)
             .is_some_and(|m| m.has(family) && m.admits(Some(client)) && m.usable(p.full_at))
     };
+    pick_ranked(ranked, mirrors, p, random, ok, p.answers.max(1), picks)
+}
+
+/// The redirector's choice for one file: the mirrors that pass `has` (the
+/// file is in the generation it serves, with the same bytes) and are
+/// serving, whatever their generation; otherwise as [`select_ranked`]. Up
+/// to `n` picks, nearest band first; false when none qualifies.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn select_for_file(
+    client: Option<&Location>,
+    ranked: &Ranked,
+    mirrors: &[MirrorView],
+    p: &Params,
+    random: u64,
+    has: impl Fn(usize) -> bool,
+    n: usize,
+    picks: &mut Vec<usize>,
+) -> bool {
+    let ok = |i: usize| {
+        mirrors
+            .get(i)
+            .is_some_and(|m| m.admits(client) && m.serving(p.full_at) && has(i))
+    };
+    pick_ranked(ranked, mirrors, p, random, ok, n, picks)
+}
+
+/// The one band rule: among the mirrors `ok` admits, walked nearest first,
+/// the first pick is drawn by weight and spare capacity from those within
+/// `band` × the nearest's distance (+ `band_km`), then the rest nearest
+/// first, `n` in all.
+fn pick_ranked(
+    ranked: &Ranked,
+    mirrors: &[MirrorView],
+    p: &Params,
+    random: u64,
+    ok: impl Fn(usize) -> bool,
+    n: usize,
+    picks: &mut Vec<usize>,
+) -> bool {
+    let Ranked { dists, order } = ranked;
     let dist = |i: usize| dists.get(i).copied().unwrap_or(f64::MAX);
-    let ranked = || order.iter().map(|&i| i as usize).filter(move |&i| ok(i));
+    let ranked = || order.iter().map(|&i| i as usize).filter(|&i| ok(i));
     let Some(nearest) = ranked().next() else {
         return false;
     };
@@ -326,7 +381,7 @@ pub(crate) fn select_ranked(
     let first = draw_from(band, |i| mirrors[i].share(p.full_at), random).unwrap_or(nearest);
     picks.clear();
     picks.push(first);
-    picks.extend(ranked().filter(|&i| i != first).take(p.answers.max(1) - 1));
+    picks.extend(ranked().filter(|&i| i != first).take(n.max(1) - 1));
     true
 }
 
@@ -411,6 +466,7 @@ mod tests {
                 current: true,
                 ..Default::default()
             },
+            generation: 1,
         }
     }
 

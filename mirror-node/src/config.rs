@@ -19,7 +19,7 @@ pub struct MirrorConfig {
     pub upstreams: Vec<String>,
     /// Public keys trusted to sign generations (`ed25519:<hex>`); list both
     /// old and new during a key rotation.
-    #[serde(deserialize_with = "de_keys")]
+    #[serde(deserialize_with = "meridian_serve::keys::de_keys")]
     pub trust: Vec<PublicKey>,
     /// State directory: objects, verified roots, partial downloads.
     pub state: PathBuf,
@@ -72,16 +72,6 @@ pub struct MirrorConfig {
     /// together, so this should exceed a typical sync.
     #[serde(default = "default_ready_lag", with = "humantime_serde")]
     pub ready_max_lag: Duration,
-}
-
-fn de_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PublicKey>, D::Error> {
-    let v: Vec<String> = Vec::deserialize(d)?;
-    v.iter()
-        .map(|s| {
-            s.parse()
-                .map_err(|e| serde::de::Error::custom(format!("trust key {s:?}: {e}")))
-        })
-        .collect()
 }
 
 fn default_listen() -> SocketAddr {

@@ -72,3 +72,17 @@ pub fn load(state_dir: &Path, trusted: &TrustedKeys) -> Keyring {
 pub fn save(state_dir: &Path, ring: &Keyring) -> Result<(), StoreError> {
     write_atomic(&keyring_path(state_dir), &ring.encode())
 }
+
+/// Reads a config's `trust = ["ed25519:<hex>", ...]`, naming a bad key.
+pub fn de_keys<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<meridian_core::PublicKey>, D::Error> {
+    use serde::Deserialize;
+    let v: Vec<String> = Vec::deserialize(d)?;
+    v.iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|e| serde::de::Error::custom(format!("trust key {s:?}: {e}")))
+        })
+        .collect()
+}

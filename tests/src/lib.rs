@@ -535,6 +535,8 @@ impl Demo {
             "0",
             "--status-port",
             "0",
+            "--redirect-port",
+            "0",
             "--big-file-mib",
             "0",
         ];

@@ -48,6 +48,10 @@ pub(crate) struct DemoArgs {
     /// 127.0.0.1 (0: any).
     #[arg(long, default_value_t = 8054)]
     pub status_port: u16,
+    /// GeoDNS's HTTP redirector (302 to the nearest mirror that has the
+    /// file) port on 127.0.0.1 (0: any).
+    #[arg(long, default_value_t = 8055)]
+    pub redirect_port: u16,
     /// How often mirrors re-verify their stored blobs (e.g. `1h`, `2s`).
     #[arg(long, default_value = "1h")]
     pub scrub_interval: String,
@@ -135,6 +139,8 @@ pub(crate) struct Network {
     pub admin_token: String,
     /// The GeoDNS status page (http://ADDR/).
     pub status: SocketAddr,
+    /// The redirector (http://ADDR/PATH).
+    pub redirector: SocketAddr,
     pub mirrors: BTreeMap<String, SocketAddr>,
     pub pids: BTreeMap<String, u32>,
     pub content: PathBuf,
@@ -237,7 +243,7 @@ fn check_bindable(addr: SocketAddr) -> anyhow::Result<()> {
         ),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             bail!(
-                "cannot bind {addr}: the port is in use; pick others with --origin-port/--mirror-port/--dns-port/--admin-port/--status-port"
+                "cannot bind {addr}: the port is in use; pick others with --origin-port/--mirror-port/--dns-port/--admin-port/--status-port/--redirect-port"
             )
         }
         Err(e) => bail!("cannot bind {addr}: {e}"),
@@ -344,7 +350,12 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     };
     let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    for port in [args.origin_port, args.admin_port, args.status_port] {
+    for port in [
+        args.origin_port,
+        args.admin_port,
+        args.status_port,
+        args.redirect_port,
+    ] {
         check_bindable(SocketAddr::new(lo, port))?;
     }
     for r in &REGIONS {
@@ -464,6 +475,17 @@ records = [
     let mut public = toml::Table::new();
     public.insert("listen".into(), s(SocketAddr::new(lo, args.status_port)));
     table.insert("public".into(), toml::Value::Table(public));
+    let mut redirector = toml::Table::new();
+    redirector.insert("listen".into(), s(SocketAddr::new(lo, args.redirect_port)));
+    redirector.insert(
+        "upstreams".into(),
+        toml::Value::Array(vec![s(format!("http://{origin}"))]),
+    );
+    redirector.insert(
+        "trust".into(),
+        toml::Value::Array(vec![s(public_key.to_string())]),
+    );
+    table.insert("redirector".into(), toml::Value::Table(redirector));
     let mut list = Vec::new();
     for r in &REGIONS {
         let mut m = toml::Table::new();
@@ -472,6 +494,7 @@ records = [
         m.insert("latitude".into(), toml::Value::Float(r.lat));
         m.insert("longitude".into(), toml::Value::Float(r.lon));
         m.insert("ipv4".into(), toml::Value::Array(vec![s(r.addr)]));
+        m.insert("country".into(), s(r.country));
         m.insert(
             "status_url".into(),
             s(format!("http://{}/.meridian/status", mirrors[r.name])),
@@ -493,6 +516,7 @@ records = [
     let dns = kids.wait_listening("geodns", &log, "geodns")?;
     let admin = kids.wait_listening("geodns", &log, "geodns admin")?;
     let status = kids.wait_listening("geodns", &log, "geodns status page")?;
+    let redirector = kids.wait_listening("geodns", &log, "geodns redirector")?;
 
     let network = Network {
         origin,
@@ -501,6 +525,7 @@ records = [
         admin,
         admin_token: admin_token.clone(),
         status,
+        redirector,
         mirrors: mirrors.clone(),
         pids: kids.pids(),
         content: content.clone(),
@@ -530,6 +555,7 @@ records = [
     println!("  geodns     {dns} udp+tcp, zone meridian.test, name dl.meridian.test");
     println!("  admin      http://{admin}/mirrors   (Authorization: Bearer {admin_token})");
     println!("  status map http://{status}/   (open it in a browser: mirrors and live steering)");
+    println!("  redirector http://{redirector}/   (302 to the nearest mirror that has the file)");
     println!("  public key {public_key}");
     println!("  logs       {}", logs.display());
     println!();
@@ -556,6 +582,14 @@ records = [
     );
     println!(
         "  curl -sI --resolve dl.meridian.test:{mport}:$IP http://dl.meridian.test:{mport}/releases/1.0/tool-1.0.tar.gz | grep -i blake3"
+    );
+    println!();
+    println!("The redirector sends each download to the nearest mirror that has the file:");
+    println!(
+        "  curl -sIL --interface 127.0.20.2 http://{redirector}/releases/1.0/tool-1.0.tar.gz | grep -i -e '^location' -e '^link'   # London"
+    );
+    println!(
+        "  wget --bind-address=127.0.20.1 -q http://{redirector}/releases/1.0/tool-1.0.tar.gz                                       # Jakarta"
     );
     println!();
     println!("Watch a change propagate to every mirror:");

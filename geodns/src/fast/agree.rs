@@ -154,6 +154,7 @@ fn views(rng: &mut Rng, now: Instant) -> Views {
                 load: rng.below(120) as f64 / 100.0,
                 changed_at,
             },
+            generation: 1,
         });
     }
     Views::new(out)

@@ -1,0 +1,282 @@
+//! The HTTP redirector (`[redirector]`): `GET /path` answers `302` to the
+//! nearest usable mirror that serves the file's exact bytes, with the next
+//! ones in `Link: …; rel=duplicate` (RFC 6249).
+//!
+//! It shares GeoDNS's mirror views (health, load), its client placement
+//! ([`crate::answer::locate`]) and its band rule
+//! ([`crate::select::select_for_file`]). What it adds is per file: a
+//! mirror qualifies when the tree of the generation it reports serving
+//! ([`trees`]) holds the path with the same blake3 hash as the newest
+//! generation, so a mirror a generation behind still gets every file that
+//! did not change and never one that did.
+//!
+//! A target is always a configured mirror base URL plus the normalised
+//! published path, percent-encoded ([`meridian_serve::urlpath`]): nothing
+//! of the request but a path that resolves in the signed tree reaches a
+//! `Location`, so no path or header makes it an open redirect.
+
+pub(crate) mod trees;
+
+use crate::answer::{Runtime, locate};
+use crate::geoip::GeoSet;
+use crate::health::Tracker;
+use crate::select::{self, Ranked};
+use http::{HeaderValue, Method, Response, StatusCode, header};
+use meridian_core::{Hash, Resolved};
+use meridian_serve::files::text;
+use meridian_serve::urlpath::{encode_path, normalise};
+use meridian_serve::{Body, Service, empty};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use trees::{Known, Tree, Trees};
+
+/// Mirrors named in `Link: rel=duplicate` besides the target.
+const DUPLICATES: usize = 4;
+/// `Retry-After` when no usable mirror has a file.
+const RETRY_AFTER: &str = "30";
+
+/// The redirector's counters.
+#[derive(Debug, Clone)]
+pub(crate) struct RedirectMetrics {
+    redirects: IntCounterVec,
+    responses: IntCounterVec,
+}
+
+impl RedirectMetrics {
+    pub(crate) fn new(registry: &Registry) -> Self {
+        let m = RedirectMetrics {
+            redirects: IntCounterVec::new(
+                Opts::new(
+                    "meridian_redirector_redirects_total",
+                    "Downloads redirected (GET), by target mirror",
+                ),
+                &["mirror"],
+            )
+            .expect("metric"),
+            responses: IntCounterVec::new(
+                Opts::new(
+                    "meridian_redirector_responses_total",
+                    "Redirector responses by status code",
+                ),
+                &["code"],
+            )
+            .expect("metric"),
+        };
+        for c in [&m.redirects, &m.responses] {
+            let _ = registry.register(Box::new(c.clone()));
+        }
+        for code in ["302", "400", "404", "405", "503"] {
+            m.responses.with_label_values(&[code]);
+        }
+        m
+    }
+    fn response(&self, code: StatusCode) -> IntCounter {
+        self.responses.with_label_values(&[code.as_str()])
+    }
+}
+
+/// The redirector service.
+#[derive(Debug)]
+pub(crate) struct Redirector {
+    pub trees: Arc<Trees>,
+    pub tracker: Arc<Tracker>,
+    pub runtime: Arc<arc_swap::ArcSwap<Runtime>>,
+    pub geo: Arc<GeoSet>,
+    pub proxies: Vec<(IpAddr, u8)>,
+    pub metrics: RedirectMetrics,
+    random: AtomicU64,
+}
+
+/// What the request names in the newest tree.
+enum Target {
+    File(Hash),
+    Dir,
+}
+
+impl Redirector {
+    pub(crate) fn new(
+        trees: Arc<Trees>,
+        tracker: Arc<Tracker>,
+        runtime: Arc<arc_swap::ArcSwap<Runtime>>,
+        geo: Arc<GeoSet>,
+        proxies: &[String],
+        metrics: RedirectMetrics,
+    ) -> Self {
+        Redirector {
+            trees,
+            tracker,
+            runtime,
+            geo,
+            proxies: proxies
+                .iter()
+                .filter_map(|p| select::parse_cidr(p))
+                .collect(),
+            metrics,
+            random: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64),
+            ),
+        }
+    }
+
+    /// The client: the peer, or, from a trusted proxy, the right-most
+    /// address in `X-Forwarded-For` that is not itself a trusted proxy.
+    fn client_ip(&self, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
+        let trusted = |ip: IpAddr| {
+            self.proxies
+                .iter()
+                .any(|&(n, l)| select::cidr_contains(n, l, ip))
+        };
+        if !trusted(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for v in headers.get_all("x-forwarded-for").iter().rev() {
+            let Ok(v) = v.to_str() else { return client };
+            for part in v.rsplit(',') {
+                let Ok(ip) = part.trim().parse::<IpAddr>() else {
+                    return client;
+                };
+                client = ip;
+                if !trusted(ip) {
+                    return ip;
+                }
+            }
+        }
+        client
+    }
+
+    fn next_random(&self) -> u64 {
+        crate::answer::splitmix(
+            self.random
+                .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed),
+        )
+    }
+}
+
+/// Whether `tree` serves what `target` names at `path` in the newest tree.
+fn serves(tree: &Tree, path: &str, target: &Target) -> bool {
+    match (tree.resolve(path), target) {
+        (Some(Resolved::File(e)), Target::File(h)) => e.hash == *h,
+        (Some(Resolved::Dir(..)), Target::Dir) => true,
+        _ => false,
+    }
+}
+
+fn tree_of(known: &Known, generation: u64) -> Option<&Tree> {
+    match &known.newest {
+        Some(t) if t.generation() == generation => Some(t),
+        _ => known.by_generation.get(&generation).map(|t| t.as_ref()),
+    }
+}
+
+fn reply(code: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = text(code, msg.to_owned());
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+impl Service for Redirector {
+    async fn call(&self, req: http::Request<()>, peer: SocketAddr) -> Response<Body> {
+        let r = self.redirect(&req, peer);
+        self.metrics.response(r.status()).inc();
+        r
+    }
+}
+
+impl Redirector {
+    fn redirect(&self, req: &http::Request<()>, peer: SocketAddr) -> Response<Body> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return r;
+        }
+        let Some((path, wants_dir)) = normalise(req.uri().path()) else {
+            return reply(StatusCode::BAD_REQUEST, "invalid path\n");
+        };
+        let known = self.trees.known.load();
+        let Some(newest) = known.newest.as_ref() else {
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the redirector has not loaded a generation yet; try again soon\n",
+            );
+        };
+        let (target, canonical) = match newest.resolve(&path) {
+            None => return reply(StatusCode::NOT_FOUND, "not found\n"),
+            Some(Resolved::File(_)) if wants_dir => {
+                return reply(StatusCode::NOT_FOUND, "not found\n");
+            }
+            Some(Resolved::File(e)) => (Target::File(e.hash), path.to_string()),
+            Some(Resolved::Dir(c, _)) => (Target::Dir, c),
+        };
+        let rt = self.runtime.load();
+        let views = self.tracker.views.load();
+        let client = locate(&rt, &self.geo, self.client_ip(peer.ip(), req.headers()));
+        let loc = client.location.as_deref();
+        let ranked = match loc {
+            Some(l) => Ranked::new(l, &views),
+            None => Ranked::unplaced(&views),
+        };
+        let has = |i: usize| {
+            tree_of(&known, views[i].generation).is_some_and(|t| serves(t, &canonical, &target))
+        };
+        let mut picks = Vec::with_capacity(1 + DUPLICATES);
+        if !select::select_for_file(
+            loc,
+            &ranked,
+            &views,
+            &rt.params,
+            self.next_random(),
+            has,
+            1 + DUPLICATES,
+            &mut picks,
+        ) {
+            let mut r = reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no mirror that serves this file is usable now; try again later\n",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER));
+            return r;
+        }
+        let encoded = encode_path(&canonical);
+        let slash = if matches!(target, Target::Dir) && !canonical.is_empty() {
+            "/"
+        } else {
+            ""
+        };
+        let url = |i: usize| {
+            let base = rt.bases.get(&views[i].id).map_or("", |b| b.as_ref());
+            format!("{base}/{encoded}{slash}")
+        };
+        let mut b = Response::builder()
+            .status(StatusCode::FOUND)
+            .header(header::CACHE_CONTROL, "no-store")
+            .header(header::LOCATION, url(picks[0]))
+            .header("x-meridian-generation", newest.generation());
+        if let Target::File(h) = &target {
+            b = b.header("x-meridian-blake3", h.to_string());
+        }
+        for (k, &i) in picks.iter().enumerate().skip(1) {
+            let mut link = format!("<{}>; rel=duplicate; pri={}", url(i), k + 1);
+            if let Some(cc) = rt.countries.get(&views[i].id) {
+                link.push_str("; geo=");
+                link.push_str(cc);
+            }
+            b = b.header(header::LINK, link);
+        }
+        if req.method() == Method::GET {
+            self.metrics
+                .redirects
+                .with_label_values(&[&views[picks[0]].id])
+                .inc();
+        }
+        b.body(empty())
+            .unwrap_or_else(|_| reply(StatusCode::INTERNAL_SERVER_ERROR, "bad target\n"))
+    }
+}
