@@ -7,6 +7,7 @@ mod keys;
 mod mirror;
 mod network;
 mod origin;
+mod redirector;
 mod restore;
 mod serving;
 mod status_page;

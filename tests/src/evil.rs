@@ -110,6 +110,12 @@ impl Service for Evil {
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.bytes().await.unwrap_or_default();
+        // A long-poll forwarded before the switch to FakeRoot answers with
+        // the fake too: from the switch on, no real root gets through.
+        if is_root && self.mode() == Mode::FakeRoot as u8 {
+            let fake = self.fake_root.lock().unwrap().clone();
+            return Response::new(full(fake));
+        }
         let mut out = Response::builder().status(status.as_u16());
         for k in [
             "content-range",
