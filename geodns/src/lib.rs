@@ -461,6 +461,7 @@ pub async fn start_with(
             }
             let svc = Arc::new(redirect::Redirector::new(
                 trees,
+                Arc::new(redirect::digest::Digests::new(&r.upstreams)),
                 tracker.clone(),
                 runtime.clone(),
                 geo.clone(),

@@ -415,7 +415,6 @@ fn internal_error() -> Response<Body> {
     r
 }
 
-/// A short plain-text response.
 /// `s` with the five HTML-special characters escaped (text and attribute
 /// values alike).
 pub fn html_escape(s: &str) -> String {
@@ -433,6 +432,7 @@ pub fn html_escape(s: &str) -> String {
     o
 }
 
+/// A short plain-text response.
 pub fn text(status: StatusCode, msg: impl Into<Bytes>) -> Response<Body> {
     let msg = msg.into();
     let mut r = Response::new(full(msg.clone()));

@@ -104,8 +104,17 @@ async fn curl_and_wget_follow_the_redirect_to_the_nearest_mirror() {
         let h = head(&["--interface", client, &url]);
         assert!(h.starts_with("HTTP/1.1 302"), "{h}");
         assert_eq!(header(&h, "x-meridian-blake3"), [want.to_string()], "{h}");
-        let links = header(&h, "link");
+        let links: Vec<&str> = header(&h, "link")
+            .into_iter()
+            .filter(|l| l.contains("rel=duplicate"))
+            .collect();
         assert_eq!(links.len(), 3, "{h}");
+        assert!(
+            header(&h, "link").contains(
+                &"</releases/1.0/tool-1.0.tar.gz.meta4>; rel=describedby; type=\"application/metalink4+xml\""
+            ),
+            "{h}"
+        );
         for (k, l) in links.iter().enumerate() {
             assert!(
                 l.contains("rel=duplicate") && l.contains(&format!("pri={}", k + 2)),
@@ -184,6 +193,11 @@ async fn no_request_makes_it_redirect_anywhere_but_a_mirror() {
             assert!(status != 0, "{t}: no response: {h}");
             for l in header(&h, "location").into_iter().chain(header(&h, "link")) {
                 let l = l.trim_start_matches('<');
+                // The Metalink link is relative: this host, this path.
+                if l.starts_with('/') && !l.starts_with("//") {
+                    assert!(l.contains(".meta4>; rel=describedby"), "{t}: {l}");
+                    continue;
+                }
                 assert!(
                     mirrors.iter().any(|m| l.starts_with(m.as_str())),
                     "{t} {extra:?}: a target that is not a mirror: {l}\n{h}"
@@ -358,4 +372,228 @@ status_url = "http://{far}/.meridian/status"
         .await
         .unwrap();
     assert_eq!(&got[..], b"x, second version");
+}
+
+fn sha256_of(p: &std::path::Path) -> String {
+    let out = run(Command::new("sha256sum").arg(p));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+async fn requests(http: &reqwest::Client, m: std::net::SocketAddr) -> f64 {
+    let text = meridian_e2e::metrics_text(http, m)
+        .await
+        .unwrap_or_default();
+    meridian_e2e::metric(&text, "meridian_mirror_requests_total")
+}
+
+/// aria2c takes the Metalink and downloads from all four demo mirrors at
+/// once, checking every piece; the Metalink's SHA-256 is the file's.
+#[tokio::test]
+async fn aria2c_downloads_the_metalink_from_all_four_mirrors_and_checks_it() {
+    let demo = Demo::start(&[]);
+    let base = format!("http://{}", demo.addr("redirector"));
+    ready(&base, FILE).await;
+    let http = reqwest::Client::new();
+    let regions = ["ap-southeast", "eu-west", "us-east", "sa-east"];
+    let mut before = Vec::new();
+    for r in regions {
+        before.push(requests(&http, demo.mirror(r)).await);
+    }
+    let meta = reqwest::get(format!("{base}/{FILE}.meta4")).await.unwrap();
+    assert_eq!(meta.headers()["content-type"], "application/metalink4+xml");
+    let xml = meta.text().await.unwrap();
+    let original = demo.content().join(FILE);
+    let sha = sha256_of(&original);
+    assert!(
+        xml.contains(&format!("<hash type=\"sha-256\">{sha}</hash>")),
+        "{xml}"
+    );
+    assert_eq!(xml.matches("<url ").count(), 4, "{xml}");
+    assert_eq!(
+        xml.matches("<hash>").count(),
+        5,
+        "5 MiB in 1 MiB pieces: {xml}"
+    );
+    // The same through content negotiation.
+    let negotiated = http
+        .get(format!("{base}/{FILE}"))
+        .header("accept", "application/metalink4+xml")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(negotiated.contains(&sha), "{negotiated}");
+    // The 302 now carries the digest.
+    let h = head(&[&format!("{base}/{FILE}")]);
+    assert_eq!(header(&h, "repr-digest").len(), 1, "{h}");
+
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("aria2c")
+        .args([
+            "--check-integrity=true",
+            "--split=4",
+            "--max-connection-per-server=1",
+            "--min-split-size=1M",
+            "--console-log-level=warn",
+            "--summary-interval=0",
+            "-d",
+        ])
+        .arg(dir.path())
+        .arg(format!("{base}/{FILE}.meta4")));
+    assert_eq!(sha256_of(&dir.path().join("tool-1.0.tar.gz")), sha);
+    let mut used = 0;
+    for (r, b) in regions.iter().zip(&before) {
+        let after = requests(&http, demo.mirror(r)).await;
+        if after > *b {
+            used += 1;
+        }
+    }
+    assert_eq!(used, 4, "aria2c fetched from {used} of the 4 mirrors");
+}
+
+/// One mirror flips a byte in everything it sends; aria2c's piece check
+/// catches it, the pieces come from the honest mirror, and the file is
+/// right. (Multi-threaded: the lying proxy runs in this test's runtime
+/// while aria2c blocks the test's thread.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_mirror_is_caught_by_aria2cs_piece_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("big.bin"), meridian_e2e::noise(6 << 20, 7)).unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let (_o, oaddr) = origin(dir.path(), "200ms");
+    let client = ReadClient::new(oaddr, key);
+    let g = eventually("the publish", DEADLINE, || async {
+        let r = client.root().await?;
+        client
+            .files(r.root.tree)
+            .await
+            .contains_key("big.bin")
+            .then_some(r.root.generation)
+    })
+    .await;
+    let (_a, a) = mirror(
+        "honest",
+        &[format!("http://{oaddr}")],
+        &key,
+        &dir.path().join("a"),
+        &[],
+    );
+    let (_b, b) = mirror(
+        "liar",
+        &[format!("http://{oaddr}")],
+        &key,
+        &dir.path().join("b"),
+        &[],
+    );
+    let http = reqwest::Client::new();
+    wait_generation(&http, a, g).await;
+    wait_generation(&http, b, g).await;
+    // On its own loopback address: aria2 keeps its server statistics per
+    // host name.
+    let (evil, liar_srv) = Evil::start_on("127.0.0.2:0", b, Mode::FlipDownloads).await;
+    let liar = liar_srv.local_addr;
+    let cfg = dir.path().join("geodns.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+listen = ["127.0.0.1:0"]
+[[zones]]
+name = "meridian.test"
+ns = ["ns1.meridian.test."]
+[health]
+interval = "300ms"
+up_after = 1
+[selection]
+band = 1.0
+band_km = 0.0
+[[overrides]]
+network = "127.0.0.0/8"
+latitude = 0.0
+longitude = 0.0
+[redirector]
+listen = "127.0.0.1:0"
+upstreams = ["http://{oaddr}"]
+trust = ["{key}"]
+[[mirrors]]
+id = "liar"
+latitude = 0.0
+longitude = 0.0
+ipv4 = ["127.0.0.1"]
+status_url = "http://{liar}/.meridian/status"
+[[mirrors]]
+id = "honest"
+latitude = 0.0
+longitude = 10.0
+ipv4 = ["127.0.0.1"]
+status_url = "http://{a}/.meridian/status"
+"#
+        ),
+    )
+    .unwrap();
+    let mut gd = Proc::spawn(&["geodns", "--config", cfg.to_str().unwrap()], &[]);
+    let base = format!("http://{}", gd.listening("geodns redirector"));
+    ready(&base, "big.bin").await;
+    eventually("both mirrors in the Metalink", DEADLINE, || async {
+        let xml = reqwest::get(format!("{base}/big.bin.meta4"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (xml.matches("<url ").count() == 2).then_some(())
+    })
+    .await;
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = run(Command::new("timeout")
+        .args([
+            "120",
+            "aria2c",
+            "--check-integrity=true",
+            "--split=4",
+            "--max-connection-per-server=2",
+            "--min-split-size=1M",
+            "--uri-selector=inorder",
+            "--max-tries=10",
+            "--console-log-level=info",
+            "--summary-interval=0",
+            "-d",
+        ])
+        .arg(out_dir.path())
+        .arg(format!("{base}/big.bin.meta4")));
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        sha256_of(&out_dir.path().join("big.bin")),
+        sha256_of(&content.join("big.bin")),
+        "{log}"
+    );
+    // aria2c's own piece check caught the liar, and retried elsewhere.
+    assert!(
+        log.contains("Chunk checksum validation failed")
+            && log.contains(&format!(
+                "Restarting the download. URI=http://{liar}/big.bin"
+            )),
+        "no piece caught: {log}"
+    );
+    assert!(
+        evil.objects_served
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
+        "the liar was never asked: {log}\n{}",
+        reqwest::get(format!("{base}/big.bin.meta4"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    );
 }

@@ -29,6 +29,10 @@ pub enum Mode {
     /// Passes blobs and nodes, but flips a byte in the middle of every tree
     /// delta and blob patch.
     CorruptDiffs = 6,
+    /// A lying download mirror: passes the read API and `/.meridian/*`
+    /// untouched, flips one byte in the middle of every download (a whole
+    /// file or a range).
+    FlipDownloads = 7,
 }
 
 /// The lying upstream.
@@ -46,6 +50,16 @@ pub struct Evil {
 
 impl Evil {
     pub async fn start(upstream: SocketAddr, mode: Mode) -> (Arc<Evil>, ServerHandle) {
+        Self::start_on("127.0.0.1:0", upstream, mode).await
+    }
+
+    /// [`Evil::start`] listening on `listen` (another loopback address, so
+    /// a client sees another host).
+    pub async fn start_on(
+        listen: &str,
+        upstream: SocketAddr,
+        mode: Mode,
+    ) -> (Arc<Evil>, ServerHandle) {
         let evil = Arc::new(Evil {
             upstream: format!("http://{upstream}"),
             mode: AtomicU8::new(mode as u8),
@@ -55,7 +69,7 @@ impl Evil {
             packs_served: AtomicU64::new(0),
             http: reqwest::Client::new(),
         });
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l = tokio::net::TcpListener::bind(listen).await.unwrap();
         let h = serve(l, ServerOptions::default(), evil.clone());
         (evil, h)
     }
@@ -94,6 +108,10 @@ impl Service for Evil {
             self.packs_served.fetch_add(1, Ordering::Relaxed);
         }
         let mode = self.mode();
+        if mode == Mode::FlipDownloads as u8 && !path.starts_with("/.meridian/") {
+            // Counted when asked (a client may give up before the answer).
+            self.objects_served.fetch_add(1, Ordering::Relaxed);
+        }
         if is_root && mode == Mode::FakeRoot as u8 {
             let fake = self.fake_root.lock().unwrap().clone();
             return Response::new(full(fake));
@@ -118,6 +136,7 @@ impl Service for Evil {
         }
         let mut out = Response::builder().status(status.as_u16());
         for k in [
+            "accept-ranges",
             "content-range",
             "content-type",
             "x-meridian-generation",
@@ -138,6 +157,16 @@ impl Service for Evil {
             }
         }
         if mode == Mode::CorruptDiffs as u8 {
+            return out.body(full(body)).unwrap();
+        }
+        if mode == Mode::FlipDownloads as u8 {
+            let download = !path.starts_with("/.meridian/") && status.is_success();
+            if download && !body.is_empty() {
+                let mut b = body.to_vec();
+                let mid = b.len() / 2;
+                b[mid] ^= 0x40;
+                return out.body(full(b)).unwrap();
+            }
             return out.body(full(body)).unwrap();
         }
         // Directory nodes pass untouched: only blobs (which do not decode

@@ -15,6 +15,8 @@
 //! of the request but a path that resolves in the signed tree reaches a
 //! `Location`, so no path or header makes it an open redirect.
 
+pub(crate) mod digest;
+mod metalink;
 pub(crate) mod trees;
 
 use crate::answer::{Runtime, locate};
@@ -81,6 +83,7 @@ impl RedirectMetrics {
 #[derive(Debug)]
 pub(crate) struct Redirector {
     pub trees: Arc<Trees>,
+    pub digests: Arc<digest::Digests>,
     pub tracker: Arc<Tracker>,
     pub runtime: Arc<arc_swap::ArcSwap<Runtime>>,
     pub geo: Arc<GeoSet>,
@@ -98,6 +101,7 @@ enum Target {
 impl Redirector {
     pub(crate) fn new(
         trees: Arc<Trees>,
+        digests: Arc<digest::Digests>,
         tracker: Arc<Tracker>,
         runtime: Arc<arc_swap::ArcSwap<Runtime>>,
         geo: Arc<GeoSet>,
@@ -106,6 +110,7 @@ impl Redirector {
     ) -> Self {
         Redirector {
             trees,
+            digests,
             tracker,
             runtime,
             geo,
@@ -182,14 +187,14 @@ fn reply(code: StatusCode, msg: &str) -> Response<Body> {
 
 impl Service for Redirector {
     async fn call(&self, req: http::Request<()>, peer: SocketAddr) -> Response<Body> {
-        let r = self.redirect(&req, peer);
+        let r = self.redirect(&req, peer).await;
         self.metrics.response(r.status()).inc();
         r
     }
 }
 
 impl Redirector {
-    fn redirect(&self, req: &http::Request<()>, peer: SocketAddr) -> Response<Body> {
+    async fn redirect(&self, req: &http::Request<()>, peer: SocketAddr) -> Response<Body> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
             r.headers_mut()
@@ -206,12 +211,31 @@ impl Redirector {
                 "the redirector has not loaded a generation yet; try again soon\n",
             );
         };
+        // A Metalink: `PATH.meta4` (unless that is a published file
+        // itself), or any file asked for with the Metalink media type.
+        let accepts_metalink = req
+            .headers()
+            .get_all(header::ACCEPT)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains(metalink::MEDIA_TYPE)));
+        let mut path = path;
+        let mut want_metalink = false;
+        if newest.resolve(&path).is_none()
+            && let Some(file) = path.strip_suffix(".meta4")
+            && matches!(newest.resolve(file), Some(Resolved::File(_)))
+        {
+            path = file.to_owned().into();
+            want_metalink = true;
+        }
         let (target, canonical) = match newest.resolve(&path) {
             None => return reply(StatusCode::NOT_FOUND, "not found\n"),
             Some(Resolved::File(_)) if wants_dir => {
                 return reply(StatusCode::NOT_FOUND, "not found\n");
             }
-            Some(Resolved::File(e)) => (Target::File(e.hash), path.to_string()),
+            Some(Resolved::File(e)) => {
+                want_metalink |= accepts_metalink;
+                (Target::File(e.hash), path.to_string())
+            }
             Some(Resolved::Dir(c, _)) => (Target::Dir, c),
         };
         let rt = self.runtime.load();
@@ -225,7 +249,12 @@ impl Redirector {
         let has = |i: usize| {
             tree_of(&known, views[i].generation).is_some_and(|t| serves(t, &canonical, &target))
         };
-        let mut picks = Vec::with_capacity(1 + DUPLICATES);
+        let mut picks = Vec::with_capacity(views.len());
+        let n = if want_metalink {
+            views.len()
+        } else {
+            1 + DUPLICATES
+        };
         if !select::select_for_file(
             loc,
             &ranked,
@@ -233,7 +262,7 @@ impl Redirector {
             &rt.params,
             self.next_random(),
             has,
-            1 + DUPLICATES,
+            n,
             &mut picks,
         ) {
             let mut r = reply(
@@ -254,13 +283,66 @@ impl Redirector {
             let base = rt.bases.get(&views[i].id).map_or("", |b| b.as_ref());
             format!("{base}/{encoded}{slash}")
         };
+        if want_metalink
+            && let (Target::File(h), Some(Resolved::File(e))) =
+                (&target, newest.resolve(&canonical))
+        {
+            let size = e.size;
+            let digest = match self.digests.get(*h, size).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(path = %canonical, error = %e, "redirector: no SHA-256 for a Metalink");
+                    let mut r = reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the file's SHA-256 cannot be computed from verified bytes now; try again later\n",
+                    );
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER));
+                    return r;
+                }
+            };
+            let name = canonical.rsplit('/').next().unwrap_or(&canonical);
+            let urls: Vec<(String, Option<&str>)> = picks
+                .iter()
+                .map(|&i| (url(i), rt.countries.get(&views[i].id).map(|c| c.as_ref())))
+                .collect();
+            let body = metalink::render(name, *h, &digest, &urls, newest.generation());
+            return Response::builder()
+                .header(header::CONTENT_TYPE, metalink::MEDIA_TYPE)
+                .header(header::CACHE_CONTROL, "no-store")
+                .header(
+                    header::CONTENT_DISPOSITION,
+                    format!(
+                        "attachment; filename=\"{}.meta4\"",
+                        name.replace(['"', '\\'], "_")
+                    ),
+                )
+                .body(meridian_serve::full(body))
+                .unwrap_or_else(|_| reply(StatusCode::INTERNAL_SERVER_ERROR, "bad metalink\n"));
+        }
         let mut b = Response::builder()
             .status(StatusCode::FOUND)
             .header(header::CACHE_CONTROL, "no-store")
             .header(header::LOCATION, url(picks[0]))
             .header("x-meridian-generation", newest.generation());
         if let Target::File(h) = &target {
-            b = b.header("x-meridian-blake3", h.to_string());
+            b = b.header("x-meridian-blake3", h.to_string()).header(
+                header::LINK,
+                format!(
+                    "</{encoded}.meta4>; rel=describedby; type=\"{}\"",
+                    metalink::MEDIA_TYPE
+                ),
+            );
+            if let Some(d) = self.digests.known(h) {
+                use base64::Engine;
+                b = b.header(
+                    "repr-digest",
+                    format!(
+                        "sha-256=:{}:",
+                        base64::engine::general_purpose::STANDARD.encode(d.sha256)
+                    ),
+                );
+            }
         }
         for (k, &i) in picks.iter().enumerate().skip(1) {
             let mut link = format!("<{}>; rel=duplicate; pri={}", url(i), k + 1);
