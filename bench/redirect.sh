@@ -6,7 +6,8 @@
 # The same wrk client and Lua script (random paths among 1,000 of a
 # 10,000-file tree in 100 directories) for both; loopback only; bounded by
 # time. Needs: nginx, wrk (apt-get install nginx wrk).
-# usage: [ROUNDS=4] bench/redirect.sh [SECONDS]
+# usage: [ROUNDS=4] [PERF=file] bench/redirect.sh [SECONDS]
+#   (PERF: perf record -g of the redirector during its first round, to file)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
@@ -96,6 +97,9 @@ echo; echo "== wrk -t2 -c64 -d${SECS}s --latency, random paths among 1,000; $ROU
 declare -A RPS P99
 for r in $(seq 1 "$ROUNDS"); do
   for name in meridian:18095 nginx:18096; do
+    if [ -n "${PERF:-}" ] && [ "$r" = 1 ] && [ "${name%%:*}" = meridian ]; then
+      perf record -g -o "$PERF" -p "$GPID" -- sleep "$SECS" > /dev/null 2>&1 &
+    fi
     out=$(wrk -t2 -c64 -d"${SECS}s" --latency -s "$W/paths.lua" "http://127.0.0.1:${name#*:}/")
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     p99=$(echo "$out" | awk '$1 == "99%" {print $2}')

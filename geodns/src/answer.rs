@@ -217,7 +217,7 @@ thread_local! {
 }
 
 /// Distances per client location, cached per thread (65,536 locations).
-fn with_ranked<R>(views: &Views, loc: &Location, f: impl FnOnce(&Ranked) -> R) -> R {
+pub(crate) fn with_ranked<R>(views: &Views, loc: &Location, f: impl FnOnce(&Ranked) -> R) -> R {
     RANKED.with(|c| {
         let mut c = c.borrow_mut();
         if c.len() > 65_536 {

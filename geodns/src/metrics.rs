@@ -24,6 +24,29 @@ thread_local! {
     static PAIRS: RefCell<FxHashMap<u64, FxHashMap<String, ByLabel>>> = RefCell::new(FxHashMap::default());
 }
 
+/// A fresh key for [`inc_cached`] (one per metrics instance).
+pub(crate) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Adds `n` to `vec{label}` through this thread's cache of resolved
+/// counters (`key`: the owner's id from [`next_id`] and a family number):
+/// a local map lookup and an atomic add, no hashing of the vec's lock.
+pub(crate) fn inc_cached(key: (u64, u8), vec: &IntCounterVec, label: &str, n: u64) {
+    COUNTERS.with(|c| {
+        let mut c = c.borrow_mut();
+        let inner = c.entry(key).or_default();
+        // Lookup by &str without allocating; allocate only on a miss.
+        if let Some(counter) = inner.get(label) {
+            counter.inc_by(n);
+            return;
+        }
+        let counter = vec.with_label_values(&[label]);
+        counter.inc_by(n);
+        inner.insert(label.to_owned(), counter);
+    });
+}
+
 /// Buckets of the answer latency histogram: the fast path answers in
 /// microseconds, a query through the general path on a busy runtime in
 /// milliseconds.
@@ -66,7 +89,7 @@ impl DnsMetrics {
         )
         .expect("metric");
         let m = DnsMetrics {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id: next_id(),
             noerror: rcodes.with_label_values(&["NOERROR"]),
             rcodes,
             countries: IntCounterVec::new(
@@ -222,18 +245,7 @@ impl DnsMetrics {
         }
     }
     fn cached(&self, family: u8, vec: &IntCounterVec, label: &str, n: u64) {
-        COUNTERS.with(|c| {
-            let mut c = c.borrow_mut();
-            let inner = c.entry((self.id, family)).or_default();
-            // Lookup by &str without allocating; allocate only on a miss.
-            if let Some(counter) = inner.get(label) {
-                counter.inc_by(n);
-                return;
-            }
-            let counter = vec.with_label_values(&[label]);
-            counter.inc_by(n);
-            inner.insert(label.to_owned(), counter);
-        });
+        inc_cached((self.id, family), vec, label, n);
     }
     /// `n` NOERROR responses at once (the UDP fast path tallies a batch).
     pub(crate) fn noerror_by(&self, n: u64) {

@@ -16,6 +16,7 @@
 //! `Location`, so no path or header makes it an open redirect.
 
 pub(crate) mod digest;
+mod list;
 mod metalink;
 pub(crate) mod trees;
 
@@ -28,7 +29,7 @@ use meridian_core::{Hash, Resolved};
 use meridian_serve::files::text;
 use meridian_serve::urlpath::{encode_path, normalise};
 use meridian_serve::{Body, Service, empty};
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, Opts, Registry};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +43,7 @@ const RETRY_AFTER: &str = "30";
 /// The redirector's counters.
 #[derive(Debug, Clone)]
 pub(crate) struct RedirectMetrics {
+    id: u64,
     redirects: IntCounterVec,
     responses: IntCounterVec,
 }
@@ -49,10 +51,11 @@ pub(crate) struct RedirectMetrics {
 impl RedirectMetrics {
     pub(crate) fn new(registry: &Registry) -> Self {
         let m = RedirectMetrics {
+            id: crate::metrics::next_id(),
             redirects: IntCounterVec::new(
                 Opts::new(
                     "meridian_redirector_redirects_total",
-                    "Downloads redirected (GET), by target mirror",
+                    "Downloads redirected (GET without Range, or from byte 0), by target mirror",
                 ),
                 &["mirror"],
             )
@@ -74,8 +77,11 @@ impl RedirectMetrics {
         }
         m
     }
-    fn response(&self, code: StatusCode) -> IntCounter {
-        self.responses.with_label_values(&[code.as_str()])
+    fn response(&self, code: StatusCode) {
+        crate::metrics::inc_cached((self.id, 0), &self.responses, code.as_str(), 1);
+    }
+    fn redirect(&self, mirror: &str) {
+        crate::metrics::inc_cached((self.id, 1), &self.redirects, mirror, 1);
     }
 }
 
@@ -90,6 +96,8 @@ pub(crate) struct Redirector {
     pub proxies: Vec<(IpAddr, u8)>,
     pub metrics: RedirectMetrics,
     random: AtomicU64,
+    counts: list::Counts,
+    started: i64,
 }
 
 /// What the request names in the newest tree.
@@ -119,6 +127,8 @@ impl Redirector {
                 .filter_map(|p| select::parse_cidr(p))
                 .collect(),
             metrics,
+            counts: list::Counts::default(),
+            started: meridian_serve::unix_now(),
             random: AtomicU64::new(
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -188,7 +198,7 @@ fn reply(code: StatusCode, msg: &str) -> Response<Body> {
 impl Service for Redirector {
     async fn call(&self, req: http::Request<()>, peer: SocketAddr) -> Response<Body> {
         let r = self.redirect(&req, peer).await;
-        self.metrics.response(r.status()).inc();
+        self.metrics.response(r.status());
         r
     }
 }
@@ -201,9 +211,32 @@ impl Redirector {
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             return r;
         }
+        if req.uri().path() == "/.meridian/stats" {
+            return Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CACHE_CONTROL, "no-store")
+                .body(meridian_serve::full(self.counts.summary(self.started)))
+                .unwrap_or_else(|_| reply(StatusCode::INTERNAL_SERVER_ERROR, ""));
+        }
         let Some((path, wants_dir)) = normalise(req.uri().path()) else {
             return reply(StatusCode::BAD_REQUEST, "invalid path\n");
         };
+        // `?mirrorlist` (HTML; `?mirrorlist=json` or Accept: application/json
+        // for JSON).
+        let list = req.uri().query().and_then(|q| {
+            q.split('&').find_map(|kv| match kv.split_once('=') {
+                Some(("mirrorlist", v)) => Some(v == "json"),
+                None if kv == "mirrorlist" => Some(false),
+                _ => None,
+            })
+        });
+        let list_json = list.map(|j| {
+            j || req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/json") && !v.contains("text/html"))
+        });
         let known = self.trees.known.load();
         let Some(newest) = known.newest.as_ref() else {
             return reply(
@@ -218,16 +251,18 @@ impl Redirector {
             .get_all(header::ACCEPT)
             .iter()
             .any(|v| v.to_str().is_ok_and(|v| v.contains(metalink::MEDIA_TYPE)));
-        let mut path = path;
         let mut want_metalink = false;
-        if newest.resolve(&path).is_none()
+        let mut found = newest.resolve(&path);
+        let mut path = path;
+        if found.is_none()
             && let Some(file) = path.strip_suffix(".meta4")
-            && matches!(newest.resolve(file), Some(Resolved::File(_)))
+            && let Some(f @ Resolved::File(_)) = newest.resolve(file)
         {
+            found = Some(f);
             path = file.to_owned().into();
             want_metalink = true;
         }
-        let (target, canonical) = match newest.resolve(&path) {
+        let (target, canonical) = match found {
             None => return reply(StatusCode::NOT_FOUND, "not found\n"),
             Some(Resolved::File(_)) if wants_dir => {
                 return reply(StatusCode::NOT_FOUND, "not found\n");
@@ -242,23 +277,143 @@ impl Redirector {
         let views = self.tracker.views.load();
         let client = locate(&rt, &self.geo, self.client_ip(peer.ip(), req.headers()));
         let loc = client.location.as_deref();
-        let ranked = match loc {
-            Some(l) => Ranked::new(l, &views),
-            None => Ranked::unplaced(&views),
+        let ctx = Ctx {
+            req,
+            known: &known,
+            newest,
+            rt: &rt,
+            views: &views,
+            loc,
+            canonical: &canonical,
+            target: &target,
+            want_metalink,
+            list_json,
         };
-        let has = |i: usize| {
-            tree_of(&known, views[i].generation).is_some_and(|t| serves(t, &canonical, &target))
+        // Distances from the client: cached per location (as for DNS).
+        let step = match loc {
+            Some(l) => crate::answer::with_ranked(&views, l, |ranked| self.decide(&ctx, ranked)),
+            None => self.decide(&ctx, &Ranked::unplaced(&views)),
         };
-        let mut picks = Vec::with_capacity(views.len());
-        let n = if want_metalink {
+        let (hash, size, urls) = match step {
+            Step::Done(r) => return r,
+            Step::Metalink { hash, size, urls } => (hash, size, urls),
+        };
+        let digest = match self.digests.get(hash, size).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(path = %canonical, error = %e, "redirector: no SHA-256 for a Metalink");
+                let mut r = reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the file's SHA-256 cannot be computed from verified bytes now; try again later\n",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER));
+                return r;
+            }
+        };
+        let name = canonical.rsplit('/').next().unwrap_or(&canonical);
+        let urls: Vec<(String, Option<&str>)> = urls
+            .iter()
+            .map(|(u, c)| (u.clone(), c.as_deref()))
+            .collect();
+        let body = metalink::render(name, hash, &digest, &urls, newest.generation());
+        if req.method() == Method::GET {
+            self.counts.count(&canonical, "(metalink)");
+        }
+        Response::builder()
+            .header(header::CONTENT_TYPE, metalink::MEDIA_TYPE)
+            .header(header::CACHE_CONTROL, "no-store")
+            .header(
+                header::CONTENT_DISPOSITION,
+                format!(
+                    "attachment; filename=\"{}.meta4\"",
+                    name.replace(['"', '\\'], "_")
+                ),
+            )
+            .body(meridian_serve::full(body))
+            .unwrap_or_else(|_| reply(StatusCode::INTERNAL_SERVER_ERROR, "bad metalink\n"))
+    }
+
+    /// Everything but the Metalink's digest, which may need I/O: the mirror
+    /// list, the 503, the 302, or what a Metalink lists.
+    fn decide(&self, c: &Ctx<'_>, ranked: &Ranked) -> Step {
+        let (views, rt, canonical, target) = (c.views, c.rt, c.canonical, c.target);
+        // Whether each mirror serves the path: one lookup per distinct
+        // generation among the mirrors (they mostly share one).
+        let mut memo: Vec<(u64, bool)> = Vec::with_capacity(4);
+        let mut has_vec: Vec<bool> = Vec::with_capacity(views.len());
+        for v in views.iter() {
+            let g = v.generation;
+            let ok = match memo.iter().find(|(mg, _)| *mg == g) {
+                Some(&(_, ok)) => ok,
+                None => {
+                    let ok = tree_of(c.known, g).is_some_and(|t| serves(t, canonical, target));
+                    memo.push((g, ok));
+                    ok
+                }
+            };
+            has_vec.push(ok);
+        }
+        let has = |i: usize| has_vec.get(i).copied().unwrap_or(false);
+        let encoded = encode_path(canonical);
+        let slash = if matches!(target, Target::Dir) && !canonical.is_empty() {
+            "/"
+        } else {
+            ""
+        };
+        let url = |i: usize| {
+            let base = rt.bases.get(&views[i].id).map_or("", |b| b.as_ref());
+            format!("{base}/{encoded}{slash}")
+        };
+        if let Some(json) = c.list_json {
+            let rows = list::rows(
+                views,
+                c.loc.map(|_| ranked.dists.as_slice()),
+                rt.params.full_at,
+                &rt.countries,
+                has,
+                url,
+            );
+            let (ct, body) = if json {
+                #[derive(serde::Serialize)]
+                struct Doc<'a> {
+                    path: &'a str,
+                    generation: u64,
+                    mirrors: &'a [list::Row<'a>],
+                }
+                let doc = Doc {
+                    path: canonical,
+                    generation: c.newest.generation(),
+                    mirrors: &rows,
+                };
+                (
+                    "application/json",
+                    serde_json::to_vec_pretty(&doc).unwrap_or_default(),
+                )
+            } else {
+                (
+                    "text/html; charset=utf-8",
+                    list::html(canonical, c.newest.generation(), &rows).into_bytes(),
+                )
+            };
+            return Step::Done(
+                Response::builder()
+                    .header(header::CONTENT_TYPE, ct)
+                    .header(header::CACHE_CONTROL, "no-store")
+                    .body(meridian_serve::full(body))
+                    .unwrap_or_else(|_| reply(StatusCode::INTERNAL_SERVER_ERROR, "")),
+            );
+        }
+        let mut picks = Vec::with_capacity(1 + DUPLICATES);
+        let n = if c.want_metalink {
             views.len()
         } else {
             1 + DUPLICATES
         };
         if !select::select_for_file(
-            loc,
-            &ranked,
-            &views,
+            c.loc,
+            ranked,
+            views,
             &rt.params,
             self.next_random(),
             has,
@@ -271,61 +426,27 @@ impl Redirector {
             );
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER));
-            return r;
+            return Step::Done(r);
         }
-        let encoded = encode_path(&canonical);
-        let slash = if matches!(target, Target::Dir) && !canonical.is_empty() {
-            "/"
-        } else {
-            ""
-        };
-        let url = |i: usize| {
-            let base = rt.bases.get(&views[i].id).map_or("", |b| b.as_ref());
-            format!("{base}/{encoded}{slash}")
-        };
-        if want_metalink
+        if c.want_metalink
             && let (Target::File(h), Some(Resolved::File(e))) =
-                (&target, newest.resolve(&canonical))
+                (target, c.newest.resolve(canonical))
         {
-            let size = e.size;
-            let digest = match self.digests.get(*h, size).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(path = %canonical, error = %e, "redirector: no SHA-256 for a Metalink");
-                    let mut r = reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "the file's SHA-256 cannot be computed from verified bytes now; try again later\n",
-                    );
-                    r.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER));
-                    return r;
-                }
+            return Step::Metalink {
+                hash: *h,
+                size: e.size,
+                urls: picks
+                    .iter()
+                    .map(|&i| (url(i), rt.countries.get(&views[i].id).cloned()))
+                    .collect(),
             };
-            let name = canonical.rsplit('/').next().unwrap_or(&canonical);
-            let urls: Vec<(String, Option<&str>)> = picks
-                .iter()
-                .map(|&i| (url(i), rt.countries.get(&views[i].id).map(|c| c.as_ref())))
-                .collect();
-            let body = metalink::render(name, *h, &digest, &urls, newest.generation());
-            return Response::builder()
-                .header(header::CONTENT_TYPE, metalink::MEDIA_TYPE)
-                .header(header::CACHE_CONTROL, "no-store")
-                .header(
-                    header::CONTENT_DISPOSITION,
-                    format!(
-                        "attachment; filename=\"{}.meta4\"",
-                        name.replace(['"', '\\'], "_")
-                    ),
-                )
-                .body(meridian_serve::full(body))
-                .unwrap_or_else(|_| reply(StatusCode::INTERNAL_SERVER_ERROR, "bad metalink\n"));
         }
         let mut b = Response::builder()
             .status(StatusCode::FOUND)
             .header(header::CACHE_CONTROL, "no-store")
             .header(header::LOCATION, url(picks[0]))
-            .header("x-meridian-generation", newest.generation());
-        if let Target::File(h) = &target {
+            .header("x-meridian-generation", c.newest.generation());
+        if let Target::File(h) = target {
             b = b.header("x-meridian-blake3", h.to_string()).header(
                 header::LINK,
                 format!(
@@ -352,13 +473,40 @@ impl Redirector {
             }
             b = b.header(header::LINK, link);
         }
-        if req.method() == Method::GET {
-            self.metrics
-                .redirects
-                .with_label_values(&[&views[picks[0]].id])
-                .inc();
+        if c.req.method() == Method::GET && list::starts_download(c.req.headers()) {
+            let id = &views[picks[0]].id;
+            self.metrics.redirect(id);
+            self.counts.count(canonical, id);
         }
-        b.body(empty())
-            .unwrap_or_else(|_| reply(StatusCode::INTERNAL_SERVER_ERROR, "bad target\n"))
+        Step::Done(
+            b.body(empty())
+                .unwrap_or_else(|_| reply(StatusCode::INTERNAL_SERVER_ERROR, "bad target\n")),
+        )
     }
+}
+
+/// What one request needs to be decided.
+struct Ctx<'a> {
+    req: &'a http::Request<()>,
+    known: &'a Known,
+    newest: &'a Tree,
+    rt: &'a Runtime,
+    views: &'a crate::health::Views,
+    loc: Option<&'a crate::geoip::Location>,
+    canonical: &'a str,
+    target: &'a Target,
+    want_metalink: bool,
+    list_json: Option<bool>,
+}
+
+/// [`Redirector::decide`]'s outcome.
+enum Step {
+    Done(Response<Body>),
+    /// A Metalink for the file with this blake3 and size, listing these
+    /// URLs (with each mirror's country), best first.
+    Metalink {
+        hash: Hash,
+        size: u64,
+        urls: Vec<(String, Option<Box<str>>)>,
+    },
 }
