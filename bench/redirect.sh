@@ -72,8 +72,9 @@ done
   done
 } > "$W/geodns.toml"
 MERIDIAN_LOG=warn $B geodns --config "$W/geodns.toml" > "$W/geodns.log" 2>&1 & GPID=$!; PIDS+=($GPID)
+# Until all four mirrors are in the redirect (the target and 3 duplicates).
 for _ in $(seq 600); do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:18095/d00/f00000.bin)" = 302 ] && break; sleep 0.1
+  [ "$(curl -s -o /dev/null -D - http://127.0.0.1:18095/d00/f00000.bin | grep -ci 'rel=duplicate')" = 3 ] && break; sleep 0.1
 done
 echo "meridian: $(curl -s -o /dev/null -D - http://127.0.0.1:18095/d00/f00000.bin | grep -ci '^link:') Link headers, $(curl -s -o /dev/null -D - http://127.0.0.1:18095/d00/f00000.bin | wc -c) bytes of head per redirect"
 

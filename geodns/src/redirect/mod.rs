@@ -340,7 +340,9 @@ impl Redirector {
         let (views, rt, canonical, target) = (c.views, c.rt, c.canonical, c.target);
         // Whether each mirror serves the path: one lookup per distinct
         // generation among the mirrors (they mostly share one).
+        // The newest tree is where `target` was found: no second lookup.
         let mut memo: Vec<(u64, bool)> = Vec::with_capacity(4);
+        memo.push((c.newest.generation(), true));
         let mut has_vec: Vec<bool> = Vec::with_capacity(views.len());
         for v in views.iter() {
             let g = v.generation;
