@@ -279,7 +279,12 @@ fn check_base_url(u: &str) -> Result<(), String> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Redirector {
+    /// Plain-HTTP listen address.
     pub listen: SocketAddr,
+    /// `listen_tls`, `tls_cert`, `tls_key` (an HTTPS listener too),
+    /// connection caps and timeouts: the same keys as a mirror's.
+    #[serde(flatten)]
+    pub listener: meridian_serve::ListenerConfig,
     /// Where signed roots and directory nodes come from (the origin or
     /// mirrors, base URLs), tried in order. No file content is fetched.
     pub upstreams: Vec<String>,

@@ -50,6 +50,8 @@ pub enum GeoDnsError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("redirector: {0}")]
+    Listen(#[from] meridian_serve::ListenError),
 }
 
 /// Builds the query-time runtime from a validated config.
@@ -146,14 +148,16 @@ pub struct GeoDnsHandle {
     pub admin_addr: Option<SocketAddr>,
     /// The public status page's address.
     pub public_addr: Option<SocketAddr>,
-    /// The redirector's address.
+    /// The redirector's plain-HTTP address.
     pub redirector_addr: Option<SocketAddr>,
+    /// The redirector's HTTPS address (`listen_tls`).
+    pub redirector_tls_addr: Option<SocketAddr>,
     pub tracker: Arc<health::Tracker>,
     shutdown: meridian_serve::shutdown::Shutdown,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     admin: Option<meridian_serve::ServerHandle>,
     public: Option<meridian_serve::ServerHandle>,
-    redirector: Option<meridian_serve::ServerHandle>,
+    redirector: Vec<meridian_serve::ServerHandle>,
     udp_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -173,9 +177,10 @@ impl GeoDnsHandle {
         for t in std::mem::take(&mut self.udp_threads) {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
-        for server in [self.admin, self.public, self.redirector]
+        for server in [self.admin, self.public]
             .into_iter()
             .flatten()
+            .chain(self.redirector)
         {
             server.shutdown().await;
         }
@@ -413,15 +418,26 @@ pub async fn start_with(
     };
     let redirector = match &cfg.redirector {
         Some(r) => {
-            let l = meridian_serve::bind(r.listen).map_err(|source| GeoDnsError::Bind {
-                addr: r.listen,
-                source,
-            })?;
             let trees = Arc::new(redirect::trees::Trees::new(
                 &r.upstreams,
                 &r.trust,
                 r.generations,
             ));
+            let svc = Arc::new(redirect::Redirector::new(
+                trees.clone(),
+                Arc::new(redirect::digest::Digests::new(&r.upstreams)),
+                tracker.clone(),
+                runtime.clone(),
+                geo.clone(),
+                &r.trusted_proxies,
+                redirect::RedirectMetrics::new(metrics.registry()),
+            ));
+            let servers = meridian_serve::serve_listeners(
+                "geodns redirector",
+                r.listener.listen(r.listen),
+                r.listener.server_options(),
+                svc,
+            )?;
             // The newest generation, by long-poll.
             {
                 let (trees, mut stop) = (trees.clone(), rx.clone());
@@ -459,24 +475,9 @@ pub async fn start_with(
                     }
                 }));
             }
-            let svc = Arc::new(redirect::Redirector::new(
-                trees,
-                Arc::new(redirect::digest::Digests::new(&r.upstreams)),
-                tracker.clone(),
-                runtime.clone(),
-                geo.clone(),
-                &r.trusted_proxies,
-                redirect::RedirectMetrics::new(metrics.registry()),
-            ));
-            let h = meridian_serve::serve(l, meridian_serve::ServerOptions::default(), svc);
-            tracing::info!(
-                "geodns redirector listening on {} (http://{}/)",
-                h.local_addr,
-                h.local_addr
-            );
-            Some(h)
+            servers
         }
-        None => None,
+        None => Vec::new(),
     };
     let admin = match &cfg.admin {
         Some(a) => {
@@ -501,7 +502,8 @@ pub async fn start_with(
         udp_threads,
         admin_addr: admin.as_ref().map(|a| a.local_addr),
         public_addr: public.as_ref().map(|p| p.local_addr),
-        redirector_addr: redirector.as_ref().map(|p| p.local_addr),
+        redirector_addr: redirector.first().map(|p| p.local_addr),
+        redirector_tls_addr: redirector.get(1).map(|p| p.local_addr),
         dns_addrs,
         tracker,
         shutdown: tx,

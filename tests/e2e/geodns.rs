@@ -628,13 +628,7 @@ async fn a_flood_of_stalled_tcp_connections_at_the_descriptor_limit_neither_spin
         spent < 0.25 * wall,
         "GeoDNS used {spent:.2} CPU seconds in {wall:.2} s while flooded"
     );
-    let m = reqwest::Client::new()
-        .get(format!("http://{}/metrics", dns.admin))
-        .bearer_auth("t0k")
-        .send()
-        .await
-        .unwrap()
-        .text()
+    let m = meridian_e2e::admin_get(&reqwest::Client::new(), dns.admin, "/metrics", "t0k")
         .await
         .unwrap();
     assert!(

@@ -273,20 +273,10 @@ async fn a_lagging_mirror_gets_the_unchanged_files_and_never_a_changed_one() {
     *evil.fake_root.lock().unwrap() = held.envelope.clone();
     evil.set_mode(Mode::FakeRoot);
 
-    let cfg = dir.path().join("geodns.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let mut g = geodns(
+        dir.path(),
+        &format!(
             r#"
-listen = ["127.0.0.1:0"]
-[[zones]]
-name = "meridian.test"
-ns = ["ns1.meridian.test."]
-[health]
-interval = "300ms"
-timeout = "1s"
-up_after = 1
-down_after = 2
 [selection]
 band = 1.0
 band_km = 0.0
@@ -312,9 +302,7 @@ ipv4 = ["127.0.0.1"]
 status_url = "http://{far}/.meridian/status"
 "#
         ),
-    )
-    .unwrap();
-    let mut g = Proc::spawn(&["geodns", "--config", cfg.to_str().unwrap()], &[]);
+    );
     let raddr = g.listening("geodns redirector");
     let base = format!("http://{raddr}");
     let location = |path: &str| {
@@ -457,61 +445,103 @@ async fn aria2c_downloads_the_metalink_from_all_four_mirrors_and_checks_it() {
     assert_eq!(used, 4, "aria2c fetched from {used} of the 4 mirrors");
 }
 
+/// The start of each test's GeoDNS config: DNS on any port, probes
+/// every 300 ms.
+const GEODNS: &str = r#"listen = ["127.0.0.1:0"]
+[[zones]]
+name = "meridian.test"
+ns = ["ns1.meridian.test."]
+[health]
+interval = "300ms"
+timeout = "1s"
+up_after = 1
+down_after = 2"#;
+
+/// Starts GeoDNS with [`GEODNS`] and then `rest` as its config.
+fn geodns(dir: &std::path::Path, rest: &str) -> Proc {
+    let cfg = dir.join("geodns.toml");
+    std::fs::write(&cfg, format!("{GEODNS}\n{rest}")).unwrap();
+    Proc::spawn(&["geodns", "--config", cfg.to_str().unwrap()], &[])
+}
+
+/// An origin publishing `files` and a mirror for each of `names`, all
+/// holding the generation with every file.
+struct Net {
+    dir: tempfile::TempDir,
+    oaddr: std::net::SocketAddr,
+    key: meridian_core::PublicKey,
+    generation: u64,
+    _procs: Vec<Proc>,
+    mirrors: Vec<std::net::SocketAddr>,
+}
+
+async fn net(files: &[(&str, &[u8])], names: &[&str]) -> Net {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    for (name, bytes) in files {
+        std::fs::write(content.join(name), bytes).unwrap();
+    }
+    let key = keygen(&dir.path().join("key"));
+    let (o, oaddr) = origin(dir.path(), "200ms");
+    let client = ReadClient::new(oaddr, key);
+    let generation = eventually("the publish", DEADLINE, || async {
+        let r = client.root().await?;
+        let have = client.files(r.root.tree).await;
+        files
+            .iter()
+            .all(|(n, _)| have.contains_key(*n))
+            .then_some(r.root.generation)
+    })
+    .await;
+    let mut procs = vec![o];
+    let mut mirrors = Vec::new();
+    for name in names {
+        let (p, addr) = mirror(
+            name,
+            &[format!("http://{oaddr}")],
+            &key,
+            &dir.path().join(name),
+            &[],
+        );
+        procs.push(p);
+        mirrors.push(addr);
+    }
+    let http = reqwest::Client::new();
+    for &m in &mirrors {
+        wait_generation(&http, m, generation).await;
+    }
+    Net {
+        dir,
+        oaddr,
+        key,
+        generation,
+        _procs: procs,
+        mirrors,
+    }
+}
+
 /// One mirror flips a byte in everything it sends; aria2c's piece check
 /// catches it, the pieces come from the honest mirror, and the file is
 /// right. (Multi-threaded: the lying proxy runs in this test's runtime
 /// while aria2c blocks the test's thread.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_mirror_is_caught_by_aria2cs_piece_check() {
-    let dir = tempfile::tempdir().unwrap();
-    let content = dir.path().join("content");
-    std::fs::create_dir_all(&content).unwrap();
-    std::fs::write(content.join("big.bin"), meridian_e2e::noise(6 << 20, 7)).unwrap();
-    let key = keygen(&dir.path().join("key"));
-    let (_o, oaddr) = origin(dir.path(), "200ms");
-    let client = ReadClient::new(oaddr, key);
-    let g = eventually("the publish", DEADLINE, || async {
-        let r = client.root().await?;
-        client
-            .files(r.root.tree)
-            .await
-            .contains_key("big.bin")
-            .then_some(r.root.generation)
-    })
+    let net = net(
+        &[("big.bin", &meridian_e2e::noise(6 << 20, 7))],
+        &["honest", "liar"],
+    )
     .await;
-    let (_a, a) = mirror(
-        "honest",
-        &[format!("http://{oaddr}")],
-        &key,
-        &dir.path().join("a"),
-        &[],
-    );
-    let (_b, b) = mirror(
-        "liar",
-        &[format!("http://{oaddr}")],
-        &key,
-        &dir.path().join("b"),
-        &[],
-    );
-    let http = reqwest::Client::new();
-    wait_generation(&http, a, g).await;
-    wait_generation(&http, b, g).await;
+    let (dir, oaddr, key) = (&net.dir, net.oaddr, net.key);
+    let (a, b) = (net.mirrors[0], net.mirrors[1]);
     // On its own loopback address: aria2 keeps its server statistics per
     // host name.
     let (evil, liar_srv) = Evil::start_on("127.0.0.2:0", b, Mode::FlipDownloads).await;
     let liar = liar_srv.local_addr;
-    let cfg = dir.path().join("geodns.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let mut gd = geodns(
+        dir.path(),
+        &format!(
             r#"
-listen = ["127.0.0.1:0"]
-[[zones]]
-name = "meridian.test"
-ns = ["ns1.meridian.test."]
-[health]
-interval = "300ms"
-up_after = 1
 [selection]
 band = 1.0
 band_km = 0.0
@@ -537,9 +567,7 @@ ipv4 = ["127.0.0.1"]
 status_url = "http://{a}/.meridian/status"
 "#
         ),
-    )
-    .unwrap();
-    let mut gd = Proc::spawn(&["geodns", "--config", cfg.to_str().unwrap()], &[]);
+    );
     let base = format!("http://{}", gd.listening("geodns redirector"));
     ready(&base, "big.bin").await;
     eventually("both mirrors in the Metalink", DEADLINE, || async {
@@ -573,7 +601,7 @@ status_url = "http://{a}/.meridian/status"
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         sha256_of(&out_dir.path().join("big.bin")),
-        sha256_of(&content.join("big.bin")),
+        sha256_of(&dir.path().join("content/big.bin")),
         "{log}"
     );
     // aria2c's own piece check caught the liar, and retried elsewhere.
@@ -595,5 +623,283 @@ status_url = "http://{a}/.meridian/status"
             .text()
             .await
             .unwrap()
+    );
+}
+
+/// The redirector over HTTPS (rustls) as well as HTTP; behind a trusted
+/// proxy it places the client by `X-Forwarded-For`, from anyone else it
+/// ignores the header; conditional requests reach the mirror and come
+/// back 304; `?mirrorlist` lists every mirror, and the download counts
+/// (the JSON summary and the metrics) count one per download: not HEAD,
+/// not a later range.
+#[tokio::test]
+async fn https_trusted_proxies_mirror_list_and_download_counts() {
+    let body = meridian_e2e::noise(200_000, 3);
+    let net = net(&[("pkg.bin", &body)], &["west", "east"]).await;
+    let (dir, oaddr, key, g) = (&net.dir, net.oaddr, net.key, net.generation);
+    let (west, east) = (net.mirrors[0], net.mirrors[1]);
+    let http = reqwest::Client::new();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("tls.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let mut gd = geodns(
+        dir.path(),
+        &format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+token = "t0ken"
+# Clients in the west, clients in the east, and the proxies (placed
+# in the middle of nowhere: they are never the client).
+[[overrides]]
+network = "127.0.31.0/24"
+latitude = 48.0
+longitude = 2.0
+[[overrides]]
+network = "127.0.32.0/24"
+latitude = 35.0
+longitude = 139.0
+[[overrides]]
+network = "127.0.0.0/8"
+latitude = 0.0
+longitude = -30.0
+[redirector]
+listen = "127.0.0.1:0"
+listen_tls = "127.0.0.1:0"
+tls_cert = "{cert}"
+tls_key = "{tlskey}"
+upstreams = ["http://{oaddr}"]
+trust = ["{key}"]
+trusted_proxies = ["127.0.33.0/24"]
+[[mirrors]]
+id = "west"
+latitude = 48.0
+longitude = 2.0
+country = "FR"
+ipv4 = ["127.0.0.1"]
+status_url = "http://{west}/.meridian/status"
+[[mirrors]]
+id = "east"
+latitude = 35.0
+longitude = 139.0
+country = "JP"
+ipv4 = ["127.0.0.1"]
+status_url = "http://{east}/.meridian/status"
+"#,
+            cert = cert_path.display(),
+            tlskey = key_path.display(),
+        ),
+    );
+    let raddr = gd.listening("geodns redirector");
+    let https_line = gd.wait_line("geodns redirector listening on https://", DEADLINE);
+    let tls_port: u16 = https_line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {https_line:?}"));
+    let admin = gd.listening("geodns admin");
+    let base = format!("http://{raddr}");
+    let url = format!("{base}/pkg.bin");
+    let location = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.push(&url);
+        let h = head(&a);
+        header(&h, "location").first().map(|s| s.to_string())
+    };
+    let to_west = format!("http://{west}/pkg.bin");
+    let to_east = format!("http://{east}/pkg.bin");
+    eventually("both mirrors in the redirect", DEADLINE, || async {
+        (location(&["--interface", "127.0.31.1"])? == to_west
+            && location(&["--interface", "127.0.32.1"])? == to_east)
+            .then_some(())
+    })
+    .await;
+
+    // HTTPS: the same answer, through rustls, verified against the cert.
+    let out = run(Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-D", "-", "--cacert"])
+        .arg(&cert_path)
+        .args(["--interface", "127.0.32.1", "--resolve"])
+        .arg(format!("localhost:{tls_port}:127.0.0.1"))
+        .arg(format!("https://localhost:{tls_port}/pkg.bin")));
+    let h = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(h.starts_with("HTTP/1.1 302"), "{h}");
+    assert_eq!(header(&h, "location"), [to_east.as_str()], "{h}");
+    // ... and curl -L through it gets the file.
+    let got = run(Command::new("curl")
+        .args(["-sSfL", "--cacert"])
+        .arg(&cert_path)
+        .args(["--interface", "127.0.31.1", "--resolve"])
+        .arg(format!("localhost:{tls_port}:127.0.0.1"))
+        .arg(format!("https://localhost:{tls_port}/pkg.bin")));
+    assert!(got.stdout == body, "the bytes through the HTTPS redirect");
+
+    // X-Forwarded-For: believed from a trusted proxy (the right-most
+    // address that is not itself a trusted proxy), ignored from anyone
+    // else.
+    let xff = |from: &str, v: &str| {
+        location(&["--interface", from, "-H", &format!("X-Forwarded-For: {v}")])
+    };
+    assert_eq!(
+        xff("127.0.33.1", "127.0.32.7").as_deref(),
+        Some(to_east.as_str())
+    );
+    assert_eq!(
+        xff("127.0.33.1", "127.0.31.7").as_deref(),
+        Some(to_west.as_str())
+    );
+    assert_eq!(
+        xff("127.0.33.1", "127.0.32.7, 127.0.33.2").as_deref(),
+        Some(to_east.as_str()),
+        "through two trusted proxies"
+    );
+    assert_eq!(
+        xff("127.0.33.1", "127.0.32.7, 127.0.31.7").as_deref(),
+        Some(to_west.as_str()),
+        "a client's own claim left of the address the proxy saw is not believed"
+    );
+    assert_eq!(
+        xff("127.0.31.1", "127.0.32.7").as_deref(),
+        Some(to_west.as_str()),
+        "from an untrusted peer the header is ignored"
+    );
+
+    // Conditional requests follow the redirect to the mirror: 304 there.
+    let h = head(&["-L", "--interface", "127.0.31.1", &url]);
+    let etag = header(&h, "etag")
+        .last()
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| panic!("no ETag from the mirror: {h}"));
+    let h = head(&[
+        "-L",
+        "--interface",
+        "127.0.31.1",
+        "-H",
+        &format!("If-None-Match: {etag}"),
+        &url,
+    ]);
+    assert!(
+        h.starts_with("HTTP/1.1 302") && h.contains("HTTP/1.1 304"),
+        "If-None-Match: {h}"
+    );
+    let saved = dir.path().join("saved.bin");
+    std::fs::write(&saved, &body).unwrap();
+    let out = run(Command::new("curl")
+        .args([
+            "-s",
+            "-L",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--interface",
+            "127.0.31.1",
+            "-z",
+        ])
+        .arg(&saved)
+        .arg(&url));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "304",
+        "If-Modified-Since"
+    );
+
+    // The mirror list: both mirrors, nearest first, with their state.
+    let list: serde_json::Value = serde_json::from_slice(
+        &run(Command::new("curl")
+            .args(["-sSf", "--interface", "127.0.32.1"])
+            .arg(format!("{url}?mirrorlist=json")))
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(list["path"], "pkg.bin", "{list}");
+    assert_eq!(list["generation"], g, "{list}");
+    let rows = list["mirrors"].as_array().unwrap();
+    let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["east", "west"], "nearest first: {list}");
+    for r in rows {
+        assert_eq!(r["standing"], "in_service", "{list}");
+        assert_eq!(r["generation"], g, "{list}");
+        assert_eq!(r["has_it"], true, "{list}");
+    }
+    assert!(rows[0]["distance_km"].as_f64().unwrap() < 100.0, "{list}");
+    assert!(rows[1]["distance_km"].as_f64().unwrap() > 5000.0, "{list}");
+    let page = String::from_utf8_lossy(
+        &run(Command::new("curl")
+            .args(["-sSf", "--interface", "127.0.32.1"])
+            .arg(format!("{url}?mirrorlist")))
+        .stdout,
+    )
+    .into_owned();
+    assert!(
+        page.contains("<table") && page.contains("west") && page.contains("east"),
+        "{page}"
+    );
+
+    // Download counts: 3 downloads to west, 2 to east; a HEAD, a resume
+    // and the later ranges of a split download are not downloads.
+    let stats = || async {
+        let b = reqwest::get(format!("{base}/.meridian/stats"))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&b).unwrap()
+    };
+    let before = stats().await;
+    let counted = |s: &serde_json::Value, m: &str| s["by_mirror"][m].as_u64().unwrap_or(0);
+    for (from, n) in [("127.0.31.1", 3), ("127.0.32.1", 2)] {
+        for _ in 0..n {
+            run(Command::new("curl").args(["-sSf", "-o", "/dev/null", "--interface", from, &url]));
+        }
+    }
+    for args in [
+        vec!["-I"],
+        vec!["-H", "Range: bytes=1000-"],
+        vec!["-H", "Range: bytes=100000-199999"],
+    ] {
+        let mut a = args.clone();
+        a.extend(["--interface", "127.0.31.1", &url]);
+        head(&a);
+    }
+    let after = stats().await;
+    assert_eq!(
+        counted(&after, "west") - counted(&before, "west"),
+        3,
+        "{after}"
+    );
+    assert_eq!(
+        counted(&after, "east") - counted(&before, "east"),
+        2,
+        "{after}"
+    );
+    let file_count = |s: &serde_json::Value| {
+        s["top_files"]
+            .as_array()
+            .and_then(|f| f.iter().find(|e| e["path"] == "pkg.bin"))
+            .and_then(|e| e["downloads"].as_u64())
+            .unwrap_or(0)
+    };
+    assert_eq!(file_count(&after) - file_count(&before), 5, "{after}");
+    let text = meridian_e2e::admin_get(&http, admin, "/metrics", "t0ken")
+        .await
+        .unwrap();
+    let series = |m: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "meridian_redirector_redirects_total{{mirror=\"{m}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        series("west") + series("east"),
+        counted(&after, "west") as f64 + counted(&after, "east") as f64,
+        "{text}"
     );
 }

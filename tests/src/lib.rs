@@ -642,6 +642,26 @@ pub async fn metrics_text(http: &reqwest::Client, addr: std::net::SocketAddr) ->
         .ok()
 }
 
+/// GET `path` on a GeoDNS admin listener with its bearer token: the body
+/// of a 2xx answer.
+pub async fn admin_get(
+    http: &reqwest::Client,
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: &str,
+) -> Option<String> {
+    let r = http
+        .get(format!("http://{addr}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    r.text().await.ok()
+}
+
 /// Arguments of `meridian origin` for a test directory: content in
 /// `dir/content`, key in `dir/key`, state in `dir/{state}`, any free port.
 pub fn origin_args(dir: &Path, state: &str, quiet: &str) -> Vec<String> {

@@ -343,8 +343,16 @@ impl Redirector {
         // The newest tree is where `target` was found: no second lookup.
         let mut memo: Vec<(u64, bool)> = Vec::with_capacity(4);
         memo.push((c.newest.generation(), true));
-        let mut has_vec: Vec<bool> = Vec::with_capacity(views.len());
-        for v in views.iter() {
+        // On the stack for up to 64 mirrors.
+        let mut on_stack = [false; 64];
+        let mut on_heap = Vec::new();
+        let has_vec: &mut [bool] = if views.len() <= on_stack.len() {
+            &mut on_stack[..views.len()]
+        } else {
+            on_heap.resize(views.len(), false);
+            &mut on_heap
+        };
+        for (slot, v) in has_vec.iter_mut().zip(views.iter()) {
             let g = v.generation;
             let ok = match memo.iter().find(|(mg, _)| *mg == g) {
                 Some(&(_, ok)) => ok,
@@ -354,8 +362,9 @@ impl Redirector {
                     ok
                 }
             };
-            has_vec.push(ok);
+            *slot = ok;
         }
+        let has_vec = &*has_vec;
         let has = |i: usize| has_vec.get(i).copied().unwrap_or(false);
         let encoded = encode_path(canonical);
         let slash = if matches!(target, Target::Dir) && !canonical.is_empty() {
