@@ -94,7 +94,7 @@ impl NodeEdit {
             }
         }
         entries.extend_from_slice(&old[i..]);
-        let node = DirNode { entries };
+        let node = DirNode::unchecked(entries);
         // The base was validated when it was accepted, the ops are in
         // strict name order (checked by `decode`) and the merge keeps the
         // order, so only the new entries need their rules checked; the
@@ -559,7 +559,7 @@ mod tests {
             .expect("base");
         let mut evil = base.entries.clone();
         evil.insert(0, Entry::file("K", 1, hash_bytes(b"b"), false, 0));
-        let evil_node = DirNode { entries: evil };
+        let evil_node = DirNode::unchecked(evil);
         let edit = NodeEdit {
             hash: hash_bytes(&evil_node.encode()),
             base: Some(hash_bytes(&base.encode())),

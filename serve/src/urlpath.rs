@@ -47,6 +47,12 @@ pub fn normalise(raw: &str) -> Option<(std::borrow::Cow<'_, str>, bool)> {
 /// Percent-encodes a normalised path for a URL (a Location, an href):
 /// controls, space, quotes and the URL delimiters are escaped.
 pub fn encode_path(p: &str) -> String {
+    encoded(p).to_string()
+}
+
+/// [`encode_path`] as a `Display`, to write into a buffer without a
+/// `String` of its own.
+pub fn encoded(p: &str) -> percent_encoding::PercentEncode<'_> {
     const SET: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
         .add(b' ')
         .add(b'"')
@@ -58,7 +64,7 @@ pub fn encode_path(p: &str) -> String {
         .add(b'`')
         .add(b'{')
         .add(b'}');
-    percent_encoding::utf8_percent_encode(p, SET).to_string()
+    percent_encoding::utf8_percent_encode(p, SET)
 }
 
 #[cfg(test)]

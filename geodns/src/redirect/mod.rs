@@ -24,12 +24,13 @@ use crate::answer::{Runtime, locate};
 use crate::geoip::GeoSet;
 use crate::health::Tracker;
 use crate::select::{self, Ranked};
-use http::{HeaderValue, Method, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use meridian_core::{Hash, Resolved};
 use meridian_serve::files::text;
-use meridian_serve::urlpath::{encode_path, normalise};
+use meridian_serve::urlpath::{encoded, normalise};
 use meridian_serve::{Body, Service, empty};
 use prometheus::{IntCounterVec, Opts, Registry};
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -269,9 +270,9 @@ impl Redirector {
             }
             Some(Resolved::File(e)) => {
                 want_metalink |= accepts_metalink;
-                (Target::File(e.hash), path.to_string())
+                (Target::File(e.hash), path)
             }
-            Some(Resolved::Dir(c, _)) => (Target::Dir, c),
+            Some(Resolved::Dir(c, _)) => (Target::Dir, std::borrow::Cow::Owned(c)),
         };
         let rt = self.runtime.load();
         let views = self.tracker.views.load();
@@ -339,11 +340,12 @@ impl Redirector {
     fn decide(&self, c: &Ctx<'_>, ranked: &Ranked) -> Step {
         let (views, rt, canonical, target) = (c.views, c.rt, c.canonical, c.target);
         // Whether each mirror serves the path: one lookup per distinct
-        // generation among the mirrors (they mostly share one).
-        // The newest tree is where `target` was found: no second lookup.
-        let mut memo: Vec<(u64, bool)> = Vec::with_capacity(4);
-        memo.push((c.newest.generation(), true));
-        // On the stack for up to 64 mirrors.
+        // generation among the mirrors (they mostly share one). The newest
+        // tree is where `target` was found: no second lookup. On the stack
+        // for up to 64 mirrors and 8 generations.
+        let mut memo = [(0u64, false); 8];
+        memo[0] = (c.newest.generation(), true);
+        let mut memo_len = 1;
         let mut on_stack = [false; 64];
         let mut on_heap = Vec::new();
         let has_vec: &mut [bool] = if views.len() <= on_stack.len() {
@@ -354,27 +356,33 @@ impl Redirector {
         };
         for (slot, v) in has_vec.iter_mut().zip(views.iter()) {
             let g = v.generation;
-            let ok = match memo.iter().find(|(mg, _)| *mg == g) {
+            *slot = match memo[..memo_len].iter().find(|(mg, _)| *mg == g) {
                 Some(&(_, ok)) => ok,
                 None => {
                     let ok = tree_of(c.known, g).is_some_and(|t| serves(t, canonical, target));
-                    memo.push((g, ok));
+                    if memo_len < memo.len() {
+                        memo[memo_len] = (g, ok);
+                        memo_len += 1;
+                    }
                     ok
                 }
             };
-            *slot = ok;
         }
         let has_vec = &*has_vec;
         let has = |i: usize| has_vec.get(i).copied().unwrap_or(false);
-        let encoded = encode_path(canonical);
         let slash = if matches!(target, Target::Dir) && !canonical.is_empty() {
             "/"
         } else {
             ""
         };
-        let url = |i: usize| {
+        let write_url = |out: &mut String, i: usize| {
             let base = rt.bases.get(&views[i].id).map_or("", |b| b.as_ref());
-            format!("{base}/{encoded}{slash}")
+            let _ = write!(out, "{base}/{}{slash}", encoded(canonical));
+        };
+        let url = |i: usize| {
+            let mut u = String::new();
+            write_url(&mut u, i);
+            u
         };
         if let Some(json) = c.list_json {
             let rows = list::rows(
@@ -452,47 +460,94 @@ impl Redirector {
                     .collect(),
             };
         }
-        let mut b = Response::builder()
-            .status(StatusCode::FOUND)
-            .header(header::CACHE_CONTROL, "no-store")
-            .header(header::LOCATION, url(picks[0]))
-            .header("x-meridian-generation", c.newest.generation());
+        // Every header value of the 302 is written into one buffer and
+        // handed out as slices of it: one allocation for all of them.
+        let mut buf = String::with_capacity(320 + 160 * picks.len());
+        let mut cuts = [(Slot::Location, 0usize); 5 + DUPLICATES];
+        let mut n_cuts = 0;
+        let mut cut = |buf: &String, slot: Slot| {
+            if n_cuts < cuts.len() {
+                cuts[n_cuts] = (slot, buf.len());
+                n_cuts += 1;
+            }
+        };
+        write_url(&mut buf, picks[0]);
+        cut(&buf, Slot::Location);
+        let _ = write!(buf, "{}", c.newest.generation());
+        cut(&buf, Slot::Generation);
         if let Target::File(h) = target {
-            b = b.header("x-meridian-blake3", h.to_string()).header(
-                header::LINK,
-                format!(
-                    "</{encoded}.meta4>; rel=describedby; type=\"{}\"",
-                    metalink::MEDIA_TYPE
-                ),
+            let _ = write!(buf, "{h}");
+            cut(&buf, Slot::Blake3);
+            let _ = write!(
+                buf,
+                "</{}.meta4>; rel=describedby; type=\"{}\"",
+                encoded(canonical),
+                metalink::MEDIA_TYPE
             );
+            cut(&buf, Slot::Link);
             if let Some(d) = self.digests.known(h) {
                 use base64::Engine;
-                b = b.header(
-                    "repr-digest",
-                    format!(
-                        "sha-256=:{}:",
-                        base64::engine::general_purpose::STANDARD.encode(d.sha256)
-                    ),
-                );
+                buf.push_str("sha-256=:");
+                base64::engine::general_purpose::STANDARD.encode_string(d.sha256, &mut buf);
+                buf.push(':');
+                cut(&buf, Slot::Digest);
             }
         }
-        for (k, &i) in picks.iter().enumerate().skip(1) {
-            let mut link = format!("<{}>; rel=duplicate; pri={}", url(i), k + 1);
+        for (k, &i) in picks.iter().enumerate().skip(1).take(DUPLICATES) {
+            buf.push('<');
+            write_url(&mut buf, i);
+            let _ = write!(buf, ">; rel=duplicate; pri={}", k + 1);
             if let Some(cc) = rt.countries.get(&views[i].id) {
-                link.push_str("; geo=");
-                link.push_str(cc);
+                buf.push_str("; geo=");
+                buf.push_str(cc);
             }
-            b = b.header(header::LINK, link);
+            cut(&buf, Slot::Link);
+        }
+        let values = bytes::Bytes::from(buf.into_bytes());
+        let mut headers = http::HeaderMap::with_capacity(8 + DUPLICATES);
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let mut start = 0;
+        for &(slot, end) in &cuts[..n_cuts] {
+            let Ok(v) = HeaderValue::from_maybe_shared(values.slice(start..end)) else {
+                return Step::Done(reply(StatusCode::INTERNAL_SERVER_ERROR, "bad target\n"));
+            };
+            headers.append(slot.name(), v);
+            start = end;
         }
         if c.req.method() == Method::GET && list::starts_download(c.req.headers()) {
             let id = &views[picks[0]].id;
             self.metrics.redirect(id);
             self.counts.count(canonical, id);
         }
-        Step::Done(
-            b.body(empty())
-                .unwrap_or_else(|_| reply(StatusCode::INTERNAL_SERVER_ERROR, "bad target\n")),
-        )
+        let mut r = Response::new(empty());
+        *r.status_mut() = StatusCode::FOUND;
+        *r.headers_mut() = headers;
+        Step::Done(r)
+    }
+}
+
+/// The 302's headers, in [`Redirector::decide`]'s one buffer.
+#[derive(Clone, Copy)]
+enum Slot {
+    Location,
+    Generation,
+    Blake3,
+    Link,
+    Digest,
+}
+
+impl Slot {
+    fn name(self) -> HeaderName {
+        const GENERATION: HeaderName = HeaderName::from_static("x-meridian-generation");
+        const BLAKE3: HeaderName = HeaderName::from_static("x-meridian-blake3");
+        const DIGEST: HeaderName = HeaderName::from_static("repr-digest");
+        match self {
+            Slot::Location => header::LOCATION,
+            Slot::Generation => GENERATION,
+            Slot::Blake3 => BLAKE3,
+            Slot::Link => header::LINK,
+            Slot::Digest => DIGEST,
+        }
     }
 }
 
