@@ -49,6 +49,12 @@ CHANGES = [
         'listen = "127.0.0.1:8054"':
             ('listen = "0.0.0.0:8054"',
              "the status page, read-only; the Service meridian-geodns-status"),
+        'listen = "0.0.0.0:80"':
+            ('listen = "0.0.0.0:8055"',
+             "the redirector on an unprivileged port; the Service meridian-geodns-redirect maps 80 to it"),
+        'upstreams = ["https://origin.example.org"]':
+            ('upstreams = ["http://meridian-mirror-pods:8080"]',
+             "the region's mirrors (metadata only); an overlay may name the origin"),
         'token = "change-me"':
             ('token_file = "/etc/meridian/admin/token"', "the Secret meridian-geodns-admin"),
         'geoip = "/var/lib/GeoIP/GeoLite2-City.mmdb"':

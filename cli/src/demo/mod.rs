@@ -591,6 +591,12 @@ records = [
     println!(
         "  wget --bind-address=127.0.20.1 -q http://{redirector}/releases/1.0/tool-1.0.tar.gz                                       # Jakarta"
     );
+    println!(
+        "  aria2c http://{redirector}/releases/1.0/tool-1.0.tar.gz.meta4                                                        # all four mirrors, pieces checked"
+    );
+    println!(
+        "  curl -s 'http://{redirector}/releases/1.0/tool-1.0.tar.gz?mirrorlist=json'; curl -s http://{redirector}/.meridian/stats"
+    );
     println!();
     println!("Watch a change propagate to every mirror:");
     println!("  date > {}/hello.txt", content.display());
