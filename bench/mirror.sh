@@ -11,6 +11,7 @@
 #        replication part, or one replication figure)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 QUICK=${1:-}
 W=$(mktemp -d /var/tmp/meridian-mbench.XXXX)
 PIDS=()
@@ -73,7 +74,7 @@ for r in 1 2 3 4 5; do
   done
 done
 for name in meridian nginx; do
-  printf '%-9s median %8.0f MB/s\n' "$name" "$(python3 -c "import statistics, sys; print(statistics.median(map(float, sys.argv[1:])) / 1e6)" ${SPEED[$name]})"
+  printf '%-9s median %8.0f MB/s\n' "$name" "$(python3 -c "print($(median ${SPEED[$name]}) / 1e6)")"
 done
 
 echo; echo "== 2. 4 KiB file, wrk -t2 -c64 -d5s, 4 rounds alternating (the VM drifts), median"
@@ -86,7 +87,7 @@ for r in 1 2 3 4; do
   done
 done
 for name in meridian nginx; do
-  printf '%-9s median %10.0f req/s\n' "$name" "$(python3 -c "import statistics, sys; print(statistics.median(map(float, sys.argv[1:])))" ${RPS[$name]})"
+  printf '%-9s median %10.0f req/s\n' "$name" "$(median ${RPS[$name]})"
 done
 
 echo; echo "== 3. 10,000 concurrent slow downloads of a 1 MiB file for 20 s: peak RSS"

@@ -10,6 +10,7 @@
 #   (PERF: perf record -g of the redirector during its first round, to file)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 SECS=${1:-5}
 ROUNDS=${ROUNDS:-4}
 W=$(mktemp -d /var/tmp/meridian-rbench.XXXX)
@@ -111,6 +112,6 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 for name in meridian nginx; do
   printf '%-9s median %10.0f req/s  p99s: %s\n' "$name" \
-    "$(python3 -c "import statistics, sys; print(statistics.median(map(float, sys.argv[1:])))" ${RPS[$name]})" "${P99[$name]}"
+    "$(median ${RPS[$name]})" "${P99[$name]}"
 done
 echo "meridian geodns peak RSS $(awk '/VmHWM/ {print $2}' /proc/$GPID/status) KiB"

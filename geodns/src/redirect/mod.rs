@@ -375,9 +375,14 @@ impl Redirector {
         } else {
             ""
         };
+        // The path percent-encoded once; every URL is a base plus it.
+        let mut path_enc = String::with_capacity(canonical.len() + 8);
+        let _ = write!(path_enc, "{}", encoded(canonical));
+        path_enc.push_str(slash);
         let write_url = |out: &mut String, i: usize| {
-            let base = rt.bases.get(&views[i].id).map_or("", |b| b.as_ref());
-            let _ = write!(out, "{base}/{}{slash}", encoded(canonical));
+            out.push_str(rt.bases.get(&views[i].id).map_or("", |b| b.as_ref()));
+            out.push('/');
+            out.push_str(&path_enc);
         };
         let url = |i: usize| {
             let mut u = String::new();
@@ -473,17 +478,16 @@ impl Redirector {
         };
         write_url(&mut buf, picks[0]);
         cut(&buf, Slot::Location);
-        let _ = write!(buf, "{}", c.newest.generation());
+        push_decimal(&mut buf, c.newest.generation());
         cut(&buf, Slot::Generation);
         if let Target::File(h) = target {
-            let _ = write!(buf, "{h}");
+            buf.push_str(std::str::from_utf8(&h.hex_bytes()).unwrap_or_default());
             cut(&buf, Slot::Blake3);
-            let _ = write!(
-                buf,
-                "</{}.meta4>; rel=describedby; type=\"{}\"",
-                encoded(canonical),
-                metalink::MEDIA_TYPE
-            );
+            buf.push_str("</");
+            buf.push_str(&path_enc);
+            buf.push_str(".meta4>; rel=describedby; type=\"");
+            buf.push_str(metalink::MEDIA_TYPE);
+            buf.push('"');
             cut(&buf, Slot::Link);
             if let Some(d) = self.digests.known(h) {
                 use base64::Engine;
@@ -496,7 +500,8 @@ impl Redirector {
         for (k, &i) in picks.iter().enumerate().skip(1).take(DUPLICATES) {
             buf.push('<');
             write_url(&mut buf, i);
-            let _ = write!(buf, ">; rel=duplicate; pri={}", k + 1);
+            buf.push_str(">; rel=duplicate; pri=");
+            push_decimal(&mut buf, k as u64 + 1);
             if let Some(cc) = rt.countries.get(&views[i].id) {
                 buf.push_str("; geo=");
                 buf.push_str(cc);
@@ -524,6 +529,21 @@ impl Redirector {
         *r.headers_mut() = headers;
         Step::Done(r)
     }
+}
+
+/// Appends `n` in decimal (no formatting machinery on the hot path).
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or_default());
 }
 
 /// The 302's headers, in [`Redirector::decide`]'s one buffer.
@@ -575,4 +595,18 @@ enum Step {
         size: u64,
         urls: Vec<(String, Option<Box<str>>)>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_decimal;
+
+    #[test]
+    fn decimals_are_written_as_format_writes_them() {
+        for n in [0, 1, 9, 10, 99, 100, 12_345, u64::from(u32::MAX), u64::MAX] {
+            let mut s = String::from("x=");
+            push_decimal(&mut s, n);
+            assert_eq!(s, format!("x={n}"));
+        }
+    }
 }
