@@ -96,22 +96,40 @@ nginx -c "$W/nginx.conf" -p "$W"; sleep 0.5
 echo "nginx: $(curl -s -o /dev/null -D - http://127.0.0.1:18096/d00/f00000.bin | wc -c) bytes of head per redirect"
 
 echo; echo "== wrk -t2 -c64 -d${SECS}s --latency, random paths among 1,000; $ROUNDS rounds alternating, median"
-declare -A RPS P99
+# The server's own CPU time (user + system, all its processes), in clock
+# ticks: CPU per request is less moved than req/s by what else the VM runs.
+NGINX_PIDS="$(cat "$W/nginx.pid") $(pgrep -P "$(cat "$W/nginx.pid")" | xargs)"
+ticks() { for p in $1; do awk '{print $14 + $15}' "/proc/$p/stat"; done | awk '{s += $1} END {print s}'; }
+HZ=$(getconf CLK_TCK)
+declare -A RPS P99 CPU
 for r in $(seq 1 "$ROUNDS"); do
   for name in meridian:18095 nginx:18096; do
     if [ -n "${PERF:-}" ] && [ "$r" = 1 ] && [ "${name%%:*}" = meridian ]; then
       perf record -g -o "$PERF" -p "$GPID" -- sleep "$SECS" > /dev/null 2>&1 &
     fi
+    if [ "${name%%:*}" = meridian ]; then P=$GPID; else P=$NGINX_PIDS; fi
+    t0=$(ticks "$P")
     out=$(wrk -t2 -c64 -d"${SECS}s" --latency -s "$W/paths.lua" "http://127.0.0.1:${name#*:}/")
+    t1=$(ticks "$P")
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    n=$(echo "$out" | awk '/requests in/ {print $1}')
+    us=$(python3 -c "print(f'{($t1 - $t0) / $HZ * 1e6 / $n:.2f}')")
     p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
     non3xx=$(echo "$out" | awk '/Non-2xx or 3xx/ {print $NF}')
-    RPS[${name%%:*}]="${RPS[${name%%:*}]:-} $rps"; P99[${name%%:*}]="${P99[${name%%:*}]:-} $p99"
-    printf '  round %s %-9s %10s req/s  p99 %8s  %s\n' "$r" "${name%%:*}" "$rps" "$p99" "${non3xx:+(non-3xx: $non3xx)}"
+    RPS[${name%%:*}]="${RPS[${name%%:*}]:-} $rps"; P99[${name%%:*}]="${P99[${name%%:*}]:-} $p99"; CPU[${name%%:*}]="${CPU[${name%%:*}]:-} $us"
+    printf '  round %s %-9s %10s req/s  p99 %8s  CPU %6s us/request  %s\n' "$r" "${name%%:*}" "$rps" "$p99" "$us" "${non3xx:+(non-3xx: $non3xx)}"
   done
+done
+for name in meridian nginx; do
+  printf '%-9s median CPU %.2f us/request\n' "$name" "$(median ${CPU[$name]})"
 done
 for name in meridian nginx; do
   printf '%-9s median %10.0f req/s  p99s: %s\n' "$name" \
     "$(median ${RPS[$name]})" "${P99[$name]}"
 done
+# Each round's pair ran back to back: the median of the per-round ratios
+# is the figure least moved by the VM's drift.
+read -r -a M <<< "${RPS[meridian]}"; read -r -a N <<< "${RPS[nginx]}"
+RATIOS=$(for i in "${!M[@]}"; do python3 -c "print(f'{${M[$i]} / ${N[$i]}:.3f}')"; done | xargs)
+echo "meridian/nginx per round: $RATIOS; median $(python3 -c "print(f'{$(median $RATIOS):.3f}')")"
 echo "meridian geodns peak RSS $(awk '/VmHWM/ {print $2}' /proc/$GPID/status) KiB"

@@ -460,9 +460,8 @@ mod tests {
     use crate::path::RelPath;
     use crate::tree::TreeBuilder;
     use proptest::prelude::*;
-    use std::collections::HashMap;
 
-    fn tree(files: &[(String, u8)]) -> (Hash, HashMap<Hash, Arc<DirNode>>) {
+    fn tree(files: &[(String, u8)]) -> (Hash, crate::NodeMap) {
         let mut tb = TreeBuilder::new();
         for (p, v) in files {
             tb.insert(
@@ -482,10 +481,7 @@ mod tests {
 
     /// Applies a delta the way a mirror does: bases from what it holds,
     /// then rebuilt nodes, each checked against its hash.
-    fn apply_all(
-        d: &TreeDelta,
-        have: &HashMap<Hash, Arc<DirNode>>,
-    ) -> Result<HashMap<Hash, Arc<DirNode>>, DecodeError> {
+    fn apply_all(d: &TreeDelta, have: &crate::NodeMap) -> Result<crate::NodeMap, DecodeError> {
         let mut out = have.clone();
         for n in &d.nodes {
             let base = match &n.base {
@@ -498,9 +494,7 @@ mod tests {
         Ok(out)
     }
 
-    fn load(
-        all: &HashMap<Hash, Arc<DirNode>>,
-    ) -> impl FnMut(&Hash) -> Result<Arc<DirNode>, ()> + '_ {
+    fn load(all: &crate::NodeMap) -> impl FnMut(&Hash) -> Result<Arc<DirNode>, ()> + '_ {
         |h| all.get(h).cloned().ok_or(())
     }
 

@@ -9,8 +9,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Directory nodes by hash. A new generation shares every unchanged node
-/// with the old one.
-pub type NodeMap = HashMap<Hash, Arc<DirNode>>;
+/// with the old one. Hashed with Fx, not SipHash: every key is a blake3
+/// hash of a node in a signed tree (uniform, and chosen only by the key's
+/// holder), and a path lookup hashes one per directory level.
+pub type NodeMap = HashMap<Hash, Arc<DirNode>, rustc_hash::FxBuildHasher>;
 
 /// Most symlinks followed while resolving one path.
 pub const MAX_SYMLINK_HOPS: usize = 8;

@@ -72,10 +72,7 @@ pub(crate) struct PackJob {
 /// Splits the wanted blobs into packs (a node of the new tree whose small
 /// blobs are mostly wanted: a first sync, a restore, a new directory) and
 /// the rest, fetched one by one. A blob with a patch base is never packed.
-pub(crate) fn packs(
-    nodes: &HashMap<Hash, Arc<DirNode>>,
-    blobs: Vec<Want>,
-) -> (Vec<PackJob>, Vec<Want>) {
+pub(crate) fn packs(nodes: &meridian_core::NodeMap, blobs: Vec<Want>) -> (Vec<PackJob>, Vec<Want>) {
     use meridian_serve::readapi::{PACK_BLOB_MAX, pack_entries};
     let mut small: std::collections::HashSet<Hash> = blobs
         .iter()
@@ -118,7 +115,7 @@ impl Syncer {
     /// did not deliver, one by one.
     pub(crate) async fn fetch_packed_and_blobs(
         &self,
-        nodes: &HashMap<Hash, Arc<DirNode>>,
+        nodes: &meridian_core::NodeMap,
         blobs: Vec<Want>,
     ) -> Result<(), SyncError> {
         let sizes: HashMap<Hash, u64> = blobs.iter().map(|w| (w.hash, w.size)).collect();
@@ -297,7 +294,7 @@ impl Syncer {
         &self,
         served: Arc<Generation>,
         to: Hash,
-    ) -> Result<HashMap<Hash, Arc<DirNode>>, SyncError> {
+    ) -> Result<meridian_core::NodeMap, SyncError> {
         let from = served.root.root.tree;
         let got = self
             .try_each(&format!("delta/{from}/{to}"), OnMissing::Next, |url| {
@@ -334,7 +331,7 @@ impl Syncer {
             .await?;
         Ok(got.unwrap_or_else(|last| {
             tracing::debug!(error = %last, "no tree delta; fetching nodes by hash");
-            HashMap::new()
+            meridian_core::NodeMap::default()
         }))
     }
 
@@ -607,13 +604,14 @@ pub(crate) fn apply_delta(
     served: &Generation,
     to: Hash,
     bytes: &[u8],
-) -> Result<HashMap<Hash, Arc<DirNode>>, FetchFail> {
+) -> Result<meridian_core::NodeMap, FetchFail> {
     let bad = |m: String| FetchFail::Bad(format!("tree delta: {m}"));
     let d = meridian_core::TreeDelta::decode(bytes).map_err(|e| bad(e.to_string()))?;
     if d.from != served.root.root.tree || d.to != to {
         return Err(bad("it connects other trees than asked".into()));
     }
-    let mut out: HashMap<Hash, Arc<DirNode>> = HashMap::with_capacity(d.nodes.len());
+    let mut out =
+        meridian_core::NodeMap::with_capacity_and_hasher(d.nodes.len(), Default::default());
     // Edits of nodes the mirror holds are independent: rebuilt (merge,
     // encode, hash, store) on a few threads at once. An edit whose base is
     // another rebuilt node (rare) waits for the sequential pass below.

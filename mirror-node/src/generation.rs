@@ -49,7 +49,7 @@ impl Generation {
         root: VerifiedRoot,
         known: Option<&NodeMap>,
     ) -> Result<Self, LoadError> {
-        let mut nodes = NodeMap::new();
+        let mut nodes = NodeMap::default();
         let mut stack = vec![root.root.tree];
         while let Some(h) = stack.pop() {
             if nodes.contains_key(&h) {

@@ -13,7 +13,7 @@
 use crate::fetch::{PATCH_MIN, Want};
 use crate::generation::Generation;
 use meridian_core::{DirNode, EntryKind, Hash};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 /// A directory node the walk needs: its hash, its encoded size, and the
@@ -29,7 +29,7 @@ pub(crate) struct Pending {
 #[derive(Debug)]
 pub(crate) struct Plan {
     served: Option<Arc<Generation>>,
-    new_nodes: HashMap<Hash, Arc<DirNode>>,
+    new_nodes: meridian_core::NodeMap,
     blobs: Vec<Want>,
     seen_blobs: HashSet<Hash>,
     queued: HashSet<Hash>,
@@ -43,7 +43,7 @@ impl Plan {
         let old = served.as_ref().map(|g| g.root.root.tree);
         Plan {
             served,
-            new_nodes: HashMap::new(),
+            new_nodes: meridian_core::NodeMap::default(),
             blobs: Vec::new(),
             seen_blobs: HashSet::new(),
             queued: HashSet::from([tree]),
@@ -112,7 +112,7 @@ impl Plan {
 
     /// The new tree's nodes the served tree does not have, and the blobs to
     /// fetch.
-    pub(crate) fn finish(self) -> (HashMap<Hash, Arc<DirNode>>, Vec<Want>) {
+    pub(crate) fn finish(self) -> (meridian_core::NodeMap, Vec<Want>) {
         (self.new_nodes, self.blobs)
     }
 }
@@ -144,7 +144,7 @@ mod tests {
 
     /// A tree of `(path, bytes)` files: its top hash and size, and every
     /// node by hash.
-    fn tree(files: &[(&str, &[u8])]) -> (Hash, u64, HashMap<Hash, Arc<DirNode>>) {
+    fn tree(files: &[(&str, &[u8])]) -> (Hash, u64, meridian_core::NodeMap) {
         let mut tb = TreeBuilder::new();
         for (p, data) in files {
             tb.insert(
@@ -186,7 +186,7 @@ mod tests {
     /// the nodes asked for, the blobs wanted, and the blobs looked up.
     fn walk(
         mut plan: Plan,
-        nodes: &HashMap<Hash, Arc<DirNode>>,
+        nodes: &meridian_core::NodeMap,
         held: &[Hash],
     ) -> (Vec<Hash>, Vec<Want>, Vec<Hash>) {
         let looked = RefCell::new(Vec::new());

@@ -35,7 +35,7 @@ use futures_util::StreamExt;
 use meridian_core::{DirNode, Hash, VerifiedRoot, VerifyError};
 use meridian_serve::store::write_atomic;
 use meridian_serve::unix_now;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -462,7 +462,7 @@ impl Syncer {
         // The new tree's nodes as edits of the served tree's (one small
         // request instead of every changed directory whole). Anything wrong
         // with it only costs the fallback: fetching the nodes by hash.
-        let mut delta_nodes: HashMap<Hash, Arc<DirNode>> = HashMap::new();
+        let mut delta_nodes = meridian_core::NodeMap::default();
         if let Some(g) = served.as_ref()
             && g.root.root.tree != vr.root.tree
         {

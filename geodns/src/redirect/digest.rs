@@ -12,7 +12,7 @@
 use futures_util::StreamExt;
 use meridian_core::Hash;
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,7 +48,7 @@ type Cell = Arc<tokio::sync::OnceCell<Arc<FileDigest>>>;
 pub(crate) struct Digests {
     upstreams: Vec<String>,
     http: reqwest::Client,
-    cells: Mutex<(HashMap<Hash, Cell>, VecDeque<Hash>)>,
+    cells: Mutex<(rustc_hash::FxHashMap<Hash, Cell>, VecDeque<Hash>)>,
 }
 
 impl Digests {
@@ -64,7 +64,7 @@ impl Digests {
                 .user_agent("meridian-redirector")
                 .build()
                 .unwrap_or_default(),
-            cells: Mutex::new((HashMap::new(), VecDeque::new())),
+            cells: Mutex::new((rustc_hash::FxHashMap::default(), VecDeque::new())),
         }
     }
 

@@ -153,7 +153,7 @@ impl Trees {
                 .chain(known.by_generation.values().rev())
                 .find_map(|t| t.nodes.get(h).cloned())
         };
-        let mut nodes = NodeMap::new();
+        let mut nodes = NodeMap::default();
         let mut level = vec![(root.root.tree, root.root.tree_size)];
         while !level.is_empty() {
             let mut added = Vec::new();
