@@ -430,7 +430,10 @@ pub async fn start_with(
                 runtime.clone(),
                 geo.clone(),
                 &r.trusted_proxies,
-                redirect::RedirectMetrics::new(metrics.registry()),
+                redirect::RedirectMetrics::new(
+                    metrics.registry(),
+                    cfg.mirrors.iter().map(|m| m.id.as_str()),
+                ),
             ));
             let servers = meridian_serve::serve_listeners(
                 "geodns redirector",

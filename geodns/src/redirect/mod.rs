@@ -50,7 +50,9 @@ pub(crate) struct RedirectMetrics {
 }
 
 impl RedirectMetrics {
-    pub(crate) fn new(registry: &Registry) -> Self {
+    /// The counters, with every response code's series and each of
+    /// `mirrors`' redirect series at 0 from the start.
+    pub(crate) fn new<'a>(registry: &Registry, mirrors: impl Iterator<Item = &'a str>) -> Self {
         let m = RedirectMetrics {
             id: crate::metrics::next_id(),
             redirects: IntCounterVec::new(
@@ -75,6 +77,9 @@ impl RedirectMetrics {
         }
         for code in ["302", "400", "404", "405", "503"] {
             m.responses.with_label_values(&[code]);
+        }
+        for id in mirrors {
+            m.redirects.with_label_values(&[id]);
         }
         m
     }
