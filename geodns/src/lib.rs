@@ -150,8 +150,6 @@ pub struct GeoDnsHandle {
     pub public_addr: Option<SocketAddr>,
     /// The redirector's plain-HTTP address.
     pub redirector_addr: Option<SocketAddr>,
-    /// The redirector's HTTPS address (`listen_tls`).
-    pub redirector_tls_addr: Option<SocketAddr>,
     pub tracker: Arc<health::Tracker>,
     shutdown: meridian_serve::shutdown::Shutdown,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -506,7 +504,6 @@ pub async fn start_with(
         admin_addr: admin.as_ref().map(|a| a.local_addr),
         public_addr: public.as_ref().map(|p| p.local_addr),
         redirector_addr: redirector.first().map(|p| p.local_addr),
-        redirector_tls_addr: redirector.get(1).map(|p| p.local_addr),
         dns_addrs,
         tracker,
         shutdown: tx,
