@@ -14,12 +14,26 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// Waits until the origin serves a generation newer than `after` whose
 /// tree holds `f` with `want`; returns it.
 async fn published_f(client: &ReadClient, after: u64, want: &[u8]) -> u64 {
-    let h = meridian_core::hash_bytes(want);
+    published(client, after, &[("f", want)]).await
+}
+
+/// Waits until the origin serves a generation newer than `after` whose
+/// tree holds every `(path, bytes)` of `want`; returns it. (A file still
+/// inside the origin's quiet period is left out of a generation, so one
+/// file's presence says nothing about another's.)
+async fn published(client: &ReadClient, after: u64, want: &[(&str, &[u8])]) -> u64 {
+    let want: Vec<_> = want
+        .iter()
+        .map(|(p, b)| (*p, meridian_core::hash_bytes(b)))
+        .collect();
     eventually("the origin to publish the change", DEADLINE, || async {
         let r = client.root().await?;
         let files = client.files(r.root.tree).await;
-        (r.root.generation > after && files.get("f").map(|x| x.0) == Some(h))
-            .then_some(r.root.generation)
+        (r.root.generation > after
+            && want
+                .iter()
+                .all(|(p, h)| files.get(*p).map(|x| x.0) == Some(*h)))
+        .then_some(r.root.generation)
     })
     .await
 }
@@ -54,7 +68,7 @@ async fn a_key_rotation_is_followed_by_every_tier_without_a_restart_or_a_lost_do
     let new = keygen(&dir.path().join("new-key"));
     let (mut o, oaddr) = origin(dir.path(), "200ms");
     let mut client = ReadClient::new(oaddr, old);
-    let g1 = published_f(&client, 0, b"one").await;
+    let g1 = published(&client, 0, &[("f", b"one"), ("big", &big)]).await;
 
     let (evil1, e1) = Evil::start(oaddr, Mode::Honest).await;
     let poll = ["--poll-interval", "1s"];
