@@ -1,11 +1,15 @@
 //! The admin HTTP endpoint (bearer token): `/metrics`, `/mirrors` (state of
-//! every mirror and why it is or is not answered), and
-//! `POST /mirrors/{id}/down|drain|clear`. `GET /health` alone needs no
-//! token (a liveness probe; it says nothing but that the server runs).
+//! every mirror and why it is or is not answered),
+//! `POST /mirrors/{id}/down|drain|clear` (operator overrides, kept in the
+//! state file), `PUT /mirrors/{id}?field=value&…` (register a mirror, or
+//! update its registration) and `DELETE /mirrors/{id}` (remove it): see
+//! [`crate::registry`]. `GET /health` alone needs no token (a liveness
+//! probe; it says nothing but that the server runs).
 
-use crate::answer::Runtime;
+use crate::config::Mirror;
 use crate::health::{Forced, Standing, Tracker};
 use crate::metrics::DnsMetrics;
+use crate::registry::{Refused, Registered, Registry};
 use http::{Method, Response, StatusCode};
 use meridian_serve::files::text;
 use meridian_serve::{Body, Service, full};
@@ -19,14 +23,16 @@ pub(crate) struct AdminService {
     pub token: String,
     pub tracker: Arc<Tracker>,
     pub metrics: DnsMetrics,
-    pub runtime: Arc<arc_swap::ArcSwap<Runtime>>,
-    pub config: Arc<arc_swap::ArcSwap<crate::config::GeoDnsConfig>>,
+    pub served: crate::Served,
+    pub registry: Arc<Registry>,
 }
 
 #[derive(Serialize)]
 struct MirrorReport<'a> {
     id: &'a str,
     region: &'a str,
+    /// `config` (the config file) or `registered` (the admin API).
+    source: &'static str,
     in_service: bool,
     why: &'static str,
     up: bool,
@@ -61,7 +67,7 @@ impl Service for AdminService {
                     states,
                     newest,
                 } = self.tracker.snapshot();
-                let full_at = self.runtime.load().params.full_at;
+                let full_at = self.served.runtime.load().params.full_at;
                 let reports: Vec<MirrorReport<'_>> = views
                     .iter()
                     .map(|v| {
@@ -69,6 +75,11 @@ impl Service for AdminService {
                         MirrorReport {
                             id: &v.id,
                             region: &v.region,
+                            source: if self.registry.is_registered(&v.id) {
+                                "registered"
+                            } else {
+                                "config"
+                            },
                             in_service: v.usable(full_at),
                             why: Standing::of(v, full_at).reason(),
                             up: v.health.up,
@@ -103,17 +114,186 @@ impl Service for AdminService {
                     "clear" => Forced::None,
                     _ => return text(StatusCode::NOT_FOUND, "action is down, drain or clear\n"),
                 };
-                if !self.tracker.force(id, forced) {
+                if !self.served.config.load().mirrors.iter().any(|m| m.id == id) {
                     return text(StatusCode::NOT_FOUND, format!("no mirror {id:?}\n"));
                 }
-                self.tracker.refresh_views(&self.config.load());
+                // Stored first: what a restart reads is what was answered.
+                if let Err(Refused(code, msg)) = self.registry.set_forced(id, forced) {
+                    return text(code, msg);
+                }
+                self.tracker.force(id, forced);
+                self.tracker.refresh_views(&self.served.config.load());
                 tracing::info!(mirror = id, ?forced, "operator override");
                 text(StatusCode::OK, format!("{id}: {action}\n"))
             }
+            (&Method::PUT, p) if p.starts_with("/mirrors/") => {
+                let id = &p["/mirrors/".len()..];
+                let m = match registration(id, req.uri().query().unwrap_or("")) {
+                    Ok(m) => m,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("mirror {id}: {e}\n")),
+                };
+                let (what, cfg) = match self.registry.register(m) {
+                    Ok(x) => x,
+                    Err(Refused(code, msg)) => return text(code, msg),
+                };
+                if let Err(e) = self.served.apply(cfg) {
+                    return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
+                }
+                let (code, word) = match what {
+                    Registered::Added => (StatusCode::CREATED, "registered"),
+                    Registered::Updated => (StatusCode::OK, "registration updated"),
+                    Registered::Unchanged => (StatusCode::OK, "already registered, unchanged"),
+                };
+                tracing::info!(mirror = id, "{word}");
+                text(code, format!("{id}: {word}\n"))
+            }
+            (&Method::DELETE, p) if p.starts_with("/mirrors/") => {
+                let id = &p["/mirrors/".len()..];
+                match self.registry.remove(id) {
+                    Ok(Some(cfg)) => {
+                        if let Err(e) = self.served.apply(cfg) {
+                            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
+                        }
+                        tracing::info!(mirror = id, "registration removed");
+                        text(StatusCode::OK, format!("{id}: removed\n"))
+                    }
+                    Ok(None) => text(StatusCode::NOT_FOUND, format!("{id}: not registered\n")),
+                    Err(Refused(code, msg)) => text(code, msg),
+                }
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "GET /metrics, GET /mirrors, POST /mirrors/{id}/down|drain|clear\n",
+                "GET /metrics, GET /mirrors, POST /mirrors/{id}/down|drain|clear, PUT /mirrors/{id}?…, DELETE /mirrors/{id}\n",
             ),
         }
+    }
+}
+
+/// The fields a registration may set, as `PUT /mirrors/{id}?field=value`
+/// (repeat a list field for more than one value).
+pub(crate) const FIELDS: &[&str] = &[
+    "region",
+    "latitude",
+    "longitude",
+    "ipv4",
+    "ipv6",
+    "status_url",
+    "weight",
+    "capacity_bytes_per_sec",
+    "countries",
+    "continents",
+    "url",
+    "country",
+];
+
+/// A registration from its query string: every error names its field.
+pub(crate) fn registration(id: &str, query: &str) -> Result<Mirror, String> {
+    fn num<T: std::str::FromStr>(k: &str, v: &str) -> Result<T, String> {
+        v.parse().map_err(|_| format!("{k} {v:?}: not a number"))
+    }
+    let mut m = Mirror {
+        id: id.to_owned(),
+        region: String::new(),
+        latitude: f64::NAN,
+        longitude: f64::NAN,
+        ipv4: Vec::new(),
+        ipv6: Vec::new(),
+        status_url: String::new(),
+        weight: 1.0,
+        capacity_bytes_per_sec: None,
+        countries: Vec::new(),
+        continents: Vec::new(),
+        url: None,
+        country: None,
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        let (k, v) = (k.as_ref(), v.as_ref());
+        let list = matches!(k, "ipv4" | "ipv6" | "countries" | "continents");
+        if !list && !seen.insert(k.to_owned()) {
+            return Err(format!("{k}: given twice"));
+        }
+        match k {
+            "region" => m.region = v.to_owned(),
+            "latitude" => m.latitude = num(k, v)?,
+            "longitude" => m.longitude = num(k, v)?,
+            "ipv4" => m.ipv4.push(
+                v.parse()
+                    .map_err(|_| format!("ipv4 {v:?}: not an IPv4 address"))?,
+            ),
+            "ipv6" => m.ipv6.push(
+                v.parse()
+                    .map_err(|_| format!("ipv6 {v:?}: not an IPv6 address"))?,
+            ),
+            "status_url" => m.status_url = v.to_owned(),
+            "weight" => m.weight = num(k, v)?,
+            "capacity_bytes_per_sec" => m.capacity_bytes_per_sec = Some(num(k, v)?),
+            "countries" => m.countries.push(v.to_owned()),
+            "continents" => m.continents.push(v.to_owned()),
+            "url" => m.url = Some(v.to_owned()),
+            "country" => m.country = Some(v.to_owned()),
+            other => {
+                return Err(format!(
+                    "{other:?}: unknown field (known: {})",
+                    FIELDS.join(", ")
+                ));
+            }
+        }
+    }
+    for (k, missing) in [
+        ("latitude", m.latitude.is_nan()),
+        ("longitude", m.longitude.is_nan()),
+        ("status_url", m.status_url.is_empty()),
+    ] {
+        if missing {
+            return Err(format!("{k}: required"));
+        }
+    }
+    m.check()?;
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::registration;
+
+    #[test]
+    fn a_registration_names_the_field_it_refuses() {
+        let ok = "region=eu&latitude=51.5&longitude=-0.1&ipv4=127.0.0.5&ipv4=127.0.0.6&status_url=http%3A%2F%2F127.0.0.5%3A80%2F.meridian%2Fstatus";
+        let m = registration("m5", ok).expect("test step");
+        assert_eq!(m.ipv4.len(), 2);
+        assert_eq!(m.status_url, "http://127.0.0.5:80/.meridian/status");
+        for (q, field) in [
+            (format!("{ok}&colour=red"), "\"colour\": unknown field"),
+            (format!("{ok}&latitude=1"), "latitude: given twice"),
+            (
+                ok.replace("latitude=51.5", "latitude=95"),
+                "latitude 95: out of range",
+            ),
+            (
+                ok.replace("longitude=-0.1", "longitude=west"),
+                "longitude \"west\": not a number",
+            ),
+            (
+                ok.replace("ipv4=127.0.0.5", "ipv4=300.1.1.1"),
+                "ipv4 \"300.1.1.1\": not an IPv4",
+            ),
+            (
+                ok.replace("&status_url=", "&x_status_url="),
+                "unknown field",
+            ),
+            (
+                ok.replace("region=eu&latitude=51.5&", "region=eu&"),
+                "latitude: required",
+            ),
+            (format!("{ok}&weight=0"), "weight 0: must be positive"),
+            (format!("{ok}&country=GBR"), "country \"GBR\""),
+            (format!("{ok}&url=ftp://x/"), "url \"ftp://x\""),
+        ] {
+            let e = registration("m5", &q).expect_err("refused");
+            assert!(e.contains(field), "{q}: {e}");
+        }
+        let e = registration("bad id", ok).expect_err("refused");
+        assert!(e.starts_with("id \"bad id\""), "{e}");
     }
 }

@@ -4,7 +4,7 @@
 
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, NS, TXT};
 use hickory_proto::rr::{Name, RData, RecordType};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -60,6 +60,13 @@ pub struct GeoDnsConfig {
     /// HTTP redirector (302 to the nearest mirror that has the file).
     #[serde(default)]
     pub redirector: Option<Redirector>,
+    /// Where GeoDNS keeps what the admin API changes: mirrors registered
+    /// with `meridian region add` and operator overrides (down, drain).
+    /// Written atomically on every change and read at start, so both
+    /// survive a restart. Without it, overrides last until a restart and
+    /// registrations are refused.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 fn default_tcp_max() -> usize {
@@ -200,7 +207,7 @@ impl StaticRecord {
 }
 
 /// One mirror.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mirror {
     pub id: String,
@@ -218,7 +225,7 @@ pub struct Mirror {
     #[serde(default = "default_weight")]
     pub weight: f64,
     /// Egress capacity in bytes/s; overrides what the mirror reports.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_bytes_per_sec: Option<u64>,
     /// Serve only clients from these countries (ISO codes), if set.
     #[serde(default)]
@@ -229,11 +236,11 @@ pub struct Mirror {
     /// The base URL downloads are redirected to (`https://host/` or
     /// `https://host/path/`). Default: `status_url` without its
     /// `/.meridian/status`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// The mirror's country (ISO 3166 code), for the redirector's
     /// `Link: …; geo=` and Metalink locations.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub country: Option<String>,
 }
 fn default_weight() -> f64 {
@@ -251,6 +258,57 @@ impl Mirror {
                 .unwrap_or(&self.status_url),
         };
         u.trim_end_matches('/').to_owned()
+    }
+}
+
+impl Mirror {
+    /// What one mirror's fields must satisfy, wherever it comes from (the
+    /// config file or a registration): each error names its field.
+    pub fn check(&self) -> Result<(), String> {
+        if self.id.is_empty()
+            || self.id.len() > 64
+            || !self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(format!(
+                "id {:?}: 1 to 64 of letters, digits, '-', '_' and '.'",
+                self.id
+            ));
+        }
+        if !(-90.0..=90.0).contains(&self.latitude) {
+            return Err(format!(
+                "latitude {}: out of range (-90 to 90)",
+                self.latitude
+            ));
+        }
+        if !(-180.0..=180.0).contains(&self.longitude) {
+            return Err(format!(
+                "longitude {}: out of range (-180 to 180)",
+                self.longitude
+            ));
+        }
+        if self.ipv4.is_empty() && self.ipv6.is_empty() {
+            return Err("ipv4, ipv6: needs an ipv4 or ipv6 address".into());
+        }
+        if self.weight.is_nan() || self.weight <= 0.0 {
+            return Err(format!("weight {}: must be positive", self.weight));
+        }
+        check_base_url(&self.status_url)
+            .map_err(|e| format!("status_url {:?}: {e}", self.status_url))?;
+        if let Err(e) = check_base_url(&self.base_url()) {
+            return Err(format!(
+                "url {:?}: {e}; set url = \"https://host/\"",
+                self.base_url()
+            ));
+        }
+        if let Some(c) = &self.country
+            && (c.len() != 2 || !c.bytes().all(|b| b.is_ascii_alphabetic()))
+        {
+            return Err(format!("country {c:?}: an ISO 3166 code of two letters"));
+        }
+        Ok(())
     }
 }
 
@@ -538,22 +596,8 @@ impl GeoDnsConfig {
             if !ids.insert(&m.id) {
                 return bad(format!("mirror id {:?} appears twice", m.id));
             }
-            if !(-90.0..=90.0).contains(&m.latitude) || !(-180.0..=180.0).contains(&m.longitude) {
-                return bad(format!("mirror {}: coordinates out of range", m.id));
-            }
-            if m.ipv4.is_empty() && m.ipv6.is_empty() {
-                return bad(format!("mirror {}: needs an ipv4 or ipv6 address", m.id));
-            }
-            if m.weight.is_nan() || m.weight <= 0.0 {
-                return bad(format!("mirror {}: weight must be positive", m.id));
-            }
-            if let Err(e) = check_base_url(&m.base_url()) {
-                return bad(format!(
-                    "mirror {}: url {:?} {e}; set url = \"https://host/\"",
-                    m.id,
-                    m.base_url()
-                ));
-            }
+            m.check()
+                .map_err(|e| ConfigError::Invalid(format!("mirror {}: {e}", m.id)))?;
         }
         for o in &self.overrides {
             if crate::select::parse_cidr(&o.network).is_none() {

@@ -96,19 +96,15 @@ impl Tracker {
         }
     }
 
-    /// Operator override.
-    pub fn force(&self, id: &str, f: Forced) -> bool {
+    /// Operator override of mirror `id` (one the served config has: the
+    /// caller checks; the next probe round drops an unknown one).
+    pub fn force(&self, id: &str, f: Forced) {
         let Ok(mut s) = self.states.lock() else {
-            return false;
+            return;
         };
-        match s.get_mut(id) {
-            Some(p) => {
-                p.forced = f;
-                p.changed_at = Some(Instant::now());
-                true
-            }
-            None => false,
-        }
+        let p = s.entry(id.to_owned()).or_default();
+        p.forced = f;
+        p.changed_at = Some(Instant::now());
     }
 
     async fn probe(&self, url: &str, timeout: Duration) -> Result<StatusDoc, String> {

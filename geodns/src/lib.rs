@@ -22,6 +22,7 @@ mod metrics;
 pub mod mmdb;
 mod public;
 mod redirect;
+mod registry;
 mod select;
 mod tcp;
 mod wire;
@@ -52,6 +53,8 @@ pub enum GeoDnsError {
     },
     #[error("redirector: {0}")]
     Listen(#[from] meridian_serve::ListenError),
+    #[error(transparent)]
+    State(#[from] registry::StateFileError),
 }
 
 /// Builds the query-time runtime from a validated config.
@@ -225,9 +228,13 @@ pub async fn start(config_path: PathBuf) -> Result<GeoDnsHandle, GeoDnsError> {
 
 /// Starts GeoDNS from a config value (`config_path` enables reloading).
 pub async fn start_with(
-    cfg: GeoDnsConfig,
+    file_cfg: GeoDnsConfig,
     config_path: Option<PathBuf>,
 ) -> Result<GeoDnsHandle, GeoDnsError> {
+    // What is served: the file's config and the registrations.
+    let registry = Arc::new(registry::Registry::open(&file_cfg)?);
+    let cfg = registry.merge(&file_cfg);
+    cfg.validate()?;
     let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(&cfg)?));
     let open = |p: &Option<PathBuf>| -> Result<GeoHandle, GeoDnsError> {
         Ok(GeoHandle::new(match p {
@@ -240,6 +247,12 @@ pub async fn start_with(
         v6: open(&cfg.geoip_v6)?,
     });
     let tracker = Arc::new(health::Tracker::new());
+    for (id, f) in registry.forced() {
+        if cfg.mirrors.iter().any(|m| m.id == id) {
+            tracker.force(&id, f);
+        }
+    }
+    tracker.refresh_views(&cfg);
     let metrics = metrics::DnsMetrics::new();
     let config = Arc::new(ArcSwap::from_pointee(cfg.clone()));
     let handler = dns::GeoHandler::new(
@@ -373,8 +386,13 @@ pub async fn start_with(
     }
     // Config reload on SIGHUP and when the file changes.
     if let Some(path) = config_path {
-        let (runtime, config, tracker, mut stop) =
-            (runtime.clone(), config.clone(), tracker.clone(), rx.clone());
+        let (runtime, config, tracker, registry, mut stop) = (
+            runtime.clone(),
+            config.clone(),
+            tracker.clone(),
+            registry.clone(),
+            rx.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             let mut seen = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
@@ -389,7 +407,7 @@ pub async fn start_with(
                     continue;
                 }
                 seen = now;
-                reload(&path, &runtime, &config, &tracker);
+                reload(&path, &registry, &runtime, &config, &tracker);
             }
         }));
     }
@@ -490,8 +508,12 @@ pub async fn start_with(
                 token: a.token.clone(),
                 tracker: tracker.clone(),
                 metrics,
-                runtime,
-                config,
+                served: Served {
+                    runtime,
+                    config,
+                    tracker: tracker.clone(),
+                },
+                registry,
             });
             let h = meridian_serve::serve(l, meridian_serve::ServerOptions::default(), svc);
             tracing::info!("geodns admin listening on {}", h.local_addr);
@@ -514,28 +536,58 @@ pub async fn start_with(
     })
 }
 
+/// What the query path serves, and the one way to change it: every new
+/// configuration (a reload, a registration) goes through [`Served::apply`].
+#[derive(Debug, Clone)]
+pub(crate) struct Served {
+    pub runtime: Arc<ArcSwap<answer::Runtime>>,
+    pub config: Arc<ArcSwap<GeoDnsConfig>>,
+    pub tracker: Arc<health::Tracker>,
+}
+
+impl Served {
+    /// Serves `cfg` (validated, merged): its runtime, the mirrors' views
+    /// and the config every task reads.
+    pub(crate) fn apply(&self, cfg: GeoDnsConfig) -> Result<(), String> {
+        let rt = build_runtime(&cfg).map_err(|e| e.to_string())?;
+        self.runtime.store(Arc::new(rt));
+        self.tracker.refresh_views(&cfg);
+        self.config.store(Arc::new(cfg));
+        Ok(())
+    }
+}
+
 fn reload(
     path: &Path,
-    runtime: &ArcSwap<answer::Runtime>,
-    config: &ArcSwap<GeoDnsConfig>,
-    tracker: &health::Tracker,
+    registry: &registry::Registry,
+    runtime: &Arc<ArcSwap<answer::Runtime>>,
+    config: &Arc<ArcSwap<GeoDnsConfig>>,
+    tracker: &Arc<health::Tracker>,
 ) {
+    let served = Served {
+        runtime: runtime.clone(),
+        config: config.clone(),
+        tracker: tracker.clone(),
+    };
     let res = GeoDnsConfig::load(path)
         .map_err(|e| e.to_string())
-        .and_then(|cfg| {
-            if cfg.listen != config.load().listen {
+        .and_then(|file| {
+            if file.listen != config.load().listen {
                 tracing::warn!("listen addresses changed in the config; that takes a restart");
             }
-            build_runtime(&cfg)
-                .map(|rt| (cfg, rt))
-                .map_err(|e| e.to_string())
+            let cfg = registry.merge(&file);
+            cfg.validate().map_err(|e| e.to_string())?;
+            build_runtime(&cfg).map_err(|e| e.to_string())?;
+            Ok((file, cfg))
         });
     match res {
-        Ok((cfg, rt)) => {
-            runtime.store(Arc::new(rt));
-            tracker.refresh_views(&cfg);
-            tracing::info!(mirrors = cfg.mirrors.len(), "configuration reloaded");
-            config.store(Arc::new(cfg));
+        Ok((file, cfg)) => {
+            let n = cfg.mirrors.len();
+            registry.set_file(file);
+            match served.apply(cfg) {
+                Ok(()) => tracing::info!(mirrors = n, "configuration reloaded"),
+                Err(e) => tracing::error!(error = %e, "configuration NOT reloaded"),
+            }
         }
         Err(e) => {
             tracing::error!(error = %e, path = %path.display(), "configuration NOT reloaded; the previous one stays in service")
