@@ -7,6 +7,7 @@ mod demo;
 mod key;
 mod keygen;
 mod probe;
+mod region;
 mod restore;
 
 use clap::{Parser, Subcommand};
@@ -57,6 +58,10 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Add a mirror to the network, or take it out, on every GeoDNS
+    /// instance (through their admin APIs).
+    #[command(subcommand)]
+    Region(region::RegionCommand),
     /// Rebuild a lost origin (content and state) from a mirror.
     ///
     /// Fetches the newest root that verifies with --trust, then every node
@@ -122,6 +127,7 @@ fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Keygen { out, force } => keygen::run(&out, force),
         Command::Key(cmd) => key::run(cmd),
+        Command::Region(cmd) => region::run(cmd),
         Command::Origin(args) => {
             init_logging();
             let (once, check) = (args.once, args.check);

@@ -572,7 +572,15 @@ fn reload(
     let res = GeoDnsConfig::load(path)
         .map_err(|e| e.to_string())
         .and_then(|file| {
-            if file.listen != config.load().listen {
+            // (A port 0 pinned to the port bound is no change.)
+            let old = config.load();
+            if file.listen.len() != old.listen.len()
+                || file
+                    .listen
+                    .iter()
+                    .zip(&old.listen)
+                    .any(|(n, o)| n.ip() != o.ip() || (o.port() != 0 && n.port() != o.port()))
+            {
                 tracing::warn!("listen addresses changed in the config; that takes a restart");
             }
             let cfg = registry.merge(&file);

@@ -6,6 +6,7 @@ mod geodns;
 mod keys;
 mod mirror;
 mod network;
+mod operate;
 mod origin;
 mod redirector;
 mod restore;

@@ -473,6 +473,17 @@ pub async fn dns_a(
     ecs: Option<(&str, u8)>,
     src: Option<&str>,
 ) -> Option<Vec<std::net::IpAddr>> {
+    Some(dns_a_ttl(server, name, ecs, src).await?.0)
+}
+
+/// [`dns_a`], with the answer's TTL (the smallest of its records; 0 for
+/// an empty answer): what a client that honours TTLs caches it for.
+pub async fn dns_a_ttl(
+    server: std::net::SocketAddr,
+    name: &str,
+    ecs: Option<(&str, u8)>,
+    src: Option<&str>,
+) -> Option<(Vec<std::net::IpAddr>, u32)> {
     use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
     use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
     use hickory_proto::rr::{Name, RData, RecordType};
@@ -498,7 +509,8 @@ pub async fn dns_a(
         .ok()?
         .ok()?;
     let r = Message::from_vec(&buf[..n]).ok()?;
-    Some(
+    let ttl = r.answers.iter().map(|x| x.ttl).min().unwrap_or(0);
+    Some((
         r.answers
             .iter()
             .filter_map(|x| match &x.data {
@@ -506,7 +518,8 @@ pub async fn dns_a(
                 _ => None,
             })
             .collect(),
-    )
+        ttl,
+    ))
 }
 
 /// `meridian demo` on free ports, stopped with SIGTERM (so it stops its

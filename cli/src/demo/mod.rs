@@ -464,6 +464,11 @@ records = [
         toml::Value::Array(vec![s(SocketAddr::new(lo, args.dns_port))]),
     );
     table.insert("geoip".into(), s(geoip.display()));
+    // Registrations (`meridian region add`) and overrides survive a restart.
+    table.insert(
+        "state_file".into(),
+        s(base.join("geodns-state.json").display()),
+    );
     table.insert(
         "origin_health_url".into(),
         s(format!("http://{origin}/.meridian/health")),
@@ -517,6 +522,20 @@ records = [
     let admin = kids.wait_listening("geodns", &log, "geodns admin")?;
     let status = kids.wait_listening("geodns", &log, "geodns status page")?;
     let redirector = kids.wait_listening("geodns", &log, "geodns redirector")?;
+    // Pinned like the others' (a restarted GeoDNS comes back on the same
+    // ports). GeoDNS reloads the file it watches; the addresses it already
+    // listens on stay.
+    table.insert("listen".into(), toml::Value::Array(vec![s(dns)]));
+    for (key, addr) in [
+        ("admin", admin),
+        ("public", status),
+        ("redirector", redirector),
+    ] {
+        if let Some(toml::Value::Table(t)) = table.get_mut(key) {
+            t.insert("listen".into(), s(addr));
+        }
+    }
+    write_config(&geodns_cfg, &table)?;
 
     let network = Network {
         origin,

@@ -1,0 +1,329 @@
+//! `meridian region`: an operator adds a mirror to the network, or takes it
+//! out, with one command against every GeoDNS instance's admin API.
+//!
+//! Each step prints what it does and what it found. Every command is safe
+//! to rerun: a registration that is already there is reported unchanged, a
+//! removal of a mirror that is gone is reported as done. An instance that
+//! cannot be reached does not stop the others; the command then fails,
+//! naming it, and a rerun finishes the work.
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RegionCommand {
+    /// Register a mirror with every GeoDNS instance named, then wait until
+    /// each one gives it clients (it is up and serves the newest
+    /// generation).
+    ///
+    /// GeoDNS keeps the registration in its state_file, so it survives a
+    /// restart. Rerunning with the same fields changes nothing; with other
+    /// fields it updates the registration. A mirror defined in an
+    /// instance's config file is refused there (the file wins).
+    Add(Box<AddArgs>),
+    /// Remove a registered mirror from every GeoDNS instance named: new
+    /// clients go elsewhere at once (clients that resolved it before finish
+    /// their downloads; drain it first to wait for them).
+    Remove(RemoveArgs),
+}
+
+/// The GeoDNS instances and how to reach their admin APIs.
+#[derive(Debug, Args)]
+pub(crate) struct Admins {
+    /// A GeoDNS admin URL, `http://HOST:PORT` (repeat for each instance).
+    #[arg(long = "admin", value_name = "URL", required = true)]
+    pub admin: Vec<String>,
+    /// A file holding the admin bearer token (or set MERIDIAN_ADMIN_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AddArgs {
+    #[command(flatten)]
+    pub admins: Admins,
+    /// The mirror's id (letters, digits, '-', '_', '.').
+    #[arg(long)]
+    pub id: String,
+    /// The region it serves (a label, e.g. `eu-west`).
+    #[arg(long, default_value = "")]
+    pub region: String,
+    /// Where it is: latitude in degrees (-90 to 90).
+    #[arg(long, allow_negative_numbers = true)]
+    pub latitude: f64,
+    /// Where it is: longitude in degrees (-180 to 180).
+    #[arg(long, allow_negative_numbers = true)]
+    pub longitude: f64,
+    /// An IPv4 address DNS answers with (repeat for more).
+    #[arg(long)]
+    pub ipv4: Vec<std::net::Ipv4Addr>,
+    /// An IPv6 address DNS answers with (repeat for more).
+    #[arg(long)]
+    pub ipv6: Vec<std::net::Ipv6Addr>,
+    /// Its status URL, `http://HOST:PORT/.meridian/status`.
+    #[arg(long)]
+    pub status_url: String,
+    /// Its share among mirrors at a similar distance.
+    #[arg(long)]
+    pub weight: Option<f64>,
+    /// Its egress capacity in bytes per second (instead of what it reports).
+    #[arg(long)]
+    pub capacity_bytes_per_sec: Option<u64>,
+    /// Its country (ISO 3166 code), for the redirector's Link headers.
+    #[arg(long)]
+    pub country: Option<String>,
+    /// The base URL the redirector sends downloads to [default: the status
+    /// URL without /.meridian/status].
+    #[arg(long)]
+    pub url: Option<String>,
+    /// How long to wait for every instance to give it clients (0s: do not
+    /// wait).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RemoveArgs {
+    #[command(flatten)]
+    pub admins: Admins,
+    /// The mirror's id.
+    #[arg(long)]
+    pub id: String,
+}
+
+pub(crate) fn run(cmd: RegionCommand) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cmd {
+            RegionCommand::Add(a) => add(*a).await,
+            RegionCommand::Remove(r) => remove(r).await,
+        }
+    })
+}
+
+/// A GeoDNS admin API client.
+pub(crate) struct Admin {
+    http: reqwest::Client,
+    token: String,
+}
+
+impl Admin {
+    pub(crate) fn new(a: &Admins) -> anyhow::Result<Self> {
+        let token = match &a.token_file {
+            Some(f) => std::fs::read_to_string(f)
+                .with_context(|| format!("--token-file {}: cannot read it", f.display()))?
+                .trim()
+                .to_owned(),
+            None => std::env::var("MERIDIAN_ADMIN_TOKEN").map_err(|_| {
+                anyhow::anyhow!(
+                    "no admin token: pass --token-file FILE or set MERIDIAN_ADMIN_TOKEN (the token in each GeoDNS's [admin])"
+                )
+            })?,
+        };
+        for u in &a.admin {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                bail!("--admin {u:?}: not http://HOST:PORT");
+            }
+        }
+        Ok(Admin {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            token,
+        })
+    }
+
+    /// Sends one request; returns (status, body) or why it could not.
+    pub(crate) async fn send(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+    ) -> Result<(u16, String), String> {
+        let r = self
+            .http
+            .request(method, url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| meridian_serve::describe(&e))?;
+        let code = r.status().as_u16();
+        let body = r.text().await.map_err(|e| meridian_serve::describe(&e))?;
+        if code == 401 {
+            return Err("the admin token was refused (401): check --token-file".into());
+        }
+        Ok((code, body.trim().to_owned()))
+    }
+
+    /// What instance `base` reports of mirror `id` (`None`: not listed).
+    pub(crate) async fn mirror(
+        &self,
+        base: &str,
+        id: &str,
+    ) -> Result<Option<serde_json::Value>, String> {
+        let (code, body) = self
+            .send(reqwest::Method::GET, &format!("{base}/mirrors"))
+            .await?;
+        if code != 200 {
+            return Err(format!("GET /mirrors: HTTP {code}: {body}"));
+        }
+        let list: Vec<serde_json::Value> = serde_json::from_str(&body)
+            .map_err(|e| format!("GET /mirrors: not the expected JSON ({e})"))?;
+        Ok(list.into_iter().find(|m| m["id"] == id))
+    }
+}
+
+fn base(u: &str) -> &str {
+    u.trim_end_matches('/')
+}
+
+async fn add(a: AddArgs) -> anyhow::Result<()> {
+    let admin = Admin::new(&a.admins)?;
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    q.append_pair("region", &a.region)
+        .append_pair("latitude", &a.latitude.to_string())
+        .append_pair("longitude", &a.longitude.to_string())
+        .append_pair("status_url", &a.status_url);
+    for ip in &a.ipv4 {
+        q.append_pair("ipv4", &ip.to_string());
+    }
+    for ip in &a.ipv6 {
+        q.append_pair("ipv6", &ip.to_string());
+    }
+    if let Some(w) = a.weight {
+        q.append_pair("weight", &w.to_string());
+    }
+    if let Some(c) = a.capacity_bytes_per_sec {
+        q.append_pair("capacity_bytes_per_sec", &c.to_string());
+    }
+    if let Some(c) = &a.country {
+        q.append_pair("country", c);
+    }
+    if let Some(u) = &a.url {
+        q.append_pair("url", u);
+    }
+    let query = q.finish();
+    let path = format!("{}?{query}", mirror_path(&a.id));
+    let done = |code: u16, _: &str| matches!(code, 200 | 201).then_some(None);
+    every_instance(
+        &admin,
+        &a.admins,
+        reqwest::Method::PUT,
+        &path,
+        "register",
+        done,
+    )
+    .await?;
+    let n = a.admins.admin.len();
+    if a.wait.is_zero() {
+        return Ok(());
+    }
+    println!(
+        "waiting up to {} for {} to get clients (up and current) on every instance",
+        humantime::format_duration(a.wait),
+        a.id
+    );
+    let until = Instant::now() + a.wait;
+    let mut last = vec![String::new(); n];
+    loop {
+        let mut waiting = Vec::new();
+        for (i, u) in a.admins.admin.iter().enumerate() {
+            let why = match admin.mirror(base(u), &a.id).await {
+                Ok(Some(m)) if m["in_service"] == true => "in service".to_owned(),
+                Ok(Some(m)) => m["why"].as_str().unwrap_or("not in service").to_owned(),
+                Ok(None) => "not listed".to_owned(),
+                Err(e) => e,
+            };
+            if why != last[i] {
+                println!("  {}: {} {why}", base(u), a.id);
+                last[i] = why.clone();
+            }
+            if why != "in service" {
+                waiting.push(format!("{}: {why}", base(u)));
+            }
+        }
+        if waiting.is_empty() {
+            println!("{} is in service on {n} of {n} GeoDNS instances", a.id);
+            return Ok(());
+        }
+        if Instant::now() >= until {
+            bail!(
+                "{} is registered but not in service after {} on {} ({}); check that it is up and current (its status URL {}), or wait longer with --wait",
+                a.id,
+                humantime::format_duration(a.wait),
+                waiting.len(),
+                waiting.join("; "),
+                a.status_url
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn remove(r: RemoveArgs) -> anyhow::Result<()> {
+    let admin = Admin::new(&r.admins)?;
+    let gone = format!("{} not registered (done)", r.id);
+    let done = |code: u16, _: &str| match code {
+        200 => Some(None),
+        404 => Some(Some(gone.clone())),
+        _ => None,
+    };
+    every_instance(
+        &admin,
+        &r.admins,
+        reqwest::Method::DELETE,
+        &mirror_path(&r.id),
+        "remove",
+        done,
+    )
+    .await
+}
+
+/// `/mirrors/{id}`, the id percent-encoded.
+fn mirror_path(id: &str) -> String {
+    let enc: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
+    format!("/mirrors/{enc}")
+}
+
+/// Sends `method path` to every instance, printing each answer. `done`
+/// says whether an answer (status, body) is success, and what to print
+/// instead of the body. Any other answer is a refusal, the same on every
+/// instance, so it stops the command; an instance not reached does not
+/// stop the others, but fails the command at the end (rerunning is safe).
+async fn every_instance(
+    admin: &Admin,
+    admins: &Admins,
+    method: reqwest::Method,
+    path: &str,
+    verb: &str,
+    done: impl Fn(u16, &str) -> Option<Option<String>>,
+) -> anyhow::Result<()> {
+    let n = admins.admin.len();
+    let mut failed = Vec::new();
+    for (i, u) in admins.admin.iter().enumerate() {
+        match admin
+            .send(method.clone(), &format!("{}{path}", base(u)))
+            .await
+        {
+            Ok((code, body)) => match done(code, &body) {
+                Some(said) => println!("[{}/{n}] {}: {}", i + 1, base(u), said.unwrap_or(body)),
+                None => bail!("{}: {verb} refused (HTTP {code}): {body}", base(u)),
+            },
+            Err(e) => {
+                println!("[{}/{n}] {}: cannot {verb}: {e}", i + 1, base(u));
+                failed.push(format!("{}: {e}", base(u)));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {n} GeoDNS instances not reached ({}); rerun when they are back ({verb} again is safe)",
+            failed.len(),
+            failed.join("; ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,375 @@
+//! Operators' commands against the running demo network: a mirror joins
+//! with `meridian region add`, and leaves with `meridian region remove`,
+//! under continuous downloads by a client that follows DNS as a stub
+//! resolver does (it caches each answer for its TTL).
+
+use meridian_e2e::{Demo, Proc, admin_get, cli, dns_a, dns_a_ttl, eventually, signal};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+/// Paris, in the demo's GeoIP data: nearer the joining mirror than any
+/// demo mirror.
+const PARIS: (&str, u8) = ("2.16.0.0", 13);
+const NEW_IP: &str = "127.0.10.5";
+const FILE: &str = "releases/1.0/tool-1.0.tar.gz";
+
+/// What a download loop saw: verified downloads per mirror address, and
+/// every failure.
+#[derive(Default, Debug)]
+struct Seen {
+    by_ip: HashMap<IpAddr, u32>,
+    failed: Vec<String>,
+}
+
+/// A client in Paris: resolves `dl.meridian.test`, keeps the answer for its
+/// TTL (the last good one while GeoDNS does not answer, as a stub resolver
+/// serves stale), downloads FILE from the first address and checks every
+/// byte. At most 2,000 downloads and 240 s.
+fn paris_client(
+    dns: SocketAddr,
+    ports: Arc<Mutex<HashMap<IpAddr, SocketAddr>>>,
+    want: Arc<Vec<u8>>,
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let t0 = Instant::now();
+        let mut cached: Option<(IpAddr, Instant)> = None;
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) && n < 2_000 && t0.elapsed() < Duration::from_secs(240)
+        {
+            n += 1;
+            let fresh = cached.filter(|(_, until)| Instant::now() < *until);
+            let ip = match fresh {
+                Some((ip, _)) => ip,
+                None => match dns_a_ttl(dns, "dl.meridian.test.", Some(PARIS), None).await {
+                    Some((ips, ttl)) if !ips.is_empty() => {
+                        cached = Some((ips[0], Instant::now() + Duration::from_secs(ttl.into())));
+                        ips[0]
+                    }
+                    _ => match cached {
+                        Some((ip, _)) => ip,
+                        None => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                },
+            };
+            let Some(addr) = ports.lock().unwrap().get(&ip).copied() else {
+                seen.lock()
+                    .unwrap()
+                    .failed
+                    .push(format!("DNS answered {ip}, not a mirror"));
+                continue;
+            };
+            let r = http.get(format!("http://{addr}/{FILE}")).send().await;
+            let outcome = match r {
+                Ok(r) if r.status() == 200 => match r.bytes().await {
+                    Ok(b) if b[..] == want[..] => Ok(()),
+                    Ok(b) => Err(format!("{addr}: {} bytes, not the file", b.len())),
+                    Err(e) => Err(format!("{addr}: {e}")),
+                },
+                Ok(r) => Err(format!("{addr}: HTTP {}", r.status())),
+                Err(e) => Err(format!("{addr}: {e}")),
+            };
+            let mut s = seen.lock().unwrap();
+            match outcome {
+                Ok(()) => *s.by_ip.entry(ip).or_default() += 1,
+                Err(e) => s.failed.push(e),
+            }
+        }
+    })
+}
+
+/// GeoDNS's report of mirror `id` (`None` while not listed or not
+/// answering).
+async fn report(http: &reqwest::Client, demo: &Demo, id: &str) -> Option<serde_json::Value> {
+    let token = demo.net["admin_token"].as_str()?;
+    let body = admin_get(http, demo.addr("admin"), "/mirrors", token).await?;
+    let list: Vec<serde_json::Value> = serde_json::from_str(&body).ok()?;
+    list.into_iter().find(|m| m["id"] == id)
+}
+
+async fn paris_first(demo: &Demo) -> Option<IpAddr> {
+    dns_a(demo.addr("dns"), "dl.meridian.test.", Some(PARIS), None)
+        .await?
+        .first()
+        .copied()
+}
+
+/// The joining mirror's config: pulling from `upstream`.
+fn mirror_config(path: &std::path::Path, demo: &Demo, state: &std::path::Path, upstream: &str) {
+    let cfg = format!(
+        "id = \"eu-central\"\nupstreams = [\"{upstream}\"]\ntrust = [\"{}\"]\nstate = \"{}\"\nlisten = \"{NEW_IP}:0\"\npoll_interval = \"1s\"\nregion = \"eu-central\"\n",
+        demo.net["public_key"].as_str().unwrap(),
+        state.display()
+    );
+    std::fs::write(path, cfg).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_joins_with_one_command_gets_clients_once_current_and_its_registration_survives_a_restart()
+ {
+    let mut demo = Demo::start(&["--restart-after", "1s"]);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let token_file = demo.dir.path().join("admin-token");
+    std::fs::write(&token_file, demo.net["admin_token"].as_str().unwrap()).unwrap();
+    let admin_url = format!("http://{}", demo.addr("admin"));
+    for id in ["eu-west", "us-east", "ap-southeast", "sa-east"] {
+        eventually(&format!("{id} in service"), DEADLINE, || async {
+            (report(&http, &demo, id).await?["in_service"] == true).then_some(())
+        })
+        .await;
+    }
+
+    // The new mirror runs, but pulls from nowhere: up, not current.
+    let mdir = demo.dir.path().join("eu-central");
+    let mcfg = demo.dir.path().join("eu-central.toml");
+    mirror_config(&mcfg, &demo, &mdir, "http://127.0.0.1:1");
+    let mut m = Proc::spawn(&["mirror", "--config", mcfg.to_str().unwrap()], &[]);
+    let maddr = m.listening("mirror");
+    let status_url = format!("http://{maddr}/.meridian/status");
+
+    // Downloads from Paris all along.
+    let mut ports: HashMap<IpAddr, SocketAddr> = demo.net["mirrors"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| {
+            let a: SocketAddr = v.as_str().unwrap().parse().unwrap();
+            (a.ip(), a)
+        })
+        .collect();
+    ports.insert(maddr.ip(), maddr);
+    let want = Arc::new(std::fs::read(demo.content().join(FILE)).unwrap());
+    let (stop, seen) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(Mutex::new(Seen::default())),
+    );
+    let client = paris_client(
+        demo.addr("dns"),
+        Arc::new(Mutex::new(ports)),
+        want,
+        stop.clone(),
+        seen.clone(),
+    );
+
+    let region = |what: &str, rest: &[&str]| {
+        let mut args = vec![
+            "region",
+            what,
+            "--admin",
+            &admin_url,
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(rest);
+        cli(&args)
+    };
+    let add = |wait: &str| {
+        region(
+            "add",
+            &[
+                "--id",
+                "eu-central",
+                "--region",
+                "eu-central",
+                "--latitude",
+                "48.9",
+                "--longitude",
+                "2.35",
+                "--ipv4",
+                NEW_IP,
+                "--status-url",
+                &status_url,
+                "--country",
+                "FR",
+                "--wait",
+                wait,
+            ],
+        )
+    };
+    let (ok, out) = add("0s");
+    assert!(ok && out.contains("eu-central: registered"), "{out}");
+    let (ok, out) = add("0s");
+    assert!(
+        ok && out.contains("already registered, unchanged"),
+        "rerun: {out}"
+    );
+    // Probed and up, but behind: no client is sent to it.
+    let r = eventually("eu-central to be probed up", DEADLINE, || async {
+        report(&http, &demo, "eu-central")
+            .await
+            .filter(|r| r["up"] == true)
+    })
+    .await;
+    assert_eq!(r["in_service"], false, "{r}");
+    assert_eq!(r["source"], "registered", "{r}");
+    let new_ip: IpAddr = NEW_IP.parse().unwrap();
+    assert_ne!(paris_first(&demo).await, Some(new_ip), "{r}");
+    // A failed wait says why, and the registration stays.
+    let (ok, out) = add("2s");
+    assert!(!ok && out.contains("not in service after 2s"), "{out}");
+
+    // It pulls from the origin now; the command returns once it has clients.
+    let origin = demo.addr("origin");
+    mirror_config(&mcfg, &demo, &mdir, &format!("http://{origin}"));
+    signal(m.child.id() as i32, "HUP");
+    let t0 = Instant::now();
+    let (ok, out) = add("60s");
+    assert!(ok && out.contains("in service on 1 of 1"), "{out}");
+    eprintln!(
+        "eu-central in service {:?} after its upstream was fixed",
+        t0.elapsed()
+    );
+    assert_eq!(paris_first(&demo).await, Some(new_ip));
+    eventually(
+        "the Paris client to download from eu-central",
+        DEADLINE,
+        || async {
+            (seen
+                .lock()
+                .unwrap()
+                .by_ip
+                .get(&new_ip)
+                .copied()
+                .unwrap_or(0)
+                >= 3)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // An operator drains it; GeoDNS restarts (kill -9); the registration
+    // and the drain are both still there.
+    let post = |what: &'static str| {
+        http.post(format!("{admin_url}/mirrors/eu-central/{what}"))
+            .bearer_auth(demo.net["admin_token"].as_str().unwrap())
+            .send()
+    };
+    assert_eq!(post("drain").await.unwrap().status(), 200);
+    eventually("Paris to be sent elsewhere", DEADLINE, || async {
+        let first = paris_first(&demo).await?;
+        (first != new_ip).then_some(())
+    })
+    .await;
+    let old = demo.pid("geodns");
+    signal(old, "KILL");
+    demo.proc.wait_line("restarted geodns", DEADLINE);
+    let r = eventually(
+        "the restarted GeoDNS to list eu-central",
+        DEADLINE,
+        || async { report(&http, &demo, "eu-central").await },
+    )
+    .await;
+    assert_eq!(
+        (r["source"].as_str(), r["forced"].as_str()),
+        (Some("registered"), Some("drain")),
+        "{r}"
+    );
+    assert_eq!(r["in_service"], false, "{r}");
+    let first = eventually("the restarted GeoDNS to answer", DEADLINE, || {
+        paris_first(&demo)
+    })
+    .await;
+    assert_ne!(
+        first, new_ip,
+        "a drained mirror is answered after a restart"
+    );
+    assert_eq!(post("clear").await.unwrap().status(), 200);
+    eventually("eu-central to be answered again", DEADLINE, || async {
+        (paris_first(&demo).await? == new_ip).then_some(())
+    })
+    .await;
+
+    // Bad registrations: each refused with what is wrong.
+    let put = |query: String| {
+        let http = http.clone();
+        let url = format!("{admin_url}/mirrors/{query}");
+        let token = demo.net["admin_token"].as_str().unwrap().to_owned();
+        async move {
+            let r = http.put(url).bearer_auth(token).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let base = "latitude=1&longitude=2&ipv4=127.0.10.9&status_url=http%3A%2F%2F127.0.10.9%3A1%2F.meridian%2Fstatus".to_owned();
+    for (query, code, says) in [
+        (format!("eu-west?{base}"), 409, "defined in the config file"),
+        (
+            format!("x1?{}", base.replace("127.0.10.9&", "127.0.10.999&")),
+            400,
+            "ipv4 \"127.0.10.999\": not an IPv4 address",
+        ),
+        (
+            format!("x1?{base}&latitude=3"),
+            400,
+            "latitude: given twice",
+        ),
+        (
+            format!("x1?{}", base.replace("latitude=1", "latitude=100")),
+            400,
+            "latitude 100: out of range",
+        ),
+        (
+            format!("x1?{base}&speed=9"),
+            400,
+            "\"speed\": unknown field",
+        ),
+        (
+            format!("x1?{}", base.replace("&status_url", "&statusurl")),
+            400,
+            "unknown field",
+        ),
+    ] {
+        let (got, body) = put(query.clone()).await;
+        assert_eq!(got, code, "{query}: {body}");
+        assert!(body.contains(says), "{query}: {body}");
+    }
+    let r = http
+        .put(format!("{admin_url}/mirrors/x1?{base}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "a registration without the token");
+    assert!(report(&http, &demo, "x1").await.is_none());
+
+    // It leaves with one command (safe to rerun); its downloads go on.
+    let remove = || region("remove", &["--id", "eu-central"]);
+    let (ok, out) = remove();
+    assert!(ok && out.contains("eu-central: removed"), "{out}");
+    let (ok, out) = remove();
+    assert!(ok && out.contains("not registered (done)"), "rerun: {out}");
+    assert!(report(&http, &demo, "eu-central").await.is_none());
+    assert_ne!(paris_first(&demo).await, Some(new_ip));
+
+    stop.store(true, Ordering::Relaxed);
+    client.await.unwrap();
+    let s = seen.lock().unwrap();
+    let total: u32 = s.by_ip.values().sum();
+    eprintln!(
+        "downloads by mirror: {:?}; failed: {}",
+        s.by_ip,
+        s.failed.len()
+    );
+    assert!(
+        s.failed.is_empty(),
+        "{} of {} downloads failed: {:?}",
+        s.failed.len(),
+        total as usize + s.failed.len(),
+        s.failed
+    );
+    assert!(s.by_ip.len() >= 2, "{:?}", s.by_ip);
+    let _ = &mut m;
+}
