@@ -27,6 +27,18 @@ pub(crate) enum RegionCommand {
     /// clients go elsewhere at once (clients that resolved it before finish
     /// their downloads; drain it first to wait for them).
     Remove(RemoveArgs),
+    /// Drain a mirror: every GeoDNS instance named stops sending it new
+    /// clients, then this waits until its downloads have finished.
+    ///
+    /// Done means: the longest answer TTL has passed since the drain (no
+    /// client can still be holding an answer that names it) and the
+    /// mirror reports no download in flight (health probes and idle
+    /// connections are not downloads). The drain is kept in each
+    /// instance's state file, so it survives a restart; undo it with
+    /// `meridian region resume`. Rerunning is safe.
+    Drain(DrainArgs),
+    /// Undo a drain (or a forced down) on every GeoDNS instance named.
+    Resume(RemoveArgs),
 }
 
 /// The GeoDNS instances and how to reach their admin APIs.
@@ -85,6 +97,23 @@ pub(crate) struct AddArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct DrainArgs {
+    #[command(flatten)]
+    pub admins: Admins,
+    /// The mirror's id.
+    #[arg(long)]
+    pub id: String,
+    /// Give up waiting after this long, and report what is left (the drain
+    /// stays in force).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub deadline: Duration,
+    /// Wait this long after the drain before counting downloads [default:
+    /// the longest TTL of GeoDNS's answers].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub settle: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct RemoveArgs {
     #[command(flatten)]
     pub admins: Admins,
@@ -101,6 +130,21 @@ pub(crate) fn run(cmd: RegionCommand) -> anyhow::Result<()> {
         match cmd {
             RegionCommand::Add(a) => add(*a).await,
             RegionCommand::Remove(r) => remove(r).await,
+            RegionCommand::Drain(d) => drain(d).await,
+            RegionCommand::Resume(r) => {
+                let admin = Admin::new(&r.admins)?;
+                let path = format!("{}/clear", mirror_path(&r.id));
+                let done = |code: u16, _: &str| (code == 200).then_some(None);
+                every_instance(
+                    &admin,
+                    &r.admins,
+                    reqwest::Method::POST,
+                    &path,
+                    "resume",
+                    done,
+                )
+                .await
+            }
         }
     })
 }
@@ -280,6 +324,98 @@ async fn remove(r: RemoveArgs) -> anyhow::Result<()> {
         done,
     )
     .await
+}
+
+async fn drain(d: DrainArgs) -> anyhow::Result<()> {
+    let admin = Admin::new(&d.admins)?;
+    let t0 = Instant::now();
+    let path = format!("{}/drain", mirror_path(&d.id));
+    let done = |code: u16, _: &str| (code == 200).then_some(None);
+    every_instance(
+        &admin,
+        &d.admins,
+        reqwest::Method::POST,
+        &path,
+        "drain",
+        done,
+    )
+    .await?;
+    let first = base(&d.admins.admin[0]);
+    let report = admin
+        .mirror(first, &d.id)
+        .await
+        .map_err(|e| anyhow::anyhow!("{first}: {e}"))?
+        .with_context(|| format!("{first} does not list {}", d.id))?;
+    let status_url = report["status_url"].as_str().unwrap_or("").to_owned();
+    let settle = d.settle.unwrap_or(Duration::from_secs(
+        report["answer_ttl"].as_u64().unwrap_or(0),
+    ));
+    println!(
+        "{} drained on {} GeoDNS instances; waiting for its downloads to finish (answers naming it expire within {}; deadline {})",
+        d.id,
+        d.admins.admin.len(),
+        humantime::format_duration(settle),
+        humantime::format_duration(d.deadline)
+    );
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let mut last = None;
+    loop {
+        let now = match http.get(&status_url).send().await {
+            Ok(r) => match r.bytes().await {
+                Ok(b) => serde_json::from_slice::<meridian_serve::status::MirrorStatus>(&b)
+                    .map(|s| (s.downloads_in_flight, s.active_connections))
+                    .map_err(|e| format!("not a mirror status document ({e})")),
+                Err(e) => Err(meridian_serve::describe(&e)),
+            },
+            Err(e) => Err(meridian_serve::describe(&e)),
+        };
+        let settled = t0.elapsed() >= settle;
+        match &now {
+            Ok((downloads, conns)) if last != Some((*downloads, *conns)) => {
+                println!(
+                    "  {:>5.1}s {}: {downloads} downloads in flight, {conns} connections",
+                    t0.elapsed().as_secs_f64(),
+                    d.id
+                );
+                last = Some((*downloads, *conns));
+            }
+            Ok(_) => {}
+            Err(e) => println!("  {status_url}: {e}"),
+        }
+        match now {
+            Ok((0, _)) if settled => {
+                println!(
+                    "{} is drained: no download in flight after {:.1}s",
+                    d.id,
+                    t0.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            // A mirror that stopped has no downloads either.
+            Err(_) if settled && last.is_some_and(|(n, _)| n == 0) => {
+                println!(
+                    "{} does not answer its status URL; it has no downloads to wait for",
+                    d.id
+                );
+                return Ok(());
+            }
+            _ => {}
+        }
+        if t0.elapsed() >= d.deadline {
+            bail!(
+                "{} is drained (no new clients) but {} after {}; wait longer with --deadline, or stop it now and lose those",
+                d.id,
+                match last {
+                    Some((n, _)) => format!("{n} downloads are still in flight"),
+                    None => format!("its status URL {status_url} does not answer"),
+                },
+                humantime::format_duration(d.deadline)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// `/mirrors/{id}`, the id percent-encoded.

@@ -33,6 +33,11 @@ struct MirrorReport<'a> {
     region: &'a str,
     /// `config` (the config file) or `registered` (the admin API).
     source: &'static str,
+    status_url: &'a str,
+    /// Seconds a client may keep an answer naming this mirror (the
+    /// longest TTL GeoDNS gives): how long after a drain new downloads
+    /// can still arrive.
+    answer_ttl: u64,
     in_service: bool,
     why: &'static str,
     up: bool,
@@ -68,6 +73,8 @@ impl Service for AdminService {
                     newest,
                 } = self.tracker.snapshot();
                 let full_at = self.served.runtime.load().params.full_at;
+                let cfg = self.served.config.load();
+                let answer_ttl = cfg.selection.ttl.max(cfg.selection.ttl_changing).as_secs();
                 let reports: Vec<MirrorReport<'_>> = views
                     .iter()
                     .map(|v| {
@@ -80,6 +87,12 @@ impl Service for AdminService {
                             } else {
                                 "config"
                             },
+                            status_url: cfg
+                                .mirrors
+                                .iter()
+                                .find(|m| m.id == v.id)
+                                .map_or("", |m| m.status_url.as_str()),
+                            answer_ttl,
                             in_service: v.usable(full_at),
                             why: Standing::of(v, full_at).reason(),
                             up: v.health.up,

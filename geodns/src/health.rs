@@ -89,7 +89,9 @@ impl Tracker {
             newest_generation: std::sync::atomic::AtomicU64::new(0),
             views: ArcSwap::from_pointee(Views::new(Vec::new())),
             http: reqwest::Client::builder()
-                .pool_max_idle_per_host(2)
+                // A connection per probe, closed after it: an idle probe
+                // connection would count as a client on the mirror.
+                .pool_max_idle_per_host(0)
                 .user_agent("meridian-geodns-probe")
                 .build()
                 .unwrap_or_default(),

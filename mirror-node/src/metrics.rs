@@ -29,6 +29,7 @@ pub(crate) struct MirrorMetrics {
     pub disk_free_bytes: IntGauge,
     pub store_bytes: IntGauge,
     pub active_connections: IntGauge,
+    pub downloads_in_flight: IntGauge,
     pub scrub_failures: IntCounter,
     pub draining: IntGauge,
     pub refused_roots: IntCounterVec,
@@ -157,7 +158,12 @@ impl MirrorMetrics {
             .expect("metric"),
             active_connections: IntGauge::new(
                 "meridian_mirror_active_connections",
-                "Open client connections",
+                "Open client connections (not counting the scrape's own)",
+            )
+            .expect("metric"),
+            downloads_in_flight: IntGauge::new(
+                "meridian_mirror_downloads_in_flight",
+                "File downloads being sent (what a drain waits on; probes and idle connections are not downloads)",
             )
             .expect("metric"),
             scrub_failures: IntCounter::new(
@@ -233,6 +239,7 @@ impl MirrorMetrics {
             &m.disk_free_bytes,
             &m.store_bytes,
             &m.active_connections,
+            &m.downloads_in_flight,
             &m.draining,
             &m.refused_generation,
             &m.capacity,

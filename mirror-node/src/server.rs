@@ -207,6 +207,9 @@ impl MirrorService {
                 let mut r = self.send_object(req, &meta).await;
                 r.headers_mut()
                     .insert("x-meridian-generation", generation_header(g.number()));
+                if req.method() == Method::GET && r.status().is_success() {
+                    r = meridian_serve::inflight::track(r, &self.state.downloads);
+                }
                 r
             }
             Some(Resolved::Dir(canonical, node)) => {
@@ -318,6 +321,7 @@ impl MirrorService {
                     sync_state: s.state,
                     last_error: s.last_error,
                     active_connections: st.active_connections() as u64,
+                    downloads_in_flight: st.downloads_in_flight() as u64,
                     egress_bytes_per_sec: st.egress_rate.load(Ordering::Relaxed),
                     capacity_bytes_per_sec: st.cfg().capacity_bytes_per_sec,
                     draining: st.is_draining(),
@@ -340,6 +344,9 @@ impl MirrorService {
                 st.metrics
                     .active_connections
                     .set(st.active_connections() as i64);
+                st.metrics
+                    .downloads_in_flight
+                    .set(st.downloads_in_flight() as i64);
                 if let Ok(free) = st.store.free_bytes() {
                     st.metrics.disk_free_bytes.set(free as i64);
                 }

@@ -60,6 +60,9 @@ pub(crate) struct MirrorState {
     /// The open-connection counters of the listeners (set once they are
     /// bound); [`MirrorState::active_connections`] sums them when asked.
     pub listeners: std::sync::OnceLock<Vec<Arc<AtomicUsize>>>,
+    /// File bodies being sent right now ([`meridian_serve::inflight`]):
+    /// what a drain waits on.
+    pub downloads: Arc<AtomicUsize>,
     /// Wakes the syncer to repair the served generation (scrubber).
     pub repair: Notify,
     /// Wakes the syncer after a reload (new upstreams take effect between
@@ -111,6 +114,7 @@ impl MirrorState {
             egress_total: Arc::new(AtomicU64::new(0)),
             egress_rate: AtomicU64::new(0),
             listeners: std::sync::OnceLock::new(),
+            downloads: Arc::new(AtomicUsize::new(0)),
             repair: Notify::new(),
             deltas: Default::default(),
             durable: AtomicU64::new(0),
@@ -225,11 +229,20 @@ impl MirrorState {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Connections open right now across the listeners.
+    /// Connections open right now across the listeners, besides the one
+    /// asking (a status probe or a scrape is not a client).
     pub(crate) fn active_connections(&self) -> usize {
         self.listeners
             .get()
-            .map_or(0, |l| l.iter().map(|a| a.load(Ordering::Relaxed)).sum())
+            .map_or(0, |l| {
+                l.iter().map(|a| a.load(Ordering::Relaxed)).sum::<usize>()
+            })
+            .saturating_sub(1)
+    }
+
+    /// File downloads being sent right now.
+    pub(crate) fn downloads_in_flight(&self) -> usize {
+        self.downloads.load(Ordering::Relaxed)
     }
 
     pub(crate) fn is_draining(&self) -> bool {

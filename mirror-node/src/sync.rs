@@ -265,12 +265,19 @@ impl Syncer {
         let after = self.state.served_generation();
         let mut errors = Vec::new();
         let mut only_refusals = true;
+        // The first round after a start asks without waiting: the status
+        // says at once whether the generation served is the upstream's
+        // (not `starting` for a whole poll interval).
+        let first = self.state.status().state == crate::state::SyncState::Starting;
         for i in self.upstreams().order() {
-            let timeout = self
-                .state
-                .cfg()
-                .poll_interval
-                .clamp(Duration::from_secs(1), Duration::from_secs(55));
+            let timeout = if first {
+                Duration::ZERO
+            } else {
+                self.state
+                    .cfg()
+                    .poll_interval
+                    .clamp(Duration::from_secs(1), Duration::from_secs(55))
+            };
             let ups = self.upstreams();
             let waited = tokio::select! {
                 r = ups.wait(i, after, timeout) => r,

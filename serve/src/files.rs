@@ -302,6 +302,7 @@ fn respond_from(
             file,
             segs: segs.clone(),
             sent: sent.clone(),
+            held: None,
         });
         Ok((segments(f, segs, sent.clone()), zero_copy))
     };
@@ -401,6 +402,8 @@ pub(crate) struct SendFile {
     pub file: std::fs::File,
     pub segs: Vec<Segment>,
     pub sent: Option<Arc<AtomicU64>>,
+    /// A download in flight ([`crate::inflight`]), while this is sent.
+    pub held: Option<Arc<crate::inflight::Held>>,
 }
 
 fn not_modified(b: http::response::Builder) -> Response<Body> {

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod body;
 pub mod files;
+pub mod inflight;
 pub mod keys;
 pub mod limits;
 pub mod memory;

@@ -39,10 +39,15 @@ pub struct MirrorStatus {
     /// `error`.
     #[serde(default)]
     pub last_error: Option<String>,
-    /// Client connections open as the document is made (the one asking
-    /// for it included).
+    /// Client connections open as the document is made, besides the one
+    /// asking for it.
     #[serde(default)]
     pub active_connections: u64,
+    /// File downloads being sent as the document is made (health probes
+    /// and idle keep-alive connections are not downloads): a drained
+    /// mirror is done when this is 0.
+    #[serde(default)]
+    pub downloads_in_flight: u64,
     /// Body bytes sent per second (smoothed over about 2 s).
     #[serde(default)]
     pub egress_bytes_per_sec: u64,
@@ -122,6 +127,7 @@ impl MirrorStatus {
             ("Sync state", state.to_owned()),
             ("Last sync or check", when(self.last_sync, false)),
             ("Open connections", self.active_connections.to_string()),
+            ("Downloads in flight", self.downloads_in_flight.to_string()),
             ("Egress", load),
             (
                 "Draining",

@@ -28,7 +28,7 @@ struct Seen {
 /// A client in Paris: resolves `dl.meridian.test`, keeps the answer for its
 /// TTL (the last good one while GeoDNS does not answer, as a stub resolver
 /// serves stale), downloads FILE from the first address and checks every
-/// byte. At most 2,000 downloads and 240 s.
+/// byte. At most 6,000 downloads and 240 s.
 fn paris_client(
     dns: SocketAddr,
     ports: Arc<Mutex<HashMap<IpAddr, SocketAddr>>>,
@@ -44,7 +44,7 @@ fn paris_client(
         let t0 = Instant::now();
         let mut cached: Option<(IpAddr, Instant)> = None;
         let mut n = 0;
-        while !stop.load(Ordering::Relaxed) && n < 2_000 && t0.elapsed() < Duration::from_secs(240)
+        while !stop.load(Ordering::Relaxed) && n < 6_000 && t0.elapsed() < Duration::from_secs(240)
         {
             n += 1;
             let fresh = cached.filter(|(_, until)| Instant::now() < *until);
@@ -294,6 +294,61 @@ async fn a_mirror_joins_with_one_command_gets_clients_once_current_and_its_regis
     })
     .await;
 
+    // A drain returns only once the mirror's downloads are done: one slow
+    // download holds it past the settle time; GeoDNS's probes (every
+    // second, all along) do not.
+    let mut slow = http
+        .get(format!("http://{maddr}/{FILE}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slow.status(), 200);
+    let mut got = slow.chunk().await.unwrap().unwrap().to_vec();
+    let t_drain = Instant::now();
+    let mut drain = std::process::Command::new(meridian_e2e::meridian_bin())
+        .args(["region", "drain", "--admin", &admin_url, "--token-file"])
+        .arg(&token_file)
+        .args(["--id", "eu-central", "--settle", "2s", "--deadline", "60s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(
+        "Paris to be sent elsewhere after the drain",
+        DEADLINE,
+        || async { (paris_first(&demo).await? != new_ip).then_some(()) },
+    )
+    .await;
+    while t_drain.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        drain.try_wait().unwrap().is_none(),
+        "the drain returned with a download in flight"
+    );
+    while let Some(c) = slow.chunk().await.unwrap() {
+        got.extend_from_slice(&c);
+    }
+    let finished = t_drain.elapsed();
+    assert_eq!(got, std::fs::read(demo.content().join(FILE)).unwrap());
+    let out = tokio::task::spawn_blocking(move || drain.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("eu-central is drained"), "{text}");
+    assert!(text.contains("1 downloads in flight"), "{text}");
+    eprintln!(
+        "drain: the slow download ended {finished:?} after the drain began; the command said:\n{text}"
+    );
+    let (ok, out) = region("resume", &["--id", "eu-central"]);
+    assert!(ok, "{out}");
+
     // Bad registrations: each refused with what is wrong.
     let put = |query: String| {
         let http = http.clone();
@@ -372,4 +427,59 @@ async fn a_mirror_joins_with_one_command_gets_clients_once_current_and_its_regis
     );
     assert!(s.by_ip.len() >= 2, "{:?}", s.by_ip);
     let _ = &mut m;
+}
+
+/// A mirror restarted on its state tells the truth as soon as it listens:
+/// the generation it serves, and whether that is its upstream's (`idle`,
+/// upstream_generation = generation), not `starting` for a poll interval
+/// (30 s here). States are the status document's enum, not free text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_mirror_reports_its_real_state_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("content")).unwrap();
+    std::fs::write(dir.path().join("content/f"), b"one").unwrap();
+    let key = meridian_e2e::keygen(&dir.path().join("key"));
+    let (_o, oaddr) = meridian_e2e::origin(dir.path(), "200ms");
+    let ups = [format!("http://{oaddr}")];
+    let slow = ["--poll-interval", "30s"];
+    let state = dir.path().join("m");
+    let (mut m, a) = meridian_e2e::mirror("m", &ups, &key, &state, &slow);
+    let http = meridian_e2e::http();
+    // Until the origin has published f (a file inside its quiet period
+    // waits for a later generation) and the mirror serves that.
+    let g = eventually("the mirror to serve f", DEADLINE, || async {
+        let b = http
+            .get(format!("http://{a}/f"))
+            .send()
+            .await
+            .ok()?
+            .bytes()
+            .await
+            .ok()?;
+        let s = meridian_e2e::status(&http, a).await?;
+        (&b[..] == b"one").then_some(s.generation)
+    })
+    .await;
+    signal(m.child.id() as i32, "KILL");
+    m.wait_exit(DEADLINE);
+    let t0 = Instant::now();
+    let (_m2, a2) = meridian_e2e::mirror("m", &ups, &key, &state, &slow);
+    let listening = t0.elapsed();
+    let s = eventually(
+        "the restarted mirror to say it is current",
+        Duration::from_secs(5),
+        || async {
+            let s = meridian_e2e::status(&http, a2).await?;
+            (s.sync_state == meridian_serve::status::SyncState::Idle).then_some(s)
+        },
+    )
+    .await;
+    assert!(
+        s.generation >= g && s.upstream_generation == s.generation,
+        "{s:?}"
+    );
+    eprintln!(
+        "listening {listening:?} after the restart, idle at generation {g} {:?} after it",
+        t0.elapsed()
+    );
 }
