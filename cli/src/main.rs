@@ -6,6 +6,7 @@ mod config;
 mod demo;
 mod key;
 mod keygen;
+mod migrate;
 mod probe;
 mod region;
 mod restore;
@@ -62,6 +63,23 @@ enum Command {
     /// instance (through their admin APIs).
     #[command(subcommand)]
     Region(region::RegionCommand),
+    /// Move a mirror's clients to another mirror (a new host or address)
+    /// in six steps: plan, reserve, replicate, validate, cut over, clean up.
+    ///
+    /// plan: B answers, trusts the key that signs A's roots and has room
+    /// for A's store (--dry-run stops here). reserve: B is registered on
+    /// every GeoDNS instance as a standby (probed, never answered), with
+    /// A's fields and its own addresses. replicate: waits until B serves
+    /// A's generation. validate: B's signed root equals A's, and a sample
+    /// of files downloaded from B matches the signed manifest. cut over: B
+    /// is answered, then A is drained until its downloads finish. clean up:
+    /// A is stopped (with --stop-from) and removed.
+    ///
+    /// A failed step stops the command, says what it found, and leaves A
+    /// serving (before the cut-over, B is never answered). The steps'
+    /// state is kept by GeoDNS, so the same command run again resumes at
+    /// the step it reached.
+    Migrate(Box<migrate::MigrateArgs>),
     /// Rebuild a lost origin (content and state) from a mirror.
     ///
     /// Fetches the newest root that verifies with --trust, then every node
@@ -128,6 +146,7 @@ fn run() -> anyhow::Result<()> {
         Command::Keygen { out, force } => keygen::run(&out, force),
         Command::Key(cmd) => key::run(cmd),
         Command::Region(cmd) => region::run(cmd),
+        Command::Migrate(a) => migrate::run(*a),
         Command::Origin(args) => {
             init_logging();
             let (once, check) = (args.once, args.check);
@@ -231,12 +250,14 @@ async fn run_mirror(
     args: config::MirrorArgs,
 ) -> anyhow::Result<()> {
     let handle = meridian_mirror::start(cfg).await?;
-    until_stopped(|| {
-        handle
-            .reload(args.clone().into_config()?)
-            .map_err(anyhow::Error::from)
-    })
-    .await?;
+    tokio::select! {
+        r = until_stopped(|| {
+            handle
+                .reload(args.clone().into_config()?)
+                .map_err(anyhow::Error::from)
+        }) => r?,
+        _ = handle.stop_requested() => tracing::info!("stop asked through the admin API"),
+    }
     tracing::info!("draining: finishing in-flight downloads, then exiting");
     handle.shutdown().await;
     Ok(())

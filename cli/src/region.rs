@@ -108,7 +108,7 @@ pub(crate) struct DrainArgs {
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub deadline: Duration,
     /// Wait this long after the drain before counting downloads [default:
-    /// the longest TTL of GeoDNS's answers].
+    /// the longest TTL of GeoDNS's answers, plus a second].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub settle: Option<Duration>,
 }
@@ -202,25 +202,33 @@ impl Admin {
         Ok((code, body.trim().to_owned()))
     }
 
-    /// What instance `base` reports of mirror `id` (`None`: not listed).
-    pub(crate) async fn mirror(
-        &self,
-        base: &str,
-        id: &str,
-    ) -> Result<Option<serde_json::Value>, String> {
+    /// What instance `base` reports of every mirror it serves.
+    pub(crate) async fn mirrors(&self, base: &str) -> Result<Vec<serde_json::Value>, String> {
         let (code, body) = self
             .send(reqwest::Method::GET, &format!("{base}/mirrors"))
             .await?;
         if code != 200 {
             return Err(format!("GET /mirrors: HTTP {code}: {body}"));
         }
-        let list: Vec<serde_json::Value> = serde_json::from_str(&body)
-            .map_err(|e| format!("GET /mirrors: not the expected JSON ({e})"))?;
-        Ok(list.into_iter().find(|m| m["id"] == id))
+        serde_json::from_str(&body)
+            .map_err(|e| format!("GET /mirrors: not the expected JSON ({e})"))
+    }
+
+    /// What instance `base` reports of mirror `id` (`None`: not listed).
+    pub(crate) async fn mirror(
+        &self,
+        base: &str,
+        id: &str,
+    ) -> Result<Option<serde_json::Value>, String> {
+        Ok(self
+            .mirrors(base)
+            .await?
+            .into_iter()
+            .find(|m| m["id"] == id))
     }
 }
 
-fn base(u: &str) -> &str {
+pub(crate) fn base(u: &str) -> &str {
     u.trim_end_matches('/')
 }
 
@@ -261,28 +269,39 @@ async fn add(a: AddArgs) -> anyhow::Result<()> {
         done,
     )
     .await?;
-    let n = a.admins.admin.len();
     if a.wait.is_zero() {
         return Ok(());
     }
+    wait_in_service(&admin, &a.admins, &a.id, a.wait, &a.status_url).await
+}
+
+/// Waits until every instance gives `id` clients (up and current),
+/// printing each change of what an instance says of it.
+pub(crate) async fn wait_in_service(
+    admin: &Admin,
+    admins: &Admins,
+    id: &str,
+    wait: Duration,
+    status_url: &str,
+) -> anyhow::Result<()> {
+    let n = admins.admin.len();
     println!(
-        "waiting up to {} for {} to get clients (up and current) on every instance",
-        humantime::format_duration(a.wait),
-        a.id
+        "waiting up to {} for {id} to get clients (up and current) on every instance",
+        humantime::format_duration(wait),
     );
-    let until = Instant::now() + a.wait;
+    let until = Instant::now() + wait;
     let mut last = vec![String::new(); n];
     loop {
         let mut waiting = Vec::new();
-        for (i, u) in a.admins.admin.iter().enumerate() {
-            let why = match admin.mirror(base(u), &a.id).await {
+        for (i, u) in admins.admin.iter().enumerate() {
+            let why = match admin.mirror(base(u), id).await {
                 Ok(Some(m)) if m["in_service"] == true => "in service".to_owned(),
                 Ok(Some(m)) => m["why"].as_str().unwrap_or("not in service").to_owned(),
                 Ok(None) => "not listed".to_owned(),
                 Err(e) => e,
             };
             if why != last[i] {
-                println!("  {}: {} {why}", base(u), a.id);
+                println!("  {}: {id} {why}", base(u));
                 last[i] = why.clone();
             }
             if why != "in service" {
@@ -290,17 +309,15 @@ async fn add(a: AddArgs) -> anyhow::Result<()> {
             }
         }
         if waiting.is_empty() {
-            println!("{} is in service on {n} of {n} GeoDNS instances", a.id);
+            println!("{id} is in service on {n} of {n} GeoDNS instances");
             return Ok(());
         }
         if Instant::now() >= until {
             bail!(
-                "{} is registered but not in service after {} on {} ({}); check that it is up and current (its status URL {}), or wait longer with --wait",
-                a.id,
-                humantime::format_duration(a.wait),
+                "{id} is registered but not in service after {} on {} ({}); check that it is up and current (its status URL {status_url}), or wait longer",
+                humantime::format_duration(wait),
                 waiting.len(),
                 waiting.join("; "),
-                a.status_url
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -328,34 +345,41 @@ async fn remove(r: RemoveArgs) -> anyhow::Result<()> {
 
 async fn drain(d: DrainArgs) -> anyhow::Result<()> {
     let admin = Admin::new(&d.admins)?;
+    drain_and_wait(&admin, &d.admins, &d.id, d.deadline, d.settle).await
+}
+
+/// Drains `id` on every instance, then waits until the answers naming it
+/// have expired (`settle`, default their longest TTL) and it has no
+/// download in flight, or `deadline` passes.
+pub(crate) async fn drain_and_wait(
+    admin: &Admin,
+    admins: &Admins,
+    id: &str,
+    deadline: Duration,
+    settle: Option<Duration>,
+) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let path = format!("{}/drain", mirror_path(&d.id));
+    let path = format!("{}/drain", mirror_path(id));
     let done = |code: u16, _: &str| (code == 200).then_some(None);
-    every_instance(
-        &admin,
-        &d.admins,
-        reqwest::Method::POST,
-        &path,
-        "drain",
-        done,
-    )
-    .await?;
-    let first = base(&d.admins.admin[0]);
+    every_instance(admin, admins, reqwest::Method::POST, &path, "drain", done).await?;
+    let first = base(&admins.admin[0]);
     let report = admin
-        .mirror(first, &d.id)
+        .mirror(first, id)
         .await
         .map_err(|e| anyhow::anyhow!("{first}: {e}"))?
-        .with_context(|| format!("{first} does not list {}", d.id))?;
+        .with_context(|| format!("{first} does not list {}", id))?;
     let status_url = report["status_url"].as_str().unwrap_or("").to_owned();
-    let settle = d.settle.unwrap_or(Duration::from_secs(
-        report["answer_ttl"].as_u64().unwrap_or(0),
+    // TTLs are whole seconds, and a client counts its own from when the
+    // answer reached it: one second more covers both.
+    let settle = settle.unwrap_or(Duration::from_secs(
+        report["answer_ttl"].as_u64().unwrap_or(0) + 1,
     ));
     println!(
         "{} drained on {} GeoDNS instances; waiting for its downloads to finish (answers naming it expire within {}; deadline {})",
-        d.id,
-        d.admins.admin.len(),
+        id,
+        admins.admin.len(),
         humantime::format_duration(settle),
-        humantime::format_duration(d.deadline)
+        humantime::format_duration(deadline)
     );
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -377,7 +401,7 @@ async fn drain(d: DrainArgs) -> anyhow::Result<()> {
                 println!(
                     "  {:>5.1}s {}: {downloads} downloads in flight, {conns} connections",
                     t0.elapsed().as_secs_f64(),
-                    d.id
+                    id
                 );
                 last = Some((*downloads, *conns));
             }
@@ -388,7 +412,7 @@ async fn drain(d: DrainArgs) -> anyhow::Result<()> {
             Ok((0, _)) if settled => {
                 println!(
                     "{} is drained: no download in flight after {:.1}s",
-                    d.id,
+                    id,
                     t0.elapsed().as_secs_f64()
                 );
                 return Ok(());
@@ -397,21 +421,21 @@ async fn drain(d: DrainArgs) -> anyhow::Result<()> {
             Err(_) if settled && last.is_some_and(|(n, _)| n == 0) => {
                 println!(
                     "{} does not answer its status URL; it has no downloads to wait for",
-                    d.id
+                    id
                 );
                 return Ok(());
             }
             _ => {}
         }
-        if t0.elapsed() >= d.deadline {
+        if t0.elapsed() >= deadline {
             bail!(
                 "{} is drained (no new clients) but {} after {}; wait longer with --deadline, or stop it now and lose those",
-                d.id,
+                id,
                 match last {
                     Some((n, _)) => format!("{n} downloads are still in flight"),
                     None => format!("its status URL {status_url} does not answer"),
                 },
-                humantime::format_duration(d.deadline)
+                humantime::format_duration(deadline)
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -419,7 +443,7 @@ async fn drain(d: DrainArgs) -> anyhow::Result<()> {
 }
 
 /// `/mirrors/{id}`, the id percent-encoded.
-fn mirror_path(id: &str) -> String {
+pub(crate) fn mirror_path(id: &str) -> String {
     let enc: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
     format!("/mirrors/{enc}")
 }
@@ -429,7 +453,7 @@ fn mirror_path(id: &str) -> String {
 /// instead of the body. Any other answer is a refusal, the same on every
 /// instance, so it stops the command; an instance not reached does not
 /// stop the others, but fails the command at the end (rerunning is safe).
-async fn every_instance(
+pub(crate) async fn every_instance(
     admin: &Admin,
     admins: &Admins,
     method: reqwest::Method,

@@ -416,6 +416,18 @@ impl Keyring {
         self.windows.iter().any(|w| w.key == *key)
     }
 
+    /// Every key known, for any generation (configured or brought in by a
+    /// statement), each once, in order of first appearance.
+    pub fn keys(&self) -> Vec<PublicKey> {
+        let mut out: Vec<PublicKey> = Vec::new();
+        for w in &self.windows {
+            if !out.contains(&w.key) {
+                out.push(w.key);
+            }
+        }
+        out
+    }
+
     /// The keys that may sign the root of `generation`.
     pub fn keys_for(&self, generation: u64) -> impl Iterator<Item = PublicKey> + '_ {
         self.windows

@@ -39,6 +39,9 @@ struct MirrorReport<'a> {
     /// can still arrive.
     answer_ttl: u64,
     in_service: bool,
+    /// Where it stands, as one word (`in_service`, `full`, `lagging`,
+    /// `draining`, `down`, `forced_down`).
+    standing: Standing,
     why: &'static str,
     up: bool,
     answering: bool,
@@ -49,6 +52,9 @@ struct MirrorReport<'a> {
     newest_generation: u64,
     forced: Forced,
     last_error: Option<String>,
+    /// The fields it is served with (its `[[mirrors]]` block or its
+    /// registration).
+    fields: Option<&'a Mirror>,
 }
 
 impl Service for AdminService {
@@ -79,6 +85,8 @@ impl Service for AdminService {
                     .iter()
                     .map(|v| {
                         let st = states.get(&v.id);
+                        let fields = cfg.mirrors.iter().find(|m| m.id == v.id);
+                        let standing = Standing::of(v, full_at);
                         MirrorReport {
                             id: &v.id,
                             region: &v.region,
@@ -87,14 +95,11 @@ impl Service for AdminService {
                             } else {
                                 "config"
                             },
-                            status_url: cfg
-                                .mirrors
-                                .iter()
-                                .find(|m| m.id == v.id)
-                                .map_or("", |m| m.status_url.as_str()),
+                            status_url: fields.map_or("", |m| m.status_url.as_str()),
                             answer_ttl,
                             in_service: v.usable(full_at),
-                            why: Standing::of(v, full_at).reason(),
+                            standing,
+                            why: standing.reason(),
                             up: v.health.up,
                             answering: v.health.answering,
                             current: v.health.current,
@@ -104,6 +109,7 @@ impl Service for AdminService {
                             newest_generation: newest,
                             forced: st.map(|s| s.forced).unwrap_or_default(),
                             last_error: st.and_then(|s| s.last_error.clone()),
+                            fields,
                         }
                     })
                     .collect();
@@ -141,14 +147,18 @@ impl Service for AdminService {
             }
             (&Method::PUT, p) if p.starts_with("/mirrors/") => {
                 let id = &p["/mirrors/".len()..];
-                let m = match registration(id, req.uri().query().unwrap_or("")) {
+                let (m, forced) = match registration(id, req.uri().query().unwrap_or("")) {
                     Ok(m) => m,
                     Err(e) => return text(StatusCode::BAD_REQUEST, format!("mirror {id}: {e}\n")),
                 };
-                let (what, cfg) = match self.registry.register(m) {
+                let (what, cfg) = match self.registry.register(m, forced) {
                     Ok(x) => x,
                     Err(Refused(code, msg)) => return text(code, msg),
                 };
+                // Forced before it is served: a standby is never answered.
+                if let Some(f) = forced {
+                    self.tracker.force(id, f);
+                }
                 if let Err(e) = self.served.apply(cfg) {
                     return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
                 }
@@ -200,7 +210,10 @@ pub(crate) const FIELDS: &[&str] = &[
 ];
 
 /// A registration from its query string: every error names its field.
-pub(crate) fn registration(id: &str, query: &str) -> Result<Mirror, String> {
+/// Besides the [`FIELDS`], `forced=down|drain|none` sets the operator
+/// override in the same stored change (`down`: a standby, probed but
+/// never answered).
+pub(crate) fn registration(id: &str, query: &str) -> Result<(Mirror, Option<Forced>), String> {
     fn num<T: std::str::FromStr>(k: &str, v: &str) -> Result<T, String> {
         v.parse().map_err(|_| format!("{k} {v:?}: not a number"))
     }
@@ -220,6 +233,7 @@ pub(crate) fn registration(id: &str, query: &str) -> Result<Mirror, String> {
         country: None,
     };
     let mut seen = std::collections::HashSet::new();
+    let mut forced = None;
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         let (k, v) = (k.as_ref(), v.as_ref());
         let list = matches!(k, "ipv4" | "ipv6" | "countries" | "continents");
@@ -245,6 +259,14 @@ pub(crate) fn registration(id: &str, query: &str) -> Result<Mirror, String> {
             "continents" => m.continents.push(v.to_owned()),
             "url" => m.url = Some(v.to_owned()),
             "country" => m.country = Some(v.to_owned()),
+            "forced" => {
+                forced = Some(match v {
+                    "down" => Forced::Down,
+                    "drain" => Forced::Drain,
+                    "none" => Forced::None,
+                    _ => return Err(format!("forced {v:?}: not down, drain or none")),
+                })
+            }
             other => {
                 return Err(format!(
                     "{other:?}: unknown field (known: {})",
@@ -263,7 +285,7 @@ pub(crate) fn registration(id: &str, query: &str) -> Result<Mirror, String> {
         }
     }
     m.check()?;
-    Ok(m)
+    Ok((m, forced))
 }
 
 #[cfg(test)]
@@ -273,7 +295,8 @@ mod tests {
     #[test]
     fn a_registration_names_the_field_it_refuses() {
         let ok = "region=eu&latitude=51.5&longitude=-0.1&ipv4=127.0.0.5&ipv4=127.0.0.6&status_url=http%3A%2F%2F127.0.0.5%3A80%2F.meridian%2Fstatus";
-        let m = registration("m5", ok).expect("test step");
+        let (m, forced) = registration("m5", ok).expect("test step");
+        assert_eq!(forced, None);
         assert_eq!(m.ipv4.len(), 2);
         assert_eq!(m.status_url, "http://127.0.0.5:80/.meridian/status");
         for (q, field) in [
@@ -306,6 +329,13 @@ mod tests {
             let e = registration("m5", &q).expect_err("refused");
             assert!(e.contains(field), "{q}: {e}");
         }
+        let (_, forced) = registration("m5", &format!("{ok}&forced=down")).expect("test step");
+        assert_eq!(forced, Some(crate::health::Forced::Down));
+        let e = registration("m5", &format!("{ok}&forced=later")).expect_err("refused");
+        assert!(
+            e.contains("forced \"later\": not down, drain or none"),
+            "{e}"
+        );
         let e = registration("bad id", ok).expect_err("refused");
         assert!(e.starts_with("id \"bad id\""), "{e}");
     }

@@ -92,9 +92,14 @@ impl Registry {
         *lock(&self.file) = file;
     }
 
-    /// Registers `m` (or updates its registration). Returns what it did and
-    /// the configuration to serve now.
-    pub(crate) fn register(&self, m: Mirror) -> Result<(Registered, GeoDnsConfig), Refused> {
+    /// Registers `m` (or updates its registration), with the override
+    /// `forced` when given, in one write. Returns what it did and the
+    /// configuration to serve now.
+    pub(crate) fn register(
+        &self,
+        m: Mirror,
+        forced: Option<Forced>,
+    ) -> Result<(Registered, GeoDnsConfig), Refused> {
         use http::StatusCode as S;
         let Some(path) = &self.path else {
             return Err(Refused(
@@ -115,12 +120,23 @@ impl Registry {
             ));
         }
         let mut stored = lock(&self.stored);
+        let mut next = stored.clone();
+        match forced {
+            Some(Forced::None) => {
+                next.forced.remove(&m.id);
+            }
+            Some(f) => {
+                next.forced.insert(m.id.clone(), f);
+            }
+            None => {}
+        }
         let what = match stored.mirrors.get(&m.id) {
-            Some(old) if *old == m => return Ok((Registered::Unchanged, merged(&file, &stored))),
+            Some(old) if *old == m && next == *stored => {
+                return Ok((Registered::Unchanged, merged(&file, &stored)));
+            }
             Some(_) => Registered::Updated,
             None => Registered::Added,
         };
-        let mut next = stored.clone();
         next.mirrors.insert(m.id.clone(), m);
         let cfg = merged(&file, &next);
         cfg.validate()
@@ -272,19 +288,34 @@ mod tests {
         let mut cfg = crate::config::tests::minimal();
         cfg.state_file = Some(dir.path().join("state.json"));
         let r = Registry::open(&cfg).expect("test step");
-        let (what, served) = r.register(registered("new")).expect("test step");
+        let (what, served) = r.register(registered("new"), None).expect("test step");
         assert_eq!(what, Registered::Added);
         assert_eq!(served.mirrors.len(), 2);
         assert_eq!(
-            r.register(registered("new")).expect("test step").0,
+            r.register(registered("new"), None).expect("test step").0,
             Registered::Unchanged
         );
         let mut moved = registered("new");
         moved.latitude = 10.0;
-        assert_eq!(r.register(moved).expect("test step").0, Registered::Updated);
+        assert_eq!(
+            r.register(moved.clone(), None).expect("test step").0,
+            Registered::Updated
+        );
+        // A standby: registered and forced down in one stored change.
+        let (what, _) = r
+            .register(moved.clone(), Some(Forced::Down))
+            .expect("test step");
+        assert_eq!(what, Registered::Updated);
+        assert_eq!(r.forced().get("new"), Some(&Forced::Down));
+        assert_eq!(
+            r.register(moved, Some(Forced::Down)).expect("test step").0,
+            Registered::Unchanged
+        );
         r.set_forced("eu-west", Forced::Drain).expect("test step");
         // The config file's own id is refused.
-        let e = r.register(registered("eu-west")).expect_err("refused");
+        let e = r
+            .register(registered("eu-west"), None)
+            .expect_err("refused");
         assert_eq!(e.0, http::StatusCode::CONFLICT, "{}", e.1);
 
         let again = Registry::open(&cfg).expect("test step");
@@ -292,6 +323,7 @@ mod tests {
         assert_eq!(served.mirrors.len(), 2);
         assert_eq!(served.mirrors[1].latitude, 10.0);
         assert_eq!(again.forced().get("eu-west"), Some(&Forced::Drain));
+        assert_eq!(again.forced().get("new"), Some(&Forced::Down));
         // A file that later defines the registered id wins.
         let mut file = cfg.clone();
         file.mirrors.push(registered("new"));
@@ -310,7 +342,7 @@ mod tests {
         let p = dir.path().join("state.json");
         cfg.state_file = Some(p.clone());
         let r = Registry::open(&cfg).expect("test step");
-        r.register(registered("new")).expect("test step");
+        r.register(registered("new"), None).expect("test step");
         let good = std::fs::read(&p).expect("test step");
         for bad in [
             &good[..good.len() / 2],

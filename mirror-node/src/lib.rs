@@ -108,6 +108,13 @@ impl MirrorHandle {
         Ok(kept)
     }
 
+    /// Resolves when an operator asks the mirror to stop through its
+    /// admin API (`POST /.meridian/admin/stop`): the caller then shuts it
+    /// down as on SIGTERM.
+    pub async fn stop_requested(&self) {
+        self.state.stop_asked.notified().await
+    }
+
     /// Reports draining, stops accepting, lets in-flight downloads finish
     /// (up to the drain timeout), then stops syncing.
     pub async fn shutdown(self) {

@@ -326,6 +326,15 @@ impl MirrorService {
                     capacity_bytes_per_sec: st.cfg().capacity_bytes_per_sec,
                     draining: st.is_draining(),
                     sync_progress: st.progress.get(),
+                    trusted_keys: st
+                        .verifier()
+                        .keyring()
+                        .keys()
+                        .iter()
+                        .map(|k| k.to_string())
+                        .collect(),
+                    store_bytes: st.metrics.store_bytes.get().max(0) as u64,
+                    disk_free_bytes: st.store.free_bytes().ok(),
                     refused: s.refused,
                 };
                 if wants_html(req.headers()) {
@@ -369,7 +378,7 @@ impl MirrorService {
                     format!("not ready: {why}\n"),
                 ),
             },
-            (&Method::POST, "admin/drain") | (&Method::POST, "admin/undrain") => {
+            (&Method::POST, "admin/drain" | "admin/undrain" | "admin/stop") => {
                 let cfg = st.cfg();
                 let Some(token) = cfg.admin_token.as_deref() else {
                     return text(
@@ -379,6 +388,11 @@ impl MirrorService {
                 };
                 if !meridian_serve::auth::bearer_matches(req.headers(), token) {
                     return text(StatusCode::UNAUTHORIZED, "bad or missing bearer token\n");
+                }
+                if rest == "admin/stop" {
+                    tracing::info!("admin request: stop (drain, then exit)");
+                    st.stop_asked.notify_one();
+                    return text(StatusCode::OK, "stopping\n");
                 }
                 let on = rest == "admin/drain";
                 st.set_draining(on);

@@ -65,6 +65,8 @@ pub(crate) struct MirrorState {
     pub downloads: Arc<AtomicUsize>,
     /// Wakes the syncer to repair the served generation (scrubber).
     pub repair: Notify,
+    /// An operator asked it to stop (`POST /.meridian/admin/stop`).
+    pub stop_asked: Notify,
     /// Wakes the syncer after a reload (new upstreams take effect between
     /// steps).
     pub(crate) reload: Notify,
@@ -116,6 +118,7 @@ impl MirrorState {
             listeners: std::sync::OnceLock::new(),
             downloads: Arc::new(AtomicUsize::new(0)),
             repair: Notify::new(),
+            stop_asked: Notify::new(),
             deltas: Default::default(),
             durable: AtomicU64::new(0),
             flush: Notify::new(),

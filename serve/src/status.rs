@@ -60,6 +60,16 @@ pub struct MirrorStatus {
     /// The sync under way, if any.
     #[serde(default)]
     pub sync_progress: Option<SyncProgress>,
+    /// The keys this mirror trusts to sign roots, for any generation (its
+    /// configured keys and those key statements brought in).
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// Bytes its store holds.
+    #[serde(default)]
+    pub store_bytes: u64,
+    /// Bytes free on the store's file system (`None`: not known).
+    #[serde(default)]
+    pub disk_free_bytes: Option<u64>,
     /// The newest root this mirror refused (or an upstream found behind
     /// it), while that lasts: the mirror keeps serving what it has.
     #[serde(default)]
@@ -139,6 +149,13 @@ impl MirrorStatus {
                 .to_owned(),
             ),
         ];
+        rows.push(("Store", format!("{} bytes", self.store_bytes)));
+        if let Some(f) = self.disk_free_bytes {
+            rows.push(("Disk free", format!("{f} bytes")));
+        }
+        if !self.trusted_keys.is_empty() {
+            rows.push(("Trusted keys", self.trusted_keys.join(", ")));
+        }
         if let Some(e) = &self.last_error {
             rows.push(("Last error", e.clone()));
         }

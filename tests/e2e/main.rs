@@ -4,6 +4,7 @@
 mod deploy;
 mod geodns;
 mod keys;
+mod migrate;
 mod mirror;
 mod network;
 mod operate;

@@ -13,28 +13,31 @@ use std::time::{Duration, Instant};
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Paris, in the demo's GeoIP data: nearer the joining mirror than any
 /// demo mirror.
-const PARIS: (&str, u8) = ("2.16.0.0", 13);
+pub(crate) const PARIS: (&str, u8) = ("2.16.0.0", 13);
 const NEW_IP: &str = "127.0.10.5";
-const FILE: &str = "releases/1.0/tool-1.0.tar.gz";
+pub(crate) const FILE: &str = "releases/1.0/tool-1.0.tar.gz";
 
 /// What a download loop saw: verified downloads per mirror address, and
 /// every failure.
 #[derive(Default, Debug)]
-struct Seen {
-    by_ip: HashMap<IpAddr, u32>,
-    failed: Vec<String>,
+pub(crate) struct Seen {
+    pub by_ip: HashMap<IpAddr, u32>,
+    pub failed: Vec<String>,
 }
 
 /// A client in Paris: resolves `dl.meridian.test`, keeps the answer for its
 /// TTL (the last good one while GeoDNS does not answer, as a stub resolver
 /// serves stale), downloads FILE from the first address and checks every
-/// byte. At most 6,000 downloads and 240 s.
-fn paris_client(
+/// byte. `pace` is a pause after each chunk of a body (a slower client,
+/// whose downloads stay in flight a while). At most 6,000 downloads and
+/// 240 s.
+pub(crate) fn paris_client(
     dns: SocketAddr,
     ports: Arc<Mutex<HashMap<IpAddr, SocketAddr>>>,
     want: Arc<Vec<u8>>,
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Seen>>,
+    pace: Duration,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let http = reqwest::Client::builder()
@@ -73,11 +76,28 @@ fn paris_client(
             };
             let r = http.get(format!("http://{addr}/{FILE}")).send().await;
             let outcome = match r {
-                Ok(r) if r.status() == 200 => match r.bytes().await {
-                    Ok(b) if b[..] == want[..] => Ok(()),
-                    Ok(b) => Err(format!("{addr}: {} bytes, not the file", b.len())),
-                    Err(e) => Err(format!("{addr}: {e}")),
-                },
+                Ok(mut r) if r.status() == 200 => {
+                    let mut b = Vec::with_capacity(want.len());
+                    let mut cut = None;
+                    loop {
+                        match r.chunk().await {
+                            Ok(Some(c)) => b.extend_from_slice(&c),
+                            Ok(None) => break,
+                            Err(e) => {
+                                cut = Some(e);
+                                break;
+                            }
+                        }
+                        if !pace.is_zero() {
+                            tokio::time::sleep(pace).await;
+                        }
+                    }
+                    match cut {
+                        None if b[..] == want[..] => Ok(()),
+                        None => Err(format!("{addr}: {} bytes, not the file", b.len())),
+                        Some(e) => Err(format!("{addr}: cut after {} bytes: {e}", b.len())),
+                    }
+                }
                 Ok(r) => Err(format!("{addr}: HTTP {}", r.status())),
                 Err(e) => Err(format!("{addr}: {e}")),
             };
@@ -92,14 +112,18 @@ fn paris_client(
 
 /// GeoDNS's report of mirror `id` (`None` while not listed or not
 /// answering).
-async fn report(http: &reqwest::Client, demo: &Demo, id: &str) -> Option<serde_json::Value> {
+pub(crate) async fn report(
+    http: &reqwest::Client,
+    demo: &Demo,
+    id: &str,
+) -> Option<serde_json::Value> {
     let token = demo.net["admin_token"].as_str()?;
     let body = admin_get(http, demo.addr("admin"), "/mirrors", token).await?;
     let list: Vec<serde_json::Value> = serde_json::from_str(&body).ok()?;
     list.into_iter().find(|m| m["id"] == id)
 }
 
-async fn paris_first(demo: &Demo) -> Option<IpAddr> {
+pub(crate) async fn paris_first(demo: &Demo) -> Option<IpAddr> {
     dns_a(demo.addr("dns"), "dl.meridian.test.", Some(PARIS), None)
         .await?
         .first()
@@ -164,6 +188,7 @@ async fn a_mirror_joins_with_one_command_gets_clients_once_current_and_its_regis
         want,
         stop.clone(),
         seen.clone(),
+        Duration::ZERO,
     );
 
     let region = |what: &str, rest: &[&str]| {
