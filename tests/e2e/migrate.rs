@@ -85,14 +85,8 @@ async fn listed(
 
 /// The generation an origin serves now.
 async fn origin_generation(http: &reqwest::Client, addr: SocketAddr) -> Option<u64> {
-    let env = http
-        .get(format!("http://{addr}/.meridian/v1/root"))
-        .send()
-        .await
-        .ok()?
-        .bytes()
-        .await
-        .ok()?;
+    let env =
+        meridian_e2e::try_get_bytes(http, &format!("http://{addr}/.meridian/v1/root")).await?;
     let signed = meridian_core::SignedRoot::decode(&env).ok()?;
     Some(meridian_core::Root::decode(&signed.body).ok()?.generation)
 }
@@ -184,6 +178,17 @@ async fn a_mirror_migrates_to_a_new_address_under_load_through_a_failure_at_each
     let mut b = Proc::spawn(&["mirror", "--config", bcfg.to_str().unwrap()], &[]);
     let b_addr = b.listening("mirror");
     let b_status = format!("http://{b_addr}/.meridian/status");
+    // B's config on its own address, trusting A's key, from `upstream`.
+    let b_config = |upstream: &str| {
+        mirror_config(
+            &bcfg,
+            "eu-central-2",
+            &b_addr.to_string(),
+            &key,
+            &bdir,
+            upstream,
+        )
+    };
 
     // Three slow clients in Paris (each download is in flight for a
     // while), all along.
@@ -267,14 +272,7 @@ async fn a_mirror_migrates_to_a_new_address_under_load_through_a_failure_at_each
     );
     assert!(listed(&http, &g1, &token, "eu-central-2").await.is_none());
     a_serves("a plan refused").await;
-    mirror_config(
-        &bcfg,
-        "eu-central-2",
-        &b_addr.to_string(),
-        &key,
-        &bdir,
-        "http://127.0.0.1:1",
-    );
+    b_config("http://127.0.0.1:1");
     signal(b.child.id() as i32, "HUP");
     let (ok, out) = eventually("B's trust to be reloaded", DEADLINE, || async {
         let (ok, out) = migrate(&["--dry-run"]);
@@ -325,14 +323,7 @@ async fn a_mirror_migrates_to_a_new_address_under_load_through_a_failure_at_each
         .await;
     }
     assert_eq!(origin_generation(&http, fork_addr).await, Some(g));
-    mirror_config(
-        &bcfg,
-        "eu-central-2",
-        &b_addr.to_string(),
-        &key,
-        &bdir,
-        &format!("http://{fork_addr}"),
-    );
+    b_config(&format!("http://{fork_addr}"));
     signal(b.child.id() as i32, "HUP");
     let (ok, out) = migrate(&["--replicate-deadline", "60s"]);
     assert!(
@@ -350,14 +341,7 @@ async fn a_mirror_migrates_to_a_new_address_under_load_through_a_failure_at_each
     signal(fork.child.id() as i32, "KILL");
     fork.wait_exit(DEADLINE);
     std::fs::remove_dir_all(&bdir).unwrap();
-    mirror_config(
-        &bcfg,
-        "eu-central-2",
-        &b_addr.to_string(),
-        &key,
-        &bdir,
-        "http://127.0.0.1:1",
-    );
+    b_config("http://127.0.0.1:1");
     let mut b = Proc::spawn(&["mirror", "--config", bcfg.to_str().unwrap()], &[]);
     assert_eq!(b.listening("mirror"), b_addr);
 
@@ -372,14 +356,7 @@ async fn a_mirror_migrates_to_a_new_address_under_load_through_a_failure_at_each
     run.wait_line("generation 0 of A's", DEADLINE);
     signal(geodns2.child.id() as i32, "KILL");
     geodns2.wait_exit(DEADLINE);
-    mirror_config(
-        &bcfg,
-        "eu-central-2",
-        &b_addr.to_string(),
-        &key,
-        &bdir,
-        &origin,
-    );
+    b_config(&origin);
     signal(b.child.id() as i32, "HUP");
     let status = run.wait_exit(DEADLINE).expect("migrate to end");
     run.drain();
@@ -474,19 +451,7 @@ async fn a_mirror_migrates_to_a_new_address_under_load_through_a_failure_at_each
         c.await.unwrap();
     }
     let s = seen.lock().unwrap();
-    let total: u32 = s.by_ip.values().sum();
-    eprintln!(
-        "migration under load: downloads by mirror {:?}, {} failed",
-        s.by_ip,
-        s.failed.len()
-    );
-    assert!(
-        s.failed.is_empty(),
-        "{} of {} downloads failed: {:?}",
-        s.failed.len(),
-        total as usize + s.failed.len(),
-        s.failed
-    );
+    s.assert_no_failures("migration under load");
     assert!(
         s.by_ip.get(&a_ip).copied().unwrap_or(0) > 0,
         "{:?}",

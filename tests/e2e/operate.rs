@@ -25,6 +25,26 @@ pub(crate) struct Seen {
     pub failed: Vec<String>,
 }
 
+impl Seen {
+    /// Prints the downloads per mirror under `label` and fails the test if
+    /// any download failed.
+    pub(crate) fn assert_no_failures(&self, label: &str) {
+        let total: u32 = self.by_ip.values().sum();
+        eprintln!(
+            "{label}: downloads by mirror {:?}, {} failed",
+            self.by_ip,
+            self.failed.len()
+        );
+        assert!(
+            self.failed.is_empty(),
+            "{label}: {} of {} downloads failed: {:?}",
+            self.failed.len(),
+            total as usize + self.failed.len(),
+            self.failed
+        );
+    }
+}
+
 /// A client in Paris: resolves `dl.meridian.test`, keeps the answer for its
 /// TTL (the last good one while GeoDNS does not answer, as a stub resolver
 /// serves stale), downloads FILE from the first address and checks every
@@ -437,19 +457,7 @@ async fn a_mirror_joins_with_one_command_gets_clients_once_current_and_its_regis
     stop.store(true, Ordering::Relaxed);
     client.await.unwrap();
     let s = seen.lock().unwrap();
-    let total: u32 = s.by_ip.values().sum();
-    eprintln!(
-        "downloads by mirror: {:?}; failed: {}",
-        s.by_ip,
-        s.failed.len()
-    );
-    assert!(
-        s.failed.is_empty(),
-        "{} of {} downloads failed: {:?}",
-        s.failed.len(),
-        total as usize + s.failed.len(),
-        s.failed
-    );
+    s.assert_no_failures("join and leave under load");
     assert!(s.by_ip.len() >= 2, "{:?}", s.by_ip);
     let _ = &mut m;
 }

@@ -68,19 +68,8 @@ async fn converge(client: &ReadClient, content: &Path, after: u64) -> u64 {
             }
             // The chain: generation n names the hash of generation n-1.
             if root.root.generation > 1 {
-                let prev = client
-                    .http
-                    .get(format!(
-                        "{}/generations/{}",
-                        client.base,
-                        root.root.generation - 1
-                    ))
-                    .send()
-                    .await
-                    .ok()?
-                    .bytes()
-                    .await
-                    .ok()?;
+                let url = format!("{}/generations/{}", client.base, root.root.generation - 1);
+                let prev = meridian_e2e::try_get_bytes(&client.http, &url).await?;
                 let prev = client.verifier.open(&prev).unwrap();
                 meridian_core::check_link(&prev, &root).unwrap();
             }

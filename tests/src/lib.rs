@@ -424,22 +424,19 @@ pub fn mirror(
     (p, a)
 }
 
+/// The body of a GET of `url`, whatever its status; `None` if the request
+/// fails.
+pub async fn try_get_bytes(http: &reqwest::Client, url: &str) -> Option<bytes::Bytes> {
+    http.get(url).send().await.ok()?.bytes().await.ok()
+}
+
 /// The status document of a mirror.
 pub async fn status(
     http: &reqwest::Client,
     addr: std::net::SocketAddr,
 ) -> Option<meridian_serve::status::MirrorStatus> {
-    serde_json::from_slice(
-        &http
-            .get(format!("http://{addr}/.meridian/status"))
-            .send()
-            .await
-            .ok()?
-            .bytes()
-            .await
-            .ok()?,
-    )
-    .ok()
+    serde_json::from_slice(&try_get_bytes(http, &format!("http://{addr}/.meridian/status")).await?)
+        .ok()
 }
 
 /// Waits until the mirror serves generation `g` or newer.
