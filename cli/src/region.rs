@@ -399,9 +399,11 @@ pub(crate) async fn drain_and_wait(
         match &now {
             Ok((downloads, conns)) if last != Some((*downloads, *conns)) => {
                 println!(
-                    "  {:>5.1}s {}: {downloads} downloads in flight, {conns} connections",
+                    "  {:>5.1}s {}: {} in flight, {}",
                     t0.elapsed().as_secs_f64(),
-                    id
+                    id,
+                    count(*downloads, "download"),
+                    count(*conns, "connection"),
                 );
                 last = Some((*downloads, *conns));
             }
@@ -486,4 +488,13 @@ pub(crate) async fn every_instance(
         );
     }
     Ok(())
+}
+
+/// `n thing` or `n things`.
+fn count(n: u64, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
 }

@@ -245,9 +245,37 @@ fn kubernetes_overlays_render_validate_and_keep_their_properties() {
                 .is_empty()
         );
 
-        // GeoDNS: two or more replicas, 53 over UDP and TCP.
-        let g = named(&docs, "Deployment", "meridian-geodns");
+        // GeoDNS: two or more replicas, 53 over UDP and TCP, each with
+        // its state file on a volume of its own (registrations and
+        // overrides survive a restart) and a stable name for the operator
+        // commands.
+        let g = named(&docs, "StatefulSet", "meridian-geodns");
         assert!(g["spec"]["replicas"].as_u64().unwrap() >= 2);
+        let geodns_toml = config_map(&docs, "meridian-geodns-config")["data"]["geodns.toml"]
+            .as_str()
+            .unwrap();
+        let state_file = geodns_toml
+            .lines()
+            .find_map(|l| l.strip_prefix("state_file = \""))
+            .map(|s| s.trim_end_matches('"'))
+            .expect("state_file in geodns.toml");
+        let state_dir = Path::new(state_file).parent().unwrap();
+        let claims: Vec<&Value> = g["spec"]["volumeClaimTemplates"]
+            .as_array()
+            .map(|a| a.iter().map(|c| &c["metadata"]["name"]).collect())
+            .unwrap_or_default();
+        let mounts = g["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap();
+        assert!(
+            mounts.iter().any(|m| claims.contains(&&m["name"])
+                && Path::new(m["mountPath"].as_str().unwrap()) == state_dir
+                && m["readOnly"] != true),
+            "{overlay}: GeoDNS's state_file {state_file} is on no volume claim of its own: {mounts:?}"
+        );
+        let pods_svc = named(&docs, "Service", "meridian-geodns-pods");
+        assert_eq!(g["spec"]["serviceName"], "meridian-geodns-pods");
+        assert_eq!(pods_svc["spec"]["clusterIP"], "None");
         let svc = named(&docs, "Service", "meridian-geodns");
         let ports = svc["spec"]["ports"].as_array().unwrap();
         for proto in ["UDP", "TCP"] {
