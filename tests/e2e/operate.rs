@@ -387,7 +387,7 @@ async fn a_mirror_joins_with_one_command_gets_clients_once_current_and_its_regis
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("eu-central is drained"), "{text}");
-    assert!(text.contains("1 downloads in flight"), "{text}");
+    assert!(text.contains("1 download in flight"), "{text}");
     eprintln!(
         "drain: the slow download ended {finished:?} after the drain began; the command said:\n{text}"
     );
