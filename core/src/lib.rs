@@ -17,6 +17,7 @@ pub mod keyring;
 pub mod keys;
 pub mod manifest;
 pub mod nodes;
+pub mod outboard;
 pub mod patch;
 pub mod path;
 pub mod tree;

@@ -8,6 +8,7 @@
 //! | `GET /.meridian/v1/wait?after=N[&timeout=S]` | long-poll: the newest root as soon as its generation is > N; 204 after S seconds (default 30, max 60) |
 //! | `GET /.meridian/v1/delta/{from}/{to}` | the directory nodes of tree `to` as edits of tree `from` ([`meridian_core::TreeDelta`]); 404 when either tree is not held |
 //! | `GET /.meridian/v1/patch/{base}/{target}` | blob `target` as copies from blob `base` plus new bytes ([`meridian_core::patch`]); 404 when either is not held or too large |
+//! | `GET /.meridian/v1/outboard/{blake3}` | the blob's block chaining values ([`meridian_core::outboard`]: 32 bytes per 256 KiB), computed from the held bytes on demand (one at a time, queued like deltas) and kept for the next client; 404 for a blob of one block or one not held, 503 if the held bytes do not hash to the name |
 //! | `GET /.meridian/v1/pack/{node}` | the small blobs of directory node `node` ([`pack_entries`]), concatenated in entry order, each made ready as `objects/` does it; 404 when the node or one of them is not held; the body is cut short if one turns out missing midway |
 //! | `GET /.meridian/v1/keys` | the key statements this node holds ([`meridian_core::Keyring::encode`], `application/x-meridian-keys`) |
 //!
@@ -31,6 +32,8 @@ use tokio::sync::watch;
 pub const PREFIX: &str = "/.meridian/v1/";
 /// Media type of a signed root envelope.
 pub(crate) const ROOT_CONTENT_TYPE: &str = "application/x-meridian-root";
+/// Media type of an outboard ([`meridian_core::outboard`]).
+pub(crate) const OUTBOARD_CONTENT_TYPE: &str = "application/x-meridian-outboard";
 /// Longest long-poll a client may ask for.
 pub(crate) const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -175,20 +178,37 @@ const DIFF_QUEUE: usize = 64;
 const DIFF_QUEUE_PER_CLIENT: usize = 16;
 const DIFF_WAIT: Duration = Duration::from_secs(10);
 
-fn diff_permits() -> &'static tokio::sync::Semaphore {
-    static S: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    S.get_or_init(|| tokio::sync::Semaphore::new(DIFF_WORKERS))
+/// A queue for CPU work requests (one kind): a few workers, bounded
+/// places in all and per client, a bounded wait.
+struct CpuQueue {
+    permits: tokio::sync::Semaphore,
+    places: std::sync::Arc<crate::limits::Admission>,
 }
 
-fn diff_places() -> &'static std::sync::Arc<crate::limits::Admission> {
-    static S: std::sync::OnceLock<std::sync::Arc<crate::limits::Admission>> =
-        std::sync::OnceLock::new();
-    S.get_or_init(|| {
-        crate::limits::Admission::new(crate::limits::ConnLimits {
-            total: DIFF_QUEUE,
-            per_client: DIFF_QUEUE_PER_CLIENT,
-        })
-    })
+impl CpuQueue {
+    fn new(workers: usize) -> Self {
+        CpuQueue {
+            permits: tokio::sync::Semaphore::new(workers),
+            places: crate::limits::Admission::new(crate::limits::ConnLimits {
+                total: DIFF_QUEUE,
+                per_client: DIFF_QUEUE_PER_CLIENT,
+            }),
+        }
+    }
+
+    /// A turn for `peer`, or the 503 to send.
+    async fn turn(
+        &'static self,
+        peer: std::net::IpAddr,
+        what: &str,
+    ) -> Result<(crate::limits::Permit, tokio::sync::SemaphorePermit<'static>), Response<Body>>
+    {
+        let place = self.places.try_admit(peer).map_err(|_| busy(what))?;
+        match tokio::time::timeout(DIFF_WAIT, self.permits.acquire()).await {
+            Ok(Ok(turn)) => Ok((place, turn)),
+            _ => Err(busy(what)),
+        }
+    }
 }
 
 /// A turn to compute a delta or patch for `peer`, or the 503 to send.
@@ -196,11 +216,79 @@ async fn diff_turn(
     peer: std::net::IpAddr,
     what: &str,
 ) -> Result<(crate::limits::Permit, tokio::sync::SemaphorePermit<'static>), Response<Body>> {
-    let place = diff_places().try_admit(peer).map_err(|_| busy(what))?;
-    match tokio::time::timeout(DIFF_WAIT, diff_permits().acquire()).await {
-        Ok(Ok(turn)) => Ok((place, turn)),
-        _ => Err(busy(what)),
+    static Q: std::sync::OnceLock<CpuQueue> = std::sync::OnceLock::new();
+    Q.get_or_init(|| CpuQueue::new(DIFF_WORKERS))
+        .turn(peer, what)
+        .await
+}
+
+/// Outboards are hashing (a core per GB/s): [`OUTBOARD_WORKERS`] at once,
+/// queued as deltas are but apart from them, so a client asking for a big
+/// file's outboard never holds up a mirror's sync.
+const OUTBOARD_WORKERS: usize = 1;
+
+async fn outboard_turn(
+    peer: std::net::IpAddr,
+) -> Result<(crate::limits::Permit, tokio::sync::SemaphorePermit<'static>), Response<Body>> {
+    static Q: std::sync::OnceLock<CpuQueue> = std::sync::OnceLock::new();
+    Q.get_or_init(|| CpuQueue::new(OUTBOARD_WORKERS))
+        .turn(peer, "outboard")
+        .await
+}
+
+/// Outboards computed lately ([`meridian_core::outboard`]), by blob:
+/// immutable, so computed once per blob while they stay here.
+fn outboards() -> &'static std::sync::Mutex<std::collections::VecDeque<(Hash, bytes::Bytes)>> {
+    static S: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::VecDeque<(Hash, bytes::Bytes)>>,
+    > = std::sync::OnceLock::new();
+    S.get_or_init(Default::default)
+}
+/// Outboards kept, and their bytes in all (a 1 GiB blob's is 128 KiB).
+const OUTBOARDS: usize = 64;
+const OUTBOARD_BYTES: usize = 16 << 20;
+
+fn outboard_cached(h: &Hash) -> Option<bytes::Bytes> {
+    let c = outboards().lock().ok()?;
+    c.iter().find(|(k, _)| k == h).map(|(_, b)| b.clone())
+}
+
+fn outboard_keep(h: Hash, b: bytes::Bytes) {
+    let Ok(mut c) = outboards().lock() else {
+        return;
+    };
+    if c.iter().any(|(k, _)| *k == h) {
+        return;
     }
+    c.push_front((h, b));
+    while c.len() > OUTBOARDS || c.iter().map(|(_, b)| b.len()).sum::<usize>() > OUTBOARD_BYTES {
+        c.pop_back();
+    }
+}
+
+/// Computes blob `h`'s outboard from the store's bytes, which must hash to
+/// `h` (else `None`: the object is damaged or changed at its source).
+fn compute_outboard<O: Objects>(o: &O, h: &Hash) -> Option<Option<Vec<u8>>> {
+    use std::io::Read;
+    let len = o.held_len(h)?;
+    let mut b = meridian_core::outboard::OutboardBuilder::new(len);
+    match o.ready(h) {
+        Ready::File { path, .. } => {
+            let mut f = std::fs::File::open(path).ok()?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => b.update(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => return None,
+                }
+            }
+        }
+        Ready::Bytes(bytes) => b.update(&bytes),
+        _ => return None,
+    }
+    Some(b.finish(h).map(|o| o.encode()))
 }
 
 /// Largest blob sent in a pack.
@@ -459,6 +547,58 @@ async fn route<P: Published>(
         };
         count_sent(node, method, &resp);
         return resp;
+    }
+    if let Some(h) = rest.strip_prefix("outboard/") {
+        let Ok(hash) = h.parse::<Hash>() else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "outboard/{blake3}: a blob hash (64 hex digits)\n",
+            );
+        };
+        let len = blocking(node.objects(), move |o| o.held_len(&hash))
+            .await
+            .flatten();
+        match len {
+            None => return text(StatusCode::NOT_FOUND, format!("object {hash} not found\n")),
+            Some(l) if l <= meridian_core::outboard::BLOCK_LEN => {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    format!("object {hash} is one block ({l} bytes): its hash checks it whole\n"),
+                );
+            }
+            Some(_) => {}
+        }
+        if let Some(b) = outboard_cached(&hash) {
+            return binary_response(b, OUTBOARD_CONTENT_TYPE, method);
+        }
+        let _turn = match outboard_turn(peer).await {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
+        // Another request may have computed it while this one waited.
+        if let Some(b) = outboard_cached(&hash) {
+            return binary_response(b, OUTBOARD_CONTENT_TYPE, method);
+        }
+        let t0 = std::time::Instant::now();
+        let out = blocking(node.objects(), move |o| compute_outboard(o, &hash))
+            .await
+            .flatten();
+        return match out {
+            Some(Some(b)) => {
+                tracing::debug!(seconds = t0.elapsed().as_secs_f64(), %hash, "computed outboard");
+                let b = bytes::Bytes::from(b);
+                outboard_keep(hash, b.clone());
+                binary_response(b, OUTBOARD_CONTENT_TYPE, method)
+            }
+            Some(None) => {
+                tracing::warn!(%hash, "an object's bytes do not match its name: no outboard served");
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("object {hash} does not match its hash here\n"),
+                )
+            }
+            None => text(StatusCode::NOT_FOUND, format!("object {hash} not found\n")),
+        };
     }
     if let Some(h) = rest.strip_prefix("pack/") {
         let Ok(node_hash) = h.parse::<Hash>() else {
