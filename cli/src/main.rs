@@ -4,6 +4,7 @@
 mod check;
 mod config;
 mod demo;
+mod get;
 mod key;
 mod keygen;
 mod migrate;
@@ -80,6 +81,23 @@ enum Command {
     /// state is kept by GeoDNS, so the same command run again resumes at
     /// the step it reached.
     Migrate(Box<migrate::MigrateArgs>),
+    /// Download files from several mirrors at once, every byte verified
+    /// against the signed manifest.
+    ///
+    /// The mirrors come from a redirector URL (its redirect and its
+    /// `Link: rel=duplicate` headers), a mirror's own URL, or --mirror. The
+    /// newest fresh root that verifies with --trust names the file's blake3
+    /// hash; its block hashes (checked against that hash) check each 256
+    /// KiB block as it arrives. A mirror that sends a bad byte is dropped
+    /// and its range fetched from another. The file is written under its
+    /// own name in the current directory (or -o), atomically; an
+    /// interrupted run resumes from what verified. A directory is fetched
+    /// whole.
+    ///
+    /// Exit codes: 0 done; 1 a usage or local error; 3 not found; 4 no
+    /// mirror reachable (what verified is kept: rerun to resume); 5
+    /// verification failed on every mirror (nothing is kept).
+    Get(Box<get::GetArgs>),
     /// Rebuild a lost origin (content and state) from a mirror.
     ///
     /// Fetches the newest root that verifies with --trust, then every node
@@ -112,9 +130,14 @@ enum Command {
 }
 
 fn init_logging() {
+    init_logging_at("info,hickory_server=warn");
+}
+
+/// Logging with `default` as the filter unless MERIDIAN_LOG says another.
+fn init_logging_at(default: &str) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hickory_server=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colours only for a person at a terminal: never in a log file, a pipe
     // or the journal, and never with NO_COLOR set.
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
@@ -135,7 +158,10 @@ fn main() -> std::process::ExitCode {
                 "meridian: error: {}",
                 meridian_serve::describe_chain(e.chain())
             );
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<get::Failure>() {
+                Some(f) => std::process::ExitCode::from(f.outcome as u8),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -147,6 +173,10 @@ fn run() -> anyhow::Result<()> {
         Command::Key(cmd) => key::run(cmd),
         Command::Region(cmd) => region::run(cmd),
         Command::Migrate(a) => migrate::run(*a),
+        Command::Get(a) => {
+            init_logging_at("warn");
+            get::run(*a)
+        }
         Command::Origin(args) => {
             init_logging();
             let (once, check) = (args.once, args.check);

@@ -18,7 +18,9 @@
 //! then 32 bytes per block.
 
 use crate::Hash;
-use blake3::hazmat::{ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
+};
 
 /// log2 of the block size.
 pub const BLOCK_LOG: u8 = 18;
@@ -179,9 +181,9 @@ impl Outboard {
     /// Whether `data` is block `index` of the blob.
     pub fn verify_block(&self, index: u64, data: &[u8]) -> bool {
         let r = block_range(index, self.size);
-        self.cvs
-            .get(index as usize)
-            .is_some_and(|cv| data.len() as u64 == r.end - r.start && block_cv(r.start, data) == *cv)
+        self.cvs.get(index as usize).is_some_and(|cv| {
+            data.len() as u64 == r.end - r.start && block_cv(r.start, data) == *cv
+        })
     }
 
     /// The hash the values merge to.
@@ -231,7 +233,15 @@ mod tests {
     #[test]
     fn outboards_merge_to_blake3_and_check_every_block() {
         let b = BLOCK_LEN as usize;
-        for len in [b + 1, 2 * b, 2 * b + 1000, 3 * b, 5 * b - 1, 8 * b, 9 * b + 7] {
+        for len in [
+            b + 1,
+            2 * b,
+            2 * b + 1000,
+            3 * b,
+            5 * b - 1,
+            8 * b,
+            9 * b + 7,
+        ] {
             let data = blob(len);
             let h = crate::hash_bytes(&data);
             // Fed in odd pieces and in whole blocks alike.
