@@ -11,9 +11,11 @@
 //! 3. **Outboard.** For a file of more than one 256 KiB block, the block
 //!    chaining values ([`meridian_core::outboard`]) from any mirror, checked
 //!    against the file's hash.
-//! 4. **Ranges.** Ranges of up to [`RANGE_BLOCKS`] blocks, fetched by hash
-//!    (`/.meridian/v1/objects/{hash}`, so a mirror switching generation
-//!    midway changes nothing) by `--connections` workers per mirror, each
+//! 4. **Ranges.** Ranges of up to [`RANGE_BLOCKS`] blocks, fetched from the
+//!    download path with `If-Match` on the blake3 ETag (a mirror that
+//!    serves other bytes there, another generation's, answers 412 and is
+//!    left out for this file; the mirror counts it as a download) by
+//!    `--connections` workers per mirror, each
 //!    block checked as its range arrives and written in place. A mirror
 //!    that sends one bad byte is dropped at that range, which goes to
 //!    another; one that fails or stalls three times running is dropped as
@@ -967,12 +969,22 @@ async fn fetch_range(
     let size = run.job.size;
     let start = first * BLOCK_LEN;
     let end = ((first + count) * BLOCK_LEN).min(size);
-    let url = format!("{}/.meridian/v1/objects/{}", m.base, run.job.hash);
-    let failed = |e: String| ((first,), RangeError::Failed(e));
-    let req = http.get(&url).header(
-        reqwest::header::RANGE,
-        format!("bytes={start}-{}", end.max(1) - 1),
+    // The download path, so the mirror counts it as a download; If-Match
+    // with the blake3 ETag, so a mirror serving other bytes at that path
+    // (another generation) answers 412 instead of them.
+    let url = format!(
+        "{}/{}",
+        m.base,
+        meridian_serve::urlpath::encode_path(&run.job.path)
     );
+    let failed = |e: String| ((first,), RangeError::Failed(e));
+    let req = http
+        .get(&url)
+        .header(reqwest::header::IF_MATCH, format!("\"{}\"", run.job.hash))
+        .header(
+            reqwest::header::RANGE,
+            format!("bytes={start}-{}", end.max(1) - 1),
+        );
     let mut r = tokio::time::timeout(stall, req.send())
         .await
         .map_err(|_| failed(format!("no answer in {stall:?}")))?
@@ -980,7 +992,9 @@ async fn fetch_range(
     match r.status() {
         reqwest::StatusCode::PARTIAL_CONTENT => {}
         reqwest::StatusCode::OK if start == 0 && end == size => {}
-        reqwest::StatusCode::NOT_FOUND => return Err(((first,), RangeError::Lacks)),
+        reqwest::StatusCode::NOT_FOUND | reqwest::StatusCode::PRECONDITION_FAILED => {
+            return Err(((first,), RangeError::Lacks));
+        }
         s => return Err(failed(format!("HTTP {s}"))),
     }
     let want = (end - start) as usize;

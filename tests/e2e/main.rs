@@ -3,6 +3,7 @@
 
 mod deploy;
 mod geodns;
+mod get;
 mod keys;
 mod migrate;
 mod mirror;

@@ -33,6 +33,9 @@ pub enum Mode {
     /// untouched, flips one byte in the middle of every download (a whole
     /// file or a range).
     FlipDownloads = 7,
+    /// A slow download mirror: passes the read API and `/.meridian/*`
+    /// untouched, sends every download 64 KiB every 50 ms.
+    SlowDownloads = 8,
 }
 
 /// The lying upstream.
@@ -158,6 +161,20 @@ impl Service for Evil {
         }
         if mode == Mode::CorruptDiffs as u8 {
             return out.body(full(body)).unwrap();
+        }
+        if mode == Mode::SlowDownloads as u8 {
+            if path.starts_with("/.meridian/") || !status.is_success() {
+                return out.body(full(body)).unwrap();
+            }
+            self.objects_served.fetch_add(1, Ordering::Relaxed);
+            let chunks: Vec<_> = body
+                .chunks(64 * 1024)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            return out
+                .header("content-length", body.len())
+                .body(stream(chunks, Some(Duration::from_millis(50))))
+                .unwrap();
         }
         if mode == Mode::FlipDownloads as u8 {
             let download = !path.starts_with("/.meridian/") && status.is_success();
