@@ -278,7 +278,7 @@ mod tests {
         let h = crate::hash_bytes(&data);
         let mut b = OutboardBuilder::new(len as u64);
         b.update(&data);
-        let enc = b.finish(&h).unwrap().encode();
+        let enc = b.finish(&h).expect("merges").encode();
         let mut flipped = enc.clone();
         flipped[40] ^= 1;
         assert_eq!(
@@ -289,7 +289,7 @@ mod tests {
         assert!(Outboard::check(&enc, len as u64 + BLOCK_LEN, &h).is_err());
         // A size off by less than a chunk has the same tree: the values
         // check, but the last block, whose value binds its length, cannot.
-        let o = Outboard::check(&enc, len as u64 + 1, &h).unwrap();
+        let o = Outboard::check(&enc, len as u64 + 1, &h).expect("same tree");
         let last = blocks(len as u64) - 1;
         let r = block_range(last, len as u64);
         let mut longer = data[r.start as usize..].to_vec();
