@@ -211,6 +211,14 @@ pub(crate) struct MirrorArgs {
     /// [default: 1250000000, 10 Gbit/s].
     #[arg(long, value_name = "BYTES_PER_SEC")]
     capacity: Option<u64>,
+    /// Enforce an egress cap: most body bytes per second sent in all (the
+    /// capacity reported is then at most this) [default: no cap].
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    egress_cap: Option<u64>,
+    /// Enforce an egress cap per connection, in bytes per second [default:
+    /// no cap].
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    egress_cap_per_connection: Option<u64>,
     /// Bearer token that enables the admin API (drain/undrain).
     #[arg(long, value_name = "TOKEN", env = "MERIDIAN_ADMIN_TOKEN")]
     admin_token: Option<String>,
@@ -271,11 +279,17 @@ impl MirrorArgs {
         }
         set(&mut t, "state", self.state.map(|p| p.display().to_string()));
         self.tls.apply(self.listen, &mut t);
-        if let Some(c) = self.capacity {
-            t.insert(
-                "capacity_bytes_per_sec".into(),
-                toml::Value::Integer(c.min(i64::MAX as u64) as i64),
-            );
+        for (key, v) in [
+            ("capacity_bytes_per_sec", self.capacity),
+            ("egress_cap_bytes_per_sec", self.egress_cap),
+            (
+                "egress_cap_per_connection_bytes_per_sec",
+                self.egress_cap_per_connection,
+            ),
+        ] {
+            if let Some(c) = v {
+                t.insert(key.into(), toml::Value::Integer(c.min(i64::MAX as u64) as i64));
+            }
         }
         set(&mut t, "admin_token", self.admin_token);
         set(&mut t, "scrub_interval", self.scrub_interval);

@@ -30,9 +30,17 @@ pub struct MirrorConfig {
     /// other node's config).
     #[serde(flatten)]
     pub listener: meridian_serve::ListenerConfig,
-    /// Egress capacity in bytes per second, reported to GeoDNS.
+    /// Egress capacity in bytes per second, reported to GeoDNS (with a
+    /// cap, the lower of the two: see [`MirrorConfig::reported_capacity`]).
     #[serde(default = "default_capacity")]
     pub capacity_bytes_per_sec: u64,
+    /// Most body bytes per second sent in all, enforced (0: no cap).
+    #[serde(default)]
+    pub egress_cap_bytes_per_sec: u64,
+    /// Most body bytes per second sent on one connection, enforced (0: no
+    /// cap).
+    #[serde(default)]
+    pub egress_cap_per_connection_bytes_per_sec: u64,
     /// Fallback poll interval when the long-poll feed is unavailable.
     #[serde(default = "default_poll", with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -129,6 +137,16 @@ impl MirrorConfig {
         Ok(())
     }
 
+    /// The capacity reported to GeoDNS (status and metrics): the
+    /// configured one, or the egress cap if that is lower, so GeoDNS's
+    /// load rule works on a rate the mirror really holds.
+    pub fn reported_capacity(&self) -> u64 {
+        match self.egress_cap_bytes_per_sec {
+            0 => self.capacity_bytes_per_sec,
+            cap => cap.min(self.capacity_bytes_per_sec),
+        }
+    }
+
     /// Defaults for everything but identity, upstreams, trust and state.
     pub fn new(id: &str, upstreams: Vec<String>, trust: Vec<PublicKey>, state: PathBuf) -> Self {
         MirrorConfig {
@@ -140,6 +158,8 @@ impl MirrorConfig {
             listen: default_listen(),
             listener: Default::default(),
             capacity_bytes_per_sec: default_capacity(),
+            egress_cap_bytes_per_sec: 0,
+            egress_cap_per_connection_bytes_per_sec: 0,
             poll_interval: default_poll(),
             parallel_fetches: default_parallel(),
             gc_grace: default_grace(),

@@ -179,14 +179,14 @@ pub async fn start(cfg: MirrorConfig) -> Result<MirrorHandle, MirrorError> {
     let st = state.clone();
     let mut stop = rx;
     tasks.push(tokio::spawn(async move {
-        let mut last = st.egress_total.load(Ordering::Relaxed);
+        let mut last = st.egress.sent.load(Ordering::Relaxed);
         let mut rate = 0f64;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = stop.wait() => return,
             }
-            let now = st.egress_total.load(Ordering::Relaxed);
+            let now = st.egress.sent.load(Ordering::Relaxed);
             rate = 0.5 * rate + 0.5 * (now - last) as f64;
             last = now;
             st.egress_rate.store(rate as u64, Ordering::Relaxed);

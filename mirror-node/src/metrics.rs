@@ -188,7 +188,7 @@ impl MirrorMetrics {
             .expect("metric"),
             capacity: IntGauge::new(
                 "meridian_mirror_capacity_bytes_per_second",
-                "Configured egress capacity (compare with rate(meridian_mirror_response_bytes_total))",
+                "Egress capacity reported to GeoDNS: the configured one, or the enforced egress cap if lower (compare with rate(meridian_mirror_response_bytes_total))",
             )
             .expect("metric"),
             info: prometheus::IntGaugeVec::new(
@@ -258,7 +258,7 @@ impl MirrorMetrics {
     /// (set at start and on every reload).
     pub(crate) fn describe(&self, cfg: &crate::config::MirrorConfig) {
         self.capacity
-            .set(cfg.capacity_bytes_per_sec.min(i64::MAX as u64) as i64);
+            .set(cfg.reported_capacity().min(i64::MAX as u64) as i64);
         self.info.reset();
         self.info.with_label_values(&[&cfg.id, &cfg.region]).set(1);
     }

@@ -259,7 +259,7 @@ impl MirrorService {
             }
         };
         let stamp = crate::verified::Stamp::of(&md);
-        let sent = Some(st.egress_total.clone());
+        let sent = Some(st.egress.clone());
         let (method, headers) = (req.method(), req.headers());
         if *method == Method::HEAD || st.verified.is_verified(&h, stamp) {
             return files::respond(method, headers, meta, move || Ok(file), sent);
@@ -323,7 +323,7 @@ impl MirrorService {
                     active_connections: st.active_connections() as u64,
                     downloads_in_flight: st.downloads_in_flight() as u64,
                     egress_bytes_per_sec: st.egress_rate.load(Ordering::Relaxed),
-                    capacity_bytes_per_sec: st.cfg().capacity_bytes_per_sec,
+                    capacity_bytes_per_sec: st.cfg().reported_capacity(),
                     draining: st.is_draining(),
                     sync_progress: st.progress.get(),
                     trusted_keys: st

@@ -53,8 +53,9 @@ pub(crate) struct MirrorState {
     pub metrics: MirrorMetrics,
     pub status: Mutex<SyncStatus>,
     pub draining: AtomicBool,
-    /// Body bytes sent, all time (egress rate is derived from it).
-    pub egress_total: Arc<AtomicU64>,
+    /// Body bytes sent, all time (egress rate is derived from it), held to
+    /// the configured egress caps.
+    pub egress: Arc<meridian_serve::egress::Egress>,
     /// Egress bytes per second, averaged over the last few seconds.
     pub egress_rate: AtomicU64,
     /// The open-connection counters of the listeners (set once they are
@@ -99,6 +100,11 @@ impl MirrorState {
         let ring = Self::load_keyring(&cfg.state, &TrustedKeys::new(cfg.trust.iter().copied()));
         let metrics = MirrorMetrics::new();
         metrics.describe(&cfg);
+        let egress = Arc::new(meridian_serve::egress::Egress::default());
+        egress.set_caps(
+            cfg.egress_cap_bytes_per_sec,
+            cfg.egress_cap_per_connection_bytes_per_sec,
+        );
         Ok(MirrorState {
             keys: ArcSwap::new(meridian_serve::keys::KeysDoc::of(&ring)),
             keys_seen: Mutex::default(),
@@ -113,7 +119,7 @@ impl MirrorState {
             metrics,
             status: Mutex::new(SyncStatus::default()),
             draining: AtomicBool::new(false),
-            egress_total: Arc::new(AtomicU64::new(0)),
+            egress,
             egress_rate: AtomicU64::new(0),
             listeners: std::sync::OnceLock::new(),
             downloads: Arc::new(AtomicUsize::new(0)),
@@ -142,6 +148,10 @@ impl MirrorState {
     /// Puts a reloaded configuration in force: trust at once, upstreams
     /// between sync steps, the rest as each part next reads it.
     pub(crate) fn reconfigure(&self, cfg: MirrorConfig) {
+        self.egress.set_caps(
+            cfg.egress_cap_bytes_per_sec,
+            cfg.egress_cap_per_connection_bytes_per_sec,
+        );
         {
             let _one_writer = self.keys_update.lock();
             // The statements are checked again against the new trust (those

@@ -43,7 +43,7 @@ pub(crate) enum Segment {
 pub(crate) fn segments(
     file: std::fs::File,
     segs: Vec<Segment>,
-    sent: Option<Arc<AtomicU64>>,
+    sent: Option<Arc<crate::egress::Egress>>,
 ) -> Body {
     segments_checked(file, segs, sent, None)
 }
@@ -79,7 +79,7 @@ struct Checking {
 pub(crate) fn segments_checked(
     file: std::fs::File,
     segs: Vec<Segment>,
-    sent: Option<Arc<AtomicU64>>,
+    sent: Option<Arc<crate::egress::Egress>>,
     check: Option<StreamCheck>,
 ) -> Body {
     SegmentBody {
@@ -89,6 +89,9 @@ pub(crate) fn segments_checked(
         sent,
         chunk: MIN_CHUNK,
         handed_out: None,
+        pace: crate::egress::Pace::default(),
+        paused: None,
+        reserved: 0,
         checking: check.map(|check| {
             Box::new(Checking {
                 hasher: blake3::Hasher::new(),
@@ -148,7 +151,7 @@ struct SegmentBody {
     file: Option<std::fs::File>,
     segs: std::collections::VecDeque<Segment>,
     pending: Option<tokio::task::JoinHandle<CheckedRead>>,
-    sent: Option<Arc<AtomicU64>>,
+    sent: Option<Arc<crate::egress::Egress>>,
     /// The hash check of a whole-file body, between reads.
     checking: Option<Box<Checking>>,
     /// Current chunk size: doubles (up to [`CHUNK`]) while the connection
@@ -158,6 +161,12 @@ struct SegmentBody {
     chunk: u64,
     /// When the last chunk was handed to the connection.
     handed_out: Option<std::time::Instant>,
+    /// This connection's pacing under a per-connection egress cap, and the
+    /// wait before its next chunk.
+    pace: crate::egress::Pace,
+    paused: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes reserved for the chunk being read.
+    reserved: u64,
 }
 
 /// Smallest chunk (slow clients, first bytes of a response).
@@ -243,6 +252,14 @@ impl hyper::body::Body for SegmentBody {
         let this = &mut *self;
         loop {
             if let Some(h) = this.pending.as_mut() {
+                // Held to the egress caps: a chunk is handed out once its
+                // reserved time has come (it is read from disk meanwhile).
+                if let Some(p) = this.paused.as_mut() {
+                    if p.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.paused = None;
+                }
                 let (file, res, checking) = match std::pin::Pin::new(h).poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(x)) => x,
@@ -253,9 +270,11 @@ impl hyper::body::Body for SegmentBody {
                 this.checking = checking;
                 this.handed_out = Some(std::time::Instant::now());
                 return Poll::Ready(Some(res.map(|b| {
-                    if let Some(c) = &this.sent {
-                        c.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    if let Some(e) = &this.sent {
+                        e.count(b.len() as u64);
+                        e.refund(this.reserved.saturating_sub(b.len() as u64), &mut this.pace);
                     }
+                    this.reserved = 0;
                     Frame::data(b)
                 })));
             }
@@ -279,6 +298,9 @@ impl hyper::body::Body for SegmentBody {
                         None => this.chunk,
                     };
                     let mut want = (*len).min(this.chunk);
+                    if let Some(e) = &this.sent {
+                        want = want.min(e.chunk(CHUNK) as u64);
+                    }
                     let mut reserved = 0;
                     if want > MIN_CHUNK {
                         if reserve_big(want) {
@@ -286,6 +308,13 @@ impl hyper::body::Body for SegmentBody {
                         } else {
                             want = MIN_CHUNK;
                             this.chunk = MIN_CHUNK;
+                        }
+                    }
+                    if let Some(e) = &this.sent {
+                        let wait = e.reserve(want, &mut this.pace);
+                        this.reserved = want;
+                        if !wait.is_zero() {
+                            this.paused = Some(Box::pin(tokio::time::sleep(wait)));
                         }
                     }
                     let at = *offset;

@@ -9,7 +9,6 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 use meridian_core::Hash;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What the response says about the file.
@@ -81,7 +80,7 @@ pub fn respond(
     headers: &HeaderMap,
     meta: &FileMeta,
     open: impl FnOnce() -> std::io::Result<std::fs::File>,
-    sent: Option<Arc<AtomicU64>>,
+    sent: Option<Arc<crate::egress::Egress>>,
 ) -> Response<Body> {
     respond_from(method, headers, meta, Source::File(open), sent)
 }
@@ -97,7 +96,7 @@ pub fn respond_checked(
     meta: &FileMeta,
     file: std::fs::File,
     check: StreamCheck,
-    sent: Option<Arc<AtomicU64>>,
+    sent: Option<Arc<crate::egress::Egress>>,
 ) -> Response<Body> {
     respond_from(
         method,
@@ -114,7 +113,7 @@ pub fn respond_bytes(
     headers: &HeaderMap,
     meta: &FileMeta,
     bytes: Bytes,
-    sent: Option<Arc<AtomicU64>>,
+    sent: Option<Arc<crate::egress::Egress>>,
 ) -> Response<Body> {
     respond_from(
         method,
@@ -130,7 +129,7 @@ fn respond_from(
     headers: &HeaderMap,
     meta: &FileMeta,
     source: Source<impl FnOnce() -> std::io::Result<std::fs::File>>,
-    sent: Option<Arc<AtomicU64>>,
+    sent: Option<Arc<crate::egress::Egress>>,
 ) -> Response<Body> {
     // ETag: the blake3 hash in quotes, a strong validator. One buffer holds
     // it, and the x-meridian-blake3 value is a slice of the same bytes.
@@ -258,7 +257,9 @@ fn respond_from(
                     }
                 };
                 if let Some(c) = &sent {
-                    c.fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    // Small bodies go at once; they count against the cap
+                    // in all, which the next large send waits out.
+                    c.count_unreserved(body.len() as u64);
                 }
                 return Ok((full(body), None));
             }
@@ -278,7 +279,7 @@ fn respond_from(
                 ));
             }
             if let Some(c) = &sent {
-                c.fetch_add(*len, std::sync::atomic::Ordering::Relaxed);
+                c.count_unreserved(*len);
             }
             return Ok((full(buf), None));
         }
@@ -401,7 +402,7 @@ const READ_AHEAD_MAX: u64 = 8 << 20;
 pub(crate) struct SendFile {
     pub file: std::fs::File,
     pub segs: Vec<Segment>,
-    pub sent: Option<Arc<AtomicU64>>,
+    pub sent: Option<Arc<crate::egress::Egress>>,
     /// A download in flight ([`crate::inflight`]), while this is sent.
     pub held: Option<Arc<crate::inflight::Held>>,
 }

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod egress;
 pub mod files;
 pub mod inflight;
 pub mod keys;

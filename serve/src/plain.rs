@@ -26,7 +26,6 @@ use http_body_util::BodyExt;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -472,38 +471,52 @@ async fn writable(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
 /// (multipart boundaries) with write. Counts egress. A file that ends early
 /// is an error (the connection closes: a short body, never wrong bytes).
 async fn send_segments(stream: &TcpStream, zc: &SendFile, timeout: Duration) -> io::Result<()> {
+    let mut pace = crate::egress::Pace::default();
     for seg in &zc.segs {
         match seg {
             Segment::Bytes(b) => {
+                pause(zc, b.len() as u64, &mut pace).await;
                 write_all(stream, b, timeout).await?;
-                count(zc, b.len() as u64);
+                if let Some(e) = &zc.sent {
+                    e.count(b.len() as u64);
+                }
             }
             Segment::File { offset, len } => {
                 let mut at = *offset;
                 let end = offset + len;
                 while at < end {
-                    let want = usize::try_from(end - at).unwrap_or(usize::MAX).min(1 << 30);
-                    let r = stream.try_io(Interest::WRITABLE, || {
-                        let mut off = at;
-                        rustix::fs::sendfile(stream, &zc.file, Some(&mut off), want)
-                            .map_err(io::Error::from)
-                    });
-                    match r {
-                        Ok(0) => {
-                            return Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "file shorter than its manifest size",
-                            ));
-                        }
-                        Ok(n) => {
-                            at += n as u64;
-                            count(zc, n as u64);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            writable(stream, timeout).await?;
-                        }
-                        Err(e) => return Err(e),
+                    let mut want = usize::try_from(end - at).unwrap_or(usize::MAX).min(1 << 30);
+                    if let Some(e) = &zc.sent {
+                        want = e.chunk(want);
                     }
+                    // Reserved once, whatever number of tries the socket
+                    // takes; what it did not take is given back.
+                    pause(zc, want as u64, &mut pace).await;
+                    let n = loop {
+                        let r = stream.try_io(Interest::WRITABLE, || {
+                            let mut off = at;
+                            rustix::fs::sendfile(stream, &zc.file, Some(&mut off), want)
+                                .map_err(io::Error::from)
+                        });
+                        match r {
+                            Ok(n) => break n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                writable(stream, timeout).await?;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    };
+                    if let Some(e) = &zc.sent {
+                        e.count(n as u64);
+                        e.refund((want - n) as u64, &mut pace);
+                    }
+                    if n == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "file shorter than its manifest size",
+                        ));
+                    }
+                    at += n as u64;
                 }
             }
         }
@@ -511,9 +524,13 @@ async fn send_segments(stream: &TcpStream, zc: &SendFile, timeout: Duration) -> 
     Ok(())
 }
 
-fn count(zc: &SendFile, n: u64) {
-    if let Some(c) = &zc.sent {
-        c.fetch_add(n, Ordering::Relaxed);
+/// Reserves `n` bytes under the egress caps and waits until they may go.
+async fn pause(zc: &SendFile, n: u64, pace: &mut crate::egress::Pace) {
+    if let Some(e) = &zc.sent {
+        let wait = e.reserve(n, pace);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
