@@ -288,7 +288,10 @@ impl MirrorArgs {
             ),
         ] {
             if let Some(c) = v {
-                t.insert(key.into(), toml::Value::Integer(c.min(i64::MAX as u64) as i64));
+                t.insert(
+                    key.into(),
+                    toml::Value::Integer(c.min(i64::MAX as u64) as i64),
+                );
             }
         }
         set(&mut t, "admin_token", self.admin_token);

@@ -70,7 +70,9 @@ impl Egress {
             (t, 0) => t,
             (t, c) => t.min(c),
         };
-        ((cap / 100) as usize).clamp(16 << 10, max.max(16 << 10)).min(max)
+        ((cap / 100) as usize)
+            .clamp(16 << 10, max.max(16 << 10))
+            .min(max)
     }
 
     /// Counts `n` body bytes sent.
@@ -182,7 +184,10 @@ mod tests {
         e.set_caps(0, 2 << 20);
         let r = rate(&e, 3, 1.0);
         let cap = (6 << 20) as f64;
-        assert!((r - cap).abs() / cap < 0.05, "3 connections at 2 MiB/s: {r}");
+        assert!(
+            (r - cap).abs() / cap < 0.05,
+            "3 connections at 2 MiB/s: {r}"
+        );
         let e = Egress::default();
         assert_eq!(e.reserve(1 << 30, &mut Pace::default()), Duration::ZERO);
         assert_eq!(e.chunk(1 << 20), 1 << 20);

@@ -345,3 +345,130 @@ async fn killed_halfway_it_resumes_with_the_unverified_remainder_plus_one_range_
     assert!(!part.exists());
     eprintln!("resume: {kept} of {blocks} blocks kept, {fetched} bytes fetched (bound {bound})");
 }
+
+/// Loops verified downloads of `url` until `stop`, at most 60 s and 200
+/// downloads, adding the body bytes it receives to `received`; returns
+/// (downloads, failures).
+fn load_loop(
+    url: String,
+    want: meridian_core::Hash,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> tokio::task::JoinHandle<(u32, Vec<String>)> {
+    tokio::spawn(async move {
+        let http = meridian_e2e::http();
+        let t0 = std::time::Instant::now();
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        while !stop.load(std::sync::atomic::Ordering::Relaxed)
+            && t0.elapsed() < Duration::from_secs(60)
+            && ok as usize + failed.len() < 200
+        {
+            let mut h = blake3::Hasher::new();
+            let got = async {
+                let mut r = http.get(&url).send().await.map_err(|e| e.to_string())?;
+                while let Some(c) = r.chunk().await.map_err(|e| e.to_string())? {
+                    h.update(&c);
+                    received.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok::<_, String>(())
+            }
+            .await;
+            match got {
+                Ok(()) if meridian_core::Hash(*h.finalize().as_bytes()) == want => ok += 1,
+                Ok(()) => failed.push("wrong bytes".to_owned()),
+                Err(e) => failed.push(e),
+            }
+        }
+        (ok, failed)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_egress_cap_holds_the_rate_and_geodns_spills_london_when_the_mirror_is_full() {
+    let demo = Demo::start(&[]);
+    let http = meridian_e2e::http();
+    let eu = demo.mirror("eu-west");
+    let dns = demo.addr("dns");
+    let london = Some(("81.2.69.0", 24));
+    let first = || async {
+        meridian_e2e::dns_a(dns, "dl.meridian.test", london, None)
+            .await
+            .and_then(|a| a.first().copied())
+    };
+    eventually("London to get eu-west", DEADLINE, || async {
+        (first().await? == eu.ip()).then_some(())
+    })
+    .await;
+    // A 3 MB/s cap, put in force by SIGHUP.
+    let cap = 3_000_000u64;
+    let cfg = demo.config("mirror-eu-west.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!("egress_cap_bytes_per_sec = {cap}\n"));
+    std::fs::write(&cfg, text).unwrap();
+    signal(demo.pid("mirror-eu-west"), "HUP");
+    eventually(
+        "the cap to be reported as the capacity",
+        DEADLINE,
+        || async {
+            (meridian_e2e::status(&http, eu)
+                .await?
+                .capacity_bytes_per_sec
+                == cap)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Four clients download from eu-west without pause.
+    let file = "releases/1.0/tool-1.0.tar.gz";
+    let want = meridian_e2e::hash_file(&demo.content().join(file));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let loads: Vec<_> = (0..4)
+        .map(|_| {
+            load_loop(
+                format!("http://{eu}/{file}"),
+                want,
+                stop.clone(),
+                received.clone(),
+            )
+        })
+        .collect();
+    // The rate the clients receive over 4 s, once the load runs.
+    let got = || received.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    eventually("the load to start", DEADLINE, || async {
+        (got() > 1_000_000.0).then_some(())
+    })
+    .await;
+    let (t0, s0) = (std::time::Instant::now(), got());
+    // GeoDNS sees it full (egress at its capacity) and sends London on.
+    let spilled = eventually("London spilled to another region", DEADLINE, || async {
+        let a = first().await?;
+        (a != eu.ip()).then_some(a)
+    })
+    .await;
+    while t0.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rate = (got() - s0) / t0.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for l in loads {
+        let (ok, failed) = l.await.unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+        total += ok;
+    }
+    eprintln!(
+        "egress cap {cap} B/s: measured {rate:.0} B/s ({:+.2}%), London spilled to {spilled}, {total} verified downloads",
+        (rate - cap as f64) / cap as f64 * 100.0
+    );
+    assert!(
+        (rate - cap as f64).abs() / (cap as f64) < 0.05,
+        "rate {rate:.0} B/s is not within 5% of the {cap} B/s cap"
+    );
+    // Load gone: London comes back.
+    eventually("London back on eu-west", DEADLINE, || async {
+        (first().await? == eu.ip()).then_some(())
+    })
+    .await;
+}
