@@ -640,6 +640,9 @@ async fn fetch_file(
     } else {
         None
     };
+    // A partial file left by an earlier run is checked block by block; a
+    // new one holds nothing yet.
+    let resuming = part.exists();
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -651,18 +654,21 @@ async fn fetch_file(
         .with_context(|| format!("{}: cannot size it (disk full?)", part.display()))?;
     let file = Arc::new(file);
     // What a run before this one left verified.
-    let done = {
+    let done = if resuming {
         let (f, o, size, h) = (file.clone(), outboard.clone(), job.size, job.hash);
         tokio::task::spawn_blocking(move || verified_blocks(&f, o.as_deref(), size, &h))
             .await
             .context("checking the partial file")??
+    } else {
+        vec![false; outboard::blocks(job.size) as usize]
     };
     let n_blocks = outboard::blocks(job.size);
-    // Ranges small enough that every connection gets some, up to 4 MiB.
+    // Ranges of up to 4 MiB while much is left, tapering to one block at
+    // the end: every connection gets some, and the last ranges are short,
+    // so no connection idles long while another finishes a big one.
     let live: Vec<&Arc<Mirror>> = mirrors.iter().filter(|m| m.live()).collect();
     let conns = (live.len() * a.connections.max(1)).max(1) as u64;
-    let todo = done.iter().filter(|d| !**d).count() as u64;
-    let per_range = todo.div_ceil(conns).clamp(1, RANGE_BLOCKS);
+    let mut unassigned = done.iter().filter(|d| !**d).count() as u64;
     let mut ranges = VecDeque::new();
     let mut i = 0;
     while i < n_blocks {
@@ -670,11 +676,13 @@ async fn fetch_file(
             i += 1;
             continue;
         }
+        let per_range = (unassigned / (2 * conns)).clamp(1, RANGE_BLOCKS);
         let start = i;
         while i < n_blocks && !done[i as usize] && i - start < per_range {
             i += 1;
         }
         ranges.push_back((start, i - start));
+        unassigned -= i - start;
     }
     let left: u64 = ranges.iter().map(|r| r.1).sum();
     let kept = done.iter().filter(|d| **d).count() as u64;

@@ -617,6 +617,13 @@ records = [
         "  curl -s 'http://{redirector}/releases/1.0/tool-1.0.tar.gz?mirrorlist=json'; curl -s http://{redirector}/.meridian/stats"
     );
     println!();
+    println!(
+        "A download from all four mirrors at once, every 256 KiB block checked against the signed root:"
+    );
+    println!(
+        "  meridian get --trust {public_key} http://{redirector}/releases/1.0/tool-1.0.tar.gz"
+    );
+    println!();
     println!("Watch a change propagate to every mirror:");
     println!("  date > {}/hello.txt", content.display());
     println!("  for m in 1 2 3 4; do curl -s http://127.0.10.$m:{mport}/hello.txt; done");
