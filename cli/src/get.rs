@@ -716,8 +716,7 @@ async fn fetch_file(
         .map(|m| worker(http, m, &run, mirrors, a.stall_timeout));
     futures_util::future::join_all(workers).await;
     if let Some(p) = progress {
-        p.abort();
-        eprintln!();
+        p.finish();
     }
     let fetched = mirrors
         .iter()
@@ -1113,7 +1112,21 @@ async fn check_and_write(
 }
 
 /// On a terminal, a line redrawn every 200 ms: verified bytes and rate.
-fn progress_bar(run: &FileRun<'_>) -> Option<tokio::task::JoinHandle<()>> {
+/// Stopping it ([`Bar::finish`]) draws the last state and ends the line.
+struct Bar {
+    task: tokio::task::JoinHandle<()>,
+    draw: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Bar {
+    fn finish(self) {
+        self.task.abort();
+        (self.draw)();
+        eprintln!();
+    }
+}
+
+fn progress_bar(run: &FileRun<'_>) -> Option<Bar> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
@@ -1121,19 +1134,28 @@ fn progress_bar(run: &FileRun<'_>) -> Option<tokio::task::JoinHandle<()>> {
     let name = last_name(&run.job.path);
     let verified = run.verified.clone();
     let t0 = Instant::now();
-    Some(tokio::spawn(async move {
+    let draw = move || {
+        let done = verified.load(Ordering::Relaxed);
+        eprint!(
+            "\r{name}: {:>3}% {}/{} {:.1} MB/s   ",
+            done * 100 / total.max(1),
+            human(done),
+            human(total),
+            done as f64 / t0.elapsed().as_secs_f64().max(1e-9) / 1e6
+        );
+    };
+    let draw: Arc<dyn Fn() + Send + Sync> = Arc::new(draw);
+    let d = draw.clone();
+    let task = tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let done = verified.load(Ordering::Relaxed);
-            eprint!(
-                "\r{name}: {:>3}% {}/{} {:.1} MB/s   ",
-                done * 100 / total.max(1),
-                human(done),
-                human(total),
-                done as f64 / t0.elapsed().as_secs_f64().max(1e-9) / 1e6
-            );
+            d();
         }
-    }))
+    });
+    Some(Bar {
+        task,
+        draw: Box::new(move || draw()),
+    })
 }
 
 async fn get_bytes(http: &reqwest::Client, url: &str, limit: usize) -> Result<Vec<u8>, String> {
