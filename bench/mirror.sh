@@ -24,7 +24,7 @@ trap cleanup EXIT
 [ -n "${KEEP:-}" ] && trap - EXIT   # KEEP=1: leave the work directory and servers for inspection
 ulimit -n 65536 2>/dev/null || ulimit -n 20000
 cargo build --release --bins -q
-B=$PWD/target/release/meridian
+B=${MERIDIAN_BIN:-$PWD/target/release/meridian}
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(nginx -v 2>&1); $(rsync --version | head -1)"
 
 wait_log() { for _ in $(seq 600); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "timeout waiting for $2 in $1"; exit 1; }
