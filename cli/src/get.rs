@@ -25,6 +25,7 @@
 //!    kept, the rest fetched. No state file: nothing to damage.
 //! 6. **Finish.** Flushed, renamed into place, directory flushed.
 
+use crate::units::human;
 use anyhow::Context;
 use clap::Args;
 use meridian_core::outboard::{self, BLOCK_LEN, Outboard};
@@ -562,11 +563,7 @@ async fn walk(
     while let Some((prefix, h)) = dirs.pop_front() {
         let n = node(http, mirrors, h).await?;
         for e in &n.entries {
-            let rel = if prefix.is_empty() {
-                e.name.clone()
-            } else {
-                format!("{prefix}/{}", e.name)
-            };
+            let rel = crate::units::child_path(&prefix, &e.name);
             match e.kind {
                 EntryKind::File => out.push((rel, e.clone())),
                 EntryKind::Dir => dirs.push_back((rel, e.hash)),
@@ -1178,13 +1175,4 @@ async fn get_bytes(http: &reqwest::Client, url: &str, limit: usize) -> Result<Ve
         out.extend_from_slice(&c);
     }
     Ok(out)
-}
-
-fn human(n: u64) -> String {
-    match n {
-        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
-        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
-        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
-        n => format!("{n} B"),
-    }
 }

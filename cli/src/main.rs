@@ -11,6 +11,7 @@ mod migrate;
 mod probe;
 mod region;
 mod restore;
+mod units;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

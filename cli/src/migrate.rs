@@ -9,6 +9,7 @@
 //! the cut-over A serves as before, and a failed step says what it found.
 
 use crate::region::{self, Admin, Admins};
+use crate::units::human;
 use anyhow::{Context, bail};
 use clap::Args;
 use meridian_core::{DirNode, EntryKind, Hash, PublicKey, SignedRoot, TrustedKeys, Verifier};
@@ -702,11 +703,7 @@ async fn walk(
         let node = DirNode::decode(&body)
             .map_err(|e| anyhow::anyhow!("directory node {h} from A: {e}"))?;
         for e in &node.entries {
-            let p = if prefix.is_empty() {
-                e.name.clone()
-            } else {
-                format!("{prefix}/{}", e.name)
-            };
+            let p = crate::units::child_path(&prefix, &e.name);
             match e.kind {
                 EntryKind::File => files.push((p, e.size, e.hash)),
                 EntryKind::Dir => dirs.push_back((p, e.hash)),
@@ -881,15 +878,6 @@ fn state_word(s: &MirrorStatus) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default()
-}
-
-fn human(n: u64) -> String {
-    match n {
-        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
-        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
-        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
-        n => format!("{n} B"),
-    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,18 @@ fn get(args: &[&str]) -> (i32, String) {
     )
 }
 
+/// `meridian get` of big.bin from `mirrors` into `dest`, with `extra`
+/// flags.
+fn get_big(key: &str, mirrors: &[&str], dest: &Path, extra: &[&str]) -> (i32, String) {
+    let mut args: Vec<&str> = vec!["--trust", key];
+    args.extend_from_slice(extra);
+    for m in mirrors {
+        args.extend(["--mirror", m]);
+    }
+    args.extend(["-o", dest.to_str().unwrap(), "big.bin"]);
+    get(&args)
+}
+
 /// Body bytes a mirror has sent for downloads (every status class).
 async fn sent(http: &reqwest::Client, m: SocketAddr) -> f64 {
     let t = metrics_text(http, m).await.expect("metrics");
@@ -209,18 +221,8 @@ async fn a_mirror_that_flips_a_byte_is_dropped_at_its_range_and_liars_everywhere
     let liar = format!("http://{}", liar.local_addr);
     let out = tempfile::tempdir().unwrap();
     let dest = out.path().join("big.bin");
-    let (code, log) = get(&[
-        "--trust",
-        &key,
-        "-v",
-        "--mirror",
-        &liar,
-        "--mirror",
-        &format!("http://{}", m[0]),
-        "-o",
-        dest.to_str().unwrap(),
-        "big.bin",
-    ]);
+    let honest = format!("http://{}", m[0]);
+    let (code, log) = get_big(&key, &[&liar, &honest], &dest, &["-v"]);
     assert_eq!(code, 0, "{log}");
     assert!(std::fs::read(&dest).unwrap() == want, "wrong bytes: {log}");
     assert!(
@@ -236,17 +238,8 @@ async fn a_mirror_that_flips_a_byte_is_dropped_at_its_range_and_liars_everywhere
     // Every mirror lies: its own exit code, and no file at all.
     let (_evil2, liar2) = Evil::start_on("127.0.0.3:0", m[0], Mode::FlipDownloads).await;
     let dest = out.path().join("lies.bin");
-    let (code, log) = get(&[
-        "--trust",
-        &key,
-        "--mirror",
-        &liar,
-        "--mirror",
-        &format!("http://{}", liar2.local_addr),
-        "-o",
-        dest.to_str().unwrap(),
-        "big.bin",
-    ]);
+    let liar2 = format!("http://{}", liar2.local_addr);
+    let (code, log) = get_big(&key, &[&liar, &liar2], &dest, &[]);
     assert_eq!(code, 5, "{log}");
     assert!(
         log.contains("every mirror sent bytes that do not verify"),
@@ -261,15 +254,7 @@ async fn a_mirror_that_flips_a_byte_is_dropped_at_its_range_and_liars_everywhere
 
     // A root signed by another key is refused, whatever the bytes.
     let other = keygen(&out.path().join("other.key")).to_string();
-    let (code, log) = get(&[
-        "--trust",
-        &other,
-        "--mirror",
-        &format!("http://{}", m[0]),
-        "-o",
-        dest.to_str().unwrap(),
-        "big.bin",
-    ]);
+    let (code, log) = get_big(&other, &[&honest], &dest, &[]);
     assert_eq!(code, 5, "{log}");
     assert!(!dest.exists());
 }
@@ -322,16 +307,7 @@ async fn killed_halfway_it_resumes_with_the_unverified_remainder_plus_one_range_
     // range (4 MiB) that was in flight.
     evil.set_mode(Mode::Honest);
     let b0 = sent(&http, m[0]).await;
-    let (code, log) = get(&[
-        "--trust",
-        &key,
-        "-v",
-        "--mirror",
-        &format!("http://{}", m[0]),
-        "-o",
-        dest.to_str().unwrap(),
-        "big.bin",
-    ]);
+    let (code, log) = get_big(&key, &[&format!("http://{}", m[0])], &dest, &["-v"]);
     assert_eq!(code, 0, "{log}");
     assert!(std::fs::read(&dest).unwrap() == want);
     assert!(log.contains("resuming:"), "{log}");
