@@ -134,6 +134,8 @@ pub struct Publisher {
     /// The snapshot mode in effect (`link` needs content and state on one
     /// file system).
     snapshot: Snapshot,
+    /// What the watcher saw finished ([`crate::watcher::Closes`]).
+    closes: Option<Arc<crate::watcher::Closes>>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -352,9 +354,16 @@ impl Publisher {
             reported: HashSet::new(),
             needs_retry: false,
             snapshot,
+            closes: None,
         };
         p.remove_crash_leftovers(latest_mtime)?;
         Ok(p)
+    }
+
+    /// Lets scans publish files the watcher saw finished without waiting
+    /// out the quiet period.
+    pub(crate) fn watch_closes(&mut self, closes: Arc<crate::watcher::Closes>) {
+        self.closes = Some(closes);
     }
 
     /// The state shared with the HTTP service.
@@ -438,9 +447,14 @@ impl Publisher {
             cache: &self.cache,
             previous: &self.previous_leaves,
             quiet: self.cfg.quiet,
+            closes: self.closes.as_deref(),
             threads: self.cfg.threads(),
             snapshot: self.snapshot,
         })?;
+        // Finished files older than the quiet period are settled by age.
+        if let Some(c) = &self.closes {
+            c.forget_before(std::time::SystemTime::now() - self.cfg.quiet);
+        }
         let m = &self.shared.metrics;
         m.files_hashed.inc_by(out.files_hashed);
         m.bytes_hashed.inc_by(out.bytes_hashed);

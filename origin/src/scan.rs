@@ -109,6 +109,10 @@ pub struct ScanInput<'a> {
     /// carried forward for files that cannot be read right now.
     pub previous: &'a HashMap<String, Entry>,
     pub quiet: Duration,
+    /// Files the watcher saw finished (closed after writing, or renamed
+    /// into place): one not changed since is published without waiting
+    /// out `quiet`.
+    pub closes: Option<&'a crate::watcher::Closes>,
     pub threads: usize,
     /// How changed files are snapshotted.
     pub snapshot: Snapshot,
@@ -263,9 +267,17 @@ fn walk(
                     continue;
                 }
                 let changed_at = md.modified().ok().max(Some(ctime_of(&md)));
-                let settled = changed_at
-                    .and_then(|t| now.duration_since(t).ok())
-                    .is_some_and(|age| age >= input.quiet);
+                // Settled: quiet for the quiet period, or finished (closed
+                // after writing, or renamed in) and not changed since.
+                let finished = input
+                    .closes
+                    .and_then(|c| c.finished_at(&child_abs))
+                    .zip(changed_at)
+                    .is_some_and(|(closed, changed)| changed <= closed);
+                let settled = finished
+                    || changed_at
+                        .and_then(|t| now.duration_since(t).ok())
+                        .is_some_and(|age| age >= input.quiet);
                 if !settled {
                     carry(input.previous, &child_rel, &mut out.leaves);
                     out.skipped.push((child_rel, SkipReason::Settling));

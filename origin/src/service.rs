@@ -269,6 +269,7 @@ impl Origin {
             path: cfg.content.display().to_string(),
             source,
         })?;
+        publisher.watch_closes(signal.closes.clone());
         // Publish once before serving, so the first answer is current.
         publisher = run_blocking(publisher, |p| {
             if let Err(e) = p.publish() {
@@ -394,6 +395,12 @@ async fn run_blocking(
     }
 }
 
+/// How long a burst of finished files (each closed after writing or
+/// renamed into place) may go on before they are published together.
+const FINISHED_COALESCE: Duration = Duration::from_millis(25);
+/// The longest a finished file waits for other files' events to pause.
+const FINISHED_MAX_WAIT: Duration = Duration::from_millis(200);
+
 /// The longest wait between a publish and the garbage collection after it.
 const GC_DELAY: Duration = Duration::from_secs(30);
 
@@ -417,6 +424,8 @@ async fn publish_loop(
     // objects before any root references them).
     let mut gc_delay = cfg.gc_grace.min(GC_DELAY);
     let mut gc_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now() + gc_delay);
+    // When the last scan began: files finished since are not in it yet.
+    let mut last_scan = std::time::SystemTime::now();
     loop {
         let mut wait = cfg.rescan.min(publisher.resign_in());
         if failed {
@@ -468,17 +477,43 @@ async fn publish_loop(
             }
             _ = shutdown.wait() => return,
         }
-        // Debounce: wait until nothing changed for a whole quiet period.
+        // Debounce: wait until nothing changed for a while. A file closed
+        // after writing or renamed into place since the last scan is
+        // published after a moment (which takes a burst of them in one
+        // generation), and within FINISHED_MAX_WAIT however busy other
+        // files are; files still being written are left out by the scan
+        // and retried after the quiet period. With writes and no finished
+        // file, the quiet period, as before.
+        let debounce = tokio::time::Instant::now();
+        let mut seen = signal.count();
+        let mut last_event = tokio::time::Instant::now();
         loop {
-            let seen = signal.count();
-            tokio::select! {
-                _ = tokio::time::sleep(cfg.quiet) => {}
-                _ = shutdown.wait() => return,
+            let finished = signal.closes.finished_since(last_scan);
+            let pause = if finished || !signal.closes.any_writing(cfg.quiet) {
+                cfg.quiet.min(FINISHED_COALESCE)
+            } else {
+                cfg.quiet
+            };
+            let mut due = last_event + pause;
+            if finished {
+                due = due.min(debounce + FINISHED_MAX_WAIT);
             }
-            if signal.count() == seen {
+            if tokio::time::Instant::now() >= due {
                 break;
             }
+            // A new event moves the pause on, and may finish a file.
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = signal.wake.notified() => {}
+                _ = shutdown.wait() => return,
+            }
+            let c = signal.count();
+            if c != seen {
+                seen = c;
+                last_event = tokio::time::Instant::now();
+            }
         }
+        last_scan = std::time::SystemTime::now();
         let ok = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ok2 = ok.clone();
         let published = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -2,11 +2,21 @@
 //! directory, recursively. Events only *trigger* a scan; the scan itself
 //! decides what changed, so a lost or coalesced event (inotify queue
 //! overflow) costs latency, never correctness. A periodic rescan backs it up.
+//!
+//! It also tells finished files from files still being written, so a
+//! finished one is published at once rather than after the quiet period:
+//! a file is *finished* when it was closed after writing (`IN_CLOSE_WRITE`)
+//! or renamed into place (`IN_MOVED_TO`) and has not been written since;
+//! it is *being written* from a create or a write until then
+//! ([`Closes`]).
 
-use notify::{RecursiveMode, Watcher};
-use std::path::Path;
-use std::sync::Arc;
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+use notify::{EventKind, RecursiveMode, Watcher};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 use tokio::sync::Notify;
 
 /// Counts change events and wakes the publish loop.
@@ -14,6 +24,130 @@ use tokio::sync::Notify;
 pub(crate) struct ChangeSignal {
     pub events: AtomicU64,
     pub wake: Notify,
+    pub closes: Arc<Closes>,
+}
+
+/// Which files were finished when, and which are being written.
+#[derive(Debug, Default)]
+pub struct Closes {
+    state: Mutex<CloseState>,
+}
+
+#[derive(Debug, Default)]
+struct CloseState {
+    /// Finished files (absolute paths), with when the event was seen: a
+    /// file whose mtime and ctime are not later is published at once.
+    finished: HashMap<PathBuf, SystemTime>,
+    /// Files created or written and not closed since, with their last
+    /// write event.
+    writing: HashMap<PathBuf, SystemTime>,
+}
+
+/// Files kept in the finished map at most: past it (more files finished
+/// within one quiet period), the rest wait for the quiet period, as
+/// without events. Entries leave it after each publish.
+const MAX_FINISHED: usize = 100_000;
+
+impl Closes {
+    /// When `path` was finished, if it was and has not been written since.
+    pub fn finished_at(&self, path: &Path) -> Option<SystemTime> {
+        let s = self.state.lock().ok()?;
+        if s.finished.is_empty() {
+            return None;
+        }
+        // The watcher reports absolute paths; a relative content
+        // directory is made absolute the same way.
+        if path.is_relative() {
+            let abs = std::path::absolute(path).ok()?;
+            return s.finished.get(&abs).copied();
+        }
+        s.finished.get(path).copied()
+    }
+
+    /// Whether any file was written within `quiet` and not closed since
+    /// (the publish then waits for the quiet period). A write whose close
+    /// was lost (an overflowed event queue) stops counting after `quiet`.
+    pub fn any_writing(&self, quiet: std::time::Duration) -> bool {
+        let since = SystemTime::now() - quiet;
+        self.state
+            .lock()
+            .is_ok_and(|s| s.writing.values().any(|t| *t >= since))
+    }
+
+    /// Whether a file was finished at or after `t` (a publish that started
+    /// before then has not taken it yet).
+    pub fn finished_since(&self, t: SystemTime) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|s| s.finished.values().any(|f| *f >= t))
+    }
+
+    /// Forgets finished files seen before `before` (the quiet rule covers
+    /// them by then).
+    pub fn forget_before(&self, before: SystemTime) {
+        if let Ok(mut s) = self.state.lock() {
+            s.finished.retain(|_, t| *t >= before);
+            s.writing.retain(|_, t| *t >= before);
+        }
+    }
+
+    fn written(&self, p: &Path) {
+        if let Ok(mut s) = self.state.lock() {
+            s.finished.remove(p);
+            s.writing.insert(p.to_path_buf(), SystemTime::now());
+        }
+    }
+
+    fn finished(&self, p: &Path) {
+        if let Ok(mut s) = self.state.lock() {
+            s.writing.remove(p);
+            if s.finished.len() >= MAX_FINISHED
+                && let Some(oldest) = s
+                    .finished
+                    .iter()
+                    .min_by_key(|(_, t)| **t)
+                    .map(|(k, _)| k.clone())
+            {
+                s.finished.remove(&oldest);
+            }
+            s.finished.insert(p.to_path_buf(), SystemTime::now());
+        }
+    }
+
+    fn gone(&self, p: &Path) {
+        if let Ok(mut s) = self.state.lock() {
+            s.finished.remove(p);
+            // A directory removed or renamed away takes what was being
+            // written below it.
+            s.writing.retain(|w, _| !w.starts_with(p));
+        }
+    }
+
+    /// Applies one event.
+    fn apply(&self, ev: &notify::Event) {
+        match ev.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                ev.paths.iter().for_each(|p| self.finished(p));
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                ev.paths.iter().for_each(|p| self.finished(p));
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+                if let [from, to] = ev.paths.as_slice() {
+                    self.gone(from);
+                    self.finished(to);
+                }
+            }
+            EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => {
+                ev.paths.iter().for_each(|p| self.gone(p));
+            }
+            EventKind::Create(CreateKind::Folder) => {}
+            EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
+                ev.paths.iter().for_each(|p| self.written(p));
+            }
+            _ => {}
+        }
+    }
 }
 
 impl ChangeSignal {
@@ -32,8 +166,17 @@ pub(crate) fn watch(
     signal: Arc<ChangeSignal>,
 ) -> notify::Result<notify::RecommendedWatcher> {
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-        Ok(ev) if ev.kind.is_access() => {}
-        Ok(_) => signal.poke(),
+        Ok(ev) => {
+            signal.closes.apply(&ev);
+            // Opens and reads change nothing; a close after writing does.
+            let close_write = matches!(
+                ev.kind,
+                EventKind::Access(AccessKind::Close(AccessMode::Write))
+            );
+            if !ev.kind.is_access() || close_write {
+                signal.poke();
+            }
+        }
         Err(e) => {
             tracing::warn!(error = %e, "file watcher error; rescanning");
             signal.poke();
@@ -41,4 +184,55 @@ pub(crate) fn watch(
     })?;
     w.watch(dir, RecursiveMode::Recursive)?;
     Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::Event;
+
+    fn ev(kind: EventKind, paths: &[&str]) -> Event {
+        let mut e = Event::new(kind);
+        for p in paths {
+            e = e.add_path(PathBuf::from(p));
+        }
+        e
+    }
+
+    #[test]
+    fn a_file_is_finished_when_closed_or_renamed_in_and_not_once_written_again() {
+        let c = Closes::default();
+        let data = EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any));
+        c.apply(&ev(EventKind::Create(CreateKind::File), &["/c/a"]));
+        c.apply(&ev(data, &["/c/a"]));
+        assert!(
+            c.any_writing(std::time::Duration::from_secs(60))
+                && c.finished_at(Path::new("/c/a")).is_none()
+        );
+        c.apply(&ev(
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            &["/c/a"],
+        ));
+        assert!(
+            !c.any_writing(std::time::Duration::from_secs(60))
+                && c.finished_at(Path::new("/c/a")).is_some()
+        );
+        c.apply(&ev(data, &["/c/a"]));
+        assert!(
+            c.any_writing(std::time::Duration::from_secs(60))
+                && c.finished_at(Path::new("/c/a")).is_none()
+        );
+        c.apply(&ev(
+            EventKind::Remove(notify::event::RemoveKind::File),
+            &["/c/a"],
+        ));
+        assert!(!c.any_writing(std::time::Duration::from_secs(60)));
+        c.apply(&ev(
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+            &["/c/.tmp", "/c/b"],
+        ));
+        assert!(c.finished_at(Path::new("/c/b")).is_some());
+        c.forget_before(SystemTime::now() + std::time::Duration::from_secs(1));
+        assert!(c.finished_at(Path::new("/c/b")).is_none());
+    }
 }

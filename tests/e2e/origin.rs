@@ -1018,3 +1018,83 @@ async fn sighup_reloads_the_origins_publishing_settings() {
     );
     assert!(!dir.path().join("elsewhere").exists());
 }
+
+/// A file written and closed, or renamed into place, is published without
+/// waiting out `quiet` (10 s here); one still open for writing waits until
+/// it is closed. Each publish below is timed from the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_files_are_published_at_once_and_open_ones_wait_until_closed() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("content")).unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let (_o, addr) = meridian_e2e::origin(dir.path(), "10s");
+    let client = ReadClient::new(addr, key);
+    let quiet = Duration::from_secs(10);
+    let has = |name: &'static str| {
+        let client = &client;
+        async move {
+            let r = client.root().await?;
+            client
+                .files(r.root.tree)
+                .await
+                .contains_key(name)
+                .then_some(())
+        }
+    };
+    eventually("the first generation", DEADLINE, || async {
+        client.root().await.map(|_| ())
+    })
+    .await;
+
+    // Written and closed.
+    let t0 = std::time::Instant::now();
+    std::fs::write(dir.path().join("content/closed.txt"), b"done").unwrap();
+    eventually("closed.txt published", quiet, || has("closed.txt")).await;
+    let closed = t0.elapsed();
+
+    // Open for writing: not published while open, even as another file
+    // is finished and published meanwhile.
+    let mut open = std::fs::File::create(dir.path().join("content/open.txt")).unwrap();
+    open.write_all(b"half").unwrap();
+    open.flush().unwrap();
+    // Renamed into place (written elsewhere on the same file system).
+    let t1 = std::time::Instant::now();
+    std::fs::write(dir.path().join("staged.txt"), b"renamed").unwrap();
+    std::fs::rename(
+        dir.path().join("staged.txt"),
+        dir.path().join("content/renamed.txt"),
+    )
+    .unwrap();
+    eventually("renamed.txt published", quiet, || has("renamed.txt")).await;
+    let renamed = t1.elapsed();
+    assert!(
+        has("open.txt").await.is_none(),
+        "a file still open for writing was published"
+    );
+    open.write_all(b" and the rest").unwrap();
+    let t2 = std::time::Instant::now();
+    drop(open);
+    eventually("open.txt published once closed", quiet, || has("open.txt")).await;
+    let after_close = t2.elapsed();
+    eprintln!(
+        "published after: close {closed:?}, rename {renamed:?}, close of a long-open file {after_close:?} (quiet {quiet:?})"
+    );
+    for (what, d) in [
+        ("closed", closed),
+        ("renamed", renamed),
+        ("closed later", after_close),
+    ] {
+        assert!(
+            d < Duration::from_secs(3),
+            "{what}: {d:?}, not before the quiet period"
+        );
+    }
+    let r = client.root().await.unwrap();
+    let files = client.files(r.root.tree).await;
+    assert_eq!(
+        files["open.txt"].0,
+        meridian_core::hash_bytes(b"half and the rest"),
+        "the whole file, as closed"
+    );
+}

@@ -27,6 +27,7 @@ fn scan_mode(
         cache: &cache,
         previous: prev,
         quiet,
+        closes: None,
         threads: 2,
         snapshot,
     })
@@ -194,6 +195,7 @@ fn files_past_the_descriptor_budget_are_reopened_and_linked() {
             cache: &cache,
             previous: &previous,
             quiet: Duration::ZERO,
+            closes: None,
             threads: 2,
             snapshot: Snapshot::Link,
         },
@@ -242,6 +244,7 @@ fn linked_files_are_copied_only_when_they_still_hash_right() {
         cache: &out.cache,
         previous: &out.leaves,
         quiet: Duration::from_secs(3600),
+        closes: None,
         threads: 2,
         snapshot: Snapshot::Link,
     })
