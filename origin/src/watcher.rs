@@ -101,16 +101,9 @@ impl Closes {
     fn finished(&self, p: &Path) {
         if let Ok(mut s) = self.state.lock() {
             s.writing.remove(p);
-            if s.finished.len() >= MAX_FINISHED
-                && let Some(oldest) = s
-                    .finished
-                    .iter()
-                    .min_by_key(|(_, t)| **t)
-                    .map(|(k, _)| k.clone())
-            {
-                s.finished.remove(&oldest);
+            if s.finished.len() < MAX_FINISHED || s.finished.contains_key(p) {
+                s.finished.insert(p.to_path_buf(), SystemTime::now());
             }
-            s.finished.insert(p.to_path_buf(), SystemTime::now());
         }
     }
 
