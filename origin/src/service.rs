@@ -398,8 +398,14 @@ async fn run_blocking(
 /// How long a burst of finished files (each closed after writing or
 /// renamed into place) may go on before they are published together.
 const FINISHED_COALESCE: Duration = Duration::from_millis(25);
-/// The longest a finished file waits for other files' events to pause.
+/// The longest a finished file waits for other files' events to pause, or
+/// twice the last publish, if longer: during a storm of changes (a big
+/// rsync into the content directory) the publishes then take at most a
+/// third of the time, however big the tree.
 const FINISHED_MAX_WAIT: Duration = Duration::from_millis(200);
+/// The longest a storm of finished files goes unpublished: each publish
+/// mid-storm costs a walk and a flush that slow the copy itself.
+const FINISHED_STORM_MAX: Duration = Duration::from_secs(10);
 
 /// The longest wait between a publish and the garbage collection after it.
 const GC_DELAY: Duration = Duration::from_secs(30);
@@ -426,6 +432,7 @@ async fn publish_loop(
     let mut gc_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now() + gc_delay);
     // When the last scan began: files finished since are not in it yet.
     let mut last_scan = std::time::SystemTime::now();
+    let mut last_publish_took = Duration::ZERO;
     loop {
         let mut wait = cfg.rescan.min(publisher.resign_in());
         if failed {
@@ -496,7 +503,16 @@ async fn publish_loop(
             };
             let mut due = last_event + pause;
             if finished {
-                due = due.min(debounce + FINISHED_MAX_WAIT);
+                // Others' writes hold a finished file back a moment at
+                // most; a storm of finished files (a copy into the
+                // content directory) is taken whole once it pauses, or
+                // every FINISHED_STORM_MAX while it lasts.
+                let cap = if signal.closes.finishing(FINISHED_COALESCE) {
+                    FINISHED_STORM_MAX
+                } else {
+                    FINISHED_MAX_WAIT.max(last_publish_took * 2)
+                };
+                due = due.min(debounce + cap);
             }
             if tokio::time::Instant::now() >= due {
                 break;
@@ -518,6 +534,7 @@ async fn publish_loop(
         let ok2 = ok.clone();
         let published = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let published2 = published.clone();
+        let t_publish = tokio::time::Instant::now();
         publisher = run_blocking(publisher, move |p| match p.publish() {
             Ok(outcome) => {
                 ok2.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -530,6 +547,7 @@ async fn publish_loop(
             }
         })
         .await;
+        last_publish_took = t_publish.elapsed();
         failed = !ok.load(std::sync::atomic::Ordering::Relaxed);
         if published.load(std::sync::atomic::Ordering::Relaxed) {
             let due = tokio::time::Instant::now() + gc_delay;

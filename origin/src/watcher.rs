@@ -41,6 +41,10 @@ struct CloseState {
     /// Files created or written and not closed since, with their last
     /// write event.
     writing: HashMap<PathBuf, SystemTime>,
+    /// The newest finish and the newest write event: the publish loop asks
+    /// after every event, so its questions are O(1).
+    last_finished: Option<SystemTime>,
+    last_write: Option<SystemTime>,
 }
 
 /// Files kept in the finished map at most: past it (more files finished
@@ -71,7 +75,7 @@ impl Closes {
         let since = SystemTime::now() - quiet;
         self.state
             .lock()
-            .is_ok_and(|s| s.writing.values().any(|t| *t >= since))
+            .is_ok_and(|s| !s.writing.is_empty() && s.last_write.is_some_and(|t| t >= since))
     }
 
     /// Whether a file was finished at or after `t` (a publish that started
@@ -79,7 +83,16 @@ impl Closes {
     pub fn finished_since(&self, t: SystemTime) -> bool {
         self.state
             .lock()
-            .is_ok_and(|s| s.finished.values().any(|f| *f >= t))
+            .is_ok_and(|s| s.last_finished.is_some_and(|f| f >= t))
+    }
+
+    /// Whether the newest finish is within `d` of now: files are still
+    /// arriving finished (a copy or an rsync into the content directory).
+    pub fn finishing(&self, d: std::time::Duration) -> bool {
+        let since = SystemTime::now() - d;
+        self.state
+            .lock()
+            .is_ok_and(|s| s.last_finished.is_some_and(|f| f >= since))
     }
 
     /// Forgets finished files seen before `before` (the quiet rule covers
@@ -94,7 +107,9 @@ impl Closes {
     fn written(&self, p: &Path) {
         if let Ok(mut s) = self.state.lock() {
             s.finished.remove(p);
-            s.writing.insert(p.to_path_buf(), SystemTime::now());
+            let now = SystemTime::now();
+            s.writing.insert(p.to_path_buf(), now);
+            s.last_write = Some(now);
         }
     }
 
@@ -102,7 +117,9 @@ impl Closes {
         if let Ok(mut s) = self.state.lock() {
             s.writing.remove(p);
             if s.finished.len() < MAX_FINISHED || s.finished.contains_key(p) {
-                s.finished.insert(p.to_path_buf(), SystemTime::now());
+                let now = SystemTime::now();
+                s.finished.insert(p.to_path_buf(), now);
+                s.last_finished = Some(now);
             }
         }
     }
