@@ -258,12 +258,15 @@ async fn a_lagging_mirror_gets_the_unchanged_files_and_never_a_changed_one() {
     // A publish of our own, after whatever the origin published at start:
     // nothing newer exists once both mirrors hold it.
     std::fs::write(content.join("z.txt"), b"marks the generation near keeps").unwrap();
-    let held = eventually("the origin to publish z", DEADLINE, || async {
+    // (z, written and closed, may be published before x and y, written
+    // before the origin started, have been quiet long enough: wait for
+    // the generation that has all three.)
+    let held = eventually("the origin to publish x, y and z", DEADLINE, || async {
         let r = client.root().await?;
-        client
-            .files(r.root.tree)
-            .await
-            .contains_key("z.txt")
+        let files = client.files(r.root.tree).await;
+        ["x.txt", "y.txt", "z.txt"]
+            .iter()
+            .all(|f| files.contains_key(*f))
             .then_some(r)
     })
     .await;
