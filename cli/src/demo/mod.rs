@@ -284,32 +284,38 @@ fn s(v: impl ToString) -> toml::Value {
 /// Waits until every mirror serves `path` (the demo content is in the
 /// generation they serve), so the tour's first download works.
 fn wait_served(mirrors: &BTreeMap<String, SocketAddr>, path: &str) -> anyhow::Result<()> {
-    use std::io::Read;
-    let deadline = Instant::now() + Duration::from_secs(60);
     for (name, addr) in mirrors {
-        loop {
-            let ok = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2))
-                .and_then(|mut c| {
-                    c.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    c.write_all(
-                        format!("HEAD {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
-                            .as_bytes(),
-                    )?;
-                    let mut head = [0u8; 12];
-                    c.read_exact(&mut head)?;
-                    Ok(head.ends_with(b" 200"))
-                })
-                .unwrap_or(false);
-            if ok {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("mirror {name} ({addr}) did not serve {path} within 60 s; see its log");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_answer(&format!("mirror {name}"), *addr, path, b" 200")?;
     }
     Ok(())
+}
+
+/// Waits (60 s at most) until `HEAD path` on `addr` answers with `status`
+/// (e.g. `b" 200"`).
+fn wait_answer(what: &str, addr: SocketAddr, path: &str, status: &[u8; 4]) -> anyhow::Result<()> {
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ok = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .and_then(|mut c| {
+                c.set_read_timeout(Some(Duration::from_secs(2)))?;
+                c.write_all(
+                    format!("HEAD {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )?;
+                let mut head = [0u8; 12];
+                c.read_exact(&mut head)?;
+                Ok(head.ends_with(status))
+            })
+            .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what} ({addr}) did not answer {path} as expected within 60 s; see its log");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Runs the demo until Ctrl-C or SIGTERM.
@@ -553,6 +559,9 @@ records = [
     // The content is in every mirror's generation before the network is
     // announced: the tour's first download works.
     wait_served(&mirrors, "/README.txt")?;
+    // And the redirector sends downloads to them (its probes have passed),
+    // so the tour's redirector and `meridian get` lines work at once.
+    wait_answer("the redirector", redirector, "/README.txt", b" 302")?;
     let network_json = base.join("network.json");
     meridian_serve::store::write_atomic(&network_json, &serde_json::to_vec_pretty(&network)?)?;
 
