@@ -621,8 +621,16 @@ async fn fetch_file(
     // Already there and verified: nothing to do (a rerun of a directory).
     {
         let (d, h) = (dest.clone(), job.hash);
+        let size = job.size;
         let same = tokio::task::spawn_blocking(move || {
-            std::fs::read(&d).is_ok_and(|b| meridian_core::hash_bytes(&b) == h)
+            // Streamed: a file of any size costs a buffer, not its length.
+            let Ok(f) = std::fs::File::open(&d) else {
+                return false;
+            };
+            f.metadata().is_ok_and(|m| m.len() == size)
+                && blake3::Hasher::new()
+                    .update_reader(f)
+                    .is_ok_and(|hs| Hash(*hs.finalize().as_bytes()) == h)
         })
         .await
         .unwrap_or(false);
