@@ -18,6 +18,9 @@ pub struct OriginMetrics {
     pub hash_seconds: prometheus::Counter,
     pub bytes_served: IntCounter,
     pub skipped_files: IntCounterVec,
+    /// Scans by scope: `full` (the whole tree) or `changed` (the paths
+    /// inotify reported).
+    pub scans: IntCounterVec,
     pub watched_directories: IntGauge,
     pub waiters: IntGauge,
     pub gc_objects_removed: IntCounter,
@@ -78,6 +81,14 @@ impl OriginMetrics {
                 &["reason"],
             )
             .expect("metric"),
+            scans: IntCounterVec::new(
+                Opts::new(
+                    "meridian_origin_scans_total",
+                    "Scans of the content directory, by scope: full (the whole tree) or changed (only the paths inotify reported)",
+                ),
+                &["scope"],
+            )
+            .expect("metric"),
             watched_directories: IntGauge::new(
                 "meridian_origin_watched_directories",
                 "Directories under inotify watch",
@@ -122,6 +133,10 @@ impl OriginMetrics {
         for reason in crate::scan::SkipReason::ALL {
             m.skipped_files.with_label_values(&[reason.label()]);
         }
+        for scope in ["full", "changed"] {
+            m.scans.with_label_values(&[scope]);
+        }
+        r.register(Box::new(m.scans.clone())).expect("register");
         meridian_serve::metrics::register_common(r, "origin");
         r.register(Box::new(m.publish_seconds.clone()))
             .expect("register");

@@ -18,7 +18,7 @@ use crate::cache::HashCache;
 use crate::config::OriginConfig;
 use crate::linked::LinkedStore;
 use crate::metrics::OriginMetrics;
-use crate::scan::{ScanInput, Snapshot, scan};
+use crate::scan::{Previous, ScanInput, ScanOutput, Snapshot, scan, scan_paths};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use meridian_core::{
     DirNode, Entry, EntryKind, Hash, RelPath, Root, SecretKey, SignedRoot, TreeBuilder,
@@ -122,7 +122,6 @@ pub struct Publisher {
     _lock: crate::keys::StateLock,
     shared: Arc<Shared>,
     cache: HashCache,
-    previous_leaves: HashMap<String, Entry>,
     unreferenced_since: HashMap<Hash, Instant>,
     /// When garbage collection next has something to do (an unreferenced
     /// object's grace ends, or a generation kept for its age ages out).
@@ -136,6 +135,18 @@ pub struct Publisher {
     snapshot: Snapshot,
     /// What the watcher saw finished ([`crate::watcher::Closes`]).
     closes: Option<Arc<crate::watcher::Closes>>,
+    /// The paths the watcher saw change ([`crate::watcher::Changed`]);
+    /// without it every scan is a full one.
+    changed: Option<Arc<crate::watcher::Changed>>,
+    /// The content directory as the watcher names paths (absolute).
+    content_abs: PathBuf,
+    /// When the last full scan began: the next comes `rescan` later.
+    last_full: Option<Instant>,
+    /// The next scan must be a full one: a scan of changed paths failed
+    /// after taking them, so they are known no more.
+    force_full: bool,
+    /// Paths a scan left to settle, looked at again by the next.
+    pending: Vec<String>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -182,6 +193,81 @@ pub(crate) fn walk_tree(
         }
     }
     Ok(())
+}
+
+/// A stored directory node, checked against its hash.
+pub(crate) fn read_node(store: &LinkedStore, h: &Hash) -> Result<DirNode, PublishError> {
+    let bytes = store.read(h).map_err(|_| PublishError::BadNode(*h))?;
+    if meridian_core::hash_bytes(&bytes) != *h {
+        return Err(PublishError::BadNode(*h));
+    }
+    DirNode::decode(&bytes).map_err(|_| PublishError::BadNode(*h))
+}
+
+/// The tree of a full scan, built from nothing.
+fn build_whole(out: &ScanOutput) -> Result<meridian_core::tree::BuiltTree, PublishError> {
+    let mut tb = TreeBuilder::new();
+    for d in &out.dirs {
+        if let Ok(p) = RelPath::parse(d) {
+            let _ = tb.insert_dir(&p, 0);
+        }
+    }
+    for (p, e) in &out.leaves {
+        let res = RelPath::parse(p).and_then(|rp| tb.insert(&rp, e.clone()));
+        if let Err(err) = res {
+            tracing::warn!(path = %p, error = %err, "entry not published");
+        }
+    }
+    Ok(tb.finish()?)
+}
+
+/// The published tree as a scan's [`Previous`]: read from the store on
+/// demand, along the paths asked about only (a few, for files that cannot
+/// be read right now), never held whole.
+struct StoredTree<'a> {
+    store: &'a LinkedStore,
+    top: Option<Hash>,
+}
+
+impl<'a> StoredTree<'a> {
+    fn new(store: &'a LinkedStore, top: Option<Hash>) -> Self {
+        StoredTree { store, top }
+    }
+
+    /// The entry at `rel` ("" is never an entry).
+    fn entry(&self, rel: &str) -> Option<Entry> {
+        let mut node = read_node(self.store, self.top.as_ref()?).ok()?;
+        let mut comps = rel.split('/').peekable();
+        while let Some(c) = comps.next() {
+            let e = node.get(c)?.clone();
+            if comps.peek().is_none() {
+                return Some(e);
+            }
+            if e.kind != EntryKind::Dir {
+                return None;
+            }
+            node = read_node(self.store, &e.hash).ok()?;
+        }
+        None
+    }
+}
+
+impl Previous for StoredTree<'_> {
+    fn leaf(&self, rel: &str) -> Option<Entry> {
+        self.entry(rel).filter(|e| e.kind != EntryKind::Dir)
+    }
+
+    fn leaves_under(&self, dir: &str, each: &mut dyn FnMut(String, Entry)) {
+        let Some(d) = self.entry(dir).filter(|e| e.kind == EntryKind::Dir) else {
+            return;
+        };
+        let _ = walk_tree(
+            self.store,
+            d.hash,
+            |_| true,
+            |p, e| each(format!("{dir}/{p}"), e.clone()),
+        );
+    }
 }
 
 fn same_file_system(a: &Path, b: &Path) -> bool {
@@ -320,16 +406,10 @@ impl Publisher {
             last_served_ms: std::sync::atomic::AtomicU64::new(0),
             started: Instant::now(),
         });
-        let mut previous_leaves = HashMap::new();
         if let Some(l) = &latest {
-            walk_tree(
-                &shared.store,
-                l.root.tree,
-                |_| true,
-                |p, e| {
-                    previous_leaves.insert(p.to_owned(), e.clone());
-                },
-            )?;
+            // The newest tree is read lazily from here on; its top node
+            // must be there now.
+            read_node(&shared.store, &l.root.tree)?;
         }
         let cache = HashCache::load(&cfg.state.join("hashcache"));
         let snapshot = match cfg.snapshot {
@@ -341,6 +421,7 @@ impl Publisher {
             }
             m => m,
         };
+        let cfg_content = cfg.content.clone();
         let mut p = Publisher {
             cfg,
             key,
@@ -348,22 +429,68 @@ impl Publisher {
             _lock: lock,
             shared,
             cache,
-            previous_leaves,
             unreferenced_since: HashMap::new(),
             gc_next: None,
             reported: HashSet::new(),
             needs_retry: false,
             snapshot,
             closes: None,
+            changed: None,
+            content_abs: std::path::absolute(&cfg_content).unwrap_or(cfg_content),
+            last_full: None,
+            force_full: false,
+            pending: Vec::new(),
         };
         p.remove_crash_leftovers(latest_mtime)?;
         Ok(p)
     }
 
     /// Lets scans publish files the watcher saw finished without waiting
-    /// out the quiet period.
-    pub(crate) fn watch_closes(&mut self, closes: Arc<crate::watcher::Closes>) {
+    /// out the quiet period, and look only at the paths it saw change.
+    pub(crate) fn watch(
+        &mut self,
+        closes: Arc<crate::watcher::Closes>,
+        changed: Arc<crate::watcher::Changed>,
+    ) {
         self.closes = Some(closes);
+        self.changed = Some(changed);
+    }
+
+    /// What the next scan looks at: `None` for everything (no watcher, no
+    /// generation yet, a full rescan due, a lost event, a failed scan),
+    /// else the paths that changed, relative to the content directory,
+    /// and those left to settle.
+    fn changed_paths(&mut self, have_tree: bool) -> Option<Vec<String>> {
+        // Taken in any case: a full scan covers them too.
+        let taken = self.changed.as_ref()?.take();
+        let full_due = self
+            .last_full
+            .is_none_or(|t| t.elapsed() >= self.cfg.rescan);
+        if self.force_full || !have_tree || full_due {
+            return None;
+        }
+        let crate::watcher::Changes::Paths(paths) = taken else {
+            tracing::info!("the watcher lost events; scanning everything");
+            return None;
+        };
+        let mut rels = Vec::with_capacity(paths.len() + self.pending.len());
+        for p in paths {
+            let Ok(rel) = p.strip_prefix(&self.content_abs) else {
+                // Not a path below the content directory as we name it:
+                // take no chances.
+                tracing::info!(path = %p.display(), "the watcher named a path outside the content directory; scanning everything");
+                return None;
+            };
+            if rel.as_os_str().is_empty() {
+                return None;
+            }
+            match rel.to_str() {
+                Some(r) => rels.push(r.to_owned()),
+                None => tracing::debug!(path = %p.display(), "file name is not valid UTF-8"),
+            }
+        }
+        rels.append(&mut self.pending);
+        Some(rels)
     }
 
     /// The state shared with the HTTP service.
@@ -440,26 +567,58 @@ impl Publisher {
     }
 
     fn publish_inner(&mut self) -> Result<PublishOutcome, PublishError> {
+        let latest = self.shared.latest.load_full();
+        let paths = self.changed_paths(latest.is_some());
+        // Changes taken from the watcher are known only to this publish:
+        // should it fail, the next one scans everything.
+        self.force_full = paths.is_some();
+        let outcome = self.publish_scan(&latest, paths)?;
+        self.force_full = false;
+        Ok(outcome)
+    }
+
+    /// Scans (everything, or `paths`), builds the tree and publishes it if
+    /// it changed (or the newest generation is close to expiry).
+    fn publish_scan(
+        &mut self,
+        latest: &Option<Arc<VerifiedRoot>>,
+        paths: Option<Vec<String>>,
+    ) -> Result<PublishOutcome, PublishError> {
         let t0 = Instant::now();
-        let out = scan(&ScanInput {
+        let full = paths.is_none();
+        if full {
+            self.last_full = Some(t0);
+        }
+        let previous = StoredTree::new(&self.shared.store, latest.as_ref().map(|l| l.root.tree));
+        let input = ScanInput {
             content: &self.cfg.content,
             store: &self.shared.store,
             cache: &self.cache,
-            previous: &self.previous_leaves,
+            previous: &previous,
             quiet: self.cfg.quiet,
             closes: self.closes.as_deref(),
             threads: self.cfg.threads(),
             snapshot: self.snapshot,
-        })?;
+        };
+        let out = match &paths {
+            None => scan(&input)?,
+            Some(p) => scan_paths(&input, p)?,
+        };
+        drop(previous);
         // Finished files older than the quiet period are settled by age.
         if let Some(c) = &self.closes {
             c.forget_before(std::time::SystemTime::now() - self.cfg.quiet);
         }
         let m = &self.shared.metrics;
+        m.scans
+            .with_label_values(&[if full { "full" } else { "changed" }])
+            .inc();
         m.files_hashed.inc_by(out.files_hashed);
         m.bytes_hashed.inc_by(out.bytes_hashed);
         m.hash_seconds.inc_by(out.hash_seconds);
-        m.watched_directories.set(out.dir_count as i64);
+        if full {
+            m.watched_directories.set(out.dir_count as i64);
+        }
         let mut reported = HashSet::new();
         for (path, r) in &out.skipped {
             m.skipped_files.with_label_values(&[r.label()]).inc();
@@ -469,23 +628,32 @@ impl Publisher {
             }
             reported.insert(key);
         }
-        self.reported = reported;
+        if full {
+            self.reported = reported;
+        } else {
+            self.reported.extend(reported);
+        }
         self.needs_retry = out.needs_retry();
+        self.pending = out
+            .skipped
+            .iter()
+            .filter(|(_, r)| r.retry())
+            .map(|(p, _)| p.clone())
+            .collect();
 
         let t_scan = t0.elapsed();
-        let mut tb = TreeBuilder::new();
-        for d in &out.dirs {
-            if let Ok(p) = RelPath::parse(d) {
-                let _ = tb.insert_dir(&p, 0);
-            }
-        }
-        for (p, e) in &out.leaves {
-            let res = RelPath::parse(p).and_then(|rp| tb.insert(&rp, e.clone()));
-            if let Err(err) = res {
-                tracing::warn!(path = %p, error = %err, "entry not published");
-            }
-        }
-        let built = tb.finish()?;
+        let built = match (latest, full) {
+            (Some(l), false) => match self.build_over(&l.root, &out)? {
+                Some(b) => b,
+                None => {
+                    // The changes do not fit the tree (an event lost
+                    // without an overflow?): look at everything instead.
+                    tracing::info!("changes do not fit the published tree; scanning everything");
+                    return self.publish_scan(latest, None);
+                }
+            },
+            _ => build_whole(&out)?,
+        };
         let t_tree = t0.elapsed();
         let mut written = out.new_objects.clone();
         for (h, bytes) in &built.nodes {
@@ -495,13 +663,11 @@ impl Publisher {
             }
         }
 
-        let latest = self.shared.latest.load_full();
         let now = unix_now();
-        if let Some(l) = &latest {
+        if let Some(l) = latest {
             let expiring = l.root.expires - now < self.cfg.resign_before.as_secs() as i64;
             if l.root.tree == built.tree && !expiring {
-                self.cache = out.cache;
-                self.cache.save(&self.cfg.state.join("hashcache"))?;
+                self.take_cache(out, full)?;
                 return Ok(PublishOutcome::Unchanged);
             }
         }
@@ -551,10 +717,10 @@ impl Publisher {
         m.generations_published.inc();
         m.latest_generation.set(generation as i64);
         m.latest_expiry.set(expires);
-        self.cache = out.cache;
-        self.cache.save(&self.cfg.state.join("hashcache"))?;
-        self.previous_leaves = out.leaves;
+        let (files_hashed, bytes_hashed) = (out.files_hashed, out.bytes_hashed);
+        self.take_cache(out, full)?;
         tracing::debug!(
+            full,
             scan = t_scan.as_secs_f64(),
             tree = (t_tree - t_scan).as_secs_f64(),
             nodes = (t_nodes - t_tree).as_secs_f64(),
@@ -566,15 +732,68 @@ impl Publisher {
             generation,
             files = built.files,
             bytes = built.bytes,
-            hashed_files = out.files_hashed,
-            hashed_bytes = out.bytes_hashed,
+            hashed_files = files_hashed,
+            hashed_bytes = bytes_hashed,
             "published generation"
         );
         Ok(PublishOutcome::Published {
             generation,
-            files_hashed: out.files_hashed,
-            bytes_hashed: out.bytes_hashed,
+            files_hashed,
+            bytes_hashed,
         })
+    }
+
+    /// Applies a scan of changed paths to the published tree, reading and
+    /// re-encoding only the directories on the changed paths. `None` when
+    /// the changes do not fit the tree (a file below a path that is a file).
+    fn build_over(
+        &self,
+        root: &Root,
+        out: &ScanOutput,
+    ) -> Result<Option<meridian_core::tree::BuiltTree>, PublishError> {
+        let mut tb = TreeBuilder::over(root.tree);
+        let mut fits = true;
+        // In the order ScanOutput documents.
+        for d in &out.subtrees {
+            fits &= RelPath::parse(d).and_then(|p| tb.replace_dir(&p)).is_ok();
+        }
+        for r in &out.removed {
+            fits &= RelPath::parse(r).and_then(|p| tb.remove(&p)).is_ok();
+        }
+        for d in &out.dirs {
+            fits &= RelPath::parse(d).and_then(|p| tb.insert_dir(&p, 0)).is_ok();
+        }
+        for (p, e) in &out.leaves {
+            fits &= RelPath::parse(p)
+                .and_then(|rp| tb.insert(&rp, e.clone()))
+                .is_ok();
+        }
+        if !fits {
+            return Ok(None);
+        }
+        let store = &self.shared.store;
+        let built = tb.finish_over(root.files, root.bytes, |h| read_node(store, h))?;
+        Ok(Some(built))
+    }
+
+    /// Keeps what a scan learnt of the stat cache. A full scan's cache
+    /// replaces the old one and is saved; a scan of changed paths is merged
+    /// in memory only: saving the whole cache is O(tree), and an entry
+    /// missing from the saved cache costs at most one hash after a
+    /// restart (a stale one never matches: ctime only moves on).
+    fn take_cache(&mut self, out: ScanOutput, full: bool) -> Result<(), PublishError> {
+        if full {
+            self.cache = out.cache;
+            self.cache.save(&self.cfg.state.join("hashcache"))?;
+            return Ok(());
+        }
+        for r in &out.removed {
+            if !out.leaves.contains_key(r) {
+                self.cache.map.remove(r);
+            }
+        }
+        self.cache.map.extend(out.cache.map);
+        Ok(())
     }
 
     /// Applies retention: drops root files outside it, then removes objects

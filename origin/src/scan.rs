@@ -12,7 +12,7 @@ use crate::cache::{HashCache, StatKey};
 use crate::linked::LinkedStore;
 use meridian_core::{Entry, EntryKind, Hash, RelPath, resolve_symlink, validate_name};
 use snapshot::{IngestError, hash_in_place, ingest, link_hashed};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -100,14 +100,37 @@ impl SkipReason {
     }
 }
 
+/// The entries of the generation before a scan, for files that cannot be
+/// read right now (their previous version stays published).
+pub trait Previous: Sync {
+    /// The file or symlink at `rel`, if there was one.
+    fn leaf(&self, rel: &str) -> Option<Entry>;
+    /// Every file and symlink below the directory `dir`, by path.
+    fn leaves_under(&self, dir: &str, each: &mut dyn FnMut(String, Entry));
+}
+
+impl Previous for HashMap<String, Entry> {
+    fn leaf(&self, rel: &str) -> Option<Entry> {
+        self.get(rel).cloned()
+    }
+    fn leaves_under(&self, dir: &str, each: &mut dyn FnMut(String, Entry)) {
+        let prefix = format!("{dir}/");
+        for (p, e) in self {
+            if p.starts_with(&prefix) && e.kind != EntryKind::Dir {
+                each(p.clone(), e.clone());
+            }
+        }
+    }
+}
+
 /// Inputs of a scan.
 pub struct ScanInput<'a> {
     pub content: &'a Path,
     pub store: &'a LinkedStore,
     pub cache: &'a HashCache,
-    /// Leaf entries (files and symlinks) of the previous generation by path,
-    /// carried forward for files that cannot be read right now.
-    pub previous: &'a HashMap<String, Entry>,
+    /// The previous generation, carried forward for files that cannot be
+    /// read right now.
+    pub previous: &'a dyn Previous,
     pub quiet: Duration,
     /// Files the watcher saw finished (closed after writing, or renamed
     /// into place): one not changed since is published without waiting
@@ -134,13 +157,25 @@ pub enum Snapshot {
     Copy,
 }
 
-/// What a scan found.
+/// What a scan found. A full scan ([`scan`]) describes the whole tree; a
+/// scan of changed paths ([`scan_paths`]) describes changes to the
+/// previous generation, applied in this order: `subtrees` emptied,
+/// `removed` taken out, then `dirs` and `leaves` put in.
 #[derive(Debug, Default)]
 pub struct ScanOutput {
-    /// Every file and symlink to publish, by path.
+    /// Every file and symlink to publish, by path (of a scan of changed
+    /// paths: those examined).
     pub leaves: HashMap<String, Entry>,
-    /// Every directory (including empty ones).
+    /// Every directory (including empty ones) walked.
     pub dirs: Vec<String>,
+    /// Paths examined that the new generation may not have: whatever is
+    /// in `leaves` or below `dirs` is put back.
+    pub removed: Vec<String>,
+    /// Directories walked whole: the new generation has below them only
+    /// what this scan found (the full scan: the top, "").
+    pub subtrees: Vec<String>,
+    /// The stat cache: of a full scan, every file it found; of a scan of
+    /// changed paths, the files it hashed or recognised (to be merged).
     pub cache: HashCache,
     pub skipped: Vec<(String, SkipReason)>,
     pub files_hashed: u64,
@@ -175,21 +210,22 @@ fn secs(t: SystemTime) -> i64 {
     }
 }
 
-/// Walks the content directory: fills in `out` and hands every file that
+/// Walks the directories `roots` (absolute, relative; the content
+/// directory itself is ""): fills in `out` and hands every file that
 /// needs hashing to `sink`. Returns how many it handed over.
 fn walk(
     input: &ScanInput<'_>,
     out: &mut ScanOutput,
     now: SystemTime,
-    mut sink: impl FnMut(Work),
+    roots: Vec<(PathBuf, String)>,
+    sink: &mut impl FnMut(Work),
 ) -> Result<usize, ScanError> {
     let mut handed = 0usize;
-    let mut stack: Vec<(PathBuf, String)> = vec![(input.content.to_path_buf(), String::new())];
-    let mut first = true;
+    let mut stack = roots;
     while let Some((abs, rel)) = stack.pop() {
         let rd = match fs::read_dir(&abs) {
             Ok(rd) => rd,
-            Err(source) if first => {
+            Err(source) if rel.is_empty() => {
                 return Err(ScanError::ContentDir { path: abs, source });
             }
             Err(e) => {
@@ -199,7 +235,6 @@ fn walk(
                 continue;
             }
         };
-        first = false;
         out.dir_count += 1;
         if !rel.is_empty() {
             out.dirs.push(rel.clone());
@@ -232,16 +267,42 @@ fn walk(
                 Ok(md) => md,
                 Err(_) => continue, // vanished between readdir and stat
             };
+            if md.file_type().is_dir() {
+                stack.push((child_abs, child_rel));
+            } else if visit_leaf(input, out, now, &rel, name, child_rel, child_abs, &md, sink) {
+                handed += 1;
+            }
+        }
+    }
+    Ok(handed)
+}
+
+/// Examines one file, symlink or special file that a walk or a change
+/// found (`rel` is its directory, `name` its name): a symlink or a file
+/// the stat cache knows goes into `out`, one to hash to `sink` (then the
+/// return is true), anything else is skipped with its reason.
+#[allow(clippy::too_many_arguments)]
+fn visit_leaf(
+    input: &ScanInput<'_>,
+    out: &mut ScanOutput,
+    now: SystemTime,
+    rel: &str,
+    name: &str,
+    child_rel: String,
+    child_abs: PathBuf,
+    md: &fs::Metadata,
+    sink: &mut impl FnMut(Work),
+) -> bool {
+    {
+        {
             let ft = md.file_type();
             let mtime = md.modified().map(secs).unwrap_or(0);
-            if ft.is_dir() {
-                stack.push((child_abs, child_rel));
-            } else if ft.is_symlink() {
+            if ft.is_symlink() {
                 let target = fs::read_link(&child_abs).ok();
                 let target = target.as_deref().and_then(Path::to_str).map(str::to_owned);
                 match target {
                     Some(t)
-                        if resolve_symlink(&rel, &t).is_some()
+                        if resolve_symlink(rel, &t).is_some()
                             && !t.contains('\\')
                             && t.len() <= 4096 =>
                     {
@@ -253,7 +314,7 @@ fn walk(
                     }
                 }
             } else if ft.is_file() {
-                let key = StatKey::of(&md);
+                let key = StatKey::of(md);
                 let executable = md.permissions().mode() & 0o111 != 0;
                 if let Some((k, h)) = input.cache.map.get(&child_rel)
                     && *k == key
@@ -264,9 +325,9 @@ fn walk(
                         child_rel,
                         Entry::file(name, key.size, *h, executable, mtime),
                     );
-                    continue;
+                    return false;
                 }
-                let changed_at = md.modified().ok().max(Some(ctime_of(&md)));
+                let changed_at = md.modified().ok().max(Some(ctime_of(md)));
                 // Settled: quiet for the quiet period, or finished (closed
                 // after writing, or renamed in) and not changed since.
                 let finished = input
@@ -281,9 +342,8 @@ fn walk(
                 if !settled {
                     carry(input.previous, &child_rel, &mut out.leaves);
                     out.skipped.push((child_rel, SkipReason::Settling));
-                    continue;
+                    return false;
                 }
-                handed += 1;
                 sink(Work {
                     rel: child_rel,
                     abs: child_abs,
@@ -291,12 +351,13 @@ fn walk(
                     executable,
                     mtime,
                 });
+                return true;
             } else {
                 out.skipped.push((child_rel, SkipReason::Special));
             }
         }
     }
-    Ok(handed)
+    false
 }
 
 /// A file hashed in place, waiting to be linked into the store.
@@ -352,9 +413,106 @@ pub fn scan(input: &ScanInput<'_>) -> Result<ScanOutput, ScanError> {
     scan_with_budget(input, open_budget())
 }
 
+/// Scans only the paths the watcher reported changed (relative to the
+/// content directory), as [`scan`] does the whole tree: each is looked up
+/// with `lstat`; a file or symlink is examined (and hashed if the stat
+/// cache does not know it), a directory is walked whole, a path that is
+/// gone is removed. The output describes changes to the previous
+/// generation ([`ScanOutput`]): the work is O(changed), not O(tree).
+pub fn scan_paths(input: &ScanInput<'_>, paths: &[String]) -> Result<ScanOutput, ScanError> {
+    scan_scope(input, open_budget(), Scope::Paths(paths))
+}
+
+/// What a scan looks at.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    All,
+    Paths(&'a [String]),
+}
+
 /// [`scan`] with at most `budget` hashed files waiting to be linked with
 /// their descriptors open.
 fn scan_with_budget(input: &ScanInput<'_>, budget: usize) -> Result<ScanOutput, ScanError> {
+    scan_scope(input, budget, Scope::All)
+}
+
+/// The changed paths' part of a [`scan_paths`]: sorts them into
+/// directories to walk, leaves to examine and paths gone, then walks and
+/// examines. Returns how many files it handed to `sink` to hash.
+fn walk_changes(
+    input: &ScanInput<'_>,
+    out: &mut ScanOutput,
+    now: SystemTime,
+    paths: &[String],
+    sink: &mut impl FnMut(Work),
+) -> Result<usize, ScanError> {
+    let mut dirs: Vec<(PathBuf, String)> = Vec::new();
+    let mut leaves: Vec<(PathBuf, String, fs::Metadata)> = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::with_capacity(paths.len());
+    for rel in paths {
+        if !seen.insert(rel.as_str()) {
+            continue;
+        }
+        if !rel.is_empty() && RelPath::parse(rel).is_err() {
+            // Only a bad last name is news: below a bad directory name
+            // nothing was ever published (the full scan said so).
+            let name = rel.rsplit('/').next().unwrap_or(rel);
+            if validate_name(name).is_err() {
+                out.skipped.push((rel.clone(), SkipReason::BadName));
+            }
+            continue;
+        }
+        if rel == ".meridian" || rel.starts_with(".meridian/") {
+            out.skipped.push((rel.clone(), SkipReason::Reserved));
+            continue;
+        }
+        let abs = input.content.join(rel);
+        match fs::symlink_metadata(&abs) {
+            Ok(md) if md.file_type().is_dir() => dirs.push((abs, rel.clone())),
+            Ok(md) => leaves.push((abs, rel.clone(), md)),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) =>
+            {
+                out.removed.push(rel.clone());
+            }
+            Err(e) => {
+                tracing::warn!(path = %abs.display(), error = %e, "cannot look up a changed path; keeping its previous version");
+                carry(input.previous, rel, &mut out.leaves);
+                out.skipped.push((rel.clone(), SkipReason::Unreadable));
+            }
+        }
+    }
+    // A directory walked whole covers every path below it.
+    let walked: HashSet<String> = dirs.iter().map(|(_, r)| r.clone()).collect();
+    let covered = |rel: &str| {
+        walked.contains("")
+            || rel
+                .match_indices('/')
+                .any(|(i, _)| walked.contains(&rel[..i]))
+    };
+    dirs.retain(|(_, r)| !covered(r));
+    leaves.retain(|(_, r, _)| !covered(r));
+    out.removed.retain(|r| !covered(r));
+    out.subtrees.extend(dirs.iter().map(|(_, r)| r.clone()));
+    let mut handed = walk(input, out, now, dirs, sink)?;
+    for (abs, rel, md) in leaves {
+        // Whatever was there goes, unless this scan puts it back.
+        out.removed.push(rel.clone());
+        let (parent, name) = rel.rsplit_once('/').unwrap_or(("", rel.as_str()));
+        let (parent, name) = (parent.to_owned(), name.to_owned());
+        if visit_leaf(input, out, now, &parent, &name, rel, abs, &md, sink) {
+            handed += 1;
+        }
+    }
+    Ok(handed)
+}
+
+fn scan_scope(
+    input: &ScanInput<'_>,
+    budget: usize,
+    scope: Scope<'_>,
+) -> Result<ScanOutput, ScanError> {
     let mut out = ScanOutput::default();
     let now = SystemTime::now();
     let t_start = Instant::now();
@@ -458,9 +616,17 @@ fn scan_with_budget(input: &ScanInput<'_>, budget: usize) -> Result<ScanOutput, 
             s.spawn(|| linker(true));
         }
         let tx = tx;
-        let handed = walk(input, &mut out, now, |w| {
+        let mut send = |w: Work| {
             let _ = tx.send(w);
-        });
+        };
+        let handed = match scope {
+            Scope::All => {
+                out.subtrees.push(String::new());
+                let top = vec![(input.content.to_path_buf(), String::new())];
+                walk(input, &mut out, now, top, &mut send)
+            }
+            Scope::Paths(paths) => walk_changes(input, &mut out, now, paths, &mut send),
+        };
         drop(tx);
         for h in hashers {
             let _ = h.join();
@@ -520,19 +686,16 @@ fn ctime_of(md: &fs::Metadata) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
-fn carry(prev: &HashMap<String, Entry>, rel: &str, leaves: &mut HashMap<String, Entry>) {
-    if let Some(e) = prev.get(rel) {
-        leaves.insert(rel.to_owned(), e.clone());
+fn carry(prev: &dyn Previous, rel: &str, leaves: &mut HashMap<String, Entry>) {
+    if let Some(e) = prev.leaf(rel) {
+        leaves.insert(rel.to_owned(), e);
     }
 }
 
-fn carry_prefix(prev: &HashMap<String, Entry>, dir: &str, leaves: &mut HashMap<String, Entry>) {
-    let prefix = format!("{dir}/");
-    for (p, e) in prev {
-        if p.starts_with(&prefix) && e.kind != EntryKind::Dir {
-            leaves.insert(p.clone(), e.clone());
-        }
-    }
+fn carry_prefix(prev: &dyn Previous, dir: &str, leaves: &mut HashMap<String, Entry>) {
+    prev.leaves_under(dir, &mut |p, e| {
+        leaves.insert(p, e);
+    });
 }
 
 #[cfg(test)]

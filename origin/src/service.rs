@@ -269,7 +269,7 @@ impl Origin {
             path: cfg.content.display().to_string(),
             source,
         })?;
-        publisher.watch_closes(signal.closes.clone());
+        publisher.watch(signal.closes.clone(), signal.changed.clone());
         // Publish once before serving, so the first answer is current.
         publisher = run_blocking(publisher, |p| {
             if let Err(e) = p.publish() {

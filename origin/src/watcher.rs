@@ -1,7 +1,14 @@
 //! The file-alteration monitor half: inotify (via `notify`) on the content
-//! directory, recursively. Events only *trigger* a scan; the scan itself
-//! decides what changed, so a lost or coalesced event (inotify queue
-//! overflow) costs latency, never correctness. A periodic rescan backs it up.
+//! directory, recursively. Events trigger a scan of the paths they name;
+//! the scan itself decides what changed at each (a `lstat`, and a hash
+//! only if the stat cache does not know the file). A lost event (inotify
+//! queue overflow) makes the next scan a full one; the periodic full
+//! rescan backs up what inotify never reports (mmap writes, another
+//! host's NFS writes).
+//!
+//! The paths it reports are kept ([`Changed`]) so that a publish looks at
+//! those only; an overflowed queue or a watcher error makes the next scan
+//! a full one.
 //!
 //! It also tells finished files from files still being written, so a
 //! finished one is published at once rather than after the quiet period:
@@ -25,6 +32,94 @@ pub(crate) struct ChangeSignal {
     pub events: AtomicU64,
     pub wake: Notify,
     pub closes: Arc<Closes>,
+    pub changed: Arc<Changed>,
+}
+
+/// The paths inotify reported changed since the last scan took them, so
+/// that a publish re-examines only those ([`crate::scan::scan_paths`]).
+/// When the kernel's event queue overflowed, the watcher failed, or more
+/// paths changed than [`MAX_CHANGED`], it says so instead: the next scan
+/// is a full one.
+#[derive(Debug, Default)]
+pub struct Changed {
+    state: Mutex<ChangedState>,
+}
+
+#[derive(Debug, Default)]
+struct ChangedState {
+    paths: std::collections::HashSet<PathBuf>,
+    overflow: bool,
+}
+
+/// Changed paths kept at most between two scans; past it, the next scan
+/// walks the whole tree (which is then cheaper than a lookup per path).
+pub const MAX_CHANGED: usize = 100_000;
+
+/// What changed since the last scan.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Changes {
+    /// These absolute paths (and, for a directory, everything below it).
+    Paths(Vec<PathBuf>),
+    /// Unknown: look at everything.
+    Everything,
+}
+
+impl Changed {
+    /// Takes what changed since the last call.
+    pub fn take(&self) -> Changes {
+        let Ok(mut s) = self.state.lock() else {
+            return Changes::Everything;
+        };
+        let s = std::mem::take(&mut *s);
+        if s.overflow {
+            Changes::Everything
+        } else {
+            Changes::Paths(s.paths.into_iter().collect())
+        }
+    }
+
+    /// Makes the next [`Changed::take`] say everything (a scan that failed
+    /// gives its paths back this way).
+    pub fn everything(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.overflow = true;
+            s.paths = Default::default();
+        }
+    }
+
+    /// Adds paths a scan must look at again (files still settling).
+    pub fn again(&self, paths: impl IntoIterator<Item = PathBuf>) {
+        if let Ok(mut s) = self.state.lock() {
+            for p in paths {
+                s.add(p);
+            }
+        }
+    }
+
+    fn apply(&self, ev: &notify::Event) {
+        if let Ok(mut s) = self.state.lock() {
+            if ev.need_rescan() {
+                s.overflow = true;
+            }
+            for p in &ev.paths {
+                s.add(p.clone());
+            }
+        }
+    }
+}
+
+impl ChangedState {
+    fn add(&mut self, p: PathBuf) {
+        if self.overflow {
+            return;
+        }
+        if self.paths.len() >= MAX_CHANGED {
+            self.overflow = true;
+            self.paths = Default::default();
+            return;
+        }
+        self.paths.insert(p);
+    }
 }
 
 /// Which files were finished when, and which are being written.
@@ -183,12 +278,14 @@ pub(crate) fn watch(
                 ev.kind,
                 EventKind::Access(AccessKind::Close(AccessMode::Write))
             );
-            if !ev.kind.is_access() || close_write {
+            if !ev.kind.is_access() || close_write || ev.need_rescan() {
+                signal.changed.apply(&ev);
                 signal.poke();
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "file watcher error; rescanning");
+            tracing::warn!(error = %e, "file watcher error; rescanning everything");
+            signal.changed.everything();
             signal.poke();
         }
     })?;

@@ -1098,3 +1098,143 @@ async fn finished_files_are_published_at_once_and_open_ones_wait_until_closed() 
         "the whole file, as closed"
     );
 }
+
+/// The tree a full scan of a copy of `content` makes (`meridian origin
+/// --once`, its own state): the yardstick for what the running origin
+/// built from changed paths alone.
+fn full_scan_tree(dir: &Path, content: &Path, n: usize) -> Hash {
+    let copy = dir.join(format!("copy{n}"));
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(content)
+        .arg(&copy)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "cp -a");
+    let state = dir.join(format!("full-state{n}"));
+    let (ok, out) = cli(&[
+        "origin",
+        "--once",
+        "--content",
+        copy.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--key",
+        dir.join("key").to_str().unwrap(),
+        "--quiet",
+        "0s",
+    ]);
+    assert!(ok, "{out}");
+    let root = std::fs::read_dir(state.join("roots"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let signed = meridian_core::SignedRoot::decode(&std::fs::read(root).unwrap()).unwrap();
+    meridian_core::Root::decode(&signed.body).unwrap().tree
+}
+
+/// After its first full scan the origin looks only at the paths inotify
+/// reports: each kind of change below (files added, rewritten, removed,
+/// made executable; directories made deep at once, renamed, moved in from
+/// outside, removed whole; a file turned into a directory and back;
+/// symlinks; an empty directory) gives exactly the tree a full scan of
+/// the same directory gives, and no publish in between is a full scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_from_changed_paths_give_the_tree_a_full_scan_gives() {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("content");
+    for d in ["pool/main/a", "pool/main/b", "dists/stable", "old/deep/er"] {
+        fs::create_dir_all(c.join(d)).unwrap();
+    }
+    for (i, f) in [
+        "pool/main/a/a1.deb",
+        "pool/main/a/a2.deb",
+        "pool/main/b/b1.deb",
+        "dists/stable/Release",
+        "old/deep/er/x",
+        "old/y",
+        "top.txt",
+        "turns-into-dir",
+    ]
+    .iter()
+    .enumerate()
+    {
+        fs::write(c.join(f), meridian_e2e::noise(1000 + i * 300, i as u32)).unwrap();
+    }
+    fs::create_dir_all(c.join("becomes-file/inner")).unwrap();
+    fs::write(c.join("becomes-file/inner/z"), b"z").unwrap();
+    let key = keygen(&dir.path().join("key"));
+    let (_o, addr) = meridian_e2e::origin(dir.path(), "200ms");
+    let client = ReadClient::new(addr, key);
+    let scans = |scope: &'static str| {
+        let client = &client;
+        async move {
+            let m = meridian_e2e::metrics_text(&client.http, addr).await.unwrap();
+            m.lines()
+                .find(|l| l.starts_with(&format!("meridian_origin_scans_total{{scope=\"{scope}\"}}")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap()
+        }
+    };
+    let mut g = converge(&client, &c, 0).await;
+    assert_eq!(scans("full").await, 1, "the first scan is a full one");
+    let outside = dir.path().join("outside");
+    fs::create_dir_all(outside.join("sub")).unwrap();
+    fs::write(outside.join("sub/moved-in"), b"from outside").unwrap();
+    fs::write(outside.join("top-of-moved"), b"also").unwrap();
+
+    type Step = Box<dyn Fn(&Path)>;
+    let steps: Vec<(&str, Step)> = vec![
+        ("add, rewrite and remove files", Box::new(|c: &Path| {
+            fs::write(c.join("pool/main/a/a3.deb"), b"new package").unwrap();
+            fs::write(c.join("dists/stable/Release"), b"rewritten").unwrap();
+            fs::remove_file(c.join("pool/main/a/a1.deb")).unwrap();
+        })),
+        ("a deep directory made at once", Box::new(|c: &Path| {
+            fs::create_dir_all(c.join("new/x/y/z")).unwrap();
+            fs::write(c.join("new/x/y/z/leaf"), b"deep").unwrap();
+            fs::write(c.join("new/x/mid"), b"mid").unwrap();
+            fs::create_dir_all(c.join("empty/dir")).unwrap();
+        })),
+        ("a directory renamed, one moved in, one removed whole", Box::new(|c: &Path| {
+            fs::rename(c.join("pool/main/b"), c.join("pool/main/b-renamed")).unwrap();
+            fs::rename(dir_outside(c), c.join("moved")).unwrap();
+            fs::remove_dir_all(c.join("old")).unwrap();
+        })),
+        ("a file turned into a directory and a directory into a file", Box::new(|c: &Path| {
+            fs::remove_file(c.join("turns-into-dir")).unwrap();
+            fs::create_dir(c.join("turns-into-dir")).unwrap();
+            fs::write(c.join("turns-into-dir/now"), b"inside").unwrap();
+            fs::remove_dir_all(c.join("becomes-file")).unwrap();
+            fs::write(c.join("becomes-file"), b"a file now").unwrap();
+        })),
+        ("symlinks and an executable bit", Box::new(|c: &Path| {
+            std::os::unix::fs::symlink("a/a2.deb", c.join("pool/main/link")).unwrap();
+            std::os::unix::fs::symlink("../../top.txt", c.join("moved/sub/up")).unwrap();
+            fs::set_permissions(c.join("top.txt"), fs::Permissions::from_mode(0o755)).unwrap();
+        })),
+    ];
+    for (n, (what, step)) in steps.iter().enumerate() {
+        step(&c);
+        g = converge(&client, &c, g).await;
+        let want = full_scan_tree(dir.path(), &c, n);
+        let got = eventually(what, DEADLINE, || async {
+            let r = client.root().await?;
+            (r.root.tree == want).then_some(r.root.tree)
+        })
+        .await;
+        assert_eq!(got, want, "{what}");
+    }
+    assert_eq!(scans("full").await, 1, "every later scan looked at changed paths only");
+    assert!(scans("changed").await >= steps.len() as u64);
+}
+
+/// `outside`, beside the content directory (moved into it by a step).
+fn dir_outside(content: &Path) -> std::path::PathBuf {
+    content.parent().unwrap().join("outside")
+}
