@@ -287,7 +287,9 @@ fn encode_dir<E: From<DecodeError>>(
                     totals.take_out(o, load)?;
                 }
             }
-            Node::Dir(d) if !matches!(&old, Some(o) if o.kind == EntryKind::Dir) && d.is_nothing() => {
+            Node::Dir(d)
+                if !matches!(&old, Some(o) if o.kind == EntryKind::Dir) && d.is_nothing() =>
+            {
                 // Only the way to paths removed that were never there.
                 entries.extend(old);
             }
@@ -303,7 +305,10 @@ fn encode_dir<E: From<DecodeError>>(
                 };
                 let mtime = d
                     .mtime
-                    .or(old.as_ref().filter(|o| o.kind == EntryKind::Dir).map(|o| o.mtime))
+                    .or(old
+                        .as_ref()
+                        .filter(|o| o.kind == EntryKind::Dir)
+                        .map(|o| o.mtime))
                     .unwrap_or_default();
                 let (h, size) = encode_dir(d, child_base, load, out, totals)?;
                 entries.push(Entry::dir(&name, size, h, mtime));
@@ -374,7 +379,10 @@ mod tests {
     }
 
     /// A tree of these (path, size) files, with its nodes kept by hash.
-    fn full(files: &[(&str, u64)], store: &mut std::collections::HashMap<Hash, Vec<u8>>) -> BuiltTree {
+    fn full(
+        files: &[(&str, u64)],
+        store: &mut std::collections::HashMap<Hash, Vec<u8>>,
+    ) -> BuiltTree {
         let mut t = TreeBuilder::new();
         for (path, size) in files {
             let h = hash_bytes(format!("{path}{size}").as_bytes());
@@ -426,9 +434,17 @@ mod tests {
         // Removals below one already removed (events come in any order)
         // leave nothing behind, not an empty directory.
         t.remove(&p("gone")).expect("remove");
-        t.remove(&p("gone/sub/s")).expect("remove below a removed directory");
-        t.remove(&p("gone/sub")).expect("remove below a removed directory");
-        for (path, size) in [("a/b/c", 30), ("a/new/n", 12), ("f/now_dir", 13), ("g", 14), ("k/m", 15)] {
+        t.remove(&p("gone/sub/s"))
+            .expect("remove below a removed directory");
+        t.remove(&p("gone/sub"))
+            .expect("remove below a removed directory");
+        for (path, size) in [
+            ("a/b/c", 30),
+            ("a/new/n", 12),
+            ("f/now_dir", 13),
+            ("g", 14),
+            ("k/m", 15),
+        ] {
             let h = hash_bytes(format!("{path}{size}").as_bytes());
             let _ = t.remove(&p(path));
             t.insert(&p(path), Entry::file("", size, h, false, 1))

@@ -604,7 +604,6 @@ impl Publisher {
             None => scan(&input)?,
             Some(p) => scan_paths(&input, p)?,
         };
-        drop(previous);
         // Finished files older than the quiet period are settled by age.
         if let Some(c) = &self.closes {
             c.forget_before(std::time::SystemTime::now() - self.cfg.quiet);

@@ -1173,9 +1173,13 @@ async fn publishes_from_changed_paths_give_the_tree_a_full_scan_gives() {
     let scans = |scope: &'static str| {
         let client = &client;
         async move {
-            let m = meridian_e2e::metrics_text(&client.http, addr).await.unwrap();
+            let m = meridian_e2e::metrics_text(&client.http, addr)
+                .await
+                .unwrap();
             m.lines()
-                .find(|l| l.starts_with(&format!("meridian_origin_scans_total{{scope=\"{scope}\"}}")))
+                .find(|l| {
+                    l.starts_with(&format!("meridian_origin_scans_total{{scope=\"{scope}\"}}"))
+                })
                 .and_then(|l| l.rsplit(' ').next())
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap()
@@ -1190,34 +1194,49 @@ async fn publishes_from_changed_paths_give_the_tree_a_full_scan_gives() {
 
     type Step = Box<dyn Fn(&Path)>;
     let steps: Vec<(&str, Step)> = vec![
-        ("add, rewrite and remove files", Box::new(|c: &Path| {
-            fs::write(c.join("pool/main/a/a3.deb"), b"new package").unwrap();
-            fs::write(c.join("dists/stable/Release"), b"rewritten").unwrap();
-            fs::remove_file(c.join("pool/main/a/a1.deb")).unwrap();
-        })),
-        ("a deep directory made at once", Box::new(|c: &Path| {
-            fs::create_dir_all(c.join("new/x/y/z")).unwrap();
-            fs::write(c.join("new/x/y/z/leaf"), b"deep").unwrap();
-            fs::write(c.join("new/x/mid"), b"mid").unwrap();
-            fs::create_dir_all(c.join("empty/dir")).unwrap();
-        })),
-        ("a directory renamed, one moved in, one removed whole", Box::new(|c: &Path| {
-            fs::rename(c.join("pool/main/b"), c.join("pool/main/b-renamed")).unwrap();
-            fs::rename(dir_outside(c), c.join("moved")).unwrap();
-            fs::remove_dir_all(c.join("old")).unwrap();
-        })),
-        ("a file turned into a directory and a directory into a file", Box::new(|c: &Path| {
-            fs::remove_file(c.join("turns-into-dir")).unwrap();
-            fs::create_dir(c.join("turns-into-dir")).unwrap();
-            fs::write(c.join("turns-into-dir/now"), b"inside").unwrap();
-            fs::remove_dir_all(c.join("becomes-file")).unwrap();
-            fs::write(c.join("becomes-file"), b"a file now").unwrap();
-        })),
-        ("symlinks and an executable bit", Box::new(|c: &Path| {
-            std::os::unix::fs::symlink("a/a2.deb", c.join("pool/main/link")).unwrap();
-            std::os::unix::fs::symlink("../../top.txt", c.join("moved/sub/up")).unwrap();
-            fs::set_permissions(c.join("top.txt"), fs::Permissions::from_mode(0o755)).unwrap();
-        })),
+        (
+            "add, rewrite and remove files",
+            Box::new(|c: &Path| {
+                fs::write(c.join("pool/main/a/a3.deb"), b"new package").unwrap();
+                fs::write(c.join("dists/stable/Release"), b"rewritten").unwrap();
+                fs::remove_file(c.join("pool/main/a/a1.deb")).unwrap();
+            }),
+        ),
+        (
+            "a deep directory made at once",
+            Box::new(|c: &Path| {
+                fs::create_dir_all(c.join("new/x/y/z")).unwrap();
+                fs::write(c.join("new/x/y/z/leaf"), b"deep").unwrap();
+                fs::write(c.join("new/x/mid"), b"mid").unwrap();
+                fs::create_dir_all(c.join("empty/dir")).unwrap();
+            }),
+        ),
+        (
+            "a directory renamed, one moved in, one removed whole",
+            Box::new(|c: &Path| {
+                fs::rename(c.join("pool/main/b"), c.join("pool/main/b-renamed")).unwrap();
+                fs::rename(dir_outside(c), c.join("moved")).unwrap();
+                fs::remove_dir_all(c.join("old")).unwrap();
+            }),
+        ),
+        (
+            "a file turned into a directory and a directory into a file",
+            Box::new(|c: &Path| {
+                fs::remove_file(c.join("turns-into-dir")).unwrap();
+                fs::create_dir(c.join("turns-into-dir")).unwrap();
+                fs::write(c.join("turns-into-dir/now"), b"inside").unwrap();
+                fs::remove_dir_all(c.join("becomes-file")).unwrap();
+                fs::write(c.join("becomes-file"), b"a file now").unwrap();
+            }),
+        ),
+        (
+            "symlinks and an executable bit",
+            Box::new(|c: &Path| {
+                std::os::unix::fs::symlink("a/a2.deb", c.join("pool/main/link")).unwrap();
+                std::os::unix::fs::symlink("../../top.txt", c.join("moved/sub/up")).unwrap();
+                fs::set_permissions(c.join("top.txt"), fs::Permissions::from_mode(0o755)).unwrap();
+            }),
+        ),
     ];
     for (n, (what, step)) in steps.iter().enumerate() {
         step(&c);
@@ -1230,7 +1249,11 @@ async fn publishes_from_changed_paths_give_the_tree_a_full_scan_gives() {
         .await;
         assert_eq!(got, want, "{what}");
     }
-    assert_eq!(scans("full").await, 1, "every later scan looked at changed paths only");
+    assert_eq!(
+        scans("full").await,
+        1,
+        "every later scan looked at changed paths only"
+    );
     assert!(scans("changed").await >= steps.len() as u64);
 }
 
