@@ -26,9 +26,15 @@ pub enum LoadError {
 #[derive(Debug)]
 pub(crate) struct Generation {
     pub root: VerifiedRoot,
-    /// Every directory node of the tree by hash.
+    /// Every directory node of the tree by hash, and no other.
     pub nodes: NodeMap,
+    /// How many directory entries of the tree (and the top, once) name
+    /// each node: what lets the next generation be made from the change
+    /// alone ([`Generation::next`]).
+    refs: Refs,
 }
+
+type Refs = std::collections::HashMap<Hash, u32, rustc_hash::FxBuildHasher>;
 
 pub(crate) use meridian_core::Resolved;
 
@@ -49,24 +55,90 @@ impl Generation {
         root: VerifiedRoot,
         known: Option<&NodeMap>,
     ) -> Result<Self, LoadError> {
-        let mut nodes = NodeMap::default();
-        let mut stack = vec![root.root.tree];
+        let mut g = Generation {
+            root,
+            nodes: NodeMap::default(),
+            refs: Refs::default(),
+        };
+        let top = g.root.root.tree;
+        g.take_ref(top, store, known)?;
+        Ok(g)
+    }
+
+    /// The generation after this one, made from the change alone: this
+    /// generation's nodes, plus `new_nodes` (those a sync fetched; any
+    /// other missing node is read from the store), less the nodes the new
+    /// tree no longer names. The work is O(changed nodes) beyond copying
+    /// the node index (a pointer per node); no tree is walked.
+    pub(crate) fn next(
+        &self,
+        store: &ObjectStore,
+        root: VerifiedRoot,
+        new_nodes: &NodeMap,
+    ) -> Result<Self, LoadError> {
+        let mut g = Generation {
+            root,
+            nodes: self.nodes.clone(),
+            refs: self.refs.clone(),
+        };
+        g.take_ref(g.root.root.tree, store, Some(new_nodes))?;
+        g.drop_ref(self.root.root.tree);
+        Ok(g)
+    }
+
+    /// Counts one more reference to node `h`: a node not yet held is
+    /// added (from `known`, else read from the store and checked), and
+    /// its children counted in turn.
+    fn take_ref(
+        &mut self,
+        h: Hash,
+        store: &ObjectStore,
+        known: Option<&NodeMap>,
+    ) -> Result<(), LoadError> {
+        let mut stack = vec![h];
         while let Some(h) = stack.pop() {
-            if nodes.contains_key(&h) {
+            let count = self.refs.entry(h).or_insert(0);
+            *count += 1;
+            if *count > 1 {
                 continue;
             }
             let node = match known.and_then(|k| k.get(&h)) {
                 Some(n) => n.clone(),
                 None => Arc::new(read_node(store, &h)?),
             };
-            for e in &node.entries {
-                if e.kind == EntryKind::Dir && !nodes.contains_key(&e.hash) {
-                    stack.push(e.hash);
-                }
-            }
-            nodes.insert(h, node);
+            stack.extend(
+                node.entries
+                    .iter()
+                    .filter(|e| e.kind == EntryKind::Dir)
+                    .map(|e| e.hash),
+            );
+            self.nodes.insert(h, node);
         }
-        Ok(Generation { root, nodes })
+        Ok(())
+    }
+
+    /// Counts one reference fewer to node `h`: a node no longer named
+    /// is dropped, and its children counted down in turn.
+    fn drop_ref(&mut self, h: Hash) {
+        let mut stack = vec![h];
+        while let Some(h) = stack.pop() {
+            let Some(count) = self.refs.get_mut(&h) else {
+                continue;
+            };
+            *count -= 1;
+            if *count > 0 {
+                continue;
+            }
+            self.refs.remove(&h);
+            if let Some(node) = self.nodes.remove(&h) {
+                stack.extend(
+                    node.entries
+                        .iter()
+                        .filter(|e| e.kind == EntryKind::Dir)
+                        .map(|e| e.hash),
+                );
+            }
+        }
     }
 
     pub(crate) fn number(&self) -> u64 {
@@ -103,6 +175,18 @@ mod tests {
     ) -> (tempfile::TempDir, ObjectStore, Generation) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = ObjectStore::open(dir.path()).expect("store");
+        let vr = stored_root(&store, files, links, 1);
+        let g = Generation::assemble(&store, vr, None).expect("assemble");
+        (dir, store, g)
+    }
+
+    /// A signed root of these files, every object put in `store`.
+    fn stored_root(
+        store: &ObjectStore,
+        files: &[(&str, &[u8])],
+        links: &[(&str, &str)],
+        generation: u64,
+    ) -> VerifiedRoot {
         let mut tb = TreeBuilder::new();
         for (p, data) in files {
             let h = hash_bytes(data);
@@ -119,25 +203,95 @@ mod tests {
         }
         let built = tb.finish().expect("tree");
         for (h, b) in &built.nodes {
-            store.put_bytes(h, b).expect("put node");
+            if !store.contains(h) {
+                store.put_bytes(h, b).expect("put node");
+            }
         }
         let key = SecretKey::from_seed([3; 32]);
         let root = Root {
-            generation: 1,
+            generation,
             created: 0,
             expires: 10,
-            previous: Hash::ZERO,
+            previous: if generation == 1 {
+                Hash::ZERO
+            } else {
+                Hash([1; 32])
+            },
             tree: built.tree,
             tree_size: built.tree_size,
             files: built.files,
             bytes: built.bytes,
         };
         let env = SignedRoot::sign(&root, &key).encode();
-        let vr = Verifier::new(TrustedKeys::new([key.public()]))
+        Verifier::new(TrustedKeys::new([key.public()]))
             .open(&env)
-            .expect("verifies");
-        let g = Generation::assemble(&store, vr, None).expect("assemble");
-        (dir, store, g)
+            .expect("verifies")
+    }
+
+    #[test]
+    fn the_next_generation_made_from_the_change_holds_exactly_the_nodes_of_its_tree() {
+        let (_d, store, g1) = build(
+            &[
+                ("a/b/c", b"1"),
+                ("a/d", b"2"),
+                ("twin1/f", b"same"),
+                ("twin2/f", b"same"),
+                ("gone/deep/x", b"3"),
+                ("keep/y", b"4"),
+            ],
+            &[],
+        );
+        // twin1/ and twin2/ are one node named twice.
+        assert_eq!(g1.nodes.len(), 7);
+        let files2: &[(&str, &[u8])] = &[
+            ("a/b/c", b"changed"),
+            ("a/d", b"2"),
+            ("twin2/f", b"same"),
+            ("keep/y", b"4"),
+            ("new/z", b"5"),
+        ];
+        let vr2 = stored_root(&store, files2, &[], 2);
+        let full = Generation::assemble(&store, vr2.clone(), None).expect("assemble");
+        // What a sync would have fetched: the nodes g1 lacks.
+        let fetched: NodeMap = full
+            .nodes
+            .iter()
+            .filter(|(h, _)| !g1.nodes.contains_key(*h))
+            .map(|(h, n)| (*h, n.clone()))
+            .collect();
+        let g2 = g1.next(&store, vr2, &fetched).expect("next");
+        let keys = |g: &Generation| {
+            let mut k: Vec<Hash> = g.nodes.keys().copied().collect();
+            k.sort_unstable_by_key(|h| h.0);
+            k
+        };
+        assert_eq!(
+            keys(&g2),
+            keys(&full),
+            "the nodes of the new tree, no more, no fewer"
+        );
+        assert_eq!(g2.refs, full.refs);
+        assert!(matches!(g2.resolve("twin2/f"), Some(Resolved::File(_))));
+        assert!(g2.resolve("twin1/f").is_none() && g2.resolve("gone").is_none());
+        // The old generation is untouched (requests may still hold it).
+        assert!(matches!(g1.resolve("gone/deep/x"), Some(Resolved::File(_))));
+        // Back to g1's tree: the nodes come from the store again.
+        let vr3 = stored_root(
+            &store,
+            &[
+                ("a/b/c", b"1"),
+                ("a/d", b"2"),
+                ("twin1/f", b"same"),
+                ("twin2/f", b"same"),
+                ("gone/deep/x", b"3"),
+                ("keep/y", b"4"),
+            ],
+            &[],
+            3,
+        );
+        let g3 = g2.next(&store, vr3, &NodeMap::default()).expect("next");
+        assert_eq!(keys(&g3), keys(&g1));
+        assert_eq!(g3.refs, g1.refs);
     }
 
     #[test]

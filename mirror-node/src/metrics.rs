@@ -153,7 +153,7 @@ impl MirrorMetrics {
             .expect("metric"),
             store_bytes: IntGauge::new(
                 "meridian_mirror_store_bytes",
-                "Bytes of blobs referenced by the served generation",
+                "Bytes of the files the served generation names (the total in its signed root; a file at two paths counts twice)",
             )
             .expect("metric"),
             active_connections: IntGauge::new(

@@ -179,7 +179,10 @@ mod tests {
         let root = Verifier::new(TrustedKeys::new([key.public()]))
             .open(&env)
             .expect("verifies");
-        Arc::new(Generation { root, nodes })
+        // Every node is known: the store is never read.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = meridian_serve::ObjectStore::open(dir.path()).expect("store");
+        Arc::new(Generation::assemble(&store, root, Some(&nodes)).expect("assemble"))
     }
 
     /// Walks the plan to the end, finding every node in `nodes`; returns

@@ -55,7 +55,6 @@ impl Syncer {
                         self.state.flush.notify_one();
                     }
                     self.install(g);
-                    self.refresh_store_bytes();
                     return Ok(Some(n));
                 }
                 Err(e) => {

@@ -159,42 +159,18 @@ impl Syncer {
     /// sees the new generation.
     pub(crate) fn install(&self, g: Generation) {
         let n = g.number();
-        let expires = g.root.root.expires;
+        let (expires, bytes) = (g.root.root.expires, g.root.root.bytes);
         self.state.served.store(Some(Arc::new(g)));
         self.state.set_status(|_| {});
         self.state.notify.send_replace(n);
         let m = &self.state.metrics;
         m.served_generation.set(n as i64);
         m.served_expiry.set(expires);
+        // From the signed root: O(1), however big the tree.
+        m.store_bytes.set(bytes as i64);
         let up = self.state.status().upstream_generation.max(n);
         m.generation_lag.set(up.saturating_sub(n) as i64);
     }
-
-    /// The bytes-served gauge recomputed on the blocking pool (O(tree);
-    /// after the switch, not before it), not waited for.
-    fn refresh_store_bytes_in_background(&self) {
-        let state = self.state.clone();
-        tokio::task::spawn_blocking(move || refresh_store_bytes(&state));
-    }
-
-    /// Recomputes the bytes-served gauge (blocking: O(tree)).
-    pub(crate) fn refresh_store_bytes(&self) {
-        refresh_store_bytes(&self.state)
-    }
-}
-
-/// The bytes-served gauge from the served tree (O(tree); blocking).
-fn refresh_store_bytes(state: &MirrorState) {
-    let Some(g) = state.served.load_full() else {
-        return;
-    };
-    let mut seen = HashSet::new();
-    let bytes: u64 = g
-        .blobs()
-        .filter(|(h, _)| seen.insert(*h))
-        .map(|(_, s)| s)
-        .sum();
-    state.metrics.store_bytes.set(bytes as i64);
 }
 
 impl Syncer {
@@ -594,10 +570,11 @@ impl Syncer {
         // pool; then the one pointer store.
         let state = self.state.clone();
         let g = blocking(move || -> Result<Generation, SyncError> {
-            let mut all_nodes = served.map(|g| g.nodes.clone()).unwrap_or_default();
-            all_nodes.extend(new_nodes);
             write_atomic(&state.root_path(generation), &vr.envelope)?;
-            Ok(Generation::assemble(&state.store, vr, Some(&all_nodes))?)
+            Ok(match served {
+                Some(old) => old.next(&state.store, vr, &new_nodes)?,
+                None => Generation::assemble(&state.store, vr, Some(&new_nodes))?,
+            })
         })
         .await??;
         // Nothing is left to fetch: the progress ends as the new generation
@@ -606,7 +583,6 @@ impl Syncer {
         self.install(g);
         self.state.flush.notify_one();
         let dt = t0.elapsed();
-        self.refresh_store_bytes_in_background();
         self.state.metrics.sync_seconds.observe(dt.as_secs_f64());
         self.state.metrics.syncs.with_label_values(&["ok"]).inc();
         self.state.set_status(|s| {
