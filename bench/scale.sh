@@ -105,4 +105,64 @@ PUB_MED=$(median "${PUB[@]}")
 echo "incremental publish of 100 files: median $PUB_MED s = $(python3 -c "print(f'{$PUB_MED / $RSYNC_NOOP:.3f}')")× the rsync no-op walk ($RSYNC_NOOP s)"
 echo "origin steady: RSS $(rss $OP VmRSS) MB, peak $(rss $OP VmHWM) MB (the peak includes the start's full scan)"
 [ "${ONLY:-}" = origin ] && exit 0
-echo "(mirror part: not written yet)"
+
+wait_log() {  # wait_log FILE PATTERN [TENTHS]: until the log has the line
+  for _ in $(seq "${3:-36000}"); do sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -q "$2" && return 0; sleep 0.1; done
+  echo "timed out waiting for '$2' in $1" >&2; return 1
+}
+mmetric() { curl -s "http://$1/.meridian/metrics" | awk -v m="$2" '$1==m {print $2}'; }
+echo "== mirror: full sync of the tree from the origin (it published moments ago: its private copies are still being made)"
+PK=$(sed 's/\x1b\[[0-9;]*m//g' "$W/origin.log" | grep -o 'ed25519:[0-9a-f]*' | head -1)
+sync
+t0=$(date +%s.%N)
+MERIDIAN_LOG=info,meridian_mirror::sync=debug "$B" mirror --id m --upstream "http://$OA" --trust "$PK" --state "$W/m" \
+  --listen 127.0.0.1:0 --scrub-interval 0s > "$W/m.log" 2>&1 & MP=$!; PIDS+=($MP)
+wait_log "$W/m.log" "now serving generation"; t1=$(date +%s.%N)
+wait_log "$W/m.log" "is durable"; t2=$(date +%s.%N)
+MFULL=$(python3 -c "print(f'{$t1 - $t0:.1f}')"); MDUR=$(python3 -c "print(f'{$t2 - $t0:.1f}')")
+echo "meridian mirror: serving after $MFULL s (every blob verified), durable after $MDUR s; peak RSS $(rss $MP VmHWM) MB"
+MA=$(sed 's/\x1b\[[0-9;]*m//g' "$W/m.log" | grep -o 'listening on [0-9.:]*' | head -1 | awk '{print $3}')
+sleep 5
+echo "mirror steady: RSS $(rss $MP VmRSS) MB"
+echo "== mirror: $ROUNDS incremental syncs of 100 files"
+MS=()
+for round in $(seq "$ROUNDS"); do
+  n=$(sed 's/\x1b\[[0-9;]*m//g' "$W/m.log" | grep -c "now serving generation" || true)
+  b0=$(mmetric "$MA" meridian_mirror_bytes_fetched_total)
+  change "m$round"
+  for _ in $(seq 1200); do [ "$(sed 's/\x1b\[[0-9;]*m//g' "$W/m.log" | grep -c "now serving generation")" -gt "$n" ] && break; sleep 0.05; done
+  b1=$(mmetric "$MA" meridian_mirror_bytes_fetched_total)
+  own=$(sed 's/\x1b\[[0-9;]*m//g' "$W/m.log" | grep "now serving generation" | tail -1 | grep -o 'seconds=[0-9.e-]*' | cut -d= -f2)
+  ph=$(sed 's/\x1b\[[0-9;]*m//g' "$W/m.log" | grep "sync phases" | tail -1 | grep -o 'delta=.*switch=[0-9.e-]*')
+  MS+=("$own")
+  echo "round $round: mirror sync $own s, $(python3 -c "print(int($b1 - $b0))") bytes fetched ($ph)"
+done
+MSYNC=$(median "${MS[@]}")
+echo "mirror steady after syncs: RSS $(rss $MP VmRSS) MB, peak $(rss $MP VmHWM) MB"
+kill "$MP" "$OP"; wait "$MP" "$OP" 2>/dev/null || true; rm -rf "$W/m" "$W/ostate"
+
+echo "== rsync -a of the same tree (rsync daemon on loopback), then the same 100-file change"
+cat > "$W/rsyncd.conf" <<RSYNCD
+use chroot = no
+pid file = $W/rsyncd.pid
+[full]
+  path = $T
+  read only = yes
+RSYNCD
+rsync --daemon --config="$W/rsyncd.conf" --port=18731 --address=127.0.0.1; sleep 0.5
+sync
+t0=$(date +%s.%N); rsync -a rsync://127.0.0.1:18731/full/ "$W/rsync-copy/"; t1=$(date +%s.%N)
+RFULL=$(python3 -c "print(f'{$t1 - $t0:.1f}')")
+echo "rsync -a: $RFULL s"
+RI=(); RB=()
+for round in $(seq "$ROUNDS"); do
+  change "r$round-rsync"
+  t0=$(date +%s.%N); OUT=$(rsync -a --delete --stats rsync://127.0.0.1:18731/full/ "$W/rsync-copy/"); t1=$(date +%s.%N)
+  RI+=("$(python3 -c "print(f'{$t1 - $t0:.3f}')")")
+  RB+=("$(echo "$OUT" | awk -F: '/Total bytes received/ {gsub(/[ ,]/,"",$2); r=$2} /Total bytes sent/ {gsub(/[ ,]/,"",$2); s=$2} END {print r+s}')")
+done
+kill "$(cat "$W/rsyncd.pid")" 2>/dev/null || true
+RINC=$(median "${RI[@]}")
+echo "rsync -a --delete of 100 changed files: ${RI[*]} s (median $RINC s), bytes ${RB[*]}"
+echo "full sync: mirror $MFULL s / rsync $RFULL s = $(python3 -c "print(f'{$MFULL / $RFULL:.2f}')")×"
+echo "incremental sync: mirror median $MSYNC s / rsync $RINC s = $(python3 -c "print(f'{$MSYNC / $RINC:.3f}')")×"

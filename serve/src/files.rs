@@ -407,6 +407,19 @@ pub(crate) struct SendFile {
     pub held: Option<Arc<crate::inflight::Held>>,
 }
 
+impl SendFile {
+    /// The body's length: every segment's.
+    pub(crate) fn len(&self) -> u64 {
+        self.segs
+            .iter()
+            .map(|s| match s {
+                Segment::Bytes(b) => b.len() as u64,
+                Segment::File { len, .. } => *len,
+            })
+            .sum()
+    }
+}
+
 fn not_modified(b: http::response::Builder) -> Response<Body> {
     b.status(StatusCode::NOT_MODIFIED)
         .body(empty())

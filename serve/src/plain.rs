@@ -38,13 +38,15 @@ const READ_CHUNK: usize = 4096;
 /// Response bodies up to this size are copied next to the head and sent
 /// with it in one write.
 const COALESCE: usize = 16 * 1024;
+/// A zero-copy body this long lets the connection's head buffer go while
+/// it is sent (a slow client may take minutes); shorter ones keep it for
+/// the next request on the connection.
+const LONG_SEND: u64 = 256 * 1024;
 
 /// What to do with the connection after a request.
 enum Next {
     KeepAlive,
     Close,
-    /// Not for this loop: hyper takes the connection, bytes read included.
-    HandOff,
 }
 
 /// Serves one plain-TCP connection until it closes, the peer misbehaves,
@@ -132,13 +134,30 @@ pub(crate) async fn serve_conn<S, H, F>(
         let built = parsed.simple.map(|h| request(h, &head)).transpose();
         let next = match built {
             Ok(Some((req, close))) => {
+                // Nothing of the read buffer is held while the response is
+                // sent (a slow download waits on the socket for minutes):
+                // the request refers to the head's bytes until the service
+                // is done with it, the buffer is let go if nothing follows.
+                drop(head);
+                if buf.is_empty() {
+                    buf = BytesMut::new();
+                }
                 match respond(&stream, &mut out, &*service, req, peer, close, &opts).await {
                     Ok(true) => Next::Close,
                     Ok(false) => Next::KeepAlive,
                     Err(_) => return,
                 }
             }
-            Ok(None) => Next::HandOff,
+            Ok(None) => {
+                let mut unread = BytesMut::with_capacity(head.len() + buf.len());
+                unread.extend_from_slice(&head);
+                unread.extend_from_slice(&buf);
+                drop((head, buf));
+                // Boxed: hyper's connection state is allocated only for the
+                // connections handed to it, not inside every connection's task.
+                Box::pin(hyper_conn(stream, unread.freeze())).await;
+                return;
+            }
             Err(status) => {
                 let _ = reply_error(&stream, &mut out, status, &opts).await;
                 return;
@@ -152,13 +171,6 @@ pub(crate) async fn serve_conn<S, H, F>(
                 }
             }
             Next::Close => return,
-            Next::HandOff => {
-                let mut unread = BytesMut::with_capacity(head.len() + buf.len());
-                unread.extend_from_slice(&head);
-                unread.extend_from_slice(&buf);
-                hyper_conn(stream, unread.freeze()).await;
-                return;
-            }
         }
     }
 }
@@ -280,7 +292,9 @@ async fn respond<S: Service>(
 ) -> io::Result<bool> {
     let head_only = req.method() == Method::HEAD;
     let version = req.version();
-    let resp = service.call(req, peer).await;
+    // Boxed: the service's state lives only while it runs, not in the
+    // connection's task for as long as the body takes to send.
+    let resp = Box::pin(service.call(req, peer)).await;
     let (parts, body) = resp.into_parts();
     if parts
         .headers
@@ -318,9 +332,14 @@ async fn respond<S: Service>(
         write_all(stream, out, opts.send_timeout).await?;
         return Ok(close);
     }
+    drop(parts);
     if let Some(zc) = zero_copy {
         drop(body);
         write_all(stream, out, opts.send_timeout).await?;
+        if zc.len() >= LONG_SEND {
+            // A long send: no head buffer kept while it waits on the socket.
+            *out = Vec::new();
+        }
         send_segments(stream, &zc, opts.send_timeout).await?;
         return Ok(close);
     }
@@ -426,7 +445,9 @@ const LINGER_BYTES: usize = 1 << 20;
 /// [`LINGER_FOR`] and [`LINGER_BYTES`] (nginx's lingering close).
 async fn linger_close(stream: &TcpStream) {
     let _ = rustix::net::shutdown(stream, rustix::net::Shutdown::Write);
-    let mut sink = [0u8; 16 * 1024];
+    // On the heap, and only here: an array would sit in every
+    // connection's task for its whole life (the future holds it).
+    let mut sink = vec![0u8; 16 * 1024];
     let mut left = LINGER_BYTES;
     let until = tokio::time::Instant::now() + LINGER_FOR;
     while left > 0 {

@@ -262,7 +262,7 @@ async fn accept_loop<S: Service>(
                 // hyper if a request needs more than it does.
                 let watcher = graceful.watcher();
                 let (opts, stop) = (ServerOptions::clone(&opts), shutdown.clone());
-                tokio::spawn(async move {
+                let fut = async move {
                     let _permit = permit;
                     let _guard = guard;
                     let hand_off = move |stream: tokio::net::TcpStream, read: bytes::Bytes| async move {
@@ -274,7 +274,11 @@ async fn accept_loop<S: Service>(
                         }
                     };
                     crate::plain::serve_conn(stream, peer, svc, opts, stop, hand_off).await;
-                });
+                };
+                if std::env::var_os("MERIDIAN_PRINT_TASK_SIZE").is_some() {
+                    eprintln!("SIZE {}", std::mem::size_of_val(&fut));
+                }
+                tokio::spawn(fut);
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
