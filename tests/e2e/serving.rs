@@ -316,17 +316,7 @@ async fn ten_thousand_idle_connections_and_a_slowloris_do_not_starve_it() {
     let http = reqwest::Client::new();
     wait_generation(&http, maddr, net.generation().await).await;
     let pid = m.child.id();
-    let rss = || -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        s.lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .unwrap()
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let rss = || rss_kb(pid);
     let before = rss();
     // From 50 addresses (200 each, under the per-client cap).
     let mut idle = Vec::with_capacity(10_000);
@@ -994,26 +984,10 @@ async fn a_download_stuck_on_a_slow_client_holds_a_few_kilobytes() {
         .await;
     let http = reqwest::Client::new();
     let pid = m.child.id();
-    let rss = || -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        s.lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    };
+    let rss = || rss_kb(pid);
     // One download first, so that what every download shares exists.
-    assert_eq!(
-        http.get(format!("http://{maddr}/medium.bin"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap()
-            .len(),
-        16 << 20
-    );
+    let got = meridian_e2e::get_bytes(&http, &format!("http://{maddr}/medium.bin")).await;
+    assert_eq!(got.len(), 16 << 20);
     let before = rss();
     let mut stuck = Vec::with_capacity(N as usize);
     for i in 0..N {
@@ -1042,4 +1016,14 @@ async fn a_download_stuck_on_a_slow_client_holds_a_few_kilobytes() {
     eprintln!("RSS {before} kB -> {after} kB with {N} stuck downloads: {each:.1} kB each");
     assert!(each < 8.0, "a stuck download costs {each:.1} kB");
     drop(stuck);
+}
+
+/// A process's resident set, in kB.
+fn rss_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
 }
