@@ -15,6 +15,9 @@
 #     then ROUNDS incremental syncs of 100 files against rsync of the same
 #     change; the mirror's peak and steady RSS.
 # usage: [ROUNDS=5] [ONLY=origin] [MERIDIAN_BIN=…] bench/scale.sh
+#   RSYNC_NOOP=SECONDS skips the rsync walk (a figure from an earlier run),
+#   SKIP_B3SUM=1 the page-cache warm-up and b3sum (then the hashing ratio
+#   is not printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -35,7 +38,7 @@ BYTES=$(python3 -c "import json; print(json.load(open('$T.complete'))['bytes'])"
 # The files rewritten in each round: 100 spread over the tree (every
 # FILES/100-th in walk order, sizes kept), listed once.
 if [ ! -f "$T.changed" ]; then
-  (cd "$T" && find . -type f -size -1M | sort | awk -v n="$FILES" 'NR % int(n / 110) == 0' | head -100 | sed 's|^\./||') > "$T.changed"
+  (cd "$T" && find . -type f -size -1000k | sort | awk -v n="$FILES" 'NR % int(n / 110) == 0' | head -100 | sed 's|^\./||') > "$T.changed"
 fi
 change() {  # change TAG: rewrites the first bytes of the 100 files in place
   python3 - "$T" "$T.changed" "$1" <<'PY'
@@ -48,6 +51,7 @@ PY
 }
 rss() { awk -v k="$2" '$1 == k":" {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }  # MB
 
+if [ -z "${RSYNC_NOOP:-}" ]; then
 echo "== rsync -a --dry-run against an up-to-date copy (a no-op walk), page cache warm"
 if [ ! -f "$T.links.complete" ]; then rm -rf "$T.links"; cp -al "$T" "$T.links"; touch "$T.links.complete"; fi
 RS=()
@@ -57,7 +61,8 @@ for r in 1 2 3; do
 done
 RSYNC_NOOP=$(median "${RS[@]}")
 echo "rsync no-op walk: ${RS[*]} s (median $RSYNC_NOOP s)"
-
+fi
+if [ -z "${SKIP_B3SUM:-}" ]; then
 echo "== page cache: every file read once (the first publish and b3sum are timed warm, alike)"
 t0=$(date +%s.%N); (cd "$T" && find . -type f -print0 | xargs -0 -n 2000 cat > /dev/null); t1=$(date +%s.%N)
 echo "read in $(python3 -c "print(f'{$t1 - $t0:.1f}')") s; $(free -g | awk '/Mem:/ {print $6}') GiB cached"
@@ -65,13 +70,14 @@ echo "== b3sum --num-threads 1 --no-mmap over the same files"
 t0=$(date +%s.%N); (cd "$T" && find . -type f -print0 | xargs -0 -n 2000 b3sum --num-threads 1 --no-mmap > /dev/null); t1=$(date +%s.%N)
 B3=$(python3 -c "print(f'{$BYTES / ($t1 - $t0) / 1e6:.0f}')")
 echo "b3sum: $B3 MB/s"
-
+fi
+B3=${B3:-0}
 "$B" keygen --out "$W/key" > /dev/null 2>&1
 echo "== origin: first publish of $FILES files, $BYTES bytes"
 MERIDIAN_LOG=info,meridian_origin::scan=debug /usr/bin/time -f "%e s wall, %M KiB peak RSS" \
   "$B" origin --once --content "$T" --state "$W/ostate" --key "$W/key" > "$W/first.log" 2>&1
 sed 's/\x1b\[[0-9;]*m//g' "$W/first.log" | grep -E "scan phases|published generation|peak RSS" | sed 's/^.*meridian_origin::scan: //'
-python3 - "$W/first.log" "$BYTES" "$B3" <<'PY'
+[ "$B3" = 0 ] || python3 - "$W/first.log" "$BYTES" "$B3" <<'PY'
 import re, sys
 log = re.sub(r"\x1b\[[0-9;]*m", "", open(sys.argv[1]).read())
 m = re.search(r"threads=(\d+) walk_and_hash=([0-9.eE+-]+) link=([0-9.eE+-]+)", log)
@@ -88,10 +94,12 @@ for _ in $(seq 600); do grep -q "listening on" "$W/origin.log" && break; sleep 0
 OA=$(grep -o 'listening on [0-9.:]*' "$W/origin.log" | head -1 | awk '{print $3}')
 gen() { curl -s "http://$OA/.meridian/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["generation"])'; }
 phases() { sed 's/\x1b\[[0-9;]*m//g' "$W/origin.log" | grep -c "publish phases" || true; }
-# The start's own full scan (the stat cache makes it a walk) must be over.
-for _ in $(seq 1200); do [ "$(phases)" -ge 1 ] || grep -q "Unchanged\|published generation" "$W/origin.log" && break; sleep 0.1; done
+# Steady state: the start's own full scans are over and the background
+# copier has made its private copies of the files hashed in place (as
+# for every generation but the first moments after a big publish).
+for _ in $(seq 6000); do sed 's/\x1b\[[0-9;]*m//g' "$W/origin.log" | grep -q "made private copies" && break; sleep 0.1; done
 sleep 3
-echo "origin after start: RSS $(rss $OP VmRSS) MB, peak $(rss $OP VmHWM) MB"
+echo "origin after start and its private copies: RSS $(rss $OP VmRSS) MB, peak $(rss $OP VmHWM) MB"
 PUB=()
 for round in $(seq "$ROUNDS"); do
   g=$(gen); p=$(phases)

@@ -572,8 +572,21 @@ impl Publisher {
         // Changes taken from the watcher are known only to this publish:
         // should it fail, the next one scans everything.
         self.force_full = paths.is_some();
+        let full = paths.is_none();
         let outcome = self.publish_scan(&latest, paths)?;
         self.force_full = false;
+        if full {
+            // A full scan's working set (every path, twice, and the tree)
+            // is freed by now; glibc keeps it in its arenas unless asked
+            // to give it back.
+            let before = meridian_serve::memory::resident_kb();
+            meridian_serve::memory::release_free_heap();
+            tracing::debug!(
+                rss_kb_before = before,
+                rss_kb_after = meridian_serve::memory::resident_kb(),
+                "returned the full scan's freed heap to the kernel"
+            );
+        }
         Ok(outcome)
     }
 

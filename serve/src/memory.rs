@@ -53,7 +53,7 @@ pub(crate) fn after_flood(peak: &mut usize) {
 }
 
 /// Resident set size in kB (0 if unknown).
-pub(crate) fn resident_kb() -> u64 {
+pub fn resident_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -66,9 +66,11 @@ pub(crate) fn resident_kb() -> u64 {
 }
 
 /// Returns the allocator's free memory to the kernel (glibc's
-/// `malloc_trim(0)`: every arena, not just the main heap's top).
+/// `malloc_trim(0)`: every arena, not just the main heap's top). Also
+/// called by the origin after a full scan, whose working set is freed
+/// when its generation is published.
 #[allow(unsafe_code)]
-pub(crate) fn release_free_heap() {
+pub fn release_free_heap() {
     // SAFETY: malloc_trim takes no pointers and only rearranges the
     // allocator's own free lists; glibc documents it as thread-safe.
     unsafe {
