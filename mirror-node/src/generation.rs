@@ -230,17 +230,15 @@ mod tests {
 
     #[test]
     fn the_next_generation_made_from_the_change_holds_exactly_the_nodes_of_its_tree() {
-        let (_d, store, g1) = build(
-            &[
-                ("a/b/c", b"1"),
-                ("a/d", b"2"),
-                ("twin1/f", b"same"),
-                ("twin2/f", b"same"),
-                ("gone/deep/x", b"3"),
-                ("keep/y", b"4"),
-            ],
-            &[],
-        );
+        let files1: &[(&str, &[u8])] = &[
+            ("a/b/c", b"1"),
+            ("a/d", b"2"),
+            ("twin1/f", b"same"),
+            ("twin2/f", b"same"),
+            ("gone/deep/x", b"3"),
+            ("keep/y", b"4"),
+        ];
+        let (_d, store, g1) = build(files1, &[]);
         // twin1/ and twin2/ are one node named twice.
         assert_eq!(g1.nodes.len(), 7);
         let files2: &[(&str, &[u8])] = &[
@@ -276,19 +274,7 @@ mod tests {
         // The old generation is untouched (requests may still hold it).
         assert!(matches!(g1.resolve("gone/deep/x"), Some(Resolved::File(_))));
         // Back to g1's tree: the nodes come from the store again.
-        let vr3 = stored_root(
-            &store,
-            &[
-                ("a/b/c", b"1"),
-                ("a/d", b"2"),
-                ("twin1/f", b"same"),
-                ("twin2/f", b"same"),
-                ("gone/deep/x", b"3"),
-                ("keep/y", b"4"),
-            ],
-            &[],
-            3,
-        );
+        let vr3 = stored_root(&store, files1, &[], 3);
         let g3 = g2.next(&store, vr3, &NodeMap::default()).expect("next");
         assert_eq!(keys(&g3), keys(&g1));
         assert_eq!(g3.refs, g1.refs);
