@@ -142,8 +142,8 @@ pub struct Publisher {
     content_abs: PathBuf,
     /// When the last full scan began: the next comes `rescan` later.
     last_full: Option<Instant>,
-    /// The next scan must be a full one: a scan of changed paths failed
-    /// after taking them, so they are known no more.
+    /// The next scan must be a full one: a scan failed after taking the
+    /// watcher's changes, so they are known no more.
     force_full: bool,
     /// Paths a scan left to settle, looked at again by the next.
     pending: Vec<String>,
@@ -569,9 +569,10 @@ impl Publisher {
     fn publish_inner(&mut self) -> Result<PublishOutcome, PublishError> {
         let latest = self.shared.latest.load_full();
         let paths = self.changed_paths(latest.is_some());
-        // Changes taken from the watcher are known only to this publish:
-        // should it fail, the next one scans everything.
-        self.force_full = paths.is_some();
+        // Changes taken from the watcher are known only to this publish
+        // (a full scan's too: it took them): should it fail, the next one
+        // scans everything.
+        self.force_full = true;
         let full = paths.is_none();
         let outcome = self.publish_scan(&latest, paths)?;
         self.force_full = false;
