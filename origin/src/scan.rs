@@ -449,6 +449,7 @@ fn walk_changes(
     let mut dirs: Vec<(PathBuf, String)> = Vec::new();
     let mut leaves: Vec<(PathBuf, String, fs::Metadata)> = Vec::new();
     let mut seen: HashSet<&str> = HashSet::with_capacity(paths.len());
+    let mut ancestors: HashMap<String, bool> = HashMap::new();
     for rel in paths {
         if !seen.insert(rel.as_str()) {
             continue;
@@ -464,6 +465,12 @@ fn walk_changes(
         }
         if rel == ".meridian" || rel.starts_with(".meridian/") {
             out.skipped.push((rel.clone(), SkipReason::Reserved));
+            continue;
+        }
+        if !real_dirs_above(input.content, rel, &mut ancestors) {
+            // Below a symlink, or below something that is no directory
+            // now: that path has its own event; this one names nothing
+            // the tree can hold (and must never reach outside it).
             continue;
         }
         let abs = input.content.join(rel);
@@ -506,6 +513,23 @@ fn walk_changes(
         }
     }
     Ok(handed)
+}
+
+/// Whether every directory above `rel` (below the content directory) is a
+/// real directory, not a symlink (`lstat`, each answer kept in `known`
+/// for the other paths of the scan). `lstat` follows symlinks in the
+/// middle of a path, so a path seen below a symlinked directory would
+/// otherwise publish what it points to, even outside the content.
+fn real_dirs_above(content: &Path, rel: &str, known: &mut HashMap<String, bool>) -> bool {
+    rel.match_indices('/').all(|(i, _)| {
+        let dir = &rel[..i];
+        if let Some(&ok) = known.get(dir) {
+            return ok;
+        }
+        let ok = fs::symlink_metadata(content.join(dir)).is_ok_and(|m| m.file_type().is_dir());
+        known.insert(dir.to_owned(), ok);
+        ok
+    })
 }
 
 fn scan_scope(

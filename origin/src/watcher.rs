@@ -270,7 +270,7 @@ pub(crate) fn watch(
     dir: &Path,
     signal: Arc<ChangeSignal>,
 ) -> notify::Result<notify::RecommendedWatcher> {
-    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+    let handler = move |res: notify::Result<notify::Event>| match res {
         Ok(ev) => {
             signal.closes.apply(&ev);
             // Opens and reads change nothing; a close after writing does.
@@ -288,7 +288,14 @@ pub(crate) fn watch(
             signal.changed.everything();
             signal.poke();
         }
-    })?;
+    };
+    // Never through a symlink: a symlinked directory is published as the
+    // symlink it is, and one pointing outside the content must not bring
+    // in events (and paths) from there.
+    let mut w = notify::RecommendedWatcher::new(
+        handler,
+        notify::Config::default().with_follow_symlinks(false),
+    )?;
     w.watch(dir, RecursiveMode::Recursive)?;
     Ok(w)
 }

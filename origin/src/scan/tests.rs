@@ -267,3 +267,47 @@ fn linked_files_are_copied_only_when_they_still_hash_right() {
     assert_eq!(store.promote(&kept).expect("again"), Promoted::Present);
     assert!(store.list_linked().expect("list").is_empty());
 }
+
+#[test]
+fn a_changed_path_below_a_symlink_is_never_followed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let content = dir.path().join("c");
+    fs::create_dir_all(content.join("real")).expect("mkdir");
+    fs::write(content.join("real/f"), b"inside").expect("write");
+    fs::create_dir_all(dir.path().join("outside")).expect("mkdir");
+    fs::write(dir.path().join("outside/secret"), b"never published").expect("write");
+    std::os::unix::fs::symlink("real", content.join("inlink")).expect("symlink");
+    std::os::unix::fs::symlink(dir.path().join("outside"), content.join("out")).expect("symlink");
+    let store = LinkedStore::open(&dir.path().join("s")).expect("store");
+    let cache = HashCache::default();
+    let previous = HashMap::new();
+    let paths: Vec<String> = ["out/secret", "inlink/f", "inlink", "real/f"]
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    let out = scan_paths(
+        &ScanInput {
+            content: &content,
+            store: &store,
+            cache: &cache,
+            previous: &previous,
+            quiet: Duration::ZERO,
+            closes: None,
+            threads: 2,
+            snapshot: Snapshot::Copy,
+        },
+        &paths,
+    )
+    .expect("scan");
+    for p in out.leaves.keys().chain(out.removed.iter()) {
+        assert!(
+            !p.starts_with("out/") && !p.starts_with("inlink/"),
+            "{p} reached through a symlink: {out:?}"
+        );
+    }
+    assert_eq!(out.leaves["inlink"].kind, EntryKind::Symlink);
+    assert_eq!(
+        out.leaves["real/f"].hash,
+        meridian_core::hash_bytes(b"inside")
+    );
+}
