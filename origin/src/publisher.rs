@@ -174,11 +174,7 @@ pub(crate) fn walk_tree(
         if !on_node(h) {
             continue; // already visited
         }
-        let bytes = store.read(&h).map_err(|_| PublishError::BadNode(h))?;
-        if meridian_core::hash_bytes(&bytes) != h {
-            return Err(PublishError::BadNode(h));
-        }
-        let node = DirNode::decode(&bytes).map_err(|_| PublishError::BadNode(h))?;
+        let node = read_node(store, &h)?;
         for e in node.entries {
             let path = if prefix.is_empty() {
                 e.name.clone()
