@@ -10,7 +10,7 @@
 
 use crate::cache::{HashCache, StatKey};
 use crate::linked::LinkedStore;
-use meridian_core::{Entry, EntryKind, Hash, RelPath, resolve_symlink, validate_name};
+use meridian_core::{Entry, Hash, RelPath, resolve_symlink, validate_name};
 use snapshot::{IngestError, hash_in_place, ingest, link_hashed};
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -109,6 +109,8 @@ pub trait Previous: Sync {
     fn leaves_under(&self, dir: &str, each: &mut dyn FnMut(String, Entry));
 }
 
+/// The previous generation as a map by path (the scan's tests).
+#[cfg(test)]
 impl Previous for HashMap<String, Entry> {
     fn leaf(&self, rel: &str) -> Option<Entry> {
         self.get(rel).cloned()
@@ -116,7 +118,7 @@ impl Previous for HashMap<String, Entry> {
     fn leaves_under(&self, dir: &str, each: &mut dyn FnMut(String, Entry)) {
         let prefix = format!("{dir}/");
         for (p, e) in self {
-            if p.starts_with(&prefix) && e.kind != EntryKind::Dir {
+            if p.starts_with(&prefix) && e.kind != meridian_core::EntryKind::Dir {
                 each(p.clone(), e.clone());
             }
         }
@@ -293,69 +295,63 @@ fn visit_leaf(
     md: &fs::Metadata,
     sink: &mut impl FnMut(Work),
 ) -> bool {
-    {
-        {
-            let ft = md.file_type();
-            let mtime = md.modified().map(secs).unwrap_or(0);
-            if ft.is_symlink() {
-                let target = fs::read_link(&child_abs).ok();
-                let target = target.as_deref().and_then(Path::to_str).map(str::to_owned);
-                match target {
-                    Some(t)
-                        if resolve_symlink(rel, &t).is_some()
-                            && !t.contains('\\')
-                            && t.len() <= 4096 =>
-                    {
-                        out.leaves
-                            .insert(child_rel, Entry::symlink(name, &t, mtime));
-                    }
-                    _ => {
-                        out.skipped.push((child_rel, SkipReason::SymlinkEscapes));
-                    }
-                }
-            } else if ft.is_file() {
-                let key = StatKey::of(md);
-                let executable = md.permissions().mode() & 0o111 != 0;
-                if let Some((k, h)) = input.cache.map.get(&child_rel)
-                    && *k == key
-                    && input.store.contains(h)
-                {
-                    out.cache.map.insert(child_rel.clone(), (key, *h));
-                    out.leaves.insert(
-                        child_rel,
-                        Entry::file(name, key.size, *h, executable, mtime),
-                    );
-                    return false;
-                }
-                let changed_at = md.modified().ok().max(Some(ctime_of(md)));
-                // Settled: quiet for the quiet period, or finished (closed
-                // after writing, or renamed in) and not changed since.
-                let finished = input
-                    .closes
-                    .and_then(|c| c.finished_at(&child_abs))
-                    .zip(changed_at)
-                    .is_some_and(|(closed, changed)| changed <= closed);
-                let settled = finished
-                    || changed_at
-                        .and_then(|t| now.duration_since(t).ok())
-                        .is_some_and(|age| age >= input.quiet);
-                if !settled {
-                    carry(input.previous, &child_rel, &mut out.leaves);
-                    out.skipped.push((child_rel, SkipReason::Settling));
-                    return false;
-                }
-                sink(Work {
-                    rel: child_rel,
-                    abs: child_abs,
-                    key,
-                    executable,
-                    mtime,
-                });
-                return true;
-            } else {
-                out.skipped.push((child_rel, SkipReason::Special));
+    let ft = md.file_type();
+    let mtime = md.modified().map(secs).unwrap_or(0);
+    if ft.is_symlink() {
+        let target = fs::read_link(&child_abs).ok();
+        let target = target.as_deref().and_then(Path::to_str).map(str::to_owned);
+        match target {
+            Some(t)
+                if resolve_symlink(rel, &t).is_some() && !t.contains('\\') && t.len() <= 4096 =>
+            {
+                out.leaves
+                    .insert(child_rel, Entry::symlink(name, &t, mtime));
+            }
+            _ => {
+                out.skipped.push((child_rel, SkipReason::SymlinkEscapes));
             }
         }
+    } else if ft.is_file() {
+        let key = StatKey::of(md);
+        let executable = md.permissions().mode() & 0o111 != 0;
+        if let Some((k, h)) = input.cache.map.get(&child_rel)
+            && *k == key
+            && input.store.contains(h)
+        {
+            out.cache.map.insert(child_rel.clone(), (key, *h));
+            out.leaves.insert(
+                child_rel,
+                Entry::file(name, key.size, *h, executable, mtime),
+            );
+            return false;
+        }
+        let changed_at = md.modified().ok().max(Some(ctime_of(md)));
+        // Settled: quiet for the quiet period, or finished (closed
+        // after writing, or renamed in) and not changed since.
+        let finished = input
+            .closes
+            .and_then(|c| c.finished_at(&child_abs))
+            .zip(changed_at)
+            .is_some_and(|(closed, changed)| changed <= closed);
+        let settled = finished
+            || changed_at
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age >= input.quiet);
+        if !settled {
+            carry(input.previous, &child_rel, &mut out.leaves);
+            out.skipped.push((child_rel, SkipReason::Settling));
+            return false;
+        }
+        sink(Work {
+            rel: child_rel,
+            abs: child_abs,
+            key,
+            executable,
+            mtime,
+        });
+        return true;
+    } else {
+        out.skipped.push((child_rel, SkipReason::Special));
     }
     false
 }

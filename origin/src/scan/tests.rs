@@ -305,7 +305,7 @@ fn a_changed_path_below_a_symlink_is_never_followed() {
             "{p} reached through a symlink: {out:?}"
         );
     }
-    assert_eq!(out.leaves["inlink"].kind, EntryKind::Symlink);
+    assert_eq!(out.leaves["inlink"].kind, meridian_core::EntryKind::Symlink);
     assert_eq!(
         out.leaves["real/f"].hash,
         meridian_core::hash_bytes(b"inside")
