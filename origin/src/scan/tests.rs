@@ -21,17 +21,28 @@ fn scan_mode(
     snapshot: Snapshot,
 ) -> ScanOutput {
     let cache = HashCache::default();
-    scan(&ScanInput {
+    scan(&input(content, store, &cache, prev, quiet, snapshot)).expect("scan")
+}
+
+/// A scan's inputs: no watcher, two hashing threads.
+fn input<'a>(
+    content: &'a Path,
+    store: &'a LinkedStore,
+    cache: &'a HashCache,
+    previous: &'a HashMap<String, Entry>,
+    quiet: Duration,
+    snapshot: Snapshot,
+) -> ScanInput<'a> {
+    ScanInput {
         content,
         store,
-        cache: &cache,
-        previous: prev,
+        cache,
+        previous,
         quiet,
         closes: None,
         threads: 2,
         snapshot,
-    })
-    .expect("scan")
+    }
 }
 
 #[test]
@@ -189,16 +200,14 @@ fn files_past_the_descriptor_budget_are_reopened_and_linked() {
     let cache = HashCache::default();
     let previous = HashMap::new();
     let out = scan_with_budget(
-        &ScanInput {
-            content: &content,
-            store: &store,
-            cache: &cache,
-            previous: &previous,
-            quiet: Duration::ZERO,
-            closes: None,
-            threads: 2,
-            snapshot: Snapshot::Link,
-        },
+        &input(
+            &content,
+            &store,
+            &cache,
+            &previous,
+            Duration::ZERO,
+            Snapshot::Link,
+        ),
         0,
     )
     .expect("scan");
@@ -286,16 +295,14 @@ fn a_changed_path_below_a_symlink_is_never_followed() {
         .map(|p| p.to_string())
         .collect();
     let out = scan_paths(
-        &ScanInput {
-            content: &content,
-            store: &store,
-            cache: &cache,
-            previous: &previous,
-            quiet: Duration::ZERO,
-            closes: None,
-            threads: 2,
-            snapshot: Snapshot::Copy,
-        },
+        &input(
+            &content,
+            &store,
+            &cache,
+            &previous,
+            Duration::ZERO,
+            Snapshot::Copy,
+        ),
         &paths,
     )
     .expect("scan");
