@@ -275,8 +275,13 @@ async fn accept_loop<S: Service>(
                     };
                     crate::plain::serve_conn(stream, peer, svc, opts, stop, hand_off).await;
                 };
-                if std::env::var_os("MERIDIAN_PRINT_TASK_SIZE").is_some() {
-                    eprintln!("SIZE {}", std::mem::size_of_val(&fut));
+                // Read once, not per connection: a benchmark aid
+                // (BENCHMARKS.md, memory per slow download).
+                static PRINT_SIZE: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+                    std::env::var_os("MERIDIAN_PRINT_TASK_SIZE").is_some()
+                });
+                if *PRINT_SIZE {
+                    eprintln!("connection task: {} bytes", std::mem::size_of_val(&fut));
                 }
                 tokio::spawn(fut);
             }
