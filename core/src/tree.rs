@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 enum Node {
     Leaf(Entry),
     Dir(DirBuild),
+    /// A directory encoded already (its node is in the store), with the
+    /// files and bytes below it.
+    Graft(Entry, u64, u64),
     /// Taken out of the base tree (a file, a symlink or a whole directory).
     Removed,
 }
@@ -49,7 +52,7 @@ impl DirBuild {
             && self.children.values().all(|c| match c {
                 Node::Removed => true,
                 Node::Dir(d) => d.is_nothing(),
-                Node::Leaf(_) => false,
+                Node::Leaf(_) | Node::Graft(..) => false,
             })
     }
 }
@@ -120,7 +123,7 @@ impl TreeBuilder {
             }
             dir = match node {
                 Node::Dir(d) => d,
-                Node::Leaf(_) | Node::Removed => {
+                Node::Leaf(_) | Node::Graft(..) | Node::Removed => {
                     return Err(PathError::InsideFile(path.to_string()));
                 }
             };
@@ -155,8 +158,9 @@ impl TreeBuilder {
                 .or_insert_with(|| Node::Dir(DirBuild::new(Base::Inherit)));
             dir = match node {
                 Node::Dir(d) => d,
-                // Below a path removed or set to a file: gone already.
-                Node::Removed | Node::Leaf(_) => return Ok(()),
+                // Below a path removed, set to a file or grafted: gone
+                // already, or given whole.
+                Node::Removed | Node::Leaf(_) | Node::Graft(..) => return Ok(()),
             };
         }
         dir.children.insert(name.to_owned(), Node::Removed);
@@ -177,6 +181,24 @@ impl TreeBuilder {
         }
         entry.name = name.to_owned();
         dir.children.insert(name.to_owned(), Node::Leaf(entry));
+        Ok(())
+    }
+
+    /// Puts the directory `entry`, encoded already (its node and those
+    /// below it are in the store) with `files` files of `bytes` bytes
+    /// below it, at `path`, in place of whatever the base tree has there.
+    pub fn graft(
+        &mut self,
+        path: &RelPath,
+        mut entry: Entry,
+        files: u64,
+        bytes: u64,
+    ) -> Result<(), PathError> {
+        let (parent, name) = split_last(path)?;
+        let dir = self.dir_mut(&parent)?;
+        entry.name = name.to_owned();
+        dir.children
+            .insert(name.to_owned(), Node::Graft(entry, files, bytes));
         Ok(())
     }
 
@@ -280,6 +302,14 @@ fn encode_dir<E: From<DecodeError>>(
                     totals.take_out(o, load)?;
                 }
                 totals.add(&e, 1);
+                entries.push(e);
+            }
+            Node::Graft(e, files, bytes) => {
+                if let Some(o) = &old {
+                    totals.take_out(o, load)?;
+                }
+                totals.files += files as i64;
+                totals.bytes += bytes as i64;
                 entries.push(e);
             }
             Node::Removed => {

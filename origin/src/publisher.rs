@@ -200,21 +200,21 @@ pub(crate) fn read_node(store: &LinkedStore, h: &Hash) -> Result<DirNode, Publis
     DirNode::decode(&bytes).map_err(|_| PublishError::BadNode(*h))
 }
 
-/// The tree of a full scan, built from nothing.
+/// The tree of a full scan: its one subtree, the top, encoded and in
+/// the store already.
 fn build_whole(out: &ScanOutput) -> Result<meridian_core::tree::BuiltTree, PublishError> {
-    let mut tb = TreeBuilder::new();
-    for d in &out.dirs {
-        if let Ok(p) = RelPath::parse(d) {
-            let _ = tb.insert_dir(&p, 0);
-        }
-    }
-    for (p, e) in &out.leaves {
-        let res = RelPath::parse(p).and_then(|rp| tb.insert(&rp, e.clone()));
-        if let Err(err) = res {
-            tracing::warn!(path = %p, error = %err, "entry not published");
-        }
-    }
-    Ok(tb.finish()?)
+    let top = out
+        .subtrees
+        .iter()
+        .find(|t| t.rel.is_empty())
+        .ok_or_else(|| crate::scan::ScanError::Incomplete("the content directory".into()))?;
+    Ok(meridian_core::tree::BuiltTree {
+        nodes: Vec::new(),
+        tree: top.entry.hash,
+        tree_size: top.entry.size,
+        files: top.files,
+        bytes: top.bytes,
+    })
 }
 
 /// The published tree as a scan's [`Previous`]: read from the store on
@@ -253,16 +253,22 @@ impl Previous for StoredTree<'_> {
         self.entry(rel).filter(|e| e.kind != EntryKind::Dir)
     }
 
-    fn leaves_under(&self, dir: &str, each: &mut dyn FnMut(String, Entry)) {
-        let Some(d) = self.entry(dir).filter(|e| e.kind == EntryKind::Dir) else {
-            return;
-        };
-        let _ = walk_tree(
+    fn dir(&self, rel: &str) -> Option<(Entry, u64, u64)> {
+        let d = self.entry(rel).filter(|e| e.kind == EntryKind::Dir)?;
+        let (mut files, mut bytes) = (0, 0);
+        walk_tree(
             self.store,
             d.hash,
             |_| true,
-            |p, e| each(format!("{dir}/{p}"), e.clone()),
-        );
+            |_, e| {
+                if e.kind == EntryKind::File {
+                    files += 1;
+                    bytes += e.size;
+                }
+            },
+        )
+        .ok()?;
+        Some((d, files, bytes))
     }
 }
 
@@ -665,6 +671,7 @@ impl Publisher {
         };
         let t_tree = t0.elapsed();
         let mut written = out.new_objects.clone();
+        written.extend(&out.new_nodes);
         for (h, bytes) in &built.nodes {
             if !self.shared.store.contains(h) {
                 self.shared.store.objects.put_bytes(h, bytes)?;
@@ -760,17 +767,20 @@ impl Publisher {
         root: &Root,
         out: &ScanOutput,
     ) -> Result<Option<meridian_core::tree::BuiltTree>, PublishError> {
+        if out.subtrees.iter().any(|t| t.rel.is_empty()) {
+            // The content directory itself was walked whole.
+            return build_whole(out).map(Some);
+        }
         let mut tb = TreeBuilder::over(root.tree);
         let mut fits = true;
         // In the order ScanOutput documents.
-        for d in &out.subtrees {
-            fits &= RelPath::parse(d).and_then(|p| tb.replace_dir(&p)).is_ok();
-        }
         for r in &out.removed {
             fits &= RelPath::parse(r).and_then(|p| tb.remove(&p)).is_ok();
         }
-        for d in &out.dirs {
-            fits &= RelPath::parse(d).and_then(|p| tb.insert_dir(&p, 0)).is_ok();
+        for t in &out.subtrees {
+            fits &= RelPath::parse(&t.rel)
+                .and_then(|p| tb.graft(&p, t.entry.clone(), t.files, t.bytes))
+                .is_ok();
         }
         for (p, e) in &out.leaves {
             fits &= RelPath::parse(p)
@@ -785,23 +795,15 @@ impl Publisher {
         Ok(Some(built))
     }
 
-    /// Keeps what a scan learnt of the stat cache. A full scan's cache
-    /// replaces the old one and is saved; a scan of changed paths is merged
-    /// in memory only: saving the whole cache is O(tree), and an entry
-    /// missing from the saved cache costs at most one hash after a
-    /// restart (a stale one never matches: ctime only moves on).
+    /// Keeps what a scan learnt of the stat cache ([`HashCache::apply`]).
+    /// A full scan's cache is saved; a scan of changed paths only adds in
+    /// memory: saving the whole cache is O(tree), and an entry missing
+    /// from the saved cache costs at most one hash after a restart.
     fn take_cache(&mut self, out: ScanOutput, full: bool) -> Result<(), PublishError> {
+        self.cache.apply(out.cache, full);
         if full {
-            self.cache = out.cache;
             self.cache.save(&self.cfg.state.join("hashcache"))?;
-            return Ok(());
         }
-        for r in &out.removed {
-            if !out.leaves.contains_key(r) {
-                self.cache.map.remove(r);
-            }
-        }
-        self.cache.map.extend(out.cache.map);
         Ok(())
     }
 

@@ -8,8 +8,10 @@
 //! source that changed during the copy is detected by comparing its stat key
 //! before and after, and is retried on a later scan.
 
-use crate::cache::{HashCache, StatKey};
+use crate::cache::{CacheUpdate, Cached, HashCache, StatKey};
 use crate::linked::LinkedStore;
+pub use build::Subtree;
+use build::{Builder, Slot};
 use meridian_core::{Entry, Hash, RelPath, resolve_symlink, validate_name};
 use snapshot::{IngestError, hash_in_place, ingest, link_hashed};
 use std::collections::{HashMap, HashSet};
@@ -20,6 +22,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod build;
 mod snapshot;
 
 /// A whole scan failed (the content directory itself is unusable).
@@ -33,6 +36,13 @@ pub enum ScanError {
     },
     #[error("snapshot store failed: {0}")]
     Store(#[from] meridian_serve::StoreError),
+    #[error("directory {dir:?} cannot be published: {error}")]
+    Tree {
+        dir: String,
+        error: meridian_core::encoding::DecodeError,
+    },
+    #[error("the scan of {0:?} ended with files unaccounted for (a hashing thread died?)")]
+    Incomplete(String),
 }
 
 /// Why one file was not (re)published in this scan.
@@ -100,28 +110,26 @@ impl SkipReason {
     }
 }
 
-/// The entries of the generation before a scan, for files that cannot be
-/// read right now (their previous version stays published).
+/// The entries of the generation before a scan, for files and
+/// directories that cannot be read right now (their previous version
+/// stays published).
 pub trait Previous: Sync {
     /// The file or symlink at `rel`, if there was one.
     fn leaf(&self, rel: &str) -> Option<Entry>;
-    /// Every file and symlink below the directory `dir`, by path.
-    fn leaves_under(&self, dir: &str, each: &mut dyn FnMut(String, Entry));
+    /// The directory at `rel`, if there was one, with the files and bytes
+    /// below it.
+    fn dir(&self, rel: &str) -> Option<(Entry, u64, u64)>;
 }
 
-/// The previous generation as a map by path (the scan's tests).
+/// The previous generation's files as a map by path (the scan's tests:
+/// no directory of it is known).
 #[cfg(test)]
 impl Previous for HashMap<String, Entry> {
     fn leaf(&self, rel: &str) -> Option<Entry> {
         self.get(rel).cloned()
     }
-    fn leaves_under(&self, dir: &str, each: &mut dyn FnMut(String, Entry)) {
-        let prefix = format!("{dir}/");
-        for (p, e) in self {
-            if p.starts_with(&prefix) && e.kind != meridian_core::EntryKind::Dir {
-                each(p.clone(), e.clone());
-            }
-        }
+    fn dir(&self, _: &str) -> Option<(Entry, u64, u64)> {
+        None
     }
 }
 
@@ -159,26 +167,25 @@ pub enum Snapshot {
     Copy,
 }
 
-/// What a scan found. A full scan ([`scan`]) describes the whole tree; a
-/// scan of changed paths ([`scan_paths`]) describes changes to the
-/// previous generation, applied in this order: `subtrees` emptied,
-/// `removed` taken out, then `dirs` and `leaves` put in.
+/// What a scan found. A full scan ([`scan`]) gives the whole tree, as one
+/// subtree: the top, "". A scan of changed paths ([`scan_paths`]) gives
+/// changes to the previous generation, applied in this order: `removed`
+/// taken out, `subtrees` put in whole, then `leaves` put in.
 #[derive(Debug, Default)]
 pub struct ScanOutput {
-    /// Every file and symlink to publish, by path (of a scan of changed
-    /// paths: those examined).
+    /// Files and symlinks examined one by one (a scan of changed paths),
+    /// by path.
     pub leaves: HashMap<String, Entry>,
-    /// Every directory (including empty ones) walked.
-    pub dirs: Vec<String>,
     /// Paths examined that the new generation may not have: whatever is
-    /// in `leaves` or below `dirs` is put back.
+    /// in `subtrees` or `leaves` is put back.
     pub removed: Vec<String>,
-    /// Directories walked whole: the new generation has below them only
-    /// what this scan found (the full scan: the top, "").
-    pub subtrees: Vec<String>,
-    /// The stat cache: of a full scan, every file it found; of a scan of
-    /// changed paths, the files it hashed or recognised (to be merged).
-    pub cache: HashCache,
+    /// Directories walked whole, each encoded with everything below it:
+    /// the new generation has at each path exactly this.
+    pub subtrees: Vec<Subtree>,
+    /// Directory nodes the scan wrote to the store.
+    pub new_nodes: Vec<Hash>,
+    /// What the scan learnt of the stat cache ([`HashCache::apply`]).
+    pub cache: CacheUpdate,
     pub skipped: Vec<(String, SkipReason)>,
     pub files_hashed: u64,
     pub bytes_hashed: u64,
@@ -199,6 +206,9 @@ impl ScanOutput {
 
 struct Work {
     rel: String,
+    /// The directory being built it belongs to (`None`: a file examined
+    /// on its own, put in `leaves` by path).
+    slot: Option<Slot>,
     abs: PathBuf,
     key: StatKey,
     executable: bool,
@@ -212,19 +222,96 @@ fn secs(t: SystemTime) -> i64 {
     }
 }
 
+/// What a scan has found so far: the output, and the directories being
+/// built (the walks' trees).
+struct Found<'a> {
+    out: ScanOutput,
+    build: Builder<'a>,
+}
+
+impl Found<'_> {
+    /// An entry found at `rel`: into its directory being built, or (a
+    /// file examined on its own) into `leaves`.
+    fn put(&mut self, slot: Option<Slot>, rel: String, entry: Entry) {
+        match slot {
+            Some(s) => self.build.put(s, entry),
+            None => {
+                self.out.leaves.insert(rel, entry);
+            }
+        }
+    }
+
+    /// The previous version of `rel`, if it had one, in place of a file
+    /// that cannot be published now.
+    fn carry(&mut self, previous: &dyn Previous, slot: Option<Slot>, rel: &str) {
+        if let Some(e) = previous.leaf(rel) {
+            self.put(slot, rel.to_owned(), e);
+        }
+    }
+
+    /// Takes in the files the hashing threads are done with.
+    fn take_outcomes(&mut self, previous: &dyn Previous, results: &Mutex<Vec<Outcome>>) {
+        let done = match results.lock() {
+            Ok(mut v) => std::mem::take(&mut *v),
+            Err(_) => return,
+        };
+        for (w, r, dt) in done {
+            self.out.hash_seconds += dt;
+            let entry = match r {
+                Ok((h, was_new, key)) => {
+                    self.out.files_hashed += 1;
+                    self.out.bytes_hashed += w.key.size;
+                    if was_new {
+                        self.out.new_objects.push(h);
+                    }
+                    self.out.cache.added.push(Cached { key, hash: h });
+                    let name = w.rel.rsplit('/').next().unwrap_or(&w.rel);
+                    Some(Entry::file(name, w.key.size, h, w.executable, w.mtime))
+                }
+                Err(reason) => {
+                    let e = previous.leaf(&w.rel);
+                    self.out.skipped.push((w.rel.clone(), reason));
+                    e
+                }
+            };
+            match (w.slot, entry) {
+                (Some(s), e) => self.build.resolved(s, e),
+                (None, Some(e)) => {
+                    self.out.leaves.insert(w.rel, e);
+                }
+                (None, None) => {}
+            }
+        }
+    }
+}
+
+/// A file handed out for hashing, and how that went.
+type Outcome = (Work, Result<(Hash, bool, StatKey), SkipReason>, f64);
+
 /// Walks the directories `roots` (absolute, relative; the content
-/// directory itself is ""): fills in `out` and hands every file that
-/// needs hashing to `sink`. Returns how many it handed over.
+/// directory itself is ""), each into a subtree built as it goes, and
+/// hands every file that needs hashing to `sink`. Between directories it
+/// takes in what hashing is done with (`results`), so that finished
+/// directories are encoded and let go while the walk goes on. Returns how
+/// many files it handed over.
 fn walk(
     input: &ScanInput<'_>,
-    out: &mut ScanOutput,
+    found: &mut Found<'_>,
     now: SystemTime,
     roots: Vec<(PathBuf, String)>,
+    results: &Mutex<Vec<Outcome>>,
     sink: &mut impl FnMut(Work),
 ) -> Result<usize, ScanError> {
     let mut handed = 0usize;
-    let mut stack = roots;
-    while let Some((abs, rel)) = stack.pop() {
+    let mut stack: Vec<(PathBuf, String, Slot)> = roots
+        .into_iter()
+        .map(|(abs, rel)| {
+            let name = rel.rsplit('/').next().unwrap_or_default().to_owned();
+            let slot = found.build.open(None, &name, Some(rel.clone()));
+            (abs, rel, slot)
+        })
+        .collect();
+    while let Some((abs, rel, slot)) = stack.pop() {
         let rd = match fs::read_dir(&abs) {
             Ok(rd) => rd,
             Err(source) if rel.is_empty() => {
@@ -232,22 +319,22 @@ fn walk(
             }
             Err(e) => {
                 tracing::warn!(dir = %abs.display(), error = %e, "cannot read directory; keeping its previous content");
-                carry_prefix(input.previous, &rel, &mut out.leaves);
-                out.skipped.push((rel.clone(), SkipReason::Unreadable));
+                found.build.unreadable(slot, &rel);
+                found.build.listed(slot);
+                found.out.skipped.push((rel, SkipReason::Unreadable));
                 continue;
             }
         };
-        out.dir_count += 1;
-        if !rel.is_empty() {
-            out.dirs.push(rel.clone());
-        }
+        found.out.dir_count += 1;
         for dent in rd {
             let Ok(dent) = dent else { continue };
             let os_name = dent.file_name();
             let child_abs = dent.path();
             let Some(name) = os_name.to_str() else {
                 tracing::debug!(path = %child_abs.display(), "file name is not valid UTF-8");
-                out.skipped
+                found
+                    .out
+                    .skipped
                     .push((child_abs.display().to_string(), SkipReason::NotUtf8));
                 continue;
             };
@@ -257,12 +344,12 @@ fn walk(
                 format!("{rel}/{name}")
             };
             if rel.is_empty() && name == ".meridian" {
-                out.skipped.push((child_rel, SkipReason::Reserved));
+                found.out.skipped.push((child_rel, SkipReason::Reserved));
                 continue;
             }
             if let Err(e) = validate_name(name) {
                 tracing::debug!(path = %child_rel.escape_debug(), error = %e, "name not allowed");
-                out.skipped.push((child_rel, SkipReason::BadName));
+                found.out.skipped.push((child_rel, SkipReason::BadName));
                 continue;
             }
             let md = match fs::symlink_metadata(&child_abs) {
@@ -270,31 +357,51 @@ fn walk(
                 Err(_) => continue, // vanished between readdir and stat
             };
             if md.file_type().is_dir() {
-                stack.push((child_abs, child_rel));
-            } else if visit_leaf(input, out, now, &rel, name, child_rel, child_abs, &md, sink) {
-                handed += 1;
+                let child = found.build.open(Some(slot), name, None);
+                stack.push((child_abs, child_rel, child));
+            } else {
+                let leaf = Leaf {
+                    dir: &rel,
+                    name,
+                    slot: Some(slot),
+                };
+                if visit_leaf(input, found, now, leaf, child_rel, child_abs, &md, sink) {
+                    handed += 1;
+                }
             }
         }
+        found.build.listed(slot);
+        found.take_outcomes(input.previous, results);
+        found.build.take_error()?;
     }
     Ok(handed)
 }
 
+/// Where a file a walk or a change found sits.
+struct Leaf<'a> {
+    /// Its directory, relative.
+    dir: &'a str,
+    name: &'a str,
+    /// The directory being built it goes into (`None`: into `leaves`).
+    slot: Option<Slot>,
+}
+
 /// Examines one file, symlink or special file that a walk or a change
-/// found (`rel` is its directory, `name` its name): a symlink or a file
-/// the stat cache knows goes into `out`, one to hash to `sink` (then the
-/// return is true), anything else is skipped with its reason.
+/// found (`leaf`: where): a symlink or a file the stat cache knows is
+/// found, one to hash goes to `sink` (then the return is true), anything
+/// else is skipped with its reason.
 #[allow(clippy::too_many_arguments)]
 fn visit_leaf(
     input: &ScanInput<'_>,
-    out: &mut ScanOutput,
+    found: &mut Found<'_>,
     now: SystemTime,
-    rel: &str,
-    name: &str,
+    leaf: Leaf<'_>,
     child_rel: String,
     child_abs: PathBuf,
     md: &fs::Metadata,
     sink: &mut impl FnMut(Work),
 ) -> bool {
+    let Leaf { dir, name, slot } = leaf;
     let ft = md.file_type();
     let mtime = md.modified().map(secs).unwrap_or(0);
     if ft.is_symlink() {
@@ -302,27 +409,26 @@ fn visit_leaf(
         let target = target.as_deref().and_then(Path::to_str).map(str::to_owned);
         match target {
             Some(t)
-                if resolve_symlink(rel, &t).is_some() && !t.contains('\\') && t.len() <= 4096 =>
+                if resolve_symlink(dir, &t).is_some() && !t.contains('\\') && t.len() <= 4096 =>
             {
-                out.leaves
-                    .insert(child_rel, Entry::symlink(name, &t, mtime));
+                found.put(slot, child_rel, Entry::symlink(name, &t, mtime));
             }
             _ => {
-                out.skipped.push((child_rel, SkipReason::SymlinkEscapes));
+                found
+                    .out
+                    .skipped
+                    .push((child_rel, SkipReason::SymlinkEscapes));
             }
         }
     } else if ft.is_file() {
         let key = StatKey::of(md);
         let executable = md.permissions().mode() & 0o111 != 0;
-        if let Some((k, h)) = input.cache.map.get(&child_rel)
-            && *k == key
-            && input.store.contains(h)
+        if let Some((hit, cached)) = input.cache.get(&key)
+            && input.store.contains(&cached.hash)
         {
-            out.cache.map.insert(child_rel.clone(), (key, *h));
-            out.leaves.insert(
-                child_rel,
-                Entry::file(name, key.size, *h, executable, mtime),
-            );
+            found.out.cache.hit(hit, cached);
+            let entry = Entry::file(name, key.size, cached.hash, executable, mtime);
+            found.put(slot, child_rel, entry);
             return false;
         }
         let changed_at = md.modified().ok().max(Some(ctime_of(md)));
@@ -338,12 +444,16 @@ fn visit_leaf(
                 .and_then(|t| now.duration_since(t).ok())
                 .is_some_and(|age| age >= input.quiet);
         if !settled {
-            carry(input.previous, &child_rel, &mut out.leaves);
-            out.skipped.push((child_rel, SkipReason::Settling));
+            found.carry(input.previous, slot, &child_rel);
+            found.out.skipped.push((child_rel, SkipReason::Settling));
             return false;
+        }
+        if let Some(s) = slot {
+            found.build.expect(s);
         }
         sink(Work {
             rel: child_rel,
+            slot,
             abs: child_abs,
             key,
             executable,
@@ -351,7 +461,7 @@ fn visit_leaf(
         });
         return true;
     } else {
-        out.skipped.push((child_rel, SkipReason::Special));
+        found.out.skipped.push((child_rel, SkipReason::Special));
     }
     false
 }
@@ -364,6 +474,11 @@ struct Hashed {
     hash: Hash,
     seconds: f64,
 }
+
+/// How many hashed files may wait for a linker; past it, the hashing
+/// threads link what they hash themselves (the backlog's memory is
+/// bounded, however large the tree).
+const LINK_BACKLOG: usize = 1 << 16;
 
 /// How many hashed files may wait for their link with their descriptor
 /// still open: half the soft descriptor limit, at most 65,536. Files past
@@ -437,9 +552,10 @@ fn scan_with_budget(input: &ScanInput<'_>, budget: usize) -> Result<ScanOutput, 
 /// examines. Returns how many files it handed to `sink` to hash.
 fn walk_changes(
     input: &ScanInput<'_>,
-    out: &mut ScanOutput,
+    found: &mut Found<'_>,
     now: SystemTime,
     paths: &[String],
+    results: &Mutex<Vec<Outcome>>,
     sink: &mut impl FnMut(Work),
 ) -> Result<usize, ScanError> {
     let mut dirs: Vec<(PathBuf, String)> = Vec::new();
@@ -455,12 +571,12 @@ fn walk_changes(
             // nothing was ever published (the full scan said so).
             let name = rel.rsplit('/').next().unwrap_or(rel);
             if validate_name(name).is_err() {
-                out.skipped.push((rel.clone(), SkipReason::BadName));
+                found.out.skipped.push((rel.clone(), SkipReason::BadName));
             }
             continue;
         }
         if rel == ".meridian" || rel.starts_with(".meridian/") {
-            out.skipped.push((rel.clone(), SkipReason::Reserved));
+            found.out.skipped.push((rel.clone(), SkipReason::Reserved));
             continue;
         }
         if !real_dirs_above(input.content, rel, &mut ancestors) {
@@ -477,12 +593,15 @@ fn walk_changes(
                 if e.kind() == std::io::ErrorKind::NotFound
                     || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) =>
             {
-                out.removed.push(rel.clone());
+                found.out.removed.push(rel.clone());
             }
             Err(e) => {
                 tracing::warn!(path = %abs.display(), error = %e, "cannot look up a changed path; keeping its previous version");
-                carry(input.previous, rel, &mut out.leaves);
-                out.skipped.push((rel.clone(), SkipReason::Unreadable));
+                found.carry(input.previous, None, rel);
+                found
+                    .out
+                    .skipped
+                    .push((rel.clone(), SkipReason::Unreadable));
             }
         }
     }
@@ -496,15 +615,25 @@ fn walk_changes(
     };
     dirs.retain(|(_, r)| !covered(r));
     leaves.retain(|(_, r, _)| !covered(r));
-    out.removed.retain(|r| !covered(r));
-    out.subtrees.extend(dirs.iter().map(|(_, r)| r.clone()));
-    let mut handed = walk(input, out, now, dirs, sink)?;
+    found.out.removed.retain(|r| !covered(r));
+    // Whatever was at a walked directory goes: the walk puts back what
+    // is there now.
+    found
+        .out
+        .removed
+        .extend(dirs.iter().map(|(_, r)| r.clone()));
+    let mut handed = walk(input, found, now, dirs, results, sink)?;
     for (abs, rel, md) in leaves {
         // Whatever was there goes, unless this scan puts it back.
-        out.removed.push(rel.clone());
+        found.out.removed.push(rel.clone());
         let (parent, name) = rel.rsplit_once('/').unwrap_or(("", rel.as_str()));
         let (parent, name) = (parent.to_owned(), name.to_owned());
-        if visit_leaf(input, out, now, &parent, &name, rel, abs, &md, sink) {
+        let leaf = Leaf {
+            dir: &parent,
+            name: &name,
+            slot: None,
+        };
+        if visit_leaf(input, found, now, leaf, rel, abs, &md, sink) {
             handed += 1;
         }
     }
@@ -533,10 +662,12 @@ fn scan_scope(
     budget: usize,
     scope: Scope<'_>,
 ) -> Result<ScanOutput, ScanError> {
-    let mut out = ScanOutput::default();
+    let mut found = Found {
+        out: ScanOutput::default(),
+        build: Builder::new(input.store, input.previous),
+    };
     let now = SystemTime::now();
     let t_start = Instant::now();
-    type Outcome = (Work, Result<(Hash, bool, StatKey), SkipReason>, f64);
     let results: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
     let disk_error: Mutex<Option<meridian_serve::StoreError>> = Mutex::new(None);
     let finish = |w: Work, r: Result<(Hash, bool, StatKey), IngestError>, dt: f64| {
@@ -562,6 +693,8 @@ fn scan_scope(
     let link_rx = Mutex::new(link_rx);
     let hashing_done = AtomicBool::new(false);
     let held = AtomicUsize::new(0);
+    // Hashed files waiting for a linker.
+    let queued = AtomicUsize::new(0);
     // Links one hashed file (a copy where no link can be made).
     let link_one = |item: Hashed, buf: &mut Vec<u8>| {
         let t0 = Instant::now();
@@ -589,6 +722,7 @@ fn scan_scope(
             }
             let next = link_rx.lock().ok().and_then(|r| r.recv().ok());
             let Some(item) = next else { break };
+            queued.fetch_sub(1, Ordering::Relaxed);
             link_one(item, &mut buf);
         }
     };
@@ -596,7 +730,7 @@ fn scan_scope(
         let hashers: Vec<_> = (0..threads)
             .map(|_| {
                 let link_tx = link_tx.clone();
-                let (rx, finish, held) = (&rx, &finish, &held);
+                let (rx, finish, held, queued) = (&rx, &finish, &held, &queued);
                 s.spawn(move || {
                     let mut buf = vec![0u8; 1 << 20];
                     loop {
@@ -616,7 +750,13 @@ fn scan_scope(
                                         hash,
                                         seconds: t0.elapsed().as_secs_f64(),
                                     };
-                                    if let Err(back) = link_tx.send(item) {
+                                    // Past the backlog the hasher links it
+                                    // itself: what waits stays bounded.
+                                    if queued.fetch_add(1, Ordering::Relaxed) >= LINK_BACKLOG {
+                                        queued.fetch_sub(1, Ordering::Relaxed);
+                                        link_one(item, &mut buf);
+                                    } else if let Err(back) = link_tx.send(item) {
+                                        queued.fetch_sub(1, Ordering::Relaxed);
                                         link_one(back.0, &mut buf);
                                     }
                                 }
@@ -641,11 +781,10 @@ fn scan_scope(
         };
         let handed = match scope {
             Scope::All => {
-                out.subtrees.push(String::new());
                 let top = vec![(input.content.to_path_buf(), String::new())];
-                walk(input, &mut out, now, top, &mut send)
+                walk(input, &mut found, now, top, &results, &mut send)
             }
-            Scope::Paths(paths) => walk_changes(input, &mut out, now, paths, &mut send),
+            Scope::Paths(paths) => walk_changes(input, &mut found, now, paths, &results, &mut send),
         };
         drop(tx);
         for h in hashers {
@@ -672,29 +811,14 @@ fn scan_scope(
     if let Some(e) = disk_error.into_inner().ok().flatten() {
         return Err(ScanError::Store(e));
     }
-    for (w, r, dt) in results.into_inner().unwrap_or_default() {
-        let w = &w;
-        out.hash_seconds += dt;
-        match r {
-            Ok((h, was_new, key)) => {
-                out.files_hashed += 1;
-                out.bytes_hashed += w.key.size;
-                if was_new {
-                    out.new_objects.push(h);
-                }
-                let name = w.rel.rsplit('/').next().unwrap_or(&w.rel);
-                out.cache.map.insert(w.rel.clone(), (key, h));
-                out.leaves.insert(
-                    w.rel.clone(),
-                    Entry::file(name, w.key.size, h, w.executable, w.mtime),
-                );
-            }
-            Err(reason) => {
-                carry(input.previous, &w.rel, &mut out.leaves);
-                out.skipped.push((w.rel.clone(), reason));
-            }
-        }
+    found.take_outcomes(input.previous, &results);
+    found.build.take_error()?;
+    let Found { mut out, build } = found;
+    if !build.all_done() {
+        return Err(ScanError::Incomplete(input.content.display().to_string()));
     }
+    out.subtrees = build.done;
+    out.new_nodes = build.written;
     // A carried-forward leaf must not sit below a path that is now a file.
     out.leaves.retain(|p, _| RelPath::parse(p).is_ok());
     Ok(out)
@@ -704,18 +828,6 @@ fn ctime_of(md: &fs::Metadata) -> SystemTime {
     use std::os::unix::fs::MetadataExt;
     let ns = md.ctime().max(0) as u64 * 1_000_000_000 + md.ctime_nsec().max(0) as u64;
     UNIX_EPOCH + Duration::from_nanos(ns)
-}
-
-fn carry(prev: &dyn Previous, rel: &str, leaves: &mut HashMap<String, Entry>) {
-    if let Some(e) = prev.leaf(rel) {
-        leaves.insert(rel.to_owned(), e);
-    }
-}
-
-fn carry_prefix(prev: &dyn Previous, dir: &str, leaves: &mut HashMap<String, Entry>) {
-    prev.leaves_under(dir, &mut |p, e| {
-        leaves.insert(p, e);
-    });
 }
 
 #[cfg(test)]

@@ -45,7 +45,10 @@ pub enum OriginError {
     #[error(transparent)]
     Listen(#[from] meridian_serve::ListenError),
     #[error("cannot watch {path}: {source}")]
-    Watch { path: String, source: notify::Error },
+    Watch {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Reads the signing key, refusing a file readable by group or others or
@@ -341,6 +344,11 @@ fn promote_linked(shared: &Shared, stop: &Stopping, full: bool) {
         queued
     };
     let (mut copied, mut withdrawn) = (0u64, 0u64);
+    tracing::debug!(
+        objects = linked.len(),
+        full,
+        "copying hashed-in-place files"
+    );
     for h in linked {
         if stop.is_set() {
             break;
@@ -415,7 +423,7 @@ async fn publish_loop(
     mut reloads: tokio::sync::watch::Receiver<(OriginConfig, SecretKey)>,
     signal: Arc<ChangeSignal>,
     mut shutdown: Stopping,
-    _watcher: notify::RecommendedWatcher,
+    _watcher: crate::watcher::Watch,
 ) {
     // Settling files are retried after one quiet period; failed publishes
     // (disk full, unreadable content directory) back off up to 30 s.

@@ -1,5 +1,6 @@
-//! The file-alteration monitor half: inotify (via `notify`) on the content
-//! directory, recursively. Events trigger a scan of the paths they name;
+//! The file-alteration monitor half: inotify on the content directory,
+//! recursively (a watch on every directory, added as directories appear).
+//! Events trigger a scan of the paths they name;
 //! the scan itself decides what changed at each (a `lstat`, and a hash
 //! only if the stat cache does not know the file). A lost event (inotify
 //! queue overflow) makes the next scan a full one; the periodic full
@@ -17,8 +18,7 @@
 //! it is *being written* from a create or a write until then
 //! ([`Closes`]).
 
-use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
-use notify::{EventKind, RecursiveMode, Watcher};
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,14 +96,9 @@ impl Changed {
         }
     }
 
-    fn apply(&self, ev: &notify::Event) {
+    fn add(&self, p: PathBuf) {
         if let Ok(mut s) = self.state.lock() {
-            if ev.need_rescan() {
-                s.overflow = true;
-            }
-            for p in &ev.paths {
-                s.add(p.clone());
-            }
+            s.add(p);
         }
     }
 }
@@ -227,32 +222,6 @@ impl Closes {
             s.writing.retain(|w, _| !w.starts_with(p));
         }
     }
-
-    /// Applies one event.
-    fn apply(&self, ev: &notify::Event) {
-        match ev.kind {
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
-                ev.paths.iter().for_each(|p| self.finished(p));
-            }
-            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
-                ev.paths.iter().for_each(|p| self.finished(p));
-            }
-            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
-                if let [from, to] = ev.paths.as_slice() {
-                    self.gone(from);
-                    self.finished(to);
-                }
-            }
-            EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => {
-                ev.paths.iter().for_each(|p| self.gone(p));
-            }
-            EventKind::Create(CreateKind::Folder) => {}
-            EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
-                ev.paths.iter().for_each(|p| self.written(p));
-            }
-            _ => {}
-        }
-    }
 }
 
 impl ChangeSignal {
@@ -265,88 +234,328 @@ impl ChangeSignal {
     }
 }
 
-/// Starts watching; the watcher stops when the returned value is dropped.
-pub(crate) fn watch(
-    dir: &Path,
-    signal: Arc<ChangeSignal>,
-) -> notify::Result<notify::RecommendedWatcher> {
-    let handler = move |res: notify::Result<notify::Event>| match res {
-        Ok(ev) => {
-            signal.closes.apply(&ev);
-            // Opens and reads change nothing; a close after writing does.
-            let close_write = matches!(
-                ev.kind,
-                EventKind::Access(AccessKind::Close(AccessMode::Write))
-            );
-            if !ev.kind.is_access() || close_write || ev.need_rescan() {
-                signal.changed.apply(&ev);
-                signal.poke();
+/// What is asked of inotify on each directory: changes only. Not opens,
+/// reads or closes without writing (`IN_OPEN`, `IN_ACCESS`,
+/// `IN_CLOSE_NOWRITE`): every download of a linked file and every
+/// directory the scan lists would be an event, and a full scan of a big
+/// tree would overflow the kernel's queue by itself. Never through a
+/// symlink (`IN_DONT_FOLLOW`, `IN_ONLYDIR`): a symlinked directory is
+/// published as the symlink it is.
+fn mask() -> WatchMask {
+    WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::DELETE_SELF
+        | WatchMask::MODIFY
+        | WatchMask::ATTRIB
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVE_SELF
+        | WatchMask::DONT_FOLLOW
+        | WatchMask::ONLYDIR
+        | WatchMask::EXCL_UNLINK
+}
+
+/// The watches: one per directory, by descriptor.
+struct Watches {
+    inotify: Inotify,
+    dirs: HashMap<WatchDescriptor, PathBuf>,
+    /// The content directory (absolute).
+    top: PathBuf,
+    /// Directories that could not be watched (and were said so), so that
+    /// each is warned about once.
+    refused: std::collections::HashSet<PathBuf>,
+}
+
+impl Watches {
+    /// Watches `dir` and every directory below it (not through symlinks).
+    /// Only the content directory itself failing is an error: below it, a
+    /// directory that cannot be watched (unreadable, or past the kernel's
+    /// watch limit) is logged, and the scans (which report it, and the
+    /// periodic full rescan) cover it.
+    fn add_tree(&mut self, dir: &Path) -> std::io::Result<()> {
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            match self.inotify.watches().add(&d, mask()) {
+                Ok(wd) => {
+                    self.refused.remove(&d);
+                    self.dirs.insert(wd, d.clone());
+                }
+                Err(e) if d == self.top => return Err(e),
+                Err(e) => {
+                    if self.refused.insert(d.clone()) {
+                        let fix = if e.raw_os_error()
+                            == Some(rustix::io::Errno::NOSPC.raw_os_error())
+                        {
+                            "raise fs.inotify.max_user_watches (sysctl); until then the periodic rescan finds its changes"
+                        } else {
+                            "its changes are found by the periodic rescan"
+                        };
+                        tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory; {fix}");
+                    }
+                    continue;
+                }
+            }
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for dent in rd.flatten() {
+                if dent.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(dent.path());
+                }
             }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "file watcher error; rescanning everything");
-            signal.changed.everything();
+        Ok(())
+    }
+
+    /// A watched directory left the tree: its watches (and those below
+    /// it) go.
+    fn left(&mut self, from: &Path) {
+        let gone: Vec<WatchDescriptor> = self
+            .dirs
+            .iter()
+            .filter(|(_, p)| p.starts_with(from))
+            .map(|(wd, _)| wd.clone())
+            .collect();
+        for wd in gone {
+            self.dirs.remove(&wd);
+            let _ = self.inotify.watches().remove(wd);
+        }
+    }
+
+    /// Applies the events of one read: each path to `signal`, and the
+    /// watches kept in step with directories created, moved and removed.
+    fn apply(
+        &mut self,
+        events: Vec<(WatchDescriptor, EventMask, u32, Option<std::ffi::OsString>)>,
+        signal: &ChangeSignal,
+    ) {
+        // A directory moved away: its move-in (same cookie) comes in the
+        // same read when it stays in the tree.
+        let mut moved_from: HashMap<u32, PathBuf> = HashMap::new();
+        let mut any = false;
+        for (wd, mask, cookie, name) in events {
+            if mask.contains(EventMask::Q_OVERFLOW) {
+                signal.changed.everything();
+                any = true;
+                continue;
+            }
+            if mask.contains(EventMask::IGNORED) {
+                self.dirs.remove(&wd);
+                continue;
+            }
+            let Some(dir) = self.dirs.get(&wd) else {
+                continue;
+            };
+            let Some(name) = name else {
+                // About the watched directory itself: its parent's event
+                // says what happened, except for the top.
+                if dir == &self.top
+                    && mask.intersects(
+                        EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::UNMOUNT,
+                    )
+                {
+                    tracing::warn!(dir = %dir.display(), "the content directory itself was moved or removed; scanning everything");
+                    signal.changed.everything();
+                    any = true;
+                }
+                continue;
+            };
+            let path = dir.join(name);
+            let is_dir = mask.contains(EventMask::ISDIR);
+            let closes = &signal.closes;
+            if mask.contains(EventMask::CLOSE_WRITE) {
+                closes.finished(&path);
+            } else if mask.contains(EventMask::MOVED_TO) {
+                if is_dir {
+                    // Moved in from outside, or within: watch what is
+                    // there. Watches already there (a move within) are
+                    // the same descriptors, now named by the new paths.
+                    moved_from.remove(&cookie);
+                    let _ = self.add_tree(&path);
+                } else {
+                    closes.finished(&path);
+                }
+            } else if mask.intersects(EventMask::MOVED_FROM | EventMask::DELETE) {
+                closes.gone(&path);
+                if is_dir && mask.contains(EventMask::MOVED_FROM) {
+                    moved_from.insert(cookie, path.clone());
+                }
+            } else if mask.contains(EventMask::CREATE) {
+                if is_dir {
+                    let _ = self.add_tree(&path);
+                } else {
+                    closes.written(&path);
+                }
+            } else if mask.contains(EventMask::MODIFY) {
+                closes.written(&path);
+            }
+            signal.changed.add(path);
+            any = true;
+        }
+        for from in moved_from.into_values() {
+            self.left(&from);
+        }
+        if any {
             signal.poke();
         }
+    }
+}
+
+/// The running watch; it stops when dropped.
+pub(crate) struct Watch {
+    stop: rustix::fd::OwnedFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts watching `dir` (every directory below it, on a thread of its
+/// own). Fails only if `dir` itself cannot be watched.
+pub(crate) fn watch(dir: &Path, signal: Arc<ChangeSignal>) -> std::io::Result<Watch> {
+    let top = std::path::absolute(dir)?;
+    let mut w = Watches {
+        inotify: Inotify::init()?,
+        dirs: HashMap::new(),
+        top: top.clone(),
+        refused: Default::default(),
     };
-    // Never through a symlink: a symlinked directory is published as the
-    // symlink it is, and one pointing outside the content must not bring
-    // in events (and paths) from there.
-    let mut w = notify::RecommendedWatcher::new(
-        handler,
-        notify::Config::default().with_follow_symlinks(false),
-    )?;
-    w.watch(dir, RecursiveMode::Recursive)?;
-    Ok(w)
+    w.add_tree(&top)?;
+    let stop = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+    let stop2 = stop.try_clone()?;
+    let thread = std::thread::Builder::new()
+        .name("inotify".into())
+        .spawn(move || run(w, stop2, signal))?;
+    Ok(Watch {
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// The watch thread: waits for events (or the stop), applies them.
+fn run(mut w: Watches, stop: rustix::fd::OwnedFd, signal: Arc<ChangeSignal>) {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let ready = {
+            let mut fds = [
+                PollFd::new(&w.inotify, PollFlags::IN),
+                PollFd::new(&stop, PollFlags::IN),
+            ];
+            match poll(&mut fds, None) {
+                Ok(_) => (!fds[0].revents().is_empty(), !fds[1].revents().is_empty()),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "file watcher failed; every scan is a full one from now on");
+                    signal.changed.everything();
+                    signal.poke();
+                    return;
+                }
+            }
+        };
+        if ready.1 {
+            return;
+        }
+        if !ready.0 {
+            continue;
+        }
+        let events: Vec<_> = match w.inotify.read_events(&mut buf) {
+            Ok(evs) => evs
+                .map(|e| (e.wd, e.mask, e.cookie, e.name.map(|n| n.to_os_string())))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "file watcher error; rescanning everything");
+                signal.changed.everything();
+                signal.poke();
+                continue;
+            }
+        };
+        w.apply(events, &signal);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::Event;
+    use std::collections::HashSet;
+    use std::time::{Duration, Instant};
 
-    fn ev(kind: EventKind, paths: &[&str]) -> Event {
-        let mut e = Event::new(kind);
-        for p in paths {
-            e = e.add_path(PathBuf::from(p));
+    /// Takes what changed until `want` is among it (deadline 10 s).
+    fn until(signal: &ChangeSignal, want: &Path) -> HashSet<PathBuf> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = HashSet::new();
+        loop {
+            match signal.changed.take() {
+                Changes::Paths(p) => seen.extend(p),
+                Changes::Everything => panic!("the watcher lost events"),
+            }
+            if seen.contains(want) {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not reported: {seen:?}",
+                want.display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
-        e
     }
 
     #[test]
-    fn a_file_is_finished_when_closed_or_renamed_in_and_not_once_written_again() {
-        let c = Closes::default();
-        let data = EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any));
-        c.apply(&ev(EventKind::Create(CreateKind::File), &["/c/a"]));
-        c.apply(&ev(data, &["/c/a"]));
-        assert!(
-            c.any_writing(std::time::Duration::from_secs(60))
-                && c.finished_at(Path::new("/c/a")).is_none()
-        );
-        c.apply(&ev(
-            EventKind::Access(AccessKind::Close(AccessMode::Write)),
-            &["/c/a"],
-        ));
-        assert!(
-            !c.any_writing(std::time::Duration::from_secs(60))
-                && c.finished_at(Path::new("/c/a")).is_some()
-        );
-        c.apply(&ev(data, &["/c/a"]));
-        assert!(
-            c.any_writing(std::time::Duration::from_secs(60))
-                && c.finished_at(Path::new("/c/a")).is_none()
-        );
-        c.apply(&ev(
-            EventKind::Remove(notify::event::RemoveKind::File),
-            &["/c/a"],
-        ));
-        assert!(!c.any_writing(std::time::Duration::from_secs(60)));
-        c.apply(&ev(
-            EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
-            &["/c/.tmp", "/c/b"],
-        ));
-        assert!(c.finished_at(Path::new("/c/b")).is_some());
-        c.forget_before(SystemTime::now() + std::time::Duration::from_secs(1));
-        assert!(c.finished_at(Path::new("/c/b")).is_none());
+    fn changes_below_new_and_moved_directories_are_reported_and_reads_are_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = dir.path().join("c");
+        std::fs::create_dir_all(c.join("sub")).expect("mkdir");
+        std::fs::write(c.join("sub/old"), b"x").expect("write");
+        let signal = Arc::new(ChangeSignal::default());
+        let _w = watch(&c, signal.clone()).expect("watch");
+
+        // Written and closed: finished, and changed.
+        std::fs::write(c.join("sub/a"), b"a").expect("write");
+        until(&signal, &c.join("sub/a"));
+        assert!(signal.closes.finished_at(&c.join("sub/a")).is_some());
+
+        // Reads are no events: after a read, the next change is alone.
+        std::fs::read(c.join("sub/old")).expect("read");
+        let _ = std::fs::read_dir(c.join("sub")).expect("list").count();
+        std::fs::write(c.join("marker"), b"m").expect("write");
+        let seen = until(&signal, &c.join("marker"));
+        assert_eq!(seen, HashSet::from([c.join("marker")]));
+
+        // A new directory is watched before it is reported.
+        std::fs::create_dir(c.join("new")).expect("mkdir");
+        until(&signal, &c.join("new"));
+        std::fs::write(c.join("new/f"), b"f").expect("write");
+        until(&signal, &c.join("new/f"));
+        assert!(signal.closes.finished_at(&c.join("new/f")).is_some());
+
+        // Moved within the tree: its watch names the new path.
+        std::fs::rename(c.join("new"), c.join("moved")).expect("rename");
+        let seen = until(&signal, &c.join("moved"));
+        assert!(seen.contains(&c.join("new")), "{seen:?}");
+        std::fs::write(c.join("moved/g"), b"g").expect("write");
+        let seen = until(&signal, &c.join("moved/g"));
+        assert!(!seen.contains(&c.join("new/g")), "{seen:?}");
+
+        // Moved out of the tree: nothing from there any more.
+        std::fs::rename(c.join("moved"), dir.path().join("outside")).expect("rename");
+        until(&signal, &c.join("moved"));
+        std::fs::write(dir.path().join("outside/h"), b"h").expect("write");
+        std::fs::write(c.join("marker2"), b"m").expect("write");
+        let seen = until(&signal, &c.join("marker2"));
+        assert_eq!(seen, HashSet::from([c.join("marker2")]));
+
+        // Removed: gone, and reported.
+        std::fs::remove_file(c.join("sub/a")).expect("rm");
+        until(&signal, &c.join("sub/a"));
+        assert!(signal.closes.finished_at(&c.join("sub/a")).is_none());
     }
 }

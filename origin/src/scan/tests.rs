@@ -21,7 +21,31 @@ fn scan_mode(
     snapshot: Snapshot,
 ) -> ScanOutput {
     let cache = HashCache::default();
-    scan(&input(content, store, &cache, prev, quiet, snapshot)).expect("scan")
+    let out = scan(&input(content, store, &cache, prev, quiet, snapshot)).expect("scan");
+    published(store, out)
+}
+
+/// A full scan's output with `leaves` filled in from the tree it wrote
+/// to the store (a full scan gives its tree, not its leaves).
+fn published(store: &LinkedStore, mut out: ScanOutput) -> ScanOutput {
+    assert_eq!(out.subtrees.len(), 1, "one subtree: the top");
+    let top = out.subtrees[0].entry.hash;
+    let mut leaves = HashMap::new();
+    crate::publisher::walk_tree(
+        store,
+        top,
+        |_| true,
+        |p, e| {
+            leaves.insert(p.to_owned(), e.clone());
+        },
+    )
+    .expect("the scan's tree is in the store");
+    let files = leaves
+        .values()
+        .filter(|e| e.kind == meridian_core::EntryKind::File);
+    assert_eq!(out.subtrees[0].files, files.count() as u64);
+    out.leaves = leaves;
+    out
 }
 
 /// A scan's inputs: no watcher, two hashing threads.
@@ -199,18 +223,21 @@ fn files_past_the_descriptor_budget_are_reopened_and_linked() {
     }
     let cache = HashCache::default();
     let previous = HashMap::new();
-    let out = scan_with_budget(
-        &input(
-            &content,
-            &store,
-            &cache,
-            &previous,
-            Duration::ZERO,
-            Snapshot::Link,
-        ),
-        0,
-    )
-    .expect("scan");
+    let out = published(
+        &store,
+        scan_with_budget(
+            &input(
+                &content,
+                &store,
+                &cache,
+                &previous,
+                Duration::ZERO,
+                Snapshot::Link,
+            ),
+            0,
+        )
+        .expect("scan"),
+    );
     assert!(out.skipped.is_empty(), "{:?}", out.skipped);
     assert_eq!(out.files_hashed, 50);
     assert_eq!(store.list_linked().expect("list").len(), 50);
@@ -247,17 +274,21 @@ fn linked_files_are_copied_only_when_they_still_hash_right() {
     assert_eq!(store.list_linked().expect("list").len(), 2);
     // Linking bumped each file's ctime; the cache holds the new key, so
     // a rescan hashes nothing again.
+    let mut cache = HashCache::default();
+    let leaves = out.leaves;
+    cache.apply(out.cache, true);
     let again = scan(&ScanInput {
         content: &content,
         store: &store,
-        cache: &out.cache,
-        previous: &out.leaves,
+        cache: &cache,
+        previous: &leaves,
         quiet: Duration::from_secs(3600),
         closes: None,
         threads: 2,
         snapshot: Snapshot::Link,
     })
     .expect("rescan");
+    let again = published(&store, again);
     assert_eq!(again.files_hashed, 0, "{:?}", again.skipped);
     assert_eq!(again.leaves["kept"].hash, kept);
 

@@ -27,6 +27,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 /// a secret never exists with wider permissions than `mode`. The rename
 /// replaces `path` itself (a symlink at `path` is replaced, not followed).
 pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
+    write_atomic_with(path, mode, |f| f.write_all(bytes))
+}
+
+/// As [`write_atomic_mode`], for a file too big to build in memory first:
+/// `fill` writes the content (through a buffer) into the temp file.
+pub fn write_atomic_with(
+    path: &Path,
+    mode: u32,
+    mut fill: impl FnMut(&mut dyn Write) -> io::Result<()>,
+) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -45,7 +55,7 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Sto
             .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .mode(mode)
             .open(&tmp);
-        let mut f = match f {
+        let f = match f {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 last = Some(e);
@@ -53,9 +63,10 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Sto
             }
             Err(e) => return Err(StoreError::io(&tmp, e)),
         };
-        let res = f
-            .write_all(bytes)
-            .and_then(|()| f.sync_all())
+        let mut w = io::BufWriter::with_capacity(1 << 16, f);
+        let res = fill(&mut w)
+            .and_then(|()| w.into_inner().map_err(|e| e.into_error()))
+            .and_then(|f| f.sync_all())
             .and_then(|()| fs::rename(&tmp, path));
         if let Err(e) = res {
             let _ = fs::remove_file(&tmp);

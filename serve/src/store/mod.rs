@@ -26,7 +26,7 @@
 mod atomic;
 mod writer;
 
-pub use atomic::{write_atomic, write_atomic_mode};
+pub use atomic::{write_atomic, write_atomic_mode, write_atomic_with};
 use meridian_core::Hash;
 use std::fs::{self, File};
 use std::io;
