@@ -228,10 +228,15 @@ impl LinkedStore {
         })
     }
 
-    /// Makes the given objects durable (each copy, or its link).
-    pub(crate) fn sync_objects(&self, hashes: &[Hash]) -> Result<(), StoreError> {
-        let paths = hashes
+    /// Makes the given objects durable (each copy, or its link), given
+    /// in groups (the files and the nodes of a publish).
+    pub(crate) fn sync_objects(&self, groups: &[&[Hash]]) -> Result<(), StoreError> {
+        if groups.iter().map(|g| g.len()).sum::<usize>() > ObjectStore::SYNC_ONE_BY_ONE {
+            return self.sync_all();
+        }
+        let paths = groups
             .iter()
+            .flat_map(|g| g.iter())
             .map(|h| {
                 let p = self.objects.path(h);
                 if self.has_links() && !p.exists() {

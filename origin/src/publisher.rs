@@ -616,7 +616,7 @@ impl Publisher {
             threads: self.cfg.threads(),
             snapshot: self.snapshot,
         };
-        let out = match &paths {
+        let mut out = match &paths {
             None => scan(&input)?,
             Some(p) => scan_paths(&input, p)?,
         };
@@ -670,12 +670,11 @@ impl Publisher {
             _ => build_whole(&out)?,
         };
         let t_tree = t0.elapsed();
-        let mut written = out.new_objects.clone();
-        written.extend(&out.new_nodes);
+        let mut new_nodes = std::mem::take(&mut out.new_nodes);
         for (h, bytes) in &built.nodes {
             if !self.shared.store.contains(h) {
                 self.shared.store.objects.put_bytes(h, bytes)?;
-                written.push(*h);
+                new_nodes.push(*h);
             }
         }
 
@@ -708,7 +707,9 @@ impl Publisher {
             self.precompute_delta(l.root.tree, &built);
         }
         let t_nodes = t0.elapsed();
-        self.shared.store.sync_objects(&written)?;
+        self.shared
+            .store
+            .sync_objects(&[&out.new_objects, &new_nodes])?;
         let t_sync = t0.elapsed();
         if std::env::var_os("MERIDIAN_FAILPOINT").is_some_and(|v| v == "origin-before-root-commit")
         {
@@ -727,7 +728,12 @@ impl Publisher {
         if self.snapshot == Snapshot::Link
             && let Ok(mut q) = self.shared.to_promote.lock()
         {
-            q.extend(&out.new_objects);
+            if q.is_empty() {
+                // Moved, not copied: a first publish adds a million.
+                *q = std::mem::take(&mut out.new_objects);
+            } else {
+                q.extend(&out.new_objects);
+            }
         }
         self.shared.notify.send_replace(generation);
         m.generations_published.inc();

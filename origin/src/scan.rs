@@ -285,6 +285,9 @@ impl Found<'_> {
     }
 }
 
+/// How often a long walk logs how far it is.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
 /// A file handed out for hashing, and how that went.
 type Outcome = (Work, Result<(Hash, bool, StatKey), SkipReason>, f64);
 
@@ -303,6 +306,8 @@ fn walk(
     sink: &mut impl FnMut(Work),
 ) -> Result<usize, ScanError> {
     let mut handed = 0usize;
+    let started = Instant::now();
+    let mut next_note = started + PROGRESS_EVERY;
     let mut stack: Vec<(PathBuf, String, Slot)> = roots
         .into_iter()
         .map(|(abs, rel)| {
@@ -373,6 +378,20 @@ fn walk(
         found.build.listed(slot);
         found.take_outcomes(input.previous, results);
         found.build.take_error()?;
+        if Instant::now() >= next_note {
+            // A walk of a big tree takes minutes on a cold disk: say how
+            // far it is.
+            next_note += PROGRESS_EVERY;
+            let out = &found.out;
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(
+                directories = out.dir_count,
+                files_to_hash = handed,
+                files_hashed = out.files_hashed,
+                mb_per_second = (out.bytes_hashed as f64 / 1e6 / secs).round(),
+                "scanning"
+            );
+        }
     }
     Ok(handed)
 }

@@ -509,6 +509,16 @@ mod tests {
         }
     }
 
+    /// Waits until `path` is finished (its close may come in a later read
+    /// than its create; deadline 10 s).
+    fn until_finished(signal: &ChangeSignal, path: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while signal.closes.finished_at(path).is_none() {
+            assert!(Instant::now() < deadline, "{} never finished", path.display());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn changes_below_new_and_moved_directories_are_reported_and_reads_are_not() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -521,7 +531,7 @@ mod tests {
         // Written and closed: finished, and changed.
         std::fs::write(c.join("sub/a"), b"a").expect("write");
         until(&signal, &c.join("sub/a"));
-        assert!(signal.closes.finished_at(&c.join("sub/a")).is_some());
+        until_finished(&signal, &c.join("sub/a"));
 
         // Reads are no events: after a read, the next change is alone.
         std::fs::read(c.join("sub/old")).expect("read");
@@ -535,7 +545,7 @@ mod tests {
         until(&signal, &c.join("new"));
         std::fs::write(c.join("new/f"), b"f").expect("write");
         until(&signal, &c.join("new/f"));
-        assert!(signal.closes.finished_at(&c.join("new/f")).is_some());
+        until_finished(&signal, &c.join("new/f"));
 
         // Moved within the tree: its watch names the new path.
         std::fs::rename(c.join("new"), c.join("moved")).expect("rename");

@@ -263,15 +263,21 @@ impl ObjectStore {
     /// fsynced for a small set (spread over a few threads, since each fsync
     /// mostly waits on the device), one `syncfs` for a large one.
     pub fn sync_objects(&self, hashes: &[Hash]) -> Result<(), StoreError> {
+        if hashes.len() > Self::SYNC_ONE_BY_ONE {
+            return self.sync_all();
+        }
         self.sync_paths(hashes.iter().map(|h| self.path(h)).collect())
     }
+
+    /// Most objects [`ObjectStore::sync_objects`] fsyncs one by one; past
+    /// it, one `syncfs` (a million paths are not even listed).
+    pub const SYNC_ONE_BY_ONE: usize = 512;
 
     /// [`ObjectStore::sync_objects`] for objects at the given paths (the
     /// origin also fsyncs hashed-in-place links).
     pub fn sync_paths(&self, mut paths: Vec<PathBuf>) -> Result<(), StoreError> {
-        const ONE_BY_ONE: usize = 512;
         const THREADS: usize = 4;
-        if paths.len() > ONE_BY_ONE {
+        if paths.len() > Self::SYNC_ONE_BY_ONE {
             return self.sync_all();
         }
         let mut shards: Vec<PathBuf> = paths
