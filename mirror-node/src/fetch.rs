@@ -47,7 +47,7 @@ fn complete(
         }
         *idx += 1;
         let b = std::mem::take(buf);
-        if job.wanted.contains(&h) {
+        if job.wanted.binary_search(&h).is_ok() {
             added += b.len();
             batch.push((h, b));
         }
@@ -60,13 +60,14 @@ fn complete(
 const PACK_MIN: usize = 8;
 
 /// The small blobs of one directory node, fetched in one request
-/// (`pack/{node}`): every blob the pack carries, in order, and which of
-/// them this sync wants.
+/// (`pack/{node}`): every blob the pack carries, in order (listed from the
+/// node when the pack is fetched, so only packs in flight hold a list),
+/// and which of them this sync wants (sorted: 32 bytes a blob).
 #[derive(Debug)]
 pub(crate) struct PackJob {
     node: Hash,
     entries: Vec<(Hash, u64)>,
-    wanted: std::collections::HashSet<Hash>,
+    wanted: Vec<Hash>,
 }
 
 /// Splits the wanted blobs into packs (a node of the new tree whose small
@@ -79,32 +80,35 @@ pub(crate) fn packs(nodes: &meridian_core::NodeMap, blobs: Vec<Want>) -> (Vec<Pa
         .filter(|w| w.base.is_none() && w.size <= PACK_BLOB_MAX)
         .map(|w| w.hash)
         .collect();
+    let packable = |w: &Want| w.base.is_none() && w.size <= PACK_BLOB_MAX;
     let mut jobs = Vec::new();
     for (h, node) in nodes {
         let Some(entries) = pack_entries(node) else {
             continue;
         };
-        let wanted: std::collections::HashSet<Hash> = entries
+        let mut wanted: Vec<Hash> = entries
             .iter()
             .map(|e| e.0)
             .filter(|e| small.contains(e))
             .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
         if wanted.len() >= PACK_MIN && wanted.len() * 2 >= entries.len() {
             for w in &wanted {
                 small.remove(w);
             }
+            wanted.shrink_to_fit();
             jobs.push(PackJob {
                 node: *h,
-                entries,
+                entries: Vec::new(),
                 wanted,
             });
         }
     }
-    let packed: std::collections::HashSet<Hash> =
-        jobs.iter().flat_map(|j| j.wanted.iter().copied()).collect();
+    // What a pack took is no longer in `small`.
     let rest = blobs
         .into_iter()
-        .filter(|w| !packed.contains(&w.hash))
+        .filter(|w| !packable(w) || small.contains(&w.hash))
         .collect();
     (jobs, rest)
 }
@@ -118,20 +122,25 @@ impl Syncer {
         nodes: &meridian_core::NodeMap,
         blobs: Vec<Want>,
     ) -> Result<(), SyncError> {
-        let sizes: HashMap<Hash, u64> = blobs.iter().map(|w| (w.hash, w.size)).collect();
         let (jobs, mut rest) = packs(nodes, blobs);
         if !jobs.is_empty() {
-            let results = futures_util::stream::iter(jobs.into_iter().map(|j| self.fetch_pack(j)))
-                // Half as many packs at once as blobs (measured best on
-                // a restore of 30,000 small files: BENCHMARKS.md).
-                .buffer_unordered((self.state.cfg().parallel_fetches / 2).max(1))
-                .collect::<Vec<_>>()
-                .await;
+            let results = futures_util::stream::iter(jobs.into_iter().map(|mut j| {
+                j.entries = nodes
+                    .get(&j.node)
+                    .and_then(|n| meridian_serve::readapi::pack_entries(n))
+                    .unwrap_or_default();
+                self.fetch_pack(j)
+            }))
+            // Half as many packs at once as blobs (measured best on
+            // a restore of 30,000 small files: BENCHMARKS.md).
+            .buffer_unordered((self.state.cfg().parallel_fetches / 2).max(1))
+            .collect::<Vec<_>>()
+            .await;
             for r in results {
-                for h in r? {
+                for (h, size) in r? {
                     rest.push(Want {
                         hash: h,
-                        size: sizes.get(&h).copied().unwrap_or(0),
+                        size,
                         base: None,
                     });
                 }
@@ -141,8 +150,8 @@ impl Syncer {
     }
 
     /// One pack, from the upstreams in turn; returns the wanted blobs it
-    /// did not deliver (to be fetched one by one).
-    async fn fetch_pack(&self, job: PackJob) -> Result<Vec<Hash>, SyncError> {
+    /// did not deliver, with their sizes (to be fetched one by one).
+    async fn fetch_pack(&self, job: PackJob) -> Result<Vec<(Hash, u64)>, SyncError> {
         let job = &job;
         let got = self
             .try_each(
@@ -158,8 +167,16 @@ impl Syncer {
             }
         }
         let store = self.state.store.clone();
-        let wanted: Vec<Hash> = job.wanted.iter().copied().collect();
-        blocking(move || wanted.into_iter().filter(|h| !store.contains(h)).collect()).await
+        let wanted = job.wanted.clone();
+        let sizes: HashMap<Hash, u64> = job.entries.iter().copied().collect();
+        blocking(move || {
+            wanted
+                .into_iter()
+                .filter(|h| !store.contains(h))
+                .map(|h| (h, sizes.get(&h).copied().unwrap_or(0)))
+                .collect()
+        })
+        .await
     }
 
     async fn fetch_pack_from(&self, url: &str, job: &PackJob) -> Result<(), FetchFail> {

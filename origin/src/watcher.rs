@@ -514,7 +514,11 @@ mod tests {
     fn until_finished(signal: &ChangeSignal, path: &Path) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while signal.closes.finished_at(path).is_none() {
-            assert!(Instant::now() < deadline, "{} never finished", path.display());
+            assert!(
+                Instant::now() < deadline,
+                "{} never finished",
+                path.display()
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
