@@ -137,15 +137,6 @@ impl TreeBuilder {
         Ok(())
     }
 
-    /// Empties the directory at `path` (made if absent): its entries are
-    /// then only those inserted after, not the base tree's.
-    pub fn replace_dir(&mut self, path: &RelPath) -> Result<(), PathError> {
-        let d = self.dir_mut(path)?;
-        d.base = Base::Empty;
-        d.children.clear();
-        Ok(())
-    }
-
     /// Takes `path` (a file, a symlink or a directory with everything
     /// below it) out of the tree; nothing happens if it is not there.
     pub fn remove(&mut self, path: &RelPath) -> Result<(), PathError> {
@@ -443,7 +434,7 @@ mod tests {
         assert_eq!((base.files, base.bytes), (10, 79));
         // Set a file, add one in a new directory, remove a file and a whole
         // directory, replace a directory by a file and a file by a
-        // directory, and empty a directory to fill it anew.
+        // directory, and graft a directory encoded apart over one.
         let after = [
             ("a/b/c", 30),
             ("a/b/d", 4),
@@ -457,7 +448,13 @@ mod tests {
         let want = full(&after, &mut std::collections::HashMap::new());
         let mut loads = Vec::new();
         let mut t = TreeBuilder::over(base.tree);
-        t.replace_dir(&p("k")).expect("replace");
+        let mut k = TreeBuilder::new();
+        let km = hash_bytes(b"k/m15");
+        k.insert(&p("m"), Entry::file("", 15, km, false, 1))
+            .expect("insert");
+        let k = k.finish().expect("finish");
+        let k_entry = Entry::dir("", k.tree_size, k.tree, 0);
+        t.graft(&p("k"), k_entry, k.files, k.bytes).expect("graft");
         t.remove(&p("a/e")).expect("remove");
         t.remove(&p("g")).expect("remove");
         t.remove(&p("no/such")).expect("removing nothing");
@@ -468,13 +465,7 @@ mod tests {
             .expect("remove below a removed directory");
         t.remove(&p("gone/sub"))
             .expect("remove below a removed directory");
-        for (path, size) in [
-            ("a/b/c", 30),
-            ("a/new/n", 12),
-            ("f/now_dir", 13),
-            ("g", 14),
-            ("k/m", 15),
-        ] {
+        for (path, size) in [("a/b/c", 30), ("a/new/n", 12), ("f/now_dir", 13), ("g", 14)] {
             let h = hash_bytes(format!("{path}{size}").as_bytes());
             let _ = t.remove(&p(path));
             t.insert(&p(path), Entry::file("", size, h, false, 1))
