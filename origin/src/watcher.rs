@@ -453,7 +453,7 @@ fn run(mut w: Watches, stop: rustix::fd::OwnedFd, signal: Arc<ChangeSignal>) {
                 Ok(_) => (!fds[0].revents().is_empty(), !fds[1].revents().is_empty()),
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
-                    tracing::warn!(error = %e, "file watcher failed; every scan is a full one from now on");
+                    tracing::warn!(error = %e, "file watcher failed; from now on changes are found only by the periodic rescan (restart the origin to watch again)");
                     signal.changed.everything();
                     signal.poke();
                     return;
