@@ -763,11 +763,13 @@ async fn old_generations_and_their_blobs_are_collected_after_retention_and_grace
                 .as_u16()
         }
     };
-    // Read once: a small object hashed in place is then a private copy
-    // (else the in-place rewrite below would withdraw it, not leave it to
-    // the collector).
-    assert_eq!(status(format!("objects/{old}")).await, 200);
-    std::fs::write(content.join("image.iso"), vec![2u8; 100_000]).unwrap();
+    // Replaced by a new file renamed over it, as a release tool does: the
+    // old bytes stay intact for the collector (an in-place rewrite would
+    // instead withdraw the old object if its private copy was not made
+    // yet: another test's subject).
+    let new = dir.path().join("image.iso.new");
+    std::fs::write(&new, vec![2u8; 100_000]).unwrap();
+    std::fs::rename(&new, content.join("image.iso")).unwrap();
     let g2 = converge(&client, &content, g1).await;
     // Just switched: the old blob is still there for mirrors mid-sync on g1.
     assert_eq!(status(format!("objects/{old}")).await, 200);
